@@ -1,0 +1,3 @@
+from scaleinfer.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,213 @@
+"""The `scaleinfer` command: generate | chat | demo | models | pull | bench.
+
+Every ScaleInferError becomes one line on stderr and exit code 2; no tracebacks for bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from scaleinfer.errors import ScaleInferError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help="catalog name (see `scaleinfer models`), a .gguf file, an HF directory or hub id")
+    g.add_argument("--max-model-len", type=int, default=2048, help="longest prompt + output in tokens")
+    g.add_argument("--kv-cache-memory", default="1GiB", help="memory for the paged KV cache, e.g. 512MiB")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    g.add_argument("--max-num-seqs", type=int, default=64, help="most requests running at once")
+    g.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of one step")
+    g.add_argument("--enable-prefix-caching", action="store_true", help="reuse KV blocks of shared prefixes")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def _make_llm(args):
+    from scaleinfer.llm import LLM
+
+    return LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len,
+               kv_cache_memory=args.kv_cache_memory, threads=args.threads, max_num_seqs=args.max_num_seqs,
+               max_num_batched_tokens=args.max_num_batched_tokens,
+               enable_prefix_caching=args.enable_prefix_caching)
+
+
+def _make_params(args):
+    from scaleinfer.sampling_params import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          seed=args.seed, stop=args.stop)
+
+
+def _stream_print(llm, prompt, params, out=sys.stdout) -> tuple[str, int, float, float | None]:
+    """Stream one request to `out`; returns (text, output tokens, seconds, seconds to first token)."""
+    start = time.perf_counter()
+    first = None
+    printed = 0
+    final = None
+    for final in llm.stream(prompt, params):
+        text = final.outputs[0].text
+        if first is None and final.outputs[0].token_ids:
+            first = time.perf_counter() - start
+        out.write(text[printed:])
+        out.flush()
+        printed = len(text)
+    elapsed = time.perf_counter() - start
+    assert final is not None
+    return final.outputs[0].text, len(final.outputs[0].token_ids), elapsed, first
+
+
+def _speed_line(num_tokens: int, elapsed: float, ttft: float | None) -> str:
+    decode = ""
+    if ttft is not None and num_tokens > 1 and elapsed > ttft:
+        decode = f", decode {(num_tokens - 1) / (elapsed - ttft):.1f} tok/s"
+    return f"[{num_tokens} tokens in {elapsed:.2f} s: {num_tokens / elapsed:.1f} tok/s{decode}]"
+
+
+def cmd_generate(args) -> int:
+    llm = _make_llm(args)
+    params = _make_params(args)
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    _, n, elapsed, ttft = _stream_print(llm, prompt, params)
+    print()
+    print(_speed_line(n, elapsed, ttft), file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    llm = _make_llm(args)
+    params = _make_params(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return 0
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        text, n, elapsed, ttft = _stream_print(llm, llm.render_chat(messages), params)
+        print()
+        print(_speed_line(n, elapsed, ttft), file=sys.stderr)
+        messages.append({"role": "assistant", "content": text})
+
+
+def cmd_demo(args) -> int:
+    """The `make run` job: one completion and one chat reply with the default model, with speeds."""
+    from scaleinfer.sampling_params import SamplingParams
+
+    start = time.perf_counter()
+    llm = _make_llm(args)
+    eng = llm.engine
+    print(f"model {args.model}: loaded in {time.perf_counter() - start:.1f} s, "
+          f"KV cache {eng.kv_capacity_tokens} tokens, threads {__import__('torch').get_num_threads()}")
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
+    prompt = "The three most important inventions of the 20th century are"
+    print(f"\n--- completion ---\n{prompt}", end="")
+    _, n, elapsed, ttft = _stream_print(llm, prompt, params)
+    print("\n" + _speed_line(n, elapsed, ttft))
+    question = "What is the capital of France? Answer in one sentence."
+    print(f"\n--- chat ---\nuser: {question}\nassistant: ", end="")
+    ids = llm.render_chat([{"role": "user", "content": question}])
+    _, n, elapsed, ttft = _stream_print(llm, ids, params)
+    print("\n" + _speed_line(n, elapsed, ttft))
+    return 0
+
+
+def cmd_models(args) -> int:
+    from scaleinfer import catalog
+
+    print(f"{'name':32} {'arch':8} {'quant':8} {'installed':9}  description")
+    for e in catalog.list_models():
+        print(f"{e.name:32} {e.architecture:8} {e.quantization:8} {'yes' if e.installed else 'no':9}  "
+              f"{e.description}")
+    return 0
+
+
+def cmd_pull(args) -> int:
+    from scaleinfer import catalog
+
+    path = catalog.pull(args.name)
+    print(path)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from scaleinfer.bench.core import main as bench_main
+
+    return bench_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scaleinfer", description="Transformer inference that scales.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="complete a prompt (argument or stdin), streaming")
+    p.add_argument("prompt", nargs="?", default=None)
+    _engine_args(p)
+    _sampling_args(p)
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat with the model's template, streaming")
+    p.add_argument("--system", default=None, help="system prompt")
+    _engine_args(p)
+    _sampling_args(p)
+    p.set_defaults(fn=cmd_chat)
+
+    p = sub.add_parser("demo", help="a completion and a chat reply with the default model, with speeds")
+    _engine_args(p)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("models", help="list the model catalog")
+    p.set_defaults(fn=cmd_models)
+
+    p = sub.add_parser("pull", help="install a catalog model")
+    p.add_argument("name")
+    p.set_defaults(fn=cmd_pull)
+
+    p = sub.add_parser("bench", help="benchmark against HF transformers (prefill, decode, mixed load)")
+    _engine_args(p)
+    p.add_argument("--no-hf", action="store_true", help="measure scaleinfer only")
+    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--output-dir", default="benchmarks/results")
+    p.add_argument("--quick", action="store_true", help="smaller workloads (smoke run)")
+    p.set_defaults(fn=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.fn(args)
+    except ScaleInferError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0

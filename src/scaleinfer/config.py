@@ -1,0 +1,130 @@
+"""Frozen configuration dataclasses for every stage; the only module that reads environment variables.
+
+Field docstrings (the string literal under each field) become CLI help, see cli.py.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from scaleinfer.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture of a decoder-only transformer, read once per family from its checkpoint."""
+
+    architecture: str
+    """Family name as in models.ARCHITECTURES, e.g. "llama" or "qwen2"."""
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    """HF-style rope_scaling dict (type/factor/...) or None for plain RoPE."""
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    """Q/K/V projections carry a bias (Qwen2)."""
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    sliding_window: int | None = None
+    name: str = ""
+    """Human-readable model name for logs and /v1/models."""
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV cache."""
+
+    block_size: int = 16
+    """Tokens per KV block."""
+    kv_cache_memory: int = 1 << 30
+    """Bytes of memory for K and V across all layers; decides the number of blocks."""
+    enable_prefix_caching: bool = False
+    """Reuse full KV blocks of identical prompt prefixes across requests."""
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"block_size must be a power of two, got {self.block_size}")
+        if self.kv_cache_memory <= 0:
+            raise ConfigError(f"--kv-cache-memory must be positive, got {self.kv_cache_memory}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching limits."""
+
+    max_num_batched_tokens: int = 512
+    """Token budget of one engine step, shared by prompt chunks and decodes (chunked prefill)."""
+    max_num_seqs: int = 64
+    """Most requests running at once."""
+    max_model_len: int = 2048
+    """Longest prompt + output a request may have, in tokens."""
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1:
+            raise ConfigError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.max_num_seqs < 1:
+            raise ConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_model_len < 2:
+            raise ConfigError(f"--max-model-len must be >= 2, got {self.max_model_len}")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Distributed layout (tensor / pipeline parallel); world size 1 on a single process."""
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs, built by LLM(...) or the CLI."""
+
+    model: str = "smollm2-135m-instruct"
+    """Catalog name, local GGUF file, local HF directory, or hub id."""
+    dtype: str = "float32"
+    """Compute dtype: float32 (CPU default), bfloat16 or float16."""
+    device: str = "cpu"
+    threads: int | None = None
+    """torch intra-op threads; None keeps torch's default (all cores)."""
+    seed: int = 0
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {self.threads}")
+
+
+def parse_memory(text: str | int) -> int:
+    """Parse a size such as "512MiB", "2GiB", "1.5G" or a byte count into bytes."""
+    if isinstance(text, int):
+        return text
+    units = {"": 1, "b": 1, "k": 1 << 10, "kb": 10**3, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6,
+             "mib": 1 << 20, "g": 1 << 30, "gb": 10**9, "gib": 1 << 30}
+    s = text.strip().lower()
+    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(num):].strip()
+    try:
+        value = float(num)
+    except ValueError:
+        value = -1.0
+    if unit not in units or value <= 0:
+        raise ConfigError(f"cannot read memory size {text!r}; write e.g. 512MiB, 2GiB or a byte count")
+    return int(value * units[unit])
+
+
+def model_cache_dir() -> str:
+    """Where pulled models are stored (SCALEINFER_CACHE, default ~/.cache/scaleinfer)."""
+    return os.environ.get("SCALEINFER_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "scaleinfer"))

@@ -1,0 +1,234 @@
+"""LLMEngine: add_request / abort_request / step. One step = schedule, run the model, update, detokenize.
+
+Fed by LLM (offline) and AsyncEngine (server). Not thread-safe: one thread drives it.
+A request with n > 1 is fanned out into n child requests that share the prompt; their outputs are
+gathered back under the parent id.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from scaleinfer.config import EngineConfig
+from scaleinfer.engine.loading import DTYPES, build_model
+from scaleinfer.errors import RequestError
+from scaleinfer.kv_cache.cache_tensors import bytes_per_token, num_blocks_for_budget
+from scaleinfer.request import (CompletionOutput, FinishReason, Request, RequestMetrics, RequestOutput,
+                                RequestStatus)
+from scaleinfer.runner.model_runner import ModelRunner
+from scaleinfer.sampling_params import SamplingParams
+from scaleinfer.scheduler import Scheduler
+from scaleinfer.tokenizer import IncrementalDetokenizer
+from scaleinfer.weights.loader import open_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Child:
+    request: Request
+    detokenizer: IncrementalDetokenizer
+
+
+@dataclass
+class _Parent:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    children: list[_Child] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(c.request.is_finished for c in self.children)
+
+
+@dataclass
+class EngineStats:
+    num_steps: int = 0
+    num_prompt_tokens: int = 0
+    num_generation_tokens: int = 0
+    max_batch_size: int = 0
+    """Most requests that ran in one step (continuous batching made visible)."""
+    last_batch_size: int = 0
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
+        start = time.perf_counter()
+        ckpt = open_checkpoint(config.model)
+        self.model_config = ckpt.config
+        self.tokenizer = ckpt.tokenizer
+        self.model = build_model(ckpt, config)
+        self.load_time = time.perf_counter() - start
+
+        dtype = DTYPES[config.dtype]
+        num_blocks = num_blocks_for_budget(self.model_config, config.cache, dtype)
+        self.max_model_len = min(config.scheduler.max_model_len, self.model_config.max_position_embeddings)
+        sched_cfg = config.scheduler
+        if sched_cfg.max_model_len != self.max_model_len:
+            from dataclasses import replace
+
+            sched_cfg = replace(sched_cfg, max_model_len=self.max_model_len)
+        self.scheduler = Scheduler(sched_cfg, config.cache, num_blocks)
+        self.runner = ModelRunner(self.model, self.model_config, config.cache, num_blocks, dtype, config.device)
+        self.num_kv_blocks = num_blocks
+        self.kv_capacity_tokens = num_blocks * config.cache.block_size
+        self.kv_bytes_per_token = bytes_per_token(self.model_config, dtype)
+        self.stats = EngineStats()
+        self._parents: dict[str, _Parent] = {}
+        self._parent_of: dict[str, str] = {}
+        self._next_id = 0
+        logger.info(
+            "model %s (%s, %d layers) loaded in %.1f s; dtype %s; KV cache %d tokens (%d blocks of %d, %.0f MiB); "
+            "threads %d", self.model_config.name or config.model, self.model_config.architecture,
+            self.model_config.num_layers, self.load_time, config.dtype, self.kv_capacity_tokens, num_blocks,
+            config.cache.block_size, num_blocks * config.cache.block_size * self.kv_bytes_per_token / 2**20,
+            torch.get_num_threads())
+
+    # ---- requests ----------------------------------------------------------------------------
+    def new_request_id(self) -> str:
+        self._next_id += 1
+        return str(self._next_id - 1)
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
+        if request_id in self._parents:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        if isinstance(prompt, str):
+            prompt_text, prompt_ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            prompt_text, prompt_ids = None, list(prompt)
+        self._validate(prompt_ids, params)
+        parent = _Parent(request_id, prompt_text, prompt_ids)
+        for i in range(params.n):
+            child_params = params
+            if params.n > 1:
+                from dataclasses import replace
+
+                seed = None if params.seed is None else params.seed + i
+                child_params = replace(params, n=1, seed=seed)
+            child_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            req = Request(child_id, prompt_ids, child_params, eos_token_ids=self.tokenizer.eos_token_ids,
+                          prompt=prompt_text)
+            detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, child_params.skip_special_tokens,
+                                           child_params.stop_strings, child_params.include_stop_str_in_output)
+            parent.children.append(_Child(req, detok))
+            self._parent_of[child_id] = request_id
+            self.scheduler.add_request(req)
+        self._parents[request_id] = parent
+
+    def _validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        n = len(prompt_ids)
+        if n == 0:
+            raise RequestError("the prompt is empty; send at least one token")
+        if n >= self.max_model_len:
+            raise RequestError(
+                f"the prompt has {n} tokens but the context is {self.max_model_len} tokens (room is needed for "
+                f"at least one output token); shorten the prompt or raise --max-model-len")
+        if n + 1 > self.kv_capacity_tokens:
+            raise RequestError(
+                f"the prompt has {n} tokens but the KV cache holds only {self.kv_capacity_tokens}; "
+                f"raise --kv-cache-memory")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+
+    def abort_request(self, request_id: str) -> None:
+        parent = self._parents.pop(request_id, None)
+        if parent is None:
+            return
+        for child in parent.children:
+            self._parent_of.pop(child.request.request_id, None)
+            self.scheduler.finish_request(child.request.request_id, FinishReason.ABORT)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._parents)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._parents)
+
+    # ---- one step ----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        model_out = self.runner.execute(sched)
+        touched = self.scheduler.update(sched, model_out)
+        self._record(sched, touched)
+        parents: dict[str, _Parent] = {}
+        for req in touched:
+            parent_id = self._parent_of.get(req.request_id)
+            if parent_id is None:
+                continue
+            parent = self._parents[parent_id]
+            child = next(c for c in parent.children if c.request is req)
+            self._detokenize(child)
+            parents[parent_id] = parent
+        outputs = [self._make_output(p) for p in parents.values()]
+        for out in outputs:
+            if out.finished:
+                parent = self._parents.pop(out.request_id)
+                for child in parent.children:
+                    self._parent_of.pop(child.request.request_id, None)
+        return outputs
+
+    def _record(self, sched, touched: list[Request]) -> None:
+        self.stats.num_steps += 1
+        self.stats.last_batch_size = len(sched.requests)
+        self.stats.max_batch_size = max(self.stats.max_batch_size, len(sched.requests))
+        self.stats.num_generation_tokens += len(touched)
+        for req, n, start in zip(sched.requests, sched.num_scheduled_tokens, sched.num_computed_tokens):
+            self.stats.num_prompt_tokens += max(0, min(start + n, req.num_prompt_tokens) - start)
+
+    def _detokenize(self, child: _Child) -> None:
+        req, detok = child.request, child.detokenizer
+        detok.add_tokens([req.output_token_ids[-1]])
+        if detok.stop_string is not None:
+            if not req.is_finished:
+                self.scheduler.finish_request(req.request_id, FinishReason.STOP, detok.stop_string)
+            else:  # the same token also hit a length limit: the stop string wins, as in vLLM
+                req.finish_reason, req.stop_reason = FinishReason.STOP, detok.stop_string
+        elif req.is_finished:
+            detok.flush()
+
+    def _make_output(self, parent: _Parent) -> RequestOutput:
+        outputs = []
+        for i, child in enumerate(parent.children):
+            req = child.request
+            logprobs = cumulative = None
+            if req.sampling_params.logprobs is not None:
+                logprobs = []
+                cumulative = 0.0
+                for token, (lp, top) in zip(req.output_token_ids, req.output_logprobs):
+                    logprobs.append({**top, token: lp})
+                    cumulative += lp
+            outputs.append(CompletionOutput(
+                index=i, text=child.detokenizer.text, token_ids=list(req.output_token_ids),
+                finish_reason=req.finish_reason.value if req.finish_reason else None,
+                stop_reason=req.stop_reason, logprobs=logprobs, cumulative_logprob=cumulative))
+        first = parent.children[0].request
+        metrics = RequestMetrics(first.arrival_time, first.first_token_time,
+                                 max((c.request.finish_time or 0.0) for c in parent.children) or None,
+                                 len(parent.prompt_token_ids), sum(len(o.token_ids) for o in outputs))
+        return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outputs,
+                             parent.finished, metrics)
+
+    # ---- introspection -----------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return self.scheduler.block_manager.num_free_blocks
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.scheduler.block_manager.usage
+
+    def is_running(self, request_id: str) -> bool:
+        return request_id in self._parents and any(
+            c.request.status == RequestStatus.RUNNING for c in self._parents[request_id].children)

@@ -1,0 +1,103 @@
+"""BlockManager: which physical KV blocks each request owns. Pure Python; fed by the Scheduler.
+
+A block holds the K/V of `block_size` consecutive tokens of one sequence. Blocks are handed out from
+a free queue and carry reference counts so that identical prompt prefixes can share them (prefix
+caching, see prefix_cache.py). Data-structure choices:
+
+- The free queue is an OrderedDict used as an LRU: allocation pops the oldest freed block, and a
+  freed block that still holds a cached prefix can be revived from the middle in O(1).
+- A freed block keeps its prefix hash until it is reallocated ("lazy eviction", as in vLLM v1), so
+  a prompt that arrives after its twin finished still hits the cache.
+
+    request.block_ids = [7, 2, 9]          block table: logical block i -> physical block id
+    token t lives in block block_ids[t // block_size], slot t % block_size
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from scaleinfer.errors import ConfigError
+from scaleinfer.kv_cache.prefix_cache import PrefixCache
+from scaleinfer.request import Request
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False) -> None:
+        if num_blocks < 1:
+            raise ConfigError(f"the KV cache has room for {num_blocks} blocks; raise --kv-cache-memory")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.ref_counts = [0] * num_blocks
+        self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.prefix_cache = PrefixCache(block_size) if enable_prefix_caching else None
+
+    # ---- queries ---------------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_queue)
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks in use by live requests (0..1)."""
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    def num_blocks_needed(self, request: Request, num_tokens: int) -> int:
+        """New blocks `request` needs so that its first `num_tokens` tokens have slots."""
+        return max(0, cdiv(num_tokens, self.block_size) - len(request.block_ids))
+
+    def can_allocate(self, request: Request, num_tokens: int) -> bool:
+        return self.num_blocks_needed(request, num_tokens) <= self.num_free_blocks
+
+    # ---- prefix cache ----------------------------------------------------------------------
+    def match_prefix(self, request: Request) -> int:
+        """Attach cached blocks of a fresh request's prefix; returns how many tokens they cover.
+
+        At least one prompt token is always left to compute, so the step that finishes the prompt
+        produces logits.
+        """
+        if self.prefix_cache is None or request.block_ids:
+            return 0
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        hits = self.prefix_cache.lookup(request.all_token_ids, max_blocks)
+        for block_id in hits:
+            if self.ref_counts[block_id] == 0:
+                del self.free_queue[block_id]
+            self.ref_counts[block_id] += 1
+        request.block_ids.extend(hits)
+        return len(hits) * self.block_size
+
+    def cache_full_blocks(self, request: Request) -> None:
+        """Register the request's blocks that are full of computed tokens in the prefix cache."""
+        if self.prefix_cache is not None:
+            num_full = request.num_computed_tokens // self.block_size
+            self.prefix_cache.insert(request.request_id, request.all_token_ids, request.block_ids[:num_full])
+
+    # ---- allocation ------------------------------------------------------------------------
+    def allocate(self, request: Request, num_tokens: int) -> None:
+        """Give `request` enough blocks for its first `num_tokens` tokens. Caller checked can_allocate."""
+        num_new = self.num_blocks_needed(request, num_tokens)
+        assert num_new <= self.num_free_blocks, "allocate() without can_allocate()"
+        for _ in range(num_new):
+            block_id, _ = self.free_queue.popitem(last=False)
+            if self.prefix_cache is not None:
+                self.prefix_cache.evict(block_id)
+            self.ref_counts[block_id] = 1
+            request.block_ids.append(block_id)
+
+    def free(self, request: Request) -> None:
+        """Drop the request's references; blocks nobody holds go back to the free queue.
+
+        Blocks are released tail first so the head of a prompt (most shareable) is evicted last.
+        """
+        for block_id in reversed(request.block_ids):
+            self.ref_counts[block_id] -= 1
+            assert self.ref_counts[block_id] >= 0
+            if self.ref_counts[block_id] == 0:
+                self.free_queue[block_id] = None
+        request.block_ids.clear()
+        if self.prefix_cache is not None:
+            self.prefix_cache.forget_request(request.request_id)

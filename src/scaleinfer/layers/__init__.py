@@ -1,0 +1,1 @@
+"""Building blocks the model files are made of: linear, embedding, norm, rotary, activation."""

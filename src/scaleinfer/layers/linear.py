@@ -1,0 +1,78 @@
+"""Linear layers whose matmul is delegated to a swappable method (quantization is applied from outside).
+
+A model declares `Linear(in, out)` or a fused `MergedLinear(in, [out_a, out_b, ...])`; the weight
+loader fills the named shards. `quant_method` decides how the weight is stored and multiplied; the
+default keeps a dense weight and calls F.linear. A quantization method replaces it after loading.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LinearMethod(Protocol):
+    def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor: ...
+
+
+class DenseLinearMethod:
+    """y = x W^T + b with the dense weight (the reference every quantized method is checked against)."""
+
+    def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, layer.weight, layer.bias)
+
+
+class Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        # Uninitialised on purpose: every element is overwritten by the weight loader.
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
+        self.quant_method: LinearMethod = DenseLinearMethod()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant_method.apply(self, x)
+
+    def load_shard(self, shard: int | None, name: str, tensor: torch.Tensor) -> None:
+        """Copy a checkpoint tensor (`name` is "weight" or "bias") into this layer."""
+        target = self.weight if name == "weight" else self.bias
+        if target is None:
+            raise KeyError(f"layer has no {name}")
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise ValueError(f"shape {tuple(tensor.shape)} does not fit {name} of shape {tuple(target.shape)}")
+        target.data.copy_(tensor)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
+
+
+class MergedLinear(Linear):
+    """Several projections of the same input fused into one matmul (QKV, gate+up).
+
+    Shard i occupies output rows offsets[i]:offsets[i+1]; `split()` cuts the fused output back.
+    """
+
+    def __init__(self, in_features: int, shard_sizes: list[int], bias: bool = False, dtype: torch.dtype = torch.float32):
+        super().__init__(in_features, sum(shard_sizes), bias, dtype)
+        self.shard_sizes = list(shard_sizes)
+        self.offsets = [0]
+        for size in shard_sizes:
+            self.offsets.append(self.offsets[-1] + size)
+
+    def load_shard(self, shard: int | None, name: str, tensor: torch.Tensor) -> None:
+        if shard is None:
+            return super().load_shard(None, name, tensor)
+        target = self.weight if name == "weight" else self.bias
+        if target is None:
+            raise KeyError(f"layer has no {name}")
+        rows = target.data[self.offsets[shard]:self.offsets[shard + 1]]
+        if tuple(tensor.shape) != tuple(rows.shape):
+            raise ValueError(f"shape {tuple(tensor.shape)} does not fit shard {shard} of shape {tuple(rows.shape)}")
+        rows.copy_(tensor)
+
+    def split(self, y: torch.Tensor) -> list[torch.Tensor]:
+        return list(y.split(self.shard_sizes, dim=-1))

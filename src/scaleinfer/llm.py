@@ -1,0 +1,117 @@
+"""LLM: the offline facade with vLLM-compatible signatures (generate, chat, stream)."""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+from tqdm import tqdm
+
+from scaleinfer.config import CacheConfig, EngineConfig, SchedulerConfig, parse_memory
+from scaleinfer.engine.engine import LLMEngine
+from scaleinfer.request import RequestOutput
+from scaleinfer.sampling_params import SamplingParams
+
+Message = dict[str, str]
+
+
+class LLM:
+    """Load a model and generate from it.
+
+        llm = LLM("smollm2-135m-instruct")
+        out = llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=16))
+        print(out[0].outputs[0].text)
+    """
+
+    def __init__(
+        self,
+        model: str = "smollm2-135m-instruct",
+        *,
+        dtype: str = "float32",
+        max_model_len: int = 2048,
+        kv_cache_memory: int | str = "1GiB",
+        block_size: int = 16,
+        max_num_batched_tokens: int = 512,
+        max_num_seqs: int = 64,
+        enable_prefix_caching: bool = False,
+        threads: int | None = None,
+        seed: int = 0,
+    ):
+        config = EngineConfig(
+            model=model, dtype=dtype, threads=threads, seed=seed,
+            cache=CacheConfig(block_size=block_size, kv_cache_memory=parse_memory(kv_cache_memory),
+                              enable_prefix_caching=enable_prefix_caching),
+            scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+                                      max_model_len=max_model_len),
+        )
+        self.engine = LLMEngine(config)
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: str | Sequence[str] | Sequence[list[int]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Run all prompts to completion with continuous batching; outputs come back in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        params = sampling_params or SamplingParams()
+        params_list = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            from scaleinfer.errors import RequestError
+
+            raise RequestError(f"got {len(prompts)} prompts but {len(params_list)} SamplingParams")
+        ids = []
+        for prompt, p in zip(prompts, params_list):
+            request_id = self.engine.new_request_id()
+            self.engine.add_request(request_id, prompt, p)
+            ids.append(request_id)
+        finished: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="generate", disable=not use_tqdm)
+        try:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.finished:
+                        finished[out.request_id] = out
+                        bar.update(1)
+        except BaseException:
+            for request_id in ids:
+                self.engine.abort_request(request_id)
+            raise
+        finally:
+            bar.close()
+        return [finished[i] for i in ids]
+
+    def chat(
+        self,
+        messages: list[Message] | list[list[Message]],
+        sampling_params: SamplingParams | None = None,
+        use_tqdm: bool = False,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Apply the model's chat template to one or several conversations and generate replies."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.render_chat(c, add_generation_prompt) for c in conversations]  # type: ignore[arg-type]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def render_chat(self, messages: list[Message], add_generation_prompt: bool = True) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def stream(self, prompt: str | list[int], sampling_params: SamplingParams | None = None
+               ) -> Iterator[RequestOutput]:
+        """Yield the request's cumulative output after every step that changed it (the last is finished).
+
+        Breaking out of the loop aborts the request.
+        """
+        request_id = self.engine.new_request_id()
+        self.engine.add_request(request_id, prompt, sampling_params or SamplingParams())
+        done = False
+        try:
+            while not done and self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.request_id == request_id:
+                        done = out.finished
+                        yield out
+        finally:
+            if not done:
+                self.engine.abort_request(request_id)

@@ -1,0 +1,132 @@
+"""The Llama family (Llama 2/3, SmolLM2, Mistral): pre-norm decoder, RMSNorm, RoPE, SwiGLU, GQA.
+
+References: Touvron et al. 2023 (Llama), HF transformers `modeling_llama.py` (the parity oracle).
+Q/K/V and gate/up are fused into single matmuls; the checkpoint's separate tensors are loaded into
+shards of the fused weights (see `_STACKED`). Qwen2 is this model with Q/K/V biases (qwen2.py).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scaleinfer.attention.backend import AttentionBackend
+from scaleinfer.attention.layer import Attention
+from scaleinfer.attention.metadata import AttentionMetadata
+from scaleinfer.config import ModelConfig
+from scaleinfer.layers.activation import silu_and_mul
+from scaleinfer.layers.linear import Linear, MergedLinear
+from scaleinfer.layers.norm import RMSNorm
+from scaleinfer.layers.rotary import RotaryEmbedding, apply_rotary
+
+# checkpoint projection name -> (fused module name, shard index)
+_STACKED = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, dtype: torch.dtype):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.qkv_proj = MergedLinear(cfg.hidden_size, [q_size, kv_size, kv_size], cfg.attention_bias, dtype)
+        self.o_proj = Linear(q_size, cfg.hidden_size, False, dtype)
+        self.attn = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.head_dim ** -0.5, backend)
+
+    def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
+        q = apply_rotary(q.view(n, self.num_heads, self.head_dim), cos, sin)  # [n, heads, head_dim]
+        k = apply_rotary(k.view(n, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
+        out = self.attn(q, k, v, kv_cache, meta)
+        return self.o_proj(out.view(n, self.num_heads * self.head_dim))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
+        super().__init__()
+        self.gate_up_proj = MergedLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, False, dtype)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, False, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, dtype: torch.dtype):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.self_attn = LlamaAttention(cfg, backend, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = LlamaMLP(cfg, dtype)
+
+    def forward(self, x, residual, cos, sin, kv_cache, meta):
+        h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, cos, sin, kv_cache, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.config = cfg
+        self.dtype = dtype
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, _weight=torch.empty(
+            cfg.vocab_size, cfg.hidden_size, dtype=dtype))
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, backend, dtype) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+        if cfg.tie_word_embeddings:
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False, dtype)
+            self.lm_head.weight = self.embed_tokens.weight
+        else:
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False, dtype)
+
+    @torch.inference_mode()
+    def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata, logits_indices) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)  # [num_tokens, hidden]
+        cos, sin = self.rotary.lookup(positions, x.dtype)
+        residual = None
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x, residual = layer(x, residual, cos, sin, kv_cache, meta)
+        # Only the rows that need logits go through the final norm and the LM head.
+        x = x.index_select(0, logits_indices)
+        residual = residual.index_select(0, logits_indices)
+        x, _ = self.norm(x, residual)
+        return self.lm_head(x).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy HF-named checkpoint tensors into the (fused) parameters; returns the names loaded."""
+        modules = dict(self.named_modules())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if name.endswith("rotary_emb.inv_freq"):
+                continue
+            if name == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue
+            path = name.removeprefix("model.")
+            module_path, _, param = path.rpartition(".")
+            owner, _, leaf = module_path.rpartition(".")
+            shard = None
+            if leaf in _STACKED:
+                fused, shard = _STACKED[leaf]
+                module_path = f"{owner}.{fused}"
+            module = modules.get(module_path)
+            if module is None:
+                raise KeyError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
+            if isinstance(module, Linear):
+                module.load_shard(shard, param, tensor)
+            else:
+                getattr(module, param).data.copy_(tensor)
+            loaded.add(name)
+        return loaded

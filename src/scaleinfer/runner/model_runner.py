@@ -1,0 +1,75 @@
+"""ModelRunner: owns the model, the KV cache tensors and the sampler; executes one scheduled step.
+
+    SchedulerOutput -> ForwardBatch -> model.forward -> logits -> Sampler -> ModelOutput
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from scaleinfer.config import CacheConfig, ModelConfig
+from scaleinfer.kv_cache.cache_tensors import allocate_kv_caches
+from scaleinfer.models.interface import CausalLM
+from scaleinfer.runner.forward_batch import build_forward_batch
+from scaleinfer.sampler import Sampler, SamplingMetadata
+from scaleinfer.scheduler import ModelOutput, SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, model_config: ModelConfig, cache_config: CacheConfig,
+                 num_blocks: int, dtype: torch.dtype, device: str = "cpu"):
+        self.model = model
+        self.model_config = model_config
+        self.block_size = cache_config.block_size
+        self.kv_caches = allocate_kv_caches(model_config, num_blocks, self.block_size, dtype, device)
+        self.sampler = Sampler()
+        self.eos_token_ids = model_config.eos_token_ids
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> ModelOutput:
+        batch = build_forward_batch(sched, self.block_size)
+        logits = self.model.forward(batch.input_ids, batch.positions, self.kv_caches, batch.meta,
+                                    batch.logits_indices)
+        out = ModelOutput()
+        if not batch.sample_requests:
+            return out
+        reqs = batch.sample_requests
+        meta = SamplingMetadata.from_params(
+            [r.sampling_params for r in reqs],
+            [r.prompt_token_ids for r in reqs],
+            [r.output_token_ids for r in reqs],
+            [r.sampling_params.seed for r in reqs],
+            reqs[0].eos_token_ids,
+            logits.shape[-1],
+        )
+        result = self.sampler(logits, meta)
+        token_ids = result.sampled_token_ids.tolist()
+        for row, (req, token) in enumerate(zip(reqs, token_ids)):
+            out.sampled_token_ids[req.request_id] = token
+        if result.logprobs is not None:
+            sampled_lp = result.logprobs.tolist()
+            top_ids = result.top_logprob_ids.tolist()
+            top_lps = result.top_logprobs.tolist()
+            for row, req in enumerate(reqs):
+                k = req.sampling_params.logprobs
+                if k is None:
+                    continue
+                out.logprobs[req.request_id] = (sampled_lp[row], dict(zip(top_ids[row][:k], top_lps[row][:k])))
+        return out
+
+    def compute_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Logits of every position of one sequence, through the paged cache (evaluation helper).
+
+        Uses blocks [0, ceil(len / block_size)) of the cache: call it only when the engine is idle.
+        """
+        from scaleinfer.attention.metadata import build_metadata
+
+        n = len(token_ids)
+        num_blocks = -(-n // self.block_size)
+        meta = build_metadata([n], [n], [list(range(num_blocks))], self.block_size)
+        with torch.inference_mode():
+            return self.model.forward(torch.tensor(token_ids), torch.arange(n), self.kv_caches, meta,
+                                      torch.arange(n))

@@ -1,0 +1,97 @@
+"""SamplingParams: how one request picks its tokens and when it stops. Validated on construction.
+
+Names and semantics follow vLLM (and through it the OpenAI API). temperature == 0 means greedy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from scaleinfer.errors import RequestError
+
+_MAX_N = 64
+_MAX_LOGPROBS = 20
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    """Number of completions to return for the prompt."""
+    temperature: float = 1.0
+    """0 = greedy; higher flattens the distribution."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability sums to top_p."""
+    top_k: int = 0
+    """Keep only the k most likely tokens; 0 or -1 disables."""
+    min_p: float = 0.0
+    """Drop tokens whose probability is below min_p times the top token's."""
+    repetition_penalty: float = 1.0
+    """CTRL-style penalty on tokens in prompt or output (>1 discourages repeats)."""
+    presence_penalty: float = 0.0
+    """OpenAI-style: subtract this from logits of tokens that appeared in the output."""
+    frequency_penalty: float = 0.0
+    """OpenAI-style: subtract this times the count of each token in the output."""
+    seed: int | None = None
+    """Per-request seed; the result does not depend on what else is in the batch."""
+    stop: list[str] | str | None = None
+    """Strings that end generation; they are not included in the output text."""
+    stop_token_ids: list[int] | None = None
+    """Token ids that end generation (in addition to EOS unless ignore_eos)."""
+    max_tokens: int | None = 16
+    """Most tokens to generate; None = up to the context length."""
+    min_tokens: int = 0
+    """Generate at least this many tokens before EOS / stop ids may end the request."""
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    """Return the log-probability of the sampled token and of the top-N tokens."""
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    _stop: list[str] = field(default_factory=list, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k == -1:
+            self.top_k = 0
+        self._validate()
+
+    @property
+    def stop_strings(self) -> list[str]:
+        return self._stop
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def _validate(self) -> None:
+        def bad(name: str, value: object, want: str) -> RequestError:
+            return RequestError(f"invalid sampling parameter {name}={value!r}: {want}")
+
+        if not isinstance(self.n, int) or not 1 <= self.n <= _MAX_N:
+            raise bad("n", self.n, f"must be an integer from 1 to {_MAX_N}")
+        if not 0.0 <= self.temperature <= 100.0:
+            raise bad("temperature", self.temperature, "must be between 0 and 100 (0 = greedy)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise bad("top_p", self.top_p, "must be in (0, 1]")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise bad("top_k", self.top_k, "must be a non-negative integer (0 or -1 disables)")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise bad("min_p", self.min_p, "must be in [0, 1]")
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            raise bad("repetition_penalty", self.repetition_penalty, "must be in (0, 10] (1 = off)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise bad(name, getattr(self, name), "must be between -2 and 2")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+            raise bad("max_tokens", self.max_tokens, "must be a positive integer")
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise bad("min_tokens", self.min_tokens, "must be a non-negative integer")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise bad("min_tokens", self.min_tokens, f"must not exceed max_tokens={self.max_tokens}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= _MAX_LOGPROBS:
+            raise bad("logprobs", self.logprobs, f"must be from 0 to {_MAX_LOGPROBS}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise bad("seed", self.seed, "must be an integer")
+        if any(not isinstance(s, str) or not s for s in self._stop):
+            raise bad("stop", self.stop, "must be a non-empty string or a list of them")
+        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            raise bad("stop_token_ids", self.stop_token_ids, "must be non-negative integers")

@@ -1,0 +1,201 @@
+"""Scheduler: decides, every engine step, which requests run and how many tokens each computes.
+
+Fed by the engine (add / abort) and by the model runner's output (update). Pure Python.
+
+There is no prefill phase and no decode phase. Each request has `num_computed_tokens` (K/V already
+in the cache) and `num_tokens` (prompt + output so far); a step computes some of the difference.
+One token budget per step is shared by everyone, which yields:
+
+- continuous batching: new requests join and finished ones leave at every step;
+- chunked prefill: a long prompt is computed over several steps, next to running decodes;
+- preemption by recompute: when blocks run out, the most recently admitted request gives its
+  blocks back and returns to the head of the waiting queue; it later recomputes prompt + output.
+
+Running requests are served first (oldest first), then waiting ones (FCFS), and no new request is
+admitted in a step that had to preempt.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from scaleinfer.config import CacheConfig, SchedulerConfig
+from scaleinfer.kv_cache.block_manager import BlockManager
+from scaleinfer.request import FinishReason, Request, RequestStatus
+
+
+@dataclass
+class SchedulerOutput:
+    """The contract between Scheduler and ModelRunner for one step.
+
+    For request i, the runner computes tokens all_token_ids[num_computed : num_computed + n_i]
+    (n_i = num_scheduled_tokens[i]) at positions num_computed.., writes their K/V into the slots of
+    block_ids, and samples one new token iff the chunk reaches the end of the known tokens.
+    `num_computed_tokens` is a snapshot taken at scheduling time.
+    """
+
+    requests: list[Request] = field(default_factory=list)
+    num_scheduled_tokens: list[int] = field(default_factory=list)
+    num_computed_tokens: list[int] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def total_num_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.requests
+
+    def needs_sample(self, i: int) -> bool:
+        req = self.requests[i]
+        return self.num_computed_tokens[i] + self.num_scheduled_tokens[i] == req.num_tokens
+
+
+@dataclass
+class ModelOutput:
+    """What the runner hands back: one sampled token per request whose needs_sample() was true."""
+
+    sampled_token_ids: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, tuple[float, dict[int, float]]] = field(default_factory=dict)
+
+
+class Scheduler:
+    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int) -> None:
+        self.config = scheduler_config
+        self.block_manager = BlockManager(num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    # ---- queue management ------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+        self.requests[request.request_id] = request
+
+    def finish_request(self, request_id: str, reason: FinishReason, stop_reason: str | int | None = None) -> None:
+        """End a request early (abort, or a stop string found by the detokenizer)."""
+        req = self.requests.get(request_id)
+        if req is None or req.is_finished:
+            return
+        if req.status == RequestStatus.RUNNING:
+            self.running.remove(req)
+        else:
+            self.waiting.remove(req)
+        self._finish(req, reason, stop_reason)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    # ---- one step ----------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        bm = self.block_manager
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            target = req.num_computed_tokens + n
+            while not bm.can_allocate(req, target):
+                victim = self.running[-1]
+                self._preempt(victim, out)
+                if victim is req:
+                    break
+            else:
+                bm.allocate(req, target)
+                self._add_to_output(out, req, n)
+                budget -= n
+                i += 1
+                continue
+            break  # req itself was preempted: nothing left to run behind it
+
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not out.preempted:
+            req = self.waiting[0]
+            if not req.block_ids:
+                req.num_computed_tokens = bm.match_prefix(req)
+                req.num_cached_tokens = req.num_computed_tokens
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            target = req.num_computed_tokens + n
+            if not bm.can_allocate(req, target):
+                break
+            bm.allocate(req, target)
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            self._add_to_output(out, req, n)
+            budget -= n
+        return out
+
+    @staticmethod
+    def _add_to_output(out: SchedulerOutput, req: Request, n: int) -> None:
+        out.requests.append(req)
+        out.num_scheduled_tokens.append(n)
+        out.num_computed_tokens.append(req.num_computed_tokens)
+
+    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+        """Recompute-style preemption: drop the KV, requeue at the head of the waiting queue."""
+        self.running.remove(req)
+        self.block_manager.free(req)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+        out.preempted.append(req)
+
+    # ---- after the model ran -------------------------------------------------------------------
+    def update(self, sched: SchedulerOutput, model_out: ModelOutput) -> list[Request]:
+        """Advance computed counts, append sampled tokens, apply stop rules; returns the requests
+        that received a token this step (finished ones included)."""
+        touched: list[Request] = []
+        for req, n in zip(sched.requests, sched.num_scheduled_tokens):
+            if req.is_finished:  # aborted while the step ran
+                continue
+            req.num_computed_tokens += n
+            self.block_manager.cache_full_blocks(req)
+            token = model_out.sampled_token_ids.get(req.request_id)
+            if token is None:
+                continue
+            req.append_output_token(token)
+            if req.request_id in model_out.logprobs:
+                req.output_logprobs.append(model_out.logprobs[req.request_id])
+            touched.append(req)
+            reason, stop_reason = self._check_stop(req, token)
+            if reason is not None:
+                self.running.remove(req)
+                self._finish(req, reason, stop_reason)
+        return touched
+
+    def _check_stop(self, req: Request, token: int) -> tuple[FinishReason | None, int | None]:
+        params = req.sampling_params
+        if req.num_output_tokens > params.min_tokens:
+            if token in params.stop_token_ids:
+                return FinishReason.STOP, token
+            if not params.ignore_eos and token in req.eos_token_ids:
+                return FinishReason.STOP, None
+        if params.max_tokens is not None and req.num_output_tokens >= params.max_tokens:
+            return FinishReason.LENGTH, None
+        if req.num_tokens >= self.config.max_model_len:
+            return FinishReason.LENGTH, None
+        return None, None
+
+    def _finish(self, req: Request, reason: FinishReason, stop_reason: str | int | None) -> None:
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        req.stop_reason = stop_reason
+        req.finish_time = time.monotonic()
+        self.block_manager.free(req)
+        self.requests.pop(req.request_id, None)
