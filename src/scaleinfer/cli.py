@@ -82,8 +82,8 @@ def _speed_line(num_tokens: int, elapsed: float, ttft: float | None) -> str:
 
 
 def cmd_generate(args) -> int:
-    llm = _make_llm(args)
     params = _make_params(args)
+    llm = _make_llm(args)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     _, n, elapsed, ttft = _stream_print(llm, prompt, params)
     print()
@@ -92,8 +92,8 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    llm = _make_llm(args)
     params = _make_params(args)
+    llm = _make_llm(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
     while True:

@@ -107,7 +107,7 @@ class EngineConfig:
             raise ConfigError(f"--threads must be >= 1, got {self.threads}")
 
 
-def parse_memory(text: str | int) -> int:
+def parse_memory(text: str | int, what: str = "--kv-cache-memory") -> int:
     """Parse a size such as "512MiB", "2GiB", "1.5G" or a byte count into bytes."""
     if isinstance(text, int):
         return text
@@ -121,7 +121,7 @@ def parse_memory(text: str | int) -> int:
     except ValueError:
         value = -1.0
     if unit not in units or value <= 0:
-        raise ConfigError(f"cannot read memory size {text!r}; write e.g. 512MiB, 2GiB or a byte count")
+        raise ConfigError(f"cannot read {what} {text!r}; write e.g. 512MiB, 2GiB or a byte count")
     return int(value * units[unit])
 
 

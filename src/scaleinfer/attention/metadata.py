@@ -34,7 +34,7 @@ class AttentionMetadata:
     decode_slots: torch.Tensor | None = None
     """[num_decodes, max_context] int64: cache slots each decode query reads (padded with 0)."""
     decode_mask: torch.Tensor | None = None
-    """[num_decodes, 1, 1, max_context] bool: True where the slot is real context."""
+    """[num_decodes, 1, 1, max_context] bool: True where the slot is real context; None if all are."""
     prefills: list[PrefillSeq] = field(default_factory=list)
 
 
@@ -69,7 +69,8 @@ def build_metadata(
         real = torch.arange(max_ctx) < ctx.unsqueeze(1)
         # Padding reads the request's own first slot: never uninitialised memory (NaN * 0 = NaN).
         meta.decode_slots = torch.where(real, slots, slots[:, :1]).contiguous()
-        meta.decode_mask = real.view(num_decodes, 1, 1, max_ctx)
+        if not bool(real.all()):  # all contexts equally long (e.g. batch 1): no mask needed
+            meta.decode_mask = real.view(num_decodes, 1, 1, max_ctx)
 
     start = num_decodes
     for qlen, clen, table in zip(query_lens[num_decodes:], context_lens[num_decodes:], block_tables[num_decodes:]):

@@ -63,6 +63,7 @@ class LLMEngine:
         start = time.perf_counter()
         ckpt = open_checkpoint(config.model)
         self.model_config = ckpt.config
+        self.checkpoint_path = ckpt.path
         self.tokenizer = ckpt.tokenizer
         self.model = build_model(ckpt, config)
         self.load_time = time.perf_counter() - start

@@ -8,6 +8,7 @@ import torch
 
 from scaleinfer.attention.backend import get_backend
 from scaleinfer.config import EngineConfig
+from scaleinfer.layers.linear import Linear
 from scaleinfer.models import get_model_class
 from scaleinfer.weights.loader import Checkpoint
 
@@ -27,6 +28,9 @@ def build_model(ckpt: Checkpoint, config: EngineConfig, attention_backend: str =
         from scaleinfer.errors import WeightLoadError
 
         raise WeightLoadError(f"checkpoint {ckpt.path} lacks tensors: {', '.join(sorted(missing)[:5])}")
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.quant_method.process_weights_after_loading(module)
     model.eval()
     logger.debug("weights loaded in %.2f s", time.perf_counter() - start)
     return model

@@ -42,12 +42,14 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         n = x.shape[0]
-        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
-        q = apply_rotary(q.view(n, self.num_heads, self.head_dim), cos, sin)  # [n, heads, head_dim]
-        k = apply_rotary(k.view(n, self.num_kv_heads, self.head_dim), cos, sin)
-        v = v.view(n, self.num_kv_heads, self.head_dim)
-        out = self.attn(q, k, v, kv_cache, meta)
-        return self.o_proj(out.view(n, self.num_heads * self.head_dim))
+        h, h_kv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x)                                  # [n, (h + 2 * h_kv) * d]
+        # Q and K sit side by side in the fused output: rotate them in one go.
+        qk = apply_rotary(qkv[:, :(h + h_kv) * d].view(n, h + h_kv, d), cos, sin)
+        q, k = qk.split([h, h_kv], dim=1)                       # [n, h, d], [n, h_kv, d]
+        v = qkv[:, (h + h_kv) * d:].view(n, h_kv, d)
+        out = self.attn(q, k, v, kv_cache, meta)                # [n, h, d]
+        return self.o_proj(out.view(n, h * d))
 
 
 class LlamaMLP(nn.Module):

@@ -1,0 +1,102 @@
+"""`scaleinfer bench`: prefill (pp512), batch-1 decode (tg128), a mixed-length load, load time and
+peak RSS, for scaleinfer and HF transformers on the same model and threads, in one run.
+
+Each engine runs in its own subprocess (`python -m scaleinfer.bench.core --worker ENGINE`), so its
+load time and peak RSS are its own. Prints a table and writes JSON under benchmarks/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+
+
+def run_worker(engine: str, model: str, threads: int, num_requests: int, concurrency: int, quick: bool) -> dict:
+    from scaleinfer.bench import workloads
+    from scaleinfer.bench.engines import HFAdapter, ScaleInferAdapter
+
+    if engine == "scaleinfer":
+        adapter = ScaleInferAdapter(model, threads, concurrency)
+    else:
+        from scaleinfer.weights.loader import open_checkpoint
+
+        adapter = HFAdapter(open_checkpoint(model).path, threads, concurrency)
+    vocab = adapter.vocab_size
+    reqs = workloads.mixed_requests(vocab, num_requests)
+    if quick:
+        reqs = [workloads.MixedRequest(r.prompt_ids[:64], min(r.output_len, 16)) for r in reqs]
+    result = {
+        "engine": adapter.name,
+        "load_s": adapter.load_s,
+        "prefill_tok_s": adapter.prefill(workloads.prefill_prompt(vocab), repeats=1 if quick else 3),
+        "decode_tok_s": adapter.decode(workloads.decode_prompt(vocab), repeats=1 if quick else 2),
+    }
+    mixed = adapter.mixed(reqs)
+    result["mixed_tok_s"] = mixed["output_tokens"] / mixed["seconds"]
+    result["mixed"] = mixed
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def _spawn(engine: str, args) -> dict:
+    cmd = [sys.executable, "-m", "scaleinfer.bench.core", "--worker", engine, "--model", args.model,
+           "--threads", str(args.threads), "--num-requests", str(args.num_requests),
+           "--concurrency", str(args.concurrency)] + (["--quick"] if args.quick else [])
+    print(f"running {engine} ...", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{engine} benchmark failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def format_table(results: list[dict]) -> str:
+    cols = [("engine", "engine", "{}"), ("load_s", "load s", "{:.2f}"), ("peak_rss_mb", "peak RSS MB", "{:.0f}"),
+            ("prefill_tok_s", "pp512 tok/s", "{:.1f}"), ("decode_tok_s", "tg128 tok/s", "{:.1f}"),
+            ("mixed_tok_s", "mixed tok/s", "{:.1f}")]
+    lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
+    for r in results:
+        lines.append("| " + " | ".join(fmt.format(r[key]) for key, _, fmt in cols) + " |")
+    if len(results) == 2:
+        a, b = results
+        lines.append("| ratio | " + " | ".join(
+            f"{a[k] / b[k]:.2f}x" for k, _, _ in cols[1:]) + " |")
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    threads = args.threads or os.cpu_count() or 1
+    args.threads = threads
+    engines = ["scaleinfer"] + ([] if args.no_hf else ["hf"])
+    results = [_spawn(e, args) for e in engines]
+    table = format_table(results)
+    print(table)
+    os.makedirs(args.output_dir, exist_ok=True)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = os.path.join(args.output_dir, f"core-{stamp}.json")
+    with open(path, "w") as f:
+        json.dump({"date": stamp, "model": args.model, "threads": threads, "machine": platform.machine(),
+                   "cpu_count": os.cpu_count(), "num_requests": args.num_requests,
+                   "concurrency": args.concurrency, "quick": args.quick, "results": results}, f, indent=2)
+    print(f"wrote {path}")
+    return 0
+
+
+def _worker_main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--worker", required=True, choices=["scaleinfer", "hf"])
+    p.add_argument("--model", required=True)
+    p.add_argument("--threads", type=int, required=True)
+    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--quick", action="store_true")
+    a = p.parse_args()
+    print(json.dumps(run_worker(a.worker, a.model, a.threads, a.num_requests, a.concurrency, a.quick)))
+
+
+if __name__ == "__main__":
+    _worker_main()

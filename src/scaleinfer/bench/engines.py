@@ -1,0 +1,129 @@
+"""Adapters that run the benchmark workloads on one engine each: scaleinfer and HF transformers.
+
+Each adapter measures one engine in its own process (so peak RSS is that engine's alone).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from scaleinfer.bench.workloads import DECODE_TOKENS, MixedRequest
+
+
+def _median_of(fn, repeats: int) -> float:
+    return statistics.median(fn() for _ in range(repeats))
+
+
+class ScaleInferAdapter:
+    name = "scaleinfer"
+
+    def __init__(self, model: str, threads: int, max_num_seqs: int, kv_cache_memory: str = "2GiB"):
+        from scaleinfer.llm import LLM
+
+        start = time.perf_counter()
+        self.llm = LLM(model, threads=threads, max_num_seqs=max_num_seqs, max_num_batched_tokens=512,
+                       kv_cache_memory=kv_cache_memory, max_model_len=2048)
+        self.load_s = time.perf_counter() - start
+        self.vocab_size = self.llm.engine.model_config.vocab_size
+
+    def _params(self, n: int):
+        from scaleinfer.sampling_params import SamplingParams
+
+        return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+
+    def prefill(self, ids: list[int], repeats: int = 3) -> float:
+        def once():
+            start = time.perf_counter()
+            self.llm.generate([ids], self._params(1))
+            return time.perf_counter() - start
+        once()  # warm-up
+        return len(ids) / _median_of(once, repeats)
+
+    def decode(self, ids: list[int], repeats: int = 2) -> float:
+        def once():
+            first = None
+            start = time.perf_counter()
+            for out in self.llm.stream(ids, self._params(DECODE_TOKENS)):
+                if first is None:
+                    first = time.perf_counter()
+            return (time.perf_counter() - first) / (DECODE_TOKENS - 1)
+        once()
+        return 1.0 / _median_of(once, repeats)
+
+    def mixed(self, requests: list[MixedRequest]) -> dict:
+        from scaleinfer.sampling_params import SamplingParams
+
+        params = [SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True) for r in requests]
+        start = time.perf_counter()
+        outs = self.llm.generate([r.prompt_ids for r in requests], params)
+        elapsed = time.perf_counter() - start
+        generated = sum(len(o.outputs[0].token_ids) for o in outs)
+        return {"seconds": elapsed, "output_tokens": generated,
+                "max_batch_size": self.llm.engine.stats.max_batch_size}
+
+
+class HFAdapter:
+    name = "hf-transformers"
+
+    def __init__(self, gguf_path: str, threads: int, concurrency: int):
+        import os
+
+        from transformers import AutoModelForCausalLM
+
+        torch.set_num_threads(threads)
+        start = time.perf_counter()
+        self.model = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf_path),
+                                                          gguf_file=os.path.basename(gguf_path),
+                                                          torch_dtype=torch.float32)
+        self.model.eval()
+        self.load_s = time.perf_counter() - start
+        self.vocab_size = self.model.config.vocab_size
+        self.concurrency = concurrency
+
+    @torch.inference_mode()
+    def _generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int) -> torch.Tensor:
+        return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=n,
+                                   min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+    def prefill(self, ids: list[int], repeats: int = 3) -> float:
+        x = torch.tensor([ids])
+
+        @torch.inference_mode()
+        def once():
+            start = time.perf_counter()
+            self.model(x)
+            return time.perf_counter() - start
+        once()
+        return len(ids) / _median_of(once, repeats)
+
+    def decode(self, ids: list[int], repeats: int = 2) -> float:
+        x = torch.tensor([ids])
+        mask = torch.ones_like(x)
+
+        def once():
+            start = time.perf_counter()
+            self._generate(x, mask, 1)
+            t1 = time.perf_counter() - start
+            start = time.perf_counter()
+            self._generate(x, mask, DECODE_TOKENS)
+            return (time.perf_counter() - start - t1) / (DECODE_TOKENS - 1)
+        once()
+        return 1.0 / _median_of(once, repeats)
+
+    def mixed(self, requests: list[MixedRequest]) -> dict:
+        """Static batching (HF's way): groups of `concurrency`, left-padded, run to the longest output."""
+        start = time.perf_counter()
+        useful = 0
+        for i in range(0, len(requests), self.concurrency):
+            group = requests[i:i + self.concurrency]
+            width = max(len(r.prompt_ids) for r in group)
+            ids = torch.zeros(len(group), width, dtype=torch.long)
+            mask = torch.zeros(len(group), width, dtype=torch.long)
+            for row, r in enumerate(group):
+                ids[row, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
+                mask[row, width - len(r.prompt_ids):] = 1
+            self._generate(ids, mask, max(r.output_len for r in group))
+            useful += sum(r.output_len for r in group)
+        return {"seconds": time.perf_counter() - start, "output_tokens": useful, "max_batch_size": self.concurrency}
