@@ -26,6 +26,7 @@ class LLM:
         model: str = "smollm2-135m-instruct",
         *,
         dtype: str = "float32",
+        device: str = "cpu",
         max_model_len: int = 2048,
         kv_cache_memory: int | str = "1GiB",
         block_size: int = 16,
@@ -36,7 +37,7 @@ class LLM:
         seed: int = 0,
     ):
         config = EngineConfig(
-            model=model, dtype=dtype, threads=threads, seed=seed,
+            model=model, dtype=dtype, device=device, threads=threads, seed=seed,
             cache=CacheConfig(block_size=block_size, kv_cache_memory=parse_memory(kv_cache_memory),
                               enable_prefix_caching=enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,

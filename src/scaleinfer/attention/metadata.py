@@ -37,6 +37,17 @@ class AttentionMetadata:
     """[num_decodes, 1, 1, max_context] bool: True where the slot is real context; None if all are."""
     prefills: list[PrefillSeq] = field(default_factory=list)
 
+    def to(self, device: torch.device | str) -> "AttentionMetadata":
+        """A copy with every tensor on `device` (metadata is built on the CPU)."""
+        def move(t):
+            return None if t is None else t.to(device, non_blocking=True)
+
+        return AttentionMetadata(
+            slot_mapping=move(self.slot_mapping), num_decode_tokens=self.num_decode_tokens,
+            decode_slots=move(self.decode_slots), decode_mask=move(self.decode_mask),
+            prefills=[PrefillSeq(p.query_start, p.query_len, p.context_len, move(p.kv_slots), move(p.mask))
+                      for p in self.prefills])
+
 
 def build_metadata(
     query_lens: list[int],

@@ -31,7 +31,7 @@ def build_model(ckpt: Checkpoint, config: EngineConfig, attention_backend: str =
     for module in model.modules():
         if isinstance(module, Linear):
             module.quant_method.process_weights_after_loading(module)
-    model.eval()
+    model.to(config.device).eval()
     logger.debug("weights loaded in %.2f s", time.perf_counter() - start)
     return model
 

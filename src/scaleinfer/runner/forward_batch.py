@@ -22,6 +22,12 @@ class ForwardBatch:
     logits_indices: torch.Tensor     # [num_samples] flat row of each sampled request's last token
     sample_requests: list[Request]   # the requests that get a token, in logits row order
 
+    def to(self, device: torch.device | str) -> "ForwardBatch":
+        if torch.device(device).type == "cpu":
+            return self
+        return ForwardBatch(self.input_ids.to(device), self.positions.to(device), self.meta.to(device),
+                            self.logits_indices.to(device), self.sample_requests)
+
 
 def build_forward_batch(sched: SchedulerOutput, block_size: int) -> ForwardBatch:
     order = sorted(range(len(sched.requests)), key=lambda i: sched.num_scheduled_tokens[i] != 1)

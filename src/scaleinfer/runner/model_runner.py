@@ -22,6 +22,7 @@ class ModelRunner:
     def __init__(self, model: CausalLM, model_config: ModelConfig, cache_config: CacheConfig,
                  num_blocks: int, dtype: torch.dtype, device: str = "cpu"):
         self.model = model
+        self.device = torch.device(device)
         self.model_config = model_config
         self.block_size = cache_config.block_size
         self.kv_caches = allocate_kv_caches(model_config, num_blocks, self.block_size, dtype, device)
@@ -30,7 +31,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelOutput:
-        batch = build_forward_batch(sched, self.block_size)
+        batch = build_forward_batch(sched, self.block_size).to(self.device)
         logits = self.model.forward(batch.input_ids, batch.positions, self.kv_caches, batch.meta,
                                     batch.logits_indices)
         out = ModelOutput()
@@ -71,5 +72,6 @@ class ModelRunner:
         num_blocks = -(-n // self.block_size)
         meta = build_metadata([n], [n], [list(range(num_blocks))], self.block_size)
         with torch.inference_mode():
-            return self.model.forward(torch.tensor(token_ids), torch.arange(n), self.kv_caches, meta,
-                                      torch.arange(n))
+            positions = torch.arange(n, device=self.device)
+            return self.model.forward(torch.tensor(token_ids, device=self.device), positions, self.kv_caches,
+                                      meta.to(self.device), positions)
