@@ -60,7 +60,8 @@ def test_fp32_logits_match_hf(llm, hf_model):
 def test_greedy_32_tokens_match_hf(llm, hf_model):
     for prompt in PROMPTS:
         ids = llm.tokenizer.encode(prompt)
-        out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))[0]
+        # min_tokens bans EOS exactly like HF's min_new_tokens, so both see the same distribution.
+        out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=32, min_tokens=32))[0]
         ref = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                 max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
         assert out.outputs[0].token_ids == ref[0, len(ids):].tolist(), prompt

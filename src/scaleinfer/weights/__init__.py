@@ -1,0 +1,1 @@
+"""Checkpoint readers: GGUF and HF safetensors directories -> ModelConfig, tokenizer, HF-named tensors."""
