@@ -1,0 +1,90 @@
+"""Our tokenizer (built from GGUF metadata) against HF transformers' on the same GGUF, and against
+the model's own rules where HF's GGUF converter departs from them."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+transformers = pytest.importorskip("transformers")
+
+from scaleinfer.tokenizer import Tokenizer  # noqa: E402
+from scaleinfer.weights import gguf  # noqa: E402
+
+TEXTS = [
+    "Hello, world! How are you doing today?",
+    "The quick brown fox jumps over the lazy dog.\n\nNew paragraph\twith a tab.",
+    "北京是中华人民共和国的首都，也是全国的政治、文化中心。",
+    "吾輩は猫である。名前はまだ無い。東京タワーとスカイツリー",
+    "안녕하세요, 만나서 반갑습니다.",
+    "Emoji: 😀🎉👍🏽 👨‍👩‍👧‍👦 🇫🇷 ❤️",
+    "def add(a, b):\n    return a + b  # sum\n\n\nclass Foo:\n\tpass\n",
+    "   leading spaces and trailing   ",
+    "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
+    "mixed English 和中文 and émigré café naïve résumé",
+]
+NUMBERS = ["Pi is 3.14159 and 2024 was a year; 1,000,000 items cost $42.50."]
+
+
+def hf_tokenizer(path: str):
+    return transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_gguf_path):
+    ours = Tokenizer.from_gguf_fields(gguf.tokenizer_fields(gguf.open_reader(smollm2_gguf_path)))
+    return ours, hf_tokenizer(smollm2_gguf_path)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_smollm2_ids_equal_hf(smollm2, text):
+    ours, hf = smollm2
+    assert ours.encode(text) == hf.encode(text, add_special_tokens=True)
+    assert ours.decode(ours.encode(text), skip_special_tokens=False) == text
+
+
+def test_smollm2_splits_digits_like_the_original_tokenizer(smollm2):
+    """SmolLM2's own tokenizer.json (and llama.cpp's "smollm" pre-tokenizer) put every digit in its
+    own token; HF's GGUF converter does not, so numbers are checked against the model's rule."""
+    ours, _ = smollm2
+    for text in NUMBERS:
+        ids = ours.encode(text)
+        pieces = [ours.token_text(i) for i in ids]
+        assert all(len(p.strip()) <= 1 for p in pieces if any(c.isdigit() for c in p)), pieces
+        assert ours.decode(ids) == text
+
+
+def test_smollm2_chat_template_equals_hf(smollm2):
+    ours, hf = smollm2
+    conversations = [
+        [{"role": "user", "content": "What is 2+2?"}],
+        [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi"},
+         {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "你好吗？"}],
+    ]
+    for messages in conversations:
+        for gen in (True, False):
+            expected = hf.apply_chat_template(messages, add_generation_prompt=gen, tokenize=False)
+            assert ours.apply_chat_template(messages, add_generation_prompt=gen) == expected
+
+
+def test_smollm2_end_of_turn_is_a_stop_token(smollm2):
+    ours, _ = smollm2
+    assert ours.encode("<|im_end|>", add_special_tokens=False)[0] in ours.eos_token_ids
+
+
+@pytest.fixture(scope="module")
+def qwen25():
+    from scaleinfer import catalog
+
+    if not catalog.CATALOG["qwen2.5-coder-0.5b-instruct"].installed:
+        pytest.skip("qwen2.5-coder-0.5b-instruct is not installed (scaleinfer pull qwen2.5-coder-0.5b-instruct)")
+    path = catalog.resolve("qwen2.5-coder-0.5b-instruct")
+    ours = Tokenizer.from_gguf_fields(gguf.tokenizer_fields(gguf.open_reader(path)))
+    return ours, hf_tokenizer(path)
+
+
+@pytest.mark.parametrize("text", TEXTS + NUMBERS)
+def test_qwen25_ids_equal_hf(qwen25, text):
+    ours, hf = qwen25
+    assert ours.encode(text) == hf.encode(text, add_special_tokens=True)
+    assert ours.decode(ours.encode(text), skip_special_tokens=False) == text
