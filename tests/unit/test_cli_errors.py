@@ -15,12 +15,14 @@ def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess
 
 
 def assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    """Exit 2, no traceback, and exactly one error line (the start-up summary may precede it)."""
     assert proc.returncode == 2, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
     assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    others = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith(("error:", "INFO"))]
+    assert len(errors) == 1 and not others, proc.stderr
     for needle in needles:
-        assert needle.lower() in lines[0].lower(), lines[0]
+        assert needle.lower() in errors[0].lower(), errors[0]
 
 
 def test_missing_model_file(tmp_path):
@@ -73,3 +75,22 @@ def test_generate_works():
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout
     assert "tok/s" in proc.stderr
+
+
+def test_unsupported_architecture(tmp_path):
+    import gguf
+
+    path = tmp_path / "bert.gguf"
+    writer = gguf.GGUFWriter(str(path), "bert")
+    writer.add_block_count(1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    proc = run_cli("generate", "hi", "--model", str(path))
+    assert_clean_error(proc, "bert", "llama", "qwen2")
+
+
+def test_unreachable_hub():
+    proc = run_cli("generate", "hi", "--model", "some-org/some-model")
+    assert_clean_error(proc, "hub")
