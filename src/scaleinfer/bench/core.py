@@ -26,6 +26,7 @@ def run_worker(engine: str, model: str, threads: int, num_requests: int, concurr
         from scaleinfer.weights.loader import open_checkpoint
 
         adapter = HFAdapter(open_checkpoint(model).path, threads, concurrency)
+    load_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak while loading
     vocab = adapter.vocab_size
     reqs = workloads.mixed_requests(vocab, num_requests)
     if quick:
@@ -33,6 +34,7 @@ def run_worker(engine: str, model: str, threads: int, num_requests: int, concurr
     result = {
         "engine": adapter.name,
         "load_s": adapter.load_s,
+        "load_peak_rss_mb": load_rss_mb,
         "prefill_tok_s": adapter.prefill(workloads.prefill_prompt(vocab), repeats=1 if quick else 3),
         "decode_tok_s": adapter.decode(workloads.decode_prompt(vocab), repeats=1 if quick else 2),
     }
@@ -55,7 +57,8 @@ def _spawn(engine: str, args) -> dict:
 
 
 def format_table(results: list[dict]) -> str:
-    cols = [("engine", "engine", "{}"), ("load_s", "load s", "{:.2f}"), ("peak_rss_mb", "peak RSS MB", "{:.0f}"),
+    cols = [("engine", "engine", "{}"), ("load_s", "load s", "{:.2f}"),
+            ("load_peak_rss_mb", "RSS after load MB", "{:.0f}"), ("peak_rss_mb", "peak RSS MB", "{:.0f}"),
             ("prefill_tok_s", "pp512 tok/s", "{:.1f}"), ("decode_tok_s", "tg128 tok/s", "{:.1f}"),
             ("mixed_tok_s", "mixed tok/s", "{:.1f}")]
     lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]

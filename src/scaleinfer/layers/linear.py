@@ -13,6 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def is_column_major(w: torch.Tensor) -> bool:
+    return w.dim() == 2 and w.stride(0) == 1 and w.stride(1) == w.shape[0]
+
+
 class LinearMethod(Protocol):
     def process_weights_after_loading(self, layer: "Linear") -> None: ...
 
@@ -29,7 +33,8 @@ class DenseLinearMethod:
     """
 
     def process_weights_after_loading(self, layer: "Linear") -> None:
-        layer.weight = nn.Parameter(layer.weight.data.t().contiguous().t(), requires_grad=False)
+        if not is_column_major(layer.weight):  # e.g. an LM head tied to the (row-major) embedding
+            layer.weight = nn.Parameter(layer.weight.data.t().contiguous().t(), requires_grad=False)
 
     def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, layer.weight, layer.bias)
@@ -40,8 +45,9 @@ class Linear(nn.Module):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        # Uninitialised on purpose: every element is overwritten by the weight loader.
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
+        # Uninitialised on purpose: every element is overwritten by the weight loader. Allocated
+        # column-major (see DenseLinearMethod) so loading writes straight into the final layout.
+        self.weight = nn.Parameter(torch.empty(in_features, out_features, dtype=dtype).t(), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
         self.quant_method: LinearMethod = DenseLinearMethod()
 
