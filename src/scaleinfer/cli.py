@@ -1,4 +1,4 @@
-"""The `scaleinfer` command: generate | chat | demo | models | pull | bench.
+"""The `scaleinfer` command: generate | chat | demo | serve | models | pull | bench [serve].
 
 Every ScaleInferError becomes one line on stderr and exit code 2; no tracebacks for bad input.
 """
@@ -22,6 +22,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-memory", default="1GiB", help="memory for the paged KV cache, e.g. 512MiB")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    g.add_argument("--device", default="cpu", help="cpu or cuda")
     g.add_argument("--max-num-seqs", type=int, default=64, help="most requests running at once")
     g.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of one step")
     g.add_argument("--enable-prefix-caching", action="store_true", help="reuse KV blocks of shared prefixes")
@@ -42,7 +43,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 def _make_llm(args):
     from scaleinfer.llm import LLM
 
-    return LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len,
+    return LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                kv_cache_memory=args.kv_cache_memory, threads=args.threads, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens,
                enable_prefix_caching=args.enable_prefix_caching)
@@ -157,6 +158,24 @@ def cmd_bench(args) -> int:
     return bench_main(args)
 
 
+def cmd_serve(args) -> int:
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "huggingface_hub", "filelock", "uvicorn.error"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from scaleinfer.serving.server import run
+
+    return run(lambda: _make_llm(args).engine, model_arg=args.model, host=args.host, port=args.port,
+               served_model_name=args.served_model_name, api_key=args.api_key, max_waiting=args.max_waiting,
+               shutdown_timeout=args.shutdown_timeout, log_interval_s=args.log_interval)
+
+
+def cmd_bench_serve(args) -> int:
+    from scaleinfer.bench.serve import main as bench_serve_main
+
+    return bench_serve_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scaleinfer", description="Transformer inference that scales.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -179,6 +198,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=64)
     p.set_defaults(fn=cmd_demo)
 
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, SSE, /metrics)")
+    _engine_args(p)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--served-model-name", default=None, help="name in /v1/models (default: --model)")
+    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    g.add_argument("--max-waiting", type=int, default=None,
+                   help="most requests waiting for their first token; more get 429 (default: no limit)")
+    g.add_argument("--shutdown-timeout", type=float, default=10.0,
+                   help="seconds in-flight requests may finish after SIGTERM before they are aborted")
+    g.add_argument("--log-interval", type=float, default=10.0, help="seconds between throughput log lines")
+    p.set_defaults(fn=cmd_serve)
+
     p = sub.add_parser("models", help="list the model catalog")
     p.set_defaults(fn=cmd_models)
 
@@ -194,6 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="benchmarks/results")
     p.add_argument("--quick", action="store_true", help="smaller workloads (smoke run)")
     p.set_defaults(fn=cmd_bench)
+    bench_sub = p.add_subparsers(dest="bench_mode", metavar="{serve}")
+    from scaleinfer.bench.serve import add_arguments as add_bench_serve_arguments
+
+    p = bench_sub.add_parser("serve", help="serving benchmark of any OpenAI-compatible endpoint "
+                                           "(vLLM benchmark_serving semantics)")
+    add_bench_serve_arguments(p)
+    p.set_defaults(fn=cmd_bench_serve)
     return parser
 
 
@@ -201,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # the start-up summary (model, KV capacity in tokens, threads)
+        logging.getLogger("scaleinfer.engine.engine").setLevel(logging.INFO)
     try:
         return args.fn(args)
     except ScaleInferError as exc:

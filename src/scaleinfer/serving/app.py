@@ -1,0 +1,277 @@
+"""The HTTP routes of `scaleinfer serve`: OpenAI completions and chat (JSON and SSE), models, tokenize,
+health and Prometheus metrics; every error becomes OpenAI error JSON with the right status.
+
+    POST /v1/chat/completions -> protocol (validate) -> openai (SamplingParams) -> generation (engine)
+                              -> openai (JSON / chunks) -> JSON or SSE "data: ...", "data: [DONE]"
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+import uuid
+from typing import TYPE_CHECKING
+
+import torch
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+
+from scaleinfer.errors import EngineDeadError, RequestError, ScaleInferError
+from scaleinfer.serving import openai as oai
+from scaleinfer.serving.generation import (APIError, ClientGone, ServerConfig, ServerState, error_body, sse,
+                                           throughput_log, unless_disconnected)
+from scaleinfer.serving.metrics import CONTENT_TYPE, snapshot
+from scaleinfer.serving.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+
+if TYPE_CHECKING:
+    from scaleinfer.engine.async_engine import AsyncEngine
+
+logger = logging.getLogger(__name__)
+_PROTECTED = ("/v1/", "/tokenize", "/detokenize")
+
+
+def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
+    state = ServerState(engine, config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        eng = engine.engine
+        logger.info("serving %s: dtype %s, KV cache %d tokens, threads %d, max %d running; http://%s:%d",
+                    config.served_model_name, eng.config.dtype, eng.kv_capacity_tokens, torch.get_num_threads(),
+                    eng.config.scheduler.max_num_seqs, config.host, config.port)
+        ticker = asyncio.ensure_future(throughput_log(state, config.log_interval_s))
+        try:
+            yield
+        finally:
+            ticker.cancel()
+            engine.shutdown()
+            logger.info("engine stopped")
+
+    app = FastAPI(title="scaleinfer", summary="OpenAI-compatible LLM server", lifespan=lifespan)
+    app.state.server = state
+    app.add_middleware(_Gate, state=state)
+    _add_error_handlers(app)
+    _add_routes(app, state)
+    return app
+
+
+class _Gate:
+    """Pure ASGI middleware (streams and disconnects pass through untouched): checks the API key and
+    counts responses by route and status."""
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500
+
+        async def send_counted(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            key = self.state.config.api_key
+            if key is not None and scope["path"].startswith(_PROTECTED) and not _key_ok(scope, key):
+                response = JSONResponse(error_body("missing or wrong API key; send 'Authorization: Bearer <key>'",
+                                                   code="invalid_api_key"), status_code=401)
+                return await response(scope, receive, send_counted)
+            await self.app(scope, receive, send_counted)
+        finally:
+            self.state.metrics.record_http(scope["path"], status)
+
+
+def _key_ok(scope, key: str) -> bool:
+    headers = dict(scope["headers"])
+    scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+
+
+def _error(status: int, message: str, type: str = "invalid_request_error", code: str | None = None,
+           param: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, type, code, param), status_code=status)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        ctype = request.headers.get("content-type", "")
+        if request.method == "POST" and "json" not in ctype.lower():
+            return _error(400, f"the body must be JSON sent with 'Content-Type: application/json' (got "
+                               f"{ctype or 'no Content-Type'!r})")
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        if first.get("type") == "json_invalid":
+            return _error(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', 'parse error')}")
+        loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+        return _error(400, f"invalid request: {loc or 'body'}: {first.get('msg', 'invalid')}{more}",
+                      param=loc or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return _error(exc.status_code, str(exc.detail), code=None if exc.status_code != 404 else "not_found")
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        response = _error(exc.status, exc.message, exc.type, exc.code, exc.param)
+        if exc.status == 429:
+            response.headers["Retry-After"] = "1"
+        return response
+
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, exc: RequestError):
+        return _error(400, str(exc))
+
+    @app.exception_handler(EngineDeadError)
+    async def engine_dead(request: Request, exc: EngineDeadError):
+        return _error(503, str(exc), type="service_unavailable")
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, exc: ClientGone):
+        return Response(status_code=499)  # nobody is listening; 499 shows up in /metrics
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception):
+        logger.exception("internal error on %s", request.url.path)
+        return _error(500, f"internal server error: {type(exc).__name__}", type="internal_error")
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def _add_routes(app: FastAPI, state: ServerState) -> None:
+    @app.get("/health")
+    async def health():
+        if state.engine.is_dead:
+            raise EngineDeadError("the engine loop died; restart the server")
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        if not state.engine.is_dead:
+            state.metrics.update_engine(await state.engine.call(snapshot))
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    def model_card() -> dict:
+        return {"id": state.config.served_model_name, "object": "model", "created": state.created,
+                "owned_by": "scaleinfer", "max_model_len": state.max_model_len}
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def get_model(model: str):
+        state.check_model(model)
+        return model_card()
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        state.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise RequestError("send exactly one of prompt or messages")
+        if body.messages is not None:
+            ids = state.encode_chat(oai.chat_messages(body.messages), body.add_generation_prompt, check=False)
+        else:
+            ids = state.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return {"tokens": ids, "count": len(ids), "max_model_len": state.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        state.check_model(body.model)
+        bad = next((t for t in body.tokens if not 0 <= t < state.vocab_size), None)
+        if bad is not None:
+            raise RequestError(f"token id {bad} is outside the vocabulary [0, {state.vocab_size})")
+        return {"prompt": state.tokenizer.decode(body.tokens)}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        state.check_model(body.model)
+        oai.refuse_unsupported(body)
+        state.check_admission()
+        prompts = [state.check_prompt(p) if isinstance(p, list) else state.encode_text(p)
+                   for p in oai.completion_prompts(body)]
+        head = oai.Header(_new_id("cmpl"), int(time.time()), state.config.served_model_name)
+        jobs = [(ids, state.params(body, ids), f"{head.id}-{i}") for i, ids in enumerate(prompts)]
+        num_top = body.logprobs or 0
+        if body.stream:
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return _sse(_stream_completion(state, head, jobs, body.n, num_top, usage))
+        outputs = await unless_disconnected(request, state.collect(jobs))
+        return oai.completion_body(head, outputs, num_top, state.token_text)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        state.check_model(body.model)
+        oai.refuse_unsupported(body)
+        state.check_admission()
+        ids = state.encode_chat(oai.chat_messages(body.messages), body.add_generation_prompt)
+        head = oai.Header(_new_id("chatcmpl"), int(time.time()), state.config.served_model_name)
+        job = (ids, state.params(body, ids), head.id)
+        num_top = body.top_logprobs or 0
+        if body.stream:
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return _sse(_stream_chat(state, head, job, body.n, num_top, usage))
+        (output,) = await unless_disconnected(request, state.collect([job]))
+        return oai.chat_body(head, output, num_top, state.token_text)
+
+
+def _sse(chunks) -> StreamingResponse:
+    return StreamingResponse(chunks, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _stream_completion(state: ServerState, head: oai.Header, jobs, n: int, num_top: int, usage: bool):
+    cursor = oai.StreamCursor()
+    finals = [None] * len(jobs)
+    try:
+        async with contextlib.aclosing(state.stream(jobs)) as outs:
+            async for p, out in outs:
+                finals[p] = out
+                for delta in cursor.deltas(out, p * n):
+                    choice = oai.completion_chunk_choice(delta, out, cursor, num_top, state.token_text)
+                    yield sse(oai.completion_chunk(head, [choice], usage))
+        if usage:
+            yield sse(oai.usage_chunk(head, "text_completion", finals))
+    except Exception as exc:  # noqa: BLE001 - the status line is sent; report in-band
+        yield sse(_stream_error(exc))
+    yield sse("[DONE]")
+
+
+async def _stream_chat(state: ServerState, head: oai.Header, job, n: int, num_top: int, usage: bool):
+    cursor = oai.StreamCursor()
+    final = None
+    try:
+        for i in range(n):
+            yield sse(oai.chat_chunk(head, [oai.chat_role_choice(i)], usage))
+        async with contextlib.aclosing(state.stream([job])) as outs:
+            async for _, final in outs:
+                for delta in cursor.deltas(final):
+                    choice = oai.chat_chunk_choice(delta, final, num_top, state.token_text)
+                    yield sse(oai.chat_chunk(head, [choice], usage))
+        if usage:
+            yield sse(oai.usage_chunk(head, "chat.completion.chunk", [final]))
+    except Exception as exc:  # noqa: BLE001 - the status line is sent; report in-band
+        yield sse(_stream_error(exc))
+    yield sse("[DONE]")
+
+
+def _stream_error(exc: Exception) -> dict:
+    if isinstance(exc, APIError):
+        return error_body(exc.message, exc.type, exc.code)
+    if isinstance(exc, ScaleInferError):
+        status = 503 if isinstance(exc, EngineDeadError) else 400
+        return error_body(str(exc), "invalid_request_error" if status == 400 else "service_unavailable",
+                          code=str(status))
+    logger.exception("internal error while streaming")
+    return error_body(f"internal server error: {type(exc).__name__}", "internal_error", code="500")

@@ -1,0 +1,121 @@
+"""The OpenAI request bodies the server accepts, as pydantic models; app.py feeds them to openai.py.
+
+Unknown fields are ignored, as OpenAI does. Fields we know but cannot honour (tools, logit_bias,
+echo, ...) are accepted here and refused with a clear 400 by openai.refuse_unsupported, so the
+message names the field instead of a schema error. Numeric bounds that SamplingParams checks
+again are stated here too, so the OpenAPI schema (and a fuzzer reading it) sees them.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_SEED = 2**63 - 1
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+    """Send one more chunk before [DONE] with empty choices and the request's token usage."""
+
+
+class _SamplingFields(_Body):
+    """Sampling fields shared by /v1/completions and /v1/chat/completions (OpenAI + vLLM extras)."""
+
+    model: str | None = None
+    """Served model name (see /v1/models); omitted = the one model this server runs."""
+    n: int = Field(1, ge=1)
+    temperature: float | None = Field(None, ge=0.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=-MAX_SEED - 1, le=MAX_SEED)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logit_bias: dict[str, float] | None = None
+    """Refused unless empty: we do not bias logits."""
+    # vLLM-style extras
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)
+    ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0)
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+
+class CompletionRequest(_SamplingFields):
+    """POST /v1/completions."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    """Text, a batch of texts, token ids, or a batch of token id lists."""
+    max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0)
+    """Return the top-N log-probabilities per token (N <= 20)."""
+    echo: bool = False
+    """Refused when true."""
+    suffix: str | None = None
+    """Refused unless empty."""
+    best_of: int | None = Field(None, ge=1)
+    """Accepted only when equal to n."""
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class OtherPart(BaseModel):
+    """A non-text content part (image_url, input_audio, ...): refused with 400."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+
+
+class ChatMessage(_Body):
+    role: str
+    """system, developer, user or assistant."""
+    content: str | list[TextPart | OtherPart] | None = None
+    name: str | None = None
+    tool_calls: list[Any] | None = None
+    """Refused: this server does not call tools."""
+
+
+class ChatCompletionRequest(_SamplingFields):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    """Wins over max_tokens. Neither = up to the context length."""
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0)
+    add_generation_prompt: bool = True
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+
+
+class TokenizeRequest(_Body):
+    """POST /tokenize: either prompt or messages."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(_Body):
+    """POST /detokenize."""
+
+    model: str | None = None
+    tokens: list[int]
