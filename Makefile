@@ -19,8 +19,10 @@ $(STAMP): $(PY) pyproject.toml
 	$(PY) -m scaleinfer pull smollm2-135m-instruct
 	touch $@
 
+# The tests also run on the real Qwen2.5 weights (parity with HF transformers, Chinese text).
 $(TSTAMP): $(STAMP)
 	$(PIP) install -q -e ".[test]"
+	$(PY) -m scaleinfer pull qwen2.5-coder-0.5b-instruct
 	touch $@
 
 run: $(STAMP)
