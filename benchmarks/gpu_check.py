@@ -47,7 +47,7 @@ def main() -> None:
         llm = LLM(path, device="cuda", dtype=args.dtype, kv_cache_memory="4GiB", max_num_seqs=256,
                   max_num_batched_tokens=4096)
         ids = list(range(1000, 1500))
-        ours = llm.engine.runner.compute_logits(ids)
+        ours = llm.engine.compute_logits(ids)
         with torch.inference_mode():
             ref = hf(torch.tensor([ids], device="cuda")).logits[0].float()
         result["logits_max_abs_diff"] = (ours - ref).abs().max().item()

@@ -25,7 +25,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu", help="cpu or cuda")
     g.add_argument("--max-num-seqs", type=int, default=64, help="most requests running at once")
     g.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of one step")
-    g.add_argument("--enable-prefix-caching", action="store_true", help="reuse KV blocks of shared prefixes")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse KV blocks of shared prompt prefixes (default: on)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:

@@ -46,7 +46,7 @@ class CacheConfig:
     """Tokens per KV block."""
     kv_cache_memory: int = 1 << 30
     """Bytes of memory for K and V across all layers; decides the number of blocks."""
-    enable_prefix_caching: bool = False
+    enable_prefix_caching: bool = True
     """Reuse full KV blocks of identical prompt prefixes across requests."""
 
     def __post_init__(self) -> None:

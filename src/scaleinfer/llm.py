@@ -32,7 +32,7 @@ class LLM:
         block_size: int = 16,
         max_num_batched_tokens: int = 512,
         max_num_seqs: int = 64,
-        enable_prefix_caching: bool = False,
+        enable_prefix_caching: bool = True,
         threads: int | None = None,
         seed: int = 0,
     ):

@@ -71,3 +71,15 @@ def test_seeded_sampling_independent_of_batch(reference):
     alone = llm.generate([PROMPTS[1]], params)[0].outputs[0].token_ids
     batch = llm.generate(PROMPTS, [params] * len(PROMPTS))
     assert batch[1].outputs[0].token_ids == alone
+
+
+def test_prefix_cache_hits_and_compute_logits_leaves_it_intact(reference):
+    _, alone = reference
+    llm = LLM("smollm2-135m-instruct", kv_cache_memory="128MiB", enable_prefix_caching=True, block_size=4)
+    first = llm.generate(PROMPTS[4], greedy(MAX_TOKENS[4]))[0]
+    ids = llm.tokenizer.encode(PROMPTS[4])
+    logits = llm.engine.compute_logits(ids)  # must not overwrite the cached prefix blocks
+    assert logits.shape[0] == len(ids)
+    again = llm.generate(PROMPTS[4], greedy(MAX_TOKENS[4]))[0]
+    assert first.outputs[0].token_ids == again.outputs[0].token_ids == alone[4]
+    assert llm.engine.scheduler.block_manager.prefix_cache.num_cached_blocks > 0

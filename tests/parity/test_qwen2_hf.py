@@ -16,7 +16,7 @@ PROMPTS = ["def quicksort(arr):", "红楼梦的作者是", "The meaning of life 
 
 def compare(llm, hf_model, prompts, tol):
     for ids in prompts:
-        ours = llm.engine.runner.compute_logits(ids)
+        ours = llm.engine.compute_logits(ids)
         with torch.inference_mode():
             ref = hf_model(torch.tensor([ids])).logits[0].float()
         diff = (ours - ref).abs().max().item()

@@ -50,7 +50,7 @@ def test_fp32_logits_match_hf(llm, hf_model):
     cases = [llm.tokenizer.encode(p) for p in PROMPTS] + [long_prompt(llm)]
     assert len(cases[-1]) == 500
     for ids in cases:
-        ours = llm.engine.runner.compute_logits(ids)
+        ours = llm.engine.compute_logits(ids)
         ref = hf_model(torch.tensor([ids])).logits[0].float()
         diff = (ours - ref).abs().max().item()
         assert diff < 1e-3, f"max abs logit diff {diff} for a {len(ids)}-token prompt"

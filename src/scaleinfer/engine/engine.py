@@ -221,6 +221,23 @@ class LLMEngine:
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outputs,
                              parent.finished, metrics)
 
+    def compute_logits(self, token_ids: list[int]) -> "torch.Tensor":
+        """[len, vocab] logits of every position of one sequence (parity tests, perplexity).
+
+        Blocks come from the block manager like any request's, so cached prefixes stay intact.
+        """
+        self._validate(token_ids, SamplingParams(max_tokens=1))
+        probe = Request(f"logits-{self.new_request_id()}", list(token_ids), SamplingParams(max_tokens=1))
+        bm = self.scheduler.block_manager
+        if not bm.can_allocate(probe, len(token_ids)):
+            raise RequestError(f"{len(token_ids)} tokens do not fit in the free KV cache; "
+                               f"raise --kv-cache-memory or wait for running requests")
+        bm.allocate(probe, len(token_ids))
+        try:
+            return self.runner.compute_logits(token_ids, probe.block_ids)
+        finally:
+            bm.free(probe)
+
     # ---- introspection -----------------------------------------------------------------------
     @property
     def num_free_blocks(self) -> int:

@@ -61,16 +61,19 @@ class ModelRunner:
                 out.logprobs[req.request_id] = (sampled_lp[row], dict(zip(top_ids[row][:k], top_lps[row][:k])))
         return out
 
-    def compute_logits(self, token_ids: list[int]) -> torch.Tensor:
+    def compute_logits(self, token_ids: list[int], block_ids: list[int] | None = None) -> torch.Tensor:
         """Logits of every position of one sequence, through the paged cache (evaluation helper).
 
-        Uses blocks [0, ceil(len / block_size)) of the cache: call it only when the engine is idle.
+        `block_ids` are blocks the caller allocated for it (LLMEngine.compute_logits does); without
+        them blocks [0, ceil(len / block_size)) are used, which is only safe on an idle engine with
+        prefix caching off.
         """
         from scaleinfer.attention.metadata import build_metadata
 
         n = len(token_ids)
-        num_blocks = -(-n // self.block_size)
-        meta = build_metadata([n], [n], [list(range(num_blocks))], self.block_size)
+        if block_ids is None:
+            block_ids = list(range(-(-n // self.block_size)))
+        meta = build_metadata([n], [n], [block_ids], self.block_size)
         with torch.inference_mode():
             positions = torch.arange(n, device=self.device)
             return self.model.forward(torch.tensor(token_ids, device=self.device), positions, self.kv_caches,
