@@ -94,3 +94,17 @@ def test_unsupported_architecture(tmp_path):
 def test_unreachable_hub():
     proc = run_cli("generate", "hi", "--model", "some-org/some-model")
     assert_clean_error(proc, "hub")
+
+
+def test_chat_streams_replies_from_stdin():
+    proc = run_cli("chat", "--max-tokens", "24", "--kv-cache-memory", "64MiB",
+                   stdin="What is the capital of France?\nAnd of Germany?\n")
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout and "Berlin" in proc.stdout
+    assert proc.stderr.count(" tokens in ") == 2  # one speed line per reply
+
+
+def test_models_lists_the_catalog():
+    proc = run_cli("models")
+    assert proc.returncode == 0
+    assert "smollm2-135m-instruct" in proc.stdout and "qwen2.5-coder-0.5b-instruct" in proc.stdout
