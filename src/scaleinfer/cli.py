@@ -27,6 +27,12 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of one step")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse KV blocks of shared prompt prefixes (default: on)")
+    g.add_argument("--quantization", default="none",
+                   choices=["none", "int8", "int4", "int4-g64", "int4-g128", "w8a8", "auto"],
+                   help="weight quantization after loading: int8 / int4 weight-only, w8a8 (int8 weights and "
+                        "per-token int8 activations), auto (int8 on CPU)")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
+                   help="KV cache storage: auto (model dtype) or int8 (per-token, per-head scales)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -47,7 +53,9 @@ def _make_llm(args):
     return LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                kv_cache_memory=args.kv_cache_memory, threads=args.threads, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens,
-               enable_prefix_caching=args.enable_prefix_caching)
+               enable_prefix_caching=args.enable_prefix_caching,
+               quantization=getattr(args, "quantization", "none"),
+               kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"))
 
 
 def _make_params(args):
@@ -171,6 +179,26 @@ def cmd_serve(args) -> int:
                shutdown_timeout=args.shutdown_timeout, log_interval_s=args.log_interval)
 
 
+def cmd_eval_perplexity(args) -> int:
+    import json
+
+    from scaleinfer.bench.perplexity import perplexity
+
+    with open(args.text, encoding="utf-8") as f:
+        text = f.read()
+    start = time.perf_counter()
+    llm = _make_llm(args)
+    load_s = time.perf_counter() - start
+    result = perplexity(llm, text, window=args.window, max_windows=args.max_windows)
+    record = {"model": args.model, "text": args.text, "quantization": args.quantization,
+              "kv_cache_dtype": getattr(args, "kv_cache_dtype", "auto"), "load_s": load_s, **result.to_dict()}
+    print(f"perplexity {result.perplexity:.4f} over {result.num_tokens} tokens ({result.num_windows} windows of "
+          f"{result.window}), {result.tokens_per_s:.0f} tok/s, quantization {args.quantization}")
+    if args.json:
+        print(json.dumps(record))
+    return 0
+
+
 def cmd_bench_serve(args) -> int:
     from scaleinfer.bench.serve import main as bench_serve_main
 
@@ -213,6 +241,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-interval", type=float, default=10.0, help="seconds between throughput log lines")
     p.set_defaults(fn=cmd_serve)
 
+    p = sub.add_parser("eval", help="quality evaluation (perplexity)")
+    eval_sub = p.add_subparsers(dest="eval_mode", metavar="{perplexity}", required=True)
+    p = eval_sub.add_parser("perplexity", help="perplexity of a text file, non-overlapping windows")
+    _engine_args(p)
+    p.add_argument("--text", required=True, help="UTF-8 text file, e.g. ../shared/data/shakespeare-en.txt")
+    p.add_argument("--window", type=int, default=512, help="tokens per window")
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    p.add_argument("--json", action="store_true", help="also print the result as one JSON line")
+    p.set_defaults(fn=cmd_eval_perplexity)
+
     p = sub.add_parser("models", help="list the model catalog")
     p.set_defaults(fn=cmd_models)
 
@@ -227,6 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--output-dir", default="benchmarks/results")
     p.add_argument("--quick", action="store_true", help="smaller workloads (smoke run)")
+    p.add_argument("--modes", default=None,
+                   help="comma-separated scaleinfer modes, each QUANTIZATION[:KV_DTYPE], e.g. "
+                        "none,int8,int4,w8a8,w8a8:int8 (default: --quantization)")
+    p.add_argument("--llamacpp-python", default=None,
+                   help="python of a venv with llama-cpp-python: also measure llama.cpp on the same GGUF")
     p.set_defaults(fn=cmd_bench)
     bench_sub = p.add_subparsers(dest="bench_mode", metavar="{serve}")
     from scaleinfer.bench.serve import add_arguments as add_bench_serve_arguments

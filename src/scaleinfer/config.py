@@ -10,6 +10,10 @@ from dataclasses import dataclass, field
 from scaleinfer.errors import ConfigError
 
 
+QUANTIZATION_MODES = ("none", "int8", "int4", "int4-g64", "int4-g128", "w8a8", "auto")
+"""Values of --quantization (the methods live in scaleinfer.quantization)."""
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The architecture of a decoder-only transformer, read once per family from its checkpoint."""
@@ -48,12 +52,16 @@ class CacheConfig:
     """Bytes of memory for K and V across all layers; decides the number of blocks."""
     enable_prefix_caching: bool = True
     """Reuse full KV blocks of identical prompt prefixes across requests."""
+    kv_cache_dtype: str = "auto"
+    """auto (the model's dtype) or int8 (per-token, per-head scales: ~0.27x the bytes of fp32)."""
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ConfigError(f"block_size must be a power of two, got {self.block_size}")
         if self.kv_cache_memory <= 0:
             raise ConfigError(f"--kv-cache-memory must be positive, got {self.kv_cache_memory}")
+        if self.kv_cache_dtype not in ("auto", "int8"):
+            raise ConfigError(f"--kv-cache-dtype must be auto or int8, got {self.kv_cache_dtype!r}")
 
 
 @dataclass(frozen=True)
@@ -96,6 +104,9 @@ class EngineConfig:
     threads: int | None = None
     """torch intra-op threads; None keeps torch's default (all cores)."""
     seed: int = 0
+    quantization: str = "none"
+    """Weight quantization applied after loading: none, int8, int4 (group 32; int4-g64, int4-g128),
+    w8a8 (int8 weights and per-token int8 activations) or auto (int8 on CPU)."""
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -105,6 +116,9 @@ class EngineConfig:
             raise ConfigError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.device.split(":")[0] not in ("cpu", "cuda"):
             raise ConfigError(f"--device must be cpu or cuda, got {self.device!r}")
+        if self.quantization not in QUANTIZATION_MODES:
+            raise ConfigError(f"--quantization must be one of {', '.join(QUANTIZATION_MODES)}, "
+                              f"got {self.quantization!r}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {self.threads}")
 

@@ -35,11 +35,13 @@ class LLM:
         enable_prefix_caching: bool = True,
         threads: int | None = None,
         seed: int = 0,
+        quantization: str = "none",
+        kv_cache_dtype: str = "auto",
     ):
         config = EngineConfig(
-            model=model, dtype=dtype, device=device, threads=threads, seed=seed,
+            model=model, dtype=dtype, device=device, threads=threads, seed=seed, quantization=quantization,
             cache=CacheConfig(block_size=block_size, kv_cache_memory=parse_memory(kv_cache_memory),
-                              enable_prefix_caching=enable_prefix_caching),
+                              enable_prefix_caching=enable_prefix_caching, kv_cache_dtype=kv_cache_dtype),
             scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                                       max_model_len=max_model_len),
         )

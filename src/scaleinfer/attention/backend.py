@@ -28,8 +28,9 @@ class AttentionBackend(Protocol):
 
 def get_backend(name: str) -> AttentionBackend:
     from scaleinfer.attention.sdpa import SdpaBackend
+    from scaleinfer.quantization.kv_int8 import Int8KVSdpaBackend
 
-    backends = {"sdpa": SdpaBackend}
+    backends = {"sdpa": SdpaBackend, "sdpa-int8kv": Int8KVSdpaBackend}
     if name not in backends:
         raise ConfigError(f"unknown attention backend {name!r}; choose one of {sorted(backends)}")
     return backends[name]()

@@ -19,12 +19,15 @@ def _median_of(fn, repeats: int) -> float:
 class ScaleInferAdapter:
     name = "scaleinfer"
 
-    def __init__(self, model: str, threads: int, max_num_seqs: int, kv_cache_memory: str = "2GiB"):
+    def __init__(self, model: str, threads: int, max_num_seqs: int, kv_cache_memory: str = "2GiB",
+                 quantization: str = "none", kv_cache_dtype: str = "auto"):
         from scaleinfer.llm import LLM
 
         start = time.perf_counter()
         self.llm = LLM(model, threads=threads, max_num_seqs=max_num_seqs, max_num_batched_tokens=512,
-                       kv_cache_memory=kv_cache_memory, max_model_len=2048)
+                       kv_cache_memory=kv_cache_memory, max_model_len=2048, quantization=quantization,
+                       kv_cache_dtype=kv_cache_dtype, enable_prefix_caching=False)  # repeats must recompute
+        self.mode = quantization + ("" if kv_cache_dtype == "auto" else f"+kv-{kv_cache_dtype}")
         self.load_s = time.perf_counter() - start
         self.vocab_size = self.llm.engine.model_config.vocab_size
 
@@ -66,6 +69,7 @@ class ScaleInferAdapter:
 
 class HFAdapter:
     name = "hf-transformers"
+    mode = "fp32"
 
     def __init__(self, gguf_path: str, threads: int, concurrency: int):
         import os

@@ -80,7 +80,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.model_config, config.cache, num_blocks, dtype, config.device)
         self.num_kv_blocks = num_blocks
         self.kv_capacity_tokens = num_blocks * config.cache.block_size
-        self.kv_bytes_per_token = bytes_per_token(self.model_config, dtype)
+        self.kv_bytes_per_token = bytes_per_token(self.model_config, dtype, config.cache.kv_cache_dtype)
         self.stats = EngineStats()
         self._parents: dict[str, _Parent] = {}
         self._parent_of: dict[str, str] = {}

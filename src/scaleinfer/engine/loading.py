@@ -21,6 +21,8 @@ def build_model(ckpt: Checkpoint, config: EngineConfig, attention_backend: str =
     dtype = DTYPES[config.dtype]
     cls = get_model_class(ckpt.config.architecture)
     start = time.perf_counter()
+    if config.cache.kv_cache_dtype == "int8":
+        attention_backend = "sdpa-int8kv"
     model = cls(ckpt.config, get_backend(attention_backend), dtype)
     loaded = model.load_weights(ckpt.tensors())
     missing = _missing_params(model, loaded)
@@ -31,6 +33,10 @@ def build_model(ckpt: Checkpoint, config: EngineConfig, attention_backend: str =
     for module in model.modules():
         if isinstance(module, Linear):
             module.quant_method.process_weights_after_loading(module)
+    if config.quantization != "none":
+        from scaleinfer.quantization import apply_quantization
+
+        apply_quantization(model, config.quantization, device=config.device)
     model.to(config.device).eval()
     logger.debug("weights loaded in %.2f s", time.perf_counter() - start)
     return model

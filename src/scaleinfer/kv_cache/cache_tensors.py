@@ -12,14 +12,18 @@ from scaleinfer.config import CacheConfig, ModelConfig
 from scaleinfer.errors import ConfigError
 
 
-def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
     """K + V bytes of one token over all layers."""
+    if kv_cache_dtype == "int8":
+        from scaleinfer.quantization.kv_int8 import bytes_per_token as int8_bytes_per_token
+
+        return int8_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
     itemsize = torch.empty((), dtype=dtype).element_size()
     return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize
 
 
 def num_blocks_for_budget(cfg: ModelConfig, cache: CacheConfig, dtype: torch.dtype) -> int:
-    per_block = bytes_per_token(cfg, dtype) * cache.block_size
+    per_block = bytes_per_token(cfg, dtype, cache.kv_cache_dtype) * cache.block_size
     num_blocks = cache.kv_cache_memory // per_block
     if num_blocks < 1:
         raise ConfigError(
@@ -30,7 +34,14 @@ def num_blocks_for_budget(cfg: ModelConfig, cache: CacheConfig, dtype: torch.dty
 
 
 def allocate_kv_caches(cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                       device: str | torch.device = "cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
+                       device: str | torch.device = "cpu", kv_cache_dtype: str = "auto"
+                       ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer (K, V): tensors of `dtype`, or quantization.kv_int8.Int8KV pairs for kv_cache_dtype int8."""
     shape = (num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
+    if kv_cache_dtype == "int8":
+        from scaleinfer.quantization.kv_int8 import Int8KV
+
+        return [(Int8KV.empty(*shape, device=device), Int8KV.empty(*shape, device=device))
+                for _ in range(cfg.num_layers)]
     return [(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
             for _ in range(cfg.num_layers)]

@@ -30,7 +30,8 @@ class ModelRunner:
             torch.backends.cuda.enable_cudnn_sdp(False)
         self.model_config = model_config
         self.block_size = cache_config.block_size
-        self.kv_caches = allocate_kv_caches(model_config, num_blocks, self.block_size, dtype, device)
+        self.kv_caches = allocate_kv_caches(model_config, num_blocks, self.block_size, dtype, device,
+                                            cache_config.kv_cache_dtype)
         self.sampler = Sampler()
         self.eos_token_ids = model_config.eos_token_ids
 

@@ -1,0 +1,71 @@
+"""llama.cpp (llama-cpp-python) side of `scaleinfer bench`: runs the same workloads on the same GGUF.
+
+Executed by llama-cpp-python's own interpreter (a separate venv: `scaleinfer bench --llamacpp-python
+PATH`), so this file imports nothing from scaleinfer or torch. It reads one JSON object from stdin
+(gguf, threads, prefill_ids, decode_ids, decode_tokens, mixed: [[prompt_ids, output_len], ...], repeats)
+and prints one JSON result line. Decoding is greedy on the returned logits; every output runs to its
+set length (no EOS stop), like the other engines. llama-cpp-python runs one sequence at a time, so the
+mixed load is served request after request.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+import time
+
+
+def main() -> None:
+    import numpy as np
+    from llama_cpp import Llama
+
+    job = json.loads(sys.stdin.read())
+    start = time.perf_counter()
+    llm = Llama(job["gguf"], n_ctx=2048, n_threads=job["threads"], n_threads_batch=job["threads"], n_batch=512,
+                verbose=False)
+    load_s = time.perf_counter() - start
+    load_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with open("/proc/self/statm") as f:
+        rss_after_load_mb = int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+    def next_token() -> int:
+        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+
+    def generate(prompt: list[int], n: int) -> tuple[float, float]:
+        """Seconds for the prompt (plus first token) and for the n - 1 following tokens."""
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        tok = next_token()
+        t1 = time.perf_counter()
+        for _ in range(n - 1):
+            llm.eval([tok])
+            tok = next_token()
+        return t1 - t0, time.perf_counter() - t1
+
+    prefill_ids, repeats = job["prefill_ids"], job["repeats"]
+    generate(prefill_ids, 1)
+    prefill_s = statistics.median(generate(prefill_ids, 1)[0] for _ in range(repeats))
+    n = job["decode_tokens"]
+    generate(job["decode_ids"], n)
+    decode_s = statistics.median(generate(job["decode_ids"], n)[1] for _ in range(max(1, repeats - 1)))
+    start = time.perf_counter()
+    out_tokens = 0
+    for prompt, out_len in job["mixed"]:
+        generate(prompt, out_len)
+        out_tokens += out_len
+    mixed_s = time.perf_counter() - start
+    print(json.dumps({
+        "engine": "llama.cpp", "mode": "gguf", "load_s": load_s, "load_peak_rss_mb": load_rss_mb,
+        "rss_after_load_mb": rss_after_load_mb,
+        "prefill_tok_s": len(prefill_ids) / prefill_s, "decode_tok_s": (n - 1) / decode_s,
+        "mixed_tok_s": out_tokens / mixed_s,
+        "mixed": {"seconds": mixed_s, "output_tokens": out_tokens, "max_batch_size": 1},
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "llama_cpp_python": __import__("llama_cpp").__version__,
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Quantization methods for Linear layers, applied from outside the model: the table and `apply_quantization`.
+
+Every method implements the LinearMethod protocol of layers/linear.py: `process_weights_after_loading`
+turns the layer's dense fp32 weight into the method's packed buffers (and drops the dense weight),
+`apply(layer, x)` computes y = x W^T + b from them. Each method also has `dequantize(layer)`, the
+reference its fast path is tested against.
+
+    mode     linears                                    lm_head
+    none     dense fp32                                 dense fp32
+    int8     int8 per output channel, weight-only       int8
+    int4     int4 group-wise asymmetric (group 32)      int8  (llama.cpp keeps the output layer at 8 bits too)
+    w8a8     int8 weights x per-token int8 activations  int8 weight-only (logits are computed for few rows)
+    auto     int8 on CPU (fastest mode within +1% perplexity, see README), none elsewhere
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from scaleinfer.config import QUANTIZATION_MODES
+from scaleinfer.errors import ConfigError
+from scaleinfer.layers.linear import Linear
+
+logger = logging.getLogger(__name__)
+
+
+class QuantMethod(Protocol):
+    name: str
+
+    def process_weights_after_loading(self, layer: Linear) -> None: ...
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor: ...
+
+    def dequantize(self, layer: Linear) -> torch.Tensor: ...  # [out, in] float32, the reference weight
+
+
+def _table() -> dict[str, tuple[Callable[[], QuantMethod] | None, Callable[[], QuantMethod] | None]]:
+    """mode -> (factory for the decoder's linears, factory for the LM head); None keeps the layer dense."""
+    from scaleinfer.quantization.int4 import Int4WeightOnly
+    from scaleinfer.quantization.int8 import Int8WeightOnly, W8A8
+
+    return {
+        "none": (None, None),
+        "int8": (Int8WeightOnly, Int8WeightOnly),
+        "int4": (Int4WeightOnly, Int8WeightOnly),
+        "int4-g64": (lambda: Int4WeightOnly(group_size=64), Int8WeightOnly),
+        "int4-g128": (lambda: Int4WeightOnly(group_size=128), Int8WeightOnly),
+        "w8a8": (W8A8, Int8WeightOnly),
+    }
+
+
+
+
+def resolve_mode(name: str, device: str = "cpu") -> str:
+    if name not in QUANTIZATION_MODES:
+        raise ConfigError(f"unknown quantization {name!r}; choose one of {', '.join(QUANTIZATION_MODES)}")
+    if name == "auto":
+        return "int8" if device == "cpu" else "none"
+    return name
+
+
+def apply_quantization(model: nn.Module, name: str, *, skip_lm_head: bool = False, device: str = "cpu") -> str:
+    """Swap `quant_method` on every Linear of `model` (loaded, dense) and quantize it; returns the mode used.
+
+    The LM head is found as the module named `lm_head`; `skip_lm_head` keeps it dense.
+    """
+    mode = resolve_mode(name, device)
+    linear_factory, head_factory = _table()[mode]
+    count = 0
+    for module_name, module in model.named_modules():
+        if not isinstance(module, Linear):
+            continue
+        is_head = module_name.rpartition(".")[2] == "lm_head"
+        factory = head_factory if is_head else linear_factory
+        if factory is None or (is_head and skip_lm_head):
+            continue
+        method = factory()
+        method.process_weights_after_loading(module)
+        module.quant_method = method
+        count += 1
+    logger.debug("quantization %s applied to %d linear layers", mode, count)
+    return mode
+
+
+def drop_dense_weight(layer: Linear) -> None:
+    """Free the fp32 weight once packed (a tied LM head only lets go of its reference)."""
+    layer.weight = None  # type: ignore[assignment]
+
+
+def dense_weight(layer: Linear) -> torch.Tensor:
+    """The layer's fp32 weight [out, in] as a float32 tensor (any memory layout)."""
+    if layer.weight is None:
+        raise ConfigError("this layer is already quantized; quantize a freshly loaded model")
+    return layer.weight.detach().float()

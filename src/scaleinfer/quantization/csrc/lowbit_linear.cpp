@@ -1,0 +1,320 @@
+// Low-bit weight-only linear kernels for CPU: y[M, N] = x[M, K] W^T with W stored as
+//   int8: q[N, K] int8, one fp32 scale per output row           (w = q * scale[n])
+//   int4: q[N, K/2] uint8, fp32 scale and min per group of G     (w = q * scale[n, g] + min[n, g])
+// int4 layout, per chunk of 32 elements of a row: 16 bytes, byte i = q[i] | q[i + 16] << 4
+// (the GGUF Q4_0 / Q4_1 block layout, so those blocks convert without re-quantizing).
+//
+// Activations stay fp32: the weights are widened to fp32 in registers and multiplied with FMA, so
+// the result equals x @ dequantize(W)^T up to summation order. One fused pass per output row at
+// M = 1 (batch-1 decode reads each weight byte once); for M > 1 rows are dequantized into a small
+// fp32 buffer and reused across the M inputs. Code paths: AVX-512, AVX2+FMA, scalar; chosen at run
+// time from the CPU's features (`isa()` says which).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+enum class Isa { scalar = 0, avx2 = 1, avx512 = 2 };
+
+Isa detect_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return Isa::avx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::avx2;
+  return Isa::scalar;
+}
+
+Isa g_isa = detect_isa();
+
+// ---------------- dequantize one row into fp32 (all ISAs; the compiler vectorizes) ------------
+inline void dequant_row_int8(const int8_t* q, float scale, int64_t K, float* out) {
+  for (int64_t k = 0; k < K; ++k) out[k] = static_cast<float>(q[k]) * scale;
+}
+
+inline void dequant_row_int4(const uint8_t* q, const float* scale, const float* mn, int64_t K, int64_t G,
+                             float* out) {
+  for (int64_t c = 0; c < K / 32; ++c) {
+    const uint8_t* b = q + c * 16;
+    const int64_t g = (c * 32) / G;
+    const float s = scale[g], m = mn[g];
+    float* o = out + c * 32;
+    for (int i = 0; i < 16; ++i) {
+      o[i] = static_cast<float>(b[i] & 0xF) * s + m;
+      o[i + 16] = static_cast<float>(b[i] >> 4) * s + m;
+    }
+  }
+}
+
+// ---------------- dot products ----------------------------------------------------------------
+__attribute__((target("avx512f,avx512bw"))) float dot_avx512(const float* a, const float* b, int64_t K) {
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_loadu_ps(b + k), acc0);
+    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k + 16), _mm512_loadu_ps(b + k + 16), acc1);
+  }
+  float s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+  for (; k < K; ++k) s += a[k] * b[k];
+  return s;
+}
+
+__attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+__attribute__((target("avx2,fma"))) float dot_avx2(const float* a, const float* b, int64_t K) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(b + k + 8), acc1);
+  }
+  float s = hsum256(_mm256_add_ps(acc0, acc1));
+  for (; k < K; ++k) s += a[k] * b[k];
+  return s;
+}
+
+inline float dot(const float* a, const float* b, int64_t K) {
+  if (g_isa == Isa::avx512) return dot_avx512(a, b, K);
+  if (g_isa == Isa::avx2) return dot_avx2(a, b, K);
+  float s = 0.f;
+  for (int64_t k = 0; k < K; ++k) s += a[k] * b[k];
+  return s;
+}
+
+// ---------------- fused M = 1 row kernels -----------------------------------------------------
+__attribute__((target("avx512f,avx512bw"))) float row_int8_avx512(const int8_t* q, const float* x, int64_t K) {
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m512i v = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + k)));
+    __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(v)));
+    __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(v, 1)));
+    acc0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + k), acc0);
+    acc1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + k + 16), acc1);
+  }
+  float s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+  for (; k < K; ++k) s += static_cast<float>(q[k]) * x[k];
+  return s;
+}
+
+__attribute__((target("avx2,fma"))) float row_int8_avx2(const int8_t* q, const float* x, int64_t K) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k));
+    __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+    __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
+    acc0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + k), acc0);
+    acc1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + k + 8), acc1);
+  }
+  float s = hsum256(_mm256_add_ps(acc0, acc1));
+  for (; k < K; ++k) s += static_cast<float>(q[k]) * x[k];
+  return s;
+}
+
+// sum over groups of scale[g] * (q_g . x_g), without the min term (added by the caller)
+__attribute__((target("avx512f,avx512bw"))) float row_int4_avx512(const uint8_t* q, const float* scale,
+                                                                  const float* x, int64_t K, int64_t G) {
+  const __m512i mask = _mm512_set1_epi32(0xF);
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t g0 = 0; g0 < K; g0 += G) {
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    for (int64_t k = g0; k < g0 + G; k += 32) {
+      __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k / 2)));
+      __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, mask));
+      __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+      acc0 = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x + k), acc0);
+      acc1 = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + k + 16), acc1);
+    }
+    total = _mm512_fmadd_ps(_mm512_add_ps(acc0, acc1), _mm512_set1_ps(scale[g0 / G]), total);
+  }
+  return _mm512_reduce_add_ps(total);
+}
+
+__attribute__((target("avx2,fma"))) float row_int4_avx2(const uint8_t* q, const float* scale, const float* x,
+                                                        int64_t K, int64_t G) {
+  const __m256i mask = _mm256_set1_epi32(0xF);
+  __m256 total = _mm256_setzero_ps();
+  for (int64_t g0 = 0; g0 < K; g0 += G) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (int64_t k = g0; k < g0 + G; k += 32) {
+      __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k / 2));
+      __m256i v0 = _mm256_cvtepu8_epi32(b);                    // bytes 0..7
+      __m256i v1 = _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8));  // bytes 8..15
+      acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v0, mask)), _mm256_loadu_ps(x + k), acc0);
+      acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v1, mask)), _mm256_loadu_ps(x + k + 8), acc1);
+      acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4)), _mm256_loadu_ps(x + k + 16), acc0);
+      acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4)), _mm256_loadu_ps(x + k + 24), acc1);
+    }
+    total = _mm256_fmadd_ps(_mm256_add_ps(acc0, acc1), _mm256_set1_ps(scale[g0 / G]), total);
+  }
+  return hsum256(total);
+}
+
+float row_int4_scalar(const uint8_t* q, const float* scale, const float* x, int64_t K, int64_t G) {
+  float total = 0.f;
+  for (int64_t g0 = 0; g0 < K; g0 += G) {
+    float acc = 0.f;
+    for (int64_t k = g0; k < g0 + G; k += 32) {
+      const uint8_t* b = q + k / 2;
+      for (int i = 0; i < 16; ++i) acc += (b[i] & 0xF) * x[k + i] + (b[i] >> 4) * x[k + 16 + i];
+    }
+    total += acc * scale[g0 / G];
+  }
+  return total;
+}
+
+// Per-group sums of every input row: the min term is sum_g min[n, g] * xsum[m, g].
+std::vector<float> group_sums(const float* x, int64_t M, int64_t K, int64_t G) {
+  const int64_t num_groups = K / G;
+  std::vector<float> sums(M * num_groups);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < num_groups; ++g) {
+      float s = 0.f;
+      for (int64_t k = 0; k < G; ++k) s += x[m * K + g * G + k];
+      sums[m * num_groups + g] = s;
+    }
+  return sums;
+}
+
+void check_x(const torch::Tensor& x, int64_t K) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
+              "x must be a contiguous float32 [M, K] tensor");
+  TORCH_CHECK(x.size(1) == K, "x has ", x.size(1), " features, the weight expects ", K);
+}
+
+constexpr int64_t kGrain = 16;  // output rows per parallel task (at least)
+
+}  // namespace
+
+torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale) {
+  TORCH_CHECK(q.scalar_type() == torch::kInt8 && q.dim() == 2 && q.is_contiguous(), "q must be int8 [N, K]");
+  const int64_t N = q.size(0), K = q.size(1), M = x.size(0);
+  check_x(x, K);
+  TORCH_CHECK(scale.numel() == N && scale.scalar_type() == torch::kFloat32, "scale must be float32 [N]");
+  auto y = torch::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
+    if (M == 1) {
+      for (int64_t n = n0; n < n1; ++n) {
+        float s;
+        if (g_isa == Isa::avx512) s = row_int8_avx512(qp + n * K, xp, K);
+        else if (g_isa == Isa::avx2) s = row_int8_avx2(qp + n * K, xp, K);
+        else { s = 0.f; for (int64_t k = 0; k < K; ++k) s += qp[n * K + k] * xp[k]; }
+        yp[n] = s * sp[n];
+      }
+      return;
+    }
+    std::vector<float> w(K);
+    for (int64_t n = n0; n < n1; ++n) {
+      dequant_row_int8(qp + n * K, sp[n], K, w.data());
+      for (int64_t m = 0; m < M; ++m) yp[m * N + n] = dot(w.data(), xp + m * K, K);
+    }
+  });
+  return y;
+}
+
+torch::Tensor int4_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor mn,
+                          int64_t group_size) {
+  TORCH_CHECK(q.scalar_type() == torch::kUInt8 && q.dim() == 2 && q.is_contiguous(), "q must be uint8 [N, K/2]");
+  const int64_t N = q.size(0), K = q.size(1) * 2, M = x.size(0), G = group_size;
+  check_x(x, K);
+  TORCH_CHECK(G % 32 == 0 && K % G == 0, "group size ", G, " must be a multiple of 32 dividing K=", K);
+  TORCH_CHECK(scale.is_contiguous() && mn.is_contiguous() && scale.numel() == N * (K / G) &&
+              mn.numel() == N * (K / G), "scale and min must be contiguous float32 [N, K / group]");
+  const int64_t num_groups = K / G;
+  auto y = torch::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const float* sp = scale.data_ptr<float>();
+  const float* mp = mn.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  std::vector<float> xsum = M == 1 ? group_sums(xp, M, K, G) : std::vector<float>();
+  at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
+    if (M == 1) {
+      for (int64_t n = n0; n < n1; ++n) {
+        const uint8_t* qr = qp + n * (K / 2);
+        const float* sr = sp + n * num_groups;
+        float s;
+        if (g_isa == Isa::avx512) s = row_int4_avx512(qr, sr, xp, K, G);
+        else if (g_isa == Isa::avx2) s = row_int4_avx2(qr, sr, xp, K, G);
+        else s = row_int4_scalar(qr, sr, xp, K, G);
+        const float* mr = mp + n * num_groups;
+        for (int64_t g = 0; g < num_groups; ++g) s += mr[g] * xsum[g];
+        yp[n] = s;
+      }
+      return;
+    }
+    std::vector<float> w(K);
+    for (int64_t n = n0; n < n1; ++n) {
+      dequant_row_int4(qp + n * (K / 2), sp + n * num_groups, mp + n * num_groups, K, G, w.data());
+      for (int64_t m = 0; m < M; ++m) yp[m * N + n] = dot(w.data(), xp + m * K, K);
+    }
+  });
+  return y;
+}
+
+// Dequantize into `out` [N, K] float32 (a reused buffer: prefill-sized inputs go through BLAS on it).
+void int4_dequantize_out(torch::Tensor q, torch::Tensor scale, torch::Tensor mn, int64_t group_size,
+                         torch::Tensor out) {
+  const int64_t N = q.size(0), K = q.size(1) * 2, G = group_size, num_groups = K / G;
+  TORCH_CHECK(q.is_contiguous() && scale.is_contiguous() && mn.is_contiguous(), "inputs must be contiguous");
+  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == torch::kFloat32 && out.numel() == N * K,
+              "out must be a contiguous float32 [N, K] tensor");
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const float* sp = scale.data_ptr<float>();
+  const float* mp = mn.data_ptr<float>();
+  float* wp = out.data_ptr<float>();
+  at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      dequant_row_int4(qp + n * (K / 2), sp + n * num_groups, mp + n * num_groups, K, G, wp + n * K);
+  });
+}
+
+void int8_dequantize_out(torch::Tensor q, torch::Tensor scale, torch::Tensor out) {
+  const int64_t N = q.size(0), K = q.size(1);
+  TORCH_CHECK(q.is_contiguous() && out.is_contiguous() && out.scalar_type() == torch::kFloat32 &&
+              out.numel() == N * K, "q must be contiguous and out a contiguous float32 [N, K] tensor");
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  float* wp = out.data_ptr<float>();
+  at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) dequant_row_int8(qp + n * K, sp[n], K, wp + n * K);
+  });
+}
+
+std::string isa() {
+  switch (g_isa) {
+    case Isa::avx512: return "avx512";
+    case Isa::avx2: return "avx2";
+    default: return "scalar";
+  }
+}
+
+// Force a code path (tests run every path the CPU supports); returns the previous one.
+std::string set_isa(const std::string& name) {
+  std::string prev = isa();
+  Isa best = detect_isa();
+  Isa want = name == "avx512" ? Isa::avx512 : name == "avx2" ? Isa::avx2 : Isa::scalar;
+  TORCH_CHECK(static_cast<int>(want) <= static_cast<int>(best), "this CPU does not support ", name);
+  g_isa = want;
+  return prev;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("int8_linear", &int8_linear, "y = x (q * scale)^T, int8 weight per output channel");
+  m.def("int4_linear", &int4_linear, "y = x (q * scale + min)^T, group-wise int4 weight");
+  m.def("int4_dequantize_out", &int4_dequantize_out, "group-wise int4 weight -> float32 [N, K] in out");
+  m.def("int8_dequantize_out", &int8_dequantize_out, "per-channel int8 weight -> float32 [N, K] in out");
+  m.def("isa", &isa, "the code path in use: avx512, avx2 or scalar");
+  m.def("set_isa", &set_isa, "force a code path (for tests)");
+}

@@ -1,0 +1,107 @@
+"""int4 weights, group-wise asymmetric (`int4`, group 32 by default; 64 and 128 also offered).
+
+Each group of G consecutive input weights of an output row gets an fp32 scale and min:
+w ~= q * scale + min with q in [0, 15] (min/max of the group map to 0/15). Packing, per chunk of 32
+elements: 16 bytes, byte i = q[i] | q[i + 16] << 4. That is the GGUF Q4_0 / Q4_1 block layout:
+Q4_1 (d, m) is exactly scale = d, min = m at G = 32, and re-quantizing a Q4_1-dequantized weight
+recovers the same q (tested), so a Q4_1 GGUF loses nothing more here.
+
+Decode-sized inputs run in our kernel (kernels.py, reads the packed bytes directly); prefill-sized
+inputs dequantize slices of rows to fp32 and use BLAS (dense_chunks.py; compute-bound there anyway). torch's own
+`_weight_int4pack_mm_for_cpu` measured 0.6 GB/s on this machine, far too slow to use.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from scaleinfer.layers.linear import Linear
+from scaleinfer.quantization.base import dense_weight, drop_dense_weight
+from scaleinfer.quantization.dense_chunks import sliced_linear
+from scaleinfer.quantization.kernels import lowbit_ops
+
+logger = logging.getLogger(__name__)
+
+KERNEL_MAX_ROWS = 4
+"""Inputs with at most this many rows use the int4 GEMV kernel; larger ones dequantize slices + BLAS
+(measured on SmolLM2 shapes, 2 threads: the kernel beats fp32 BLAS up to M ~ 4)."""
+
+
+def quantize_groupwise(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [N, K] -> packed q [N, K / 2] uint8, scale [N, K / G], min [N, K / G] (float32)."""
+    n, k = w.shape
+    groups = w.reshape(n, k // group_size, group_size)       # [N, K / G, G]
+    lo = groups.amin(dim=-1)
+    hi = groups.amax(dim=-1)
+    scale = (hi - lo) / 15.0
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round((groups - lo[..., None]) / safe[..., None]).clamp(0, 15).to(torch.uint8)
+    return pack_int4(q.reshape(n, k)), scale.contiguous(), lo.contiguous()
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """q [N, K] in [0, 15] -> [N, K / 2] uint8; per 32-chunk byte i = q[i] | q[i + 16] << 4."""
+    n, k = q.shape
+    chunks = q.reshape(n, k // 32, 2, 16)                    # [N, chunks, low/high half, 16]
+    return (chunks[:, :, 0] | (chunks[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_int4: [N, K / 2] uint8 -> [N, K] uint8."""
+    n, half = packed.shape
+    b = packed.reshape(n, half // 16, 1, 16)
+    return torch.cat([b & 0xF, b >> 4], dim=2).reshape(n, half * 2)
+
+
+def dequantize_groupwise(packed: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
+    q = unpack_int4(packed).float()
+    n, k = q.shape
+    g = scale.shape[1]
+    return (q.view(n, g, k // g) * scale[..., None] + mn[..., None]).view(n, k)
+
+
+class Int4WeightOnly:
+    name = "int4"
+
+    def __init__(self, group_size: int = 32):
+        if group_size % 32:
+            raise ValueError(f"int4 group size must be a multiple of 32, got {group_size}")
+        self.group_size = group_size
+
+    def process_weights_after_loading(self, layer: Linear) -> None:
+        w = dense_weight(layer)
+        if w.shape[1] % 32:
+            raise ValueError(f"in_features {w.shape[1]} is not a multiple of 32, which int4 packing needs")
+        if w.shape[1] % self.group_size:  # e.g. SmolLM2's 576 inputs at group 128: the largest group that fits
+            fitting = max(g for g in range(32, self.group_size, 32) if w.shape[1] % g == 0 and self.group_size % g == 0)
+            logger.debug("in_features %d: int4 group %d -> %d", w.shape[1], self.group_size, fitting)
+            self.group_size = fitting
+        q, scale, mn = quantize_groupwise(w, self.group_size)
+        drop_dense_weight(layer)
+        layer.register_buffer("qweight", q)            # [out, in / 2] uint8
+        layer.register_buffer("weight_scale", scale)   # [out, in / G] float32
+        layer.register_buffer("weight_min", mn)        # [out, in / G] float32
+
+    def dequantize(self, layer: Linear) -> torch.Tensor:
+        return dequantize_groupwise(layer.qweight, layer.weight_scale, layer.weight_min)
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])                # [M, in]
+        ops = lowbit_ops() if x.device.type == "cpu" else None
+        if ops is not None and x2.dtype == torch.float32:
+            if x2.shape[0] <= KERNEL_MAX_ROWS:
+                y = ops.int4_linear(x2.contiguous(), layer.qweight, layer.weight_scale, layer.weight_min,
+                                    self.group_size)
+                if layer.bias is not None:
+                    y += layer.bias
+            else:
+                q, scale, mn, g = layer.qweight, layer.weight_scale, layer.weight_min, self.group_size
+                def rows(n0: int, n1: int, out: torch.Tensor) -> None:
+                    ops.int4_dequantize_out(q[n0:n1], scale[n0:n1], mn[n0:n1], g, out)
+
+                y = sliced_linear(x2, q.shape[0], layer.bias, rows)
+        else:
+            y = F.linear(x2, self.dequantize(layer).to(x.dtype), layer.bias)
+        return y.view(*x.shape[:-1], y.shape[-1])

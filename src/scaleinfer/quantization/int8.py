@@ -1,0 +1,91 @@
+"""int8 weights, one scale per output channel: weight-only (`int8`) and with int8 activations (`w8a8`).
+
+Weight-only keeps activations in fp32: y = x (q * scale)^T. Decode-sized inputs (few rows) run in our
+kernel (kernels.py), which widens the int8 weights to fp32 in registers, so the result equals the
+dequantized reference up to summation order; prefill-sized inputs dequantize slices of rows and use
+BLAS (dense_chunks.py).
+
+W8A8 also quantizes activations, per token (one scale per row of x), and multiplies int8 x int8 ->
+int32 with torch._int_mm (oneDNN; VNNI where the CPU has it), ~8x the fp32 matmul rate here at
+M = 512. fbgemm's `quantized::linear_dynamic` is as fast but quantizes activations per tensor (one
+scale for the whole batch: an outlier token costs every other token precision), so we do not use it.
+Inputs with fewer than W8A8_MIN_ROWS rows (batch-1 decode) take the weight-only kernel: at M = 1 the
+cost is reading the weights, and the weight-only path is both faster and more exact there.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from scaleinfer.layers.linear import Linear
+from scaleinfer.quantization.base import dense_weight, drop_dense_weight
+from scaleinfer.quantization.dense_chunks import sliced_linear
+from scaleinfer.quantization.kernels import lowbit_ops
+
+KERNEL_MAX_ROWS = 16
+"""Inputs with at most this many rows use the int8 GEMV kernel; larger ones dequantize slices + BLAS
+(measured on SmolLM2 shapes, 2 threads: the kernel beats fp32 BLAS up to M ~ 8-16)."""
+W8A8_MIN_ROWS = 16
+"""Fewer rows than this: W8A8 uses the weight-only kernel (torch._int_mm is slow for tiny M on CPU)."""
+
+
+def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output row: q in [-127, 127], w ~= q * scale[:, None]."""
+    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+    return q, scale.float().contiguous()
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row of x [M, K]: returns q [M, K] int8 and scale [M, 1]."""
+    scale = (x.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-12)
+    q = torch.round(x / scale).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+class Int8WeightOnly:
+    name = "int8"
+
+    def process_weights_after_loading(self, layer: Linear) -> None:
+        q, scale = quantize_per_channel(dense_weight(layer))
+        drop_dense_weight(layer)
+        layer.register_buffer("qweight", q)              # [out, in] int8
+        layer.register_buffer("weight_scale", scale)     # [out] float32
+
+    def dequantize(self, layer: Linear) -> torch.Tensor:
+        return layer.qweight.float() * layer.weight_scale[:, None]
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])                  # [M, in]
+        ops = lowbit_ops() if x.device.type == "cpu" else None
+        if ops is not None and x2.shape[0] <= KERNEL_MAX_ROWS and x2.dtype == torch.float32:
+            y = ops.int8_linear(x2.contiguous(), layer.qweight, layer.weight_scale)
+            if layer.bias is not None:
+                y += layer.bias
+        elif ops is not None and x2.dtype == torch.float32:
+            q, scale = layer.qweight, layer.weight_scale
+            y = sliced_linear(x2, q.shape[0], layer.bias,
+                              lambda n0, n1, out: ops.int8_dequantize_out(q[n0:n1], scale[n0:n1], out))
+        else:
+            y = F.linear(x2, self.dequantize(layer).to(x.dtype), layer.bias)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+
+class W8A8(Int8WeightOnly):
+    name = "w8a8"
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.shape[0] < W8A8_MIN_ROWS or x.device.type != "cpu" or x2.dtype != torch.float32:
+            return super().apply(layer, x)
+        xq, x_scale = quantize_per_token(x2)
+        acc = torch._int_mm(xq, layer.qweight.t())     # [M, out] int32; weight read column-major
+        y = acc.float().mul_(x_scale).mul_(layer.weight_scale)
+        if layer.bias is not None:
+            y += layer.bias
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    def reference(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        """What apply computes for large M, in plain fp32: quantized activations times dequantized weights."""
+        xq, x_scale = quantize_per_token(x.reshape(-1, x.shape[-1]))
+        return F.linear(xq.float() * x_scale, self.dequantize(layer), layer.bias)
