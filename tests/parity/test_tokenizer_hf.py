@@ -9,6 +9,7 @@ transformers = pytest.importorskip("transformers")
 
 from scaleinfer.tokenizer import Tokenizer  # noqa: E402
 from scaleinfer.weights import gguf  # noqa: E402
+from scaleinfer.weights.gguf_file import GGUFFile  # noqa: E402
 
 TEXTS = [
     "Hello, world! How are you doing today?",
@@ -21,6 +22,9 @@ TEXTS = [
     "   leading spaces and trailing   ",
     "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
     "mixed English 和中文 and émigré café naïve résumé",
+    "if (x != 0) {\r\n\treturn x;\r\n}  \n\n\n    \t  ",
+    "Ünïcödé: ÀÉÎÕÜ ßðþ Ωμέγα Привет мир مرحبا שלום नमस्ते",
+    "don't won't I'll you've she'd WE'RE IT'S",
 ]
 NUMBERS = ["Pi is 3.14159 and 2024 was a year; 1,000,000 items cost $42.50."]
 
@@ -31,7 +35,7 @@ def hf_tokenizer(path: str):
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_gguf_path):
-    ours = Tokenizer.from_gguf_fields(gguf.tokenizer_fields(gguf.open_reader(smollm2_gguf_path)))
+    ours = Tokenizer.from_gguf_fields(gguf.tokenizer_fields(GGUFFile.open(smollm2_gguf_path)))
     return ours, hf_tokenizer(smollm2_gguf_path)
 
 
@@ -71,6 +75,13 @@ def test_smollm2_end_of_turn_is_a_stop_token(smollm2):
     assert ours.encode("<|im_end|>", add_special_tokens=False)[0] in ours.eos_token_ids
 
 
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is 2+2?"}],
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi"},
+     {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "你好吗？"}],
+]
+
+
 @pytest.fixture(scope="module")
 def qwen25():
     from scaleinfer import catalog
@@ -78,7 +89,7 @@ def qwen25():
     if not catalog.CATALOG["qwen2.5-coder-0.5b-instruct"].installed:
         pytest.skip("qwen2.5-coder-0.5b-instruct is not installed (scaleinfer pull qwen2.5-coder-0.5b-instruct)")
     path = catalog.resolve("qwen2.5-coder-0.5b-instruct")
-    ours = Tokenizer.from_gguf_fields(gguf.tokenizer_fields(gguf.open_reader(path)))
+    ours = Tokenizer.from_gguf_fields(gguf.tokenizer_fields(GGUFFile.open(path)))
     return ours, hf_tokenizer(path)
 
 
@@ -87,3 +98,25 @@ def test_qwen25_ids_equal_hf(qwen25, text):
     ours, hf = qwen25
     assert ours.encode(text) == hf.encode(text, add_special_tokens=True)
     assert ours.decode(ours.encode(text), skip_special_tokens=False) == text
+
+
+def test_qwen25_chat_template_equals_hf(qwen25):
+    ours, hf = qwen25
+    for messages in CONVERSATIONS:
+        for gen in (True, False):
+            expected = hf.apply_chat_template(messages, add_generation_prompt=gen, tokenize=False)
+            assert ours.apply_chat_template(messages, add_generation_prompt=gen) == expected
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                               "parameters": {"type": "object", "properties": {
+                                                   "city": {"type": "string", "description": "名字"}},
+                                                   "required": ["city"]}}}]
+    expected = hf.apply_chat_template(CONVERSATIONS[0], tools=tools, add_generation_prompt=True, tokenize=False)
+    assert "get_weather" in expected
+    assert ours.apply_chat_template(CONVERSATIONS[0], tools=tools) == expected
+
+
+def test_qwen25_stop_tokens(qwen25):
+    ours, _ = qwen25
+    im_end, end_of_text = ours.encode("<|im_end|><|endoftext|>", add_special_tokens=False)
+    assert im_end in ours.eos_token_ids and end_of_text in ours.eos_token_ids
+    assert ours.eos_token_id == im_end

@@ -1,14 +1,17 @@
-"""GGUF reader: metadata -> ModelConfig, tensors -> HF-named float tensors, tokenizer fields.
+"""GGUF checkpoints: metadata -> ModelConfig, tensors -> HF-named float32 tensors, tokenizer fields.
 
-The file is memory-mapped by the `gguf` package; tensors are dequantized one at a time with its
-own `gguf.quants.dequantize`, so peak memory stays near the size of the model in the compute dtype.
-llama.cpp's converter permutes the rows of Q and K for the "llama" architecture (it stores RoPE's
-pairs interleaved); `_unpermute` restores HF's rotate-half layout so one model file serves both.
+Fed by weights/gguf_file.py (the parsed, memory-mapped container); feeds weights/loader.py.
+Tensors are dequantized one at a time with the `gguf` package's own `gguf.quants.dequantize`, so
+peak memory stays near the size of the model in float32 plus one tensor.
+
+llama.cpp's converter permutes the rows of Q and K for the "llama" architecture (it stores each
+head's RoPE pairs interleaved, GPT-J style); `unpermute_qk` restores HF's rotate-half layout so
+the same model code serves GGUF and safetensors. Qwen2 files are written unpermuted.
 """
 from __future__ import annotations
 
 import logging
-import os
+import math
 from collections.abc import Iterator
 
 import numpy as np
@@ -16,12 +19,17 @@ import torch
 
 from scaleinfer.config import ModelConfig
 from scaleinfer.errors import UnsupportedModelError, WeightLoadError
+from scaleinfer.weights.gguf_file import GGUFFile, TensorInfo
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q8_K",
-                   "Q2_K", "Q3_K")
+PERMUTED_QK = {"llama": True, "qwen2": False}
+"""Supported `general.architecture` values -> whether llama.cpp permuted their Q/K rows.
+"llama" covers Llama 1-3, SmolLM/SmolLM2, Mistral and TinyLlama; "qwen2" covers Qwen2 and Qwen2.5."""
+SUPPORTED_ARCHITECTURES = tuple(PERMUTED_QK)
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
+                   "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
+"""GGML tensor types we dequantize (all through gguf.quants)."""
 
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -41,78 +49,8 @@ _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.
                  "output.weight": "lm_head.weight"}
 
 
-def open_reader(path: str):
-    import gguf
-
-    if not os.path.isfile(path):
-        raise WeightLoadError(f"model file not found: {path}; pass a catalog name (see `scaleinfer models`), "
-                              f"a .gguf file or an HF model directory")
-    try:
-        reader = gguf.GGUFReader(path, "r")
-    except Exception as exc:  # the reader raises ValueError, IndexError, struct errors ... on bad files
-        raise WeightLoadError(f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc}); "
-                              f"re-download it or check that the copy is complete") from None
-    end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
-    if end > os.path.getsize(path):
-        raise WeightLoadError(f"{path} is truncated: tensor data runs to byte {end} but the file has "
-                              f"{os.path.getsize(path)}; re-download it")
-    return reader
-
-
-def field_value(reader, key: str, default=None):
-    field = reader.fields.get(key)
-    if field is None:
-        return default
-    return field.contents()
-
-
-def read_model_config(reader) -> ModelConfig:
-    arch = field_value(reader, "general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedModelError(f"GGUF architecture {arch!r} is not supported; supported: "
-                                    f"{', '.join(SUPPORTED_ARCHITECTURES)}")
-
-    def key(name: str, default=None, required: bool = True):
-        value = field_value(reader, f"{arch}.{name}", default)
-        if value is None and required:
-            raise WeightLoadError(f"GGUF metadata lacks {arch}.{name}; the file is incomplete or not a model")
-        return value
-
-    num_heads = int(key("attention.head_count"))
-    hidden = int(key("embedding_length"))
-    tokens = field_value(reader, "tokenizer.ggml.tokens")
-    vocab = int(key("vocab_size", len(tokens) if tokens else None))
-    head_dim = int(key("attention.key_length", None, False) or key("rope.dimension_count", None, False)
-                   or hidden // num_heads)
-    eos = field_value(reader, "tokenizer.ggml.eos_token_id")
-    scaling = None
-    scaling_type = key("rope.scaling.type", None, False)
-    if scaling_type and scaling_type != "none":
-        scaling = {"rope_type": scaling_type, "factor": float(key("rope.scaling.factor", 1.0, False)),
-                   "original_max_position_embeddings": key("rope.scaling.original_context_length", None, False)}
-    names = {t.name for t in reader.tensors}
-    return ModelConfig(
-        architecture=arch,
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=int(key("feed_forward_length")),
-        num_layers=int(key("block_count")),
-        num_heads=num_heads,
-        num_kv_heads=int(key("attention.head_count_kv", num_heads, False)),
-        head_dim=head_dim,
-        max_position_embeddings=int(key("context_length")),
-        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon")),
-        rope_theta=float(key("rope.freq_base", 10000.0, False)),
-        rope_scaling=scaling,
-        tie_word_embeddings="output.weight" not in names,
-        attention_bias="blk.0.attn_q.bias" in names,
-        bos_token_id=field_value(reader, "tokenizer.ggml.bos_token_id"),
-        eos_token_ids=(int(eos),) if eos is not None else (),
-        name=str(field_value(reader, "general.name", "") or ""),
-    )
-
-
-def _hf_name(gguf_name: str) -> str | None:
+def hf_name(gguf_name: str) -> str | None:
+    """The HF parameter name of a GGUF tensor, or None for tensors we do not load (e.g. rope_freqs)."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     if gguf_name.startswith("blk."):
@@ -122,43 +60,153 @@ def _hf_name(gguf_name: str) -> str | None:
     return None
 
 
-def _unpermute(w: np.ndarray, num_heads: int) -> np.ndarray:
-    """Undo llama.cpp's Q/K row permutation: interleaved RoPE pairs -> HF rotate-half halves."""
+# ---- metadata -> ModelConfig ----------------------------------------------------------------------
+def read_model_config(gf: GGUFFile) -> ModelConfig:
+    """The ModelConfig of a "llama" or "qwen2" GGUF; both families use the same llama.cpp keys."""
+    arch = gf.get("general.architecture")
+    if arch not in PERMUTED_QK:
+        raise UnsupportedModelError(f"GGUF architecture {arch!r} in {gf.path} is not supported; supported: "
+                                    f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+
+    def key(name: str, default=None, required: bool = True):
+        value = gf.get(f"{arch}.{name}", default)
+        if value is None and required:
+            raise WeightLoadError(f"{gf.path} lacks the GGUF metadata key {arch}.{name}; the file is "
+                                  f"incomplete or not a model")
+        return value
+
+    tensors = {t.name: t for t in gf.tensors}
+    if "token_embd.weight" not in tensors:
+        raise WeightLoadError(f"{gf.path} has no token_embd.weight tensor; the file is incomplete or not a model")
+    hidden_size = int(key("embedding_length"))
+    num_heads = int(key("attention.head_count"))
+    head_dim = int(key("attention.key_length", None, False) or key("rope.dimension_count", None, False)
+                   or hidden_size // num_heads)
+    rope_theta = float(key("rope.freq_base", 10000.0))
+    eos = gf.get("tokenizer.ggml.eos_token_id")
+    bos = gf.get("tokenizer.ggml.bos_token_id")
+    return ModelConfig(
+        architecture=arch,
+        # The embedding's rows, not the token list: a padded vocabulary still needs a logit per row.
+        vocab_size=tensors["token_embd.weight"].shape[0],
+        hidden_size=hidden_size,
+        intermediate_size=int(key("feed_forward_length")),
+        num_layers=int(key("block_count")),
+        num_heads=num_heads,
+        num_kv_heads=int(key("attention.head_count_kv", num_heads)),
+        head_dim=head_dim,
+        max_position_embeddings=int(key("context_length")),
+        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon")),
+        rope_theta=rope_theta,
+        rope_scaling=_rope_scaling(gf, arch, tensors, head_dim, rope_theta),
+        tie_word_embeddings="output.weight" not in tensors,
+        attention_bias="blk.0.attn_q.bias" in tensors,
+        bos_token_id=int(bos) if bos is not None else None,
+        eos_token_ids=(int(eos),) if eos is not None else (),
+        name=str(gf.get("general.name") or ""),
+    )
+
+
+def _rope_scaling(gf: GGUFFile, arch: str, tensors: dict[str, TensorInfo], head_dim: int,
+                  theta: float) -> dict | None:
+    """HF-style rope_scaling from `{arch}.rope.scaling.*` keys, or Llama 3's from its rope_freqs tensor."""
+    if "rope_freqs.weight" in tensors:
+        return _llama3_scaling_from_factors(_dequantize(gf, tensors["rope_freqs.weight"]).reshape(-1),
+                                            head_dim, theta, gf.path)
+    kind = gf.get(f"{arch}.rope.scaling.type")
+    factor = gf.get(f"{arch}.rope.scaling.factor") or gf.get(f"{arch}.rope.scale_linear")
+    if kind is None and factor not in (None, 1.0):
+        kind = "linear"  # older files: only rope.scale_linear
+    if kind in (None, "none") or factor is None:
+        return None
+    scaling = {"rope_type": kind, "factor": float(factor)}
+    original = gf.get(f"{arch}.rope.scaling.original_context_length")
+    if original:
+        scaling["original_max_position_embeddings"] = int(original)
+    return scaling
+
+
+def llama3_rope_factors(scaling: dict, head_dim: int, theta: float) -> np.ndarray:
+    """Per-frequency divisors that Llama 3.1's rope scaling applies (what llama.cpp stores as rope_freqs)."""
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = 1.0 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelen < old_len / high, 1.0, np.where(wavelen > old_len / low, factor, blended))
+
+
+def _llama3_scaling_from_factors(factors: np.ndarray, head_dim: int, theta: float, path: str) -> dict:
+    """llama.cpp keeps only the computed factors; recover Llama 3's parameters and check they reproduce them."""
+    scaling = {"rope_type": "llama3", "factor": float(factors.max()), "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    if factors.shape != (head_dim // 2,) or not np.allclose(llama3_rope_factors(scaling, head_dim, theta),
+                                                            factors, rtol=1e-4):
+        raise UnsupportedModelError(f"{path} has a rope_freqs tensor that is not Llama 3's standard rope scaling; "
+                                    f"this RoPE variant is not supported")
+    return scaling
+
+
+# ---- tensors ----------------------------------------------------------------------------------------
+def check_tensor_types(gf: GGUFFile) -> None:
+    """Fail before loading anything if a tensor we need has a type we cannot dequantize."""
+    for info in gf.tensors:
+        if hf_name(info.name) is not None and info.type_name not in SUPPORTED_TYPES:
+            raise UnsupportedModelError(f"tensor {info.name} in {gf.path} has GGML type {info.type_name}, which "
+                                        f"is not supported; supported: {', '.join(SUPPORTED_TYPES)}")
+
+
+def _dequantize(gf: GGUFFile, info: TensorInfo) -> np.ndarray:
+    """A tensor as a new float32 array in HF shape."""
+    import gguf
+
+    raw = gf.tensor_bytes(info)  # [rows, bytes_per_row]
+    try:
+        values = gguf.quants.dequantize(raw, info.ggml_type)
+    except NotImplementedError:
+        raise UnsupportedModelError(f"tensor {info.name} in {gf.path} has GGML type {info.type_name}, which is "
+                                    f"not supported; supported: {', '.join(SUPPORTED_TYPES)}") from None
+    if values.dtype != np.float32 or not values.flags.writeable:  # F32 comes back as a view of the map
+        values = np.array(values, dtype=np.float32)
+    return values.reshape(info.shape)
+
+
+def unpermute_qk(w: np.ndarray, num_heads: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation: per head, interleaved RoPE pairs -> HF rotate-half halves.
+
+    llama.cpp wrote rows (h, j, pair) for HF's (h, pair, j); swapping the two axes back restores them.
+    """
     rows = w.shape[0]
+    # [num_heads, 2, rows / num_heads / 2, ...] view of the file's [num_heads, rows/num_heads/2, 2, ...]
     return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def dequantize(tensor) -> np.ndarray:
-    """A GGUF tensor as float32 numpy in [out, in] (HF) layout."""
-    import gguf
-
-    type_name = tensor.tensor_type.name
-    if type_name not in SUPPORTED_TYPES:
-        raise UnsupportedModelError(f"tensor {tensor.name} has GGUF type {type_name}, which is not supported; "
-                                    f"supported: {', '.join(SUPPORTED_TYPES)}")
-    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))  # GGUF lists ne[0] (innermost) first
-    if type_name == "F32":
-        return np.array(tensor.data, dtype=np.float32).reshape(shape)  # a copy: the mmap is read-only
-    return np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(shape)
-
-
-def iter_tensors(reader, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    for tensor in reader.tensors:
-        name = _hf_name(tensor.name)
+def iter_tensors(gf: GGUFFile, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, float32 tensor in [out, in] layout) for every tensor the model uses, in file order."""
+    permuted = PERMUTED_QK[config.architecture]
+    for info in gf.tensors:
+        name = hf_name(info.name)
         if name is None:
-            logger.debug("skipping GGUF tensor %s", tensor.name)
+            logger.debug("skipping GGUF tensor %s", info.name)
             continue
         try:
-            data = dequantize(tensor)
+            data = _dequantize(gf, info)
         except (ValueError, IndexError, TypeError) as exc:
-            raise WeightLoadError(f"cannot read tensor {tensor.name} ({exc}); the GGUF file is corrupt") from None
-        if config.architecture == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
-            data = _unpermute(data, config.num_heads)
-        elif config.architecture == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
-            data = _unpermute(data, config.num_kv_heads)
+            raise WeightLoadError(f"cannot read tensor {info.name} from {gf.path} ({exc}); the GGUF file is "
+                                  f"corrupt") from None
+        if permuted and ".self_attn.q_proj." in name:
+            data = unpermute_qk(data, config.num_heads)
+        elif permuted and ".self_attn.k_proj." in name:
+            data = unpermute_qk(data, config.num_kv_heads)
         yield name, torch.from_numpy(np.ascontiguousarray(data))
 
 
-def tokenizer_fields(reader) -> dict:
-    """Every tokenizer.* metadata field, as plain Python values."""
-    return {k: field_value(reader, k) for k in reader.fields if k.startswith("tokenizer.")}
+def count_tensors(gf: GGUFFile) -> int:
+    """How many tensors iter_tensors yields (for the progress bar)."""
+    return sum(hf_name(info.name) is not None for info in gf.tensors)
+
+
+def tokenizer_fields(gf: GGUFFile) -> dict:
+    """Every tokenizer.* metadata field, as plain Python values (input of Tokenizer.from_gguf_fields)."""
+    return {k: v for k, v in gf.metadata.items() if k.startswith("tokenizer.")}

@@ -1,11 +1,16 @@
-"""open_checkpoint(): a catalog name, a .gguf file, an HF directory or a hub id -> Checkpoint."""
+"""open_checkpoint(): a catalog name, a .gguf file, an HF directory or a hub id -> Checkpoint.
+
+The engine calls this once; the Checkpoint's config and tokenizer are ready at once, its tensors
+stream on demand (dequantized one at a time) so the model can be filled without a second copy.
+"""
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -14,20 +19,30 @@ from scaleinfer.config import ModelConfig
 from scaleinfer.errors import WeightLoadError
 from scaleinfer.tokenizer import Tokenizer
 
+logger = logging.getLogger(__name__)
+
+HUB_TIMEOUT_S = 10.0
+"""Seconds to wait for the Hugging Face hub before telling the user it is unreachable."""
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt"]
+
 
 @dataclass
 class Checkpoint:
+    """A model on disk: its architecture, its tokenizer, and its weights as HF-named tensors."""
+
     config: ModelConfig
     tokenizer: Tokenizer
     path: str
-    format: str  # "gguf" or "safetensors"
+    """The .gguf file or the HF model directory."""
+    format: str
+    """"gguf" or "safetensors"."""
     num_tensors: int
     _tensors: Callable[[], Iterator[tuple[str, torch.Tensor]]]
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """HF-named float tensors, one at a time, with a progress bar on a terminal."""
-        bar = tqdm(total=self.num_tensors, desc=f"loading {os.path.basename(self.path)}", unit="tensor",
-                   disable=not sys.stderr.isatty(), leave=False)
+        """HF-named float32 tensors, one at a time, with a progress bar on a terminal."""
+        bar = tqdm(total=self.num_tensors, desc=f"loading {os.path.basename(os.path.normpath(self.path))}",
+                   unit="tensor", disable=not sys.stderr.isatty(), leave=False)
         with bar:
             for item in self._tensors():
                 bar.update(1)
@@ -35,6 +50,7 @@ class Checkpoint:
 
 
 def open_checkpoint(model: str) -> Checkpoint:
+    """Open `model`: a catalog name (installed on demand), a .gguf file, an HF directory or a hub id."""
     from scaleinfer import catalog
 
     if catalog.is_catalog_name(model):
@@ -42,8 +58,12 @@ def open_checkpoint(model: str) -> Checkpoint:
     if model.endswith(".gguf") or os.path.isfile(model):
         return _open_gguf(model)
     if os.path.isdir(model):
+        if not os.path.isfile(os.path.join(model, "config.json")):
+            ggufs = sorted(f for f in os.listdir(model) if f.endswith(".gguf"))
+            if len(ggufs) == 1:
+                return _open_gguf(os.path.join(model, ggufs[0]))
         return _open_hf_dir(model)
-    if model.count("/") == 1 and not model.startswith((".", "/")):
+    if _looks_like_hub_id(model):
         return _open_hf_dir(_download(model))
     raise WeightLoadError(f"model not found: {model!r}; pass a catalog name ({', '.join(catalog.names())}), "
                           f"a .gguf file, an HF model directory or a hub id like org/name")
@@ -51,30 +71,48 @@ def open_checkpoint(model: str) -> Checkpoint:
 
 def _open_gguf(path: str) -> Checkpoint:
     from scaleinfer.weights import gguf
+    from scaleinfer.weights.gguf_file import GGUFFile
 
-    reader = gguf.open_reader(path)
-    config = gguf.read_model_config(reader)
-    tokenizer = Tokenizer.from_gguf_fields(gguf.tokenizer_fields(reader))
-    return Checkpoint(config, tokenizer, path, "gguf", len(reader.tensors),
-                      lambda: gguf.iter_tensors(reader, config))
+    gf = GGUFFile.open(path)
+    config = gguf.read_model_config(gf)
+    gguf.check_tensor_types(gf)
+    tokenizer = Tokenizer.from_gguf_fields(gguf.tokenizer_fields(gf))
+    config = dataclasses.replace(config, eos_token_ids=tokenizer.eos_token_ids)
+    return Checkpoint(config, tokenizer, path, "gguf", gguf.count_tensors(gf), lambda: gguf.iter_tensors(gf, config))
 
 
 def _open_hf_dir(path: str) -> Checkpoint:
     from scaleinfer.weights import safetensors as st
 
     config = st.read_model_config(path)
-    tokenizer = Tokenizer.from_hf_dir(path)
+    tokenizer = Tokenizer.from_hf_dir(path, extra_eos_token_ids=config.eos_token_ids)
+    config = dataclasses.replace(config, eos_token_ids=tokenizer.eos_token_ids)
     files = st.weight_files(path)
-    return Checkpoint(config, tokenizer, path, "safetensors", st.count_tensors(files),
-                      lambda: st.iter_tensors(files))
+    return Checkpoint(config, tokenizer, path, "safetensors", st.count_tensors(files), lambda: st.iter_tensors(files))
+
+
+def _looks_like_hub_id(model: str) -> bool:
+    parts = model.split("/")
+    return len(parts) == 2 and all(parts) and not model.startswith((".", "~")) and "\\" not in model
 
 
 def _download(repo_id: str) -> str:
-    try:
-        from huggingface_hub import snapshot_download
+    """A local snapshot of an HF hub repo (config, tokenizer, safetensors): the cache first, then the hub."""
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
-        return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt"],
-                                 etag_timeout=5)
-    except Exception as exc:  # offline, unknown repo, gated ...
-        raise WeightLoadError(f"cannot fetch {repo_id!r} from the Hugging Face hub ({type(exc).__name__}); "
-                              f"the hub may be unreachable: pass a local .gguf file or model directory") from None
+    try:
+        return snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS, local_files_only=True)
+    except Exception:  # not cached (or only partly): ask the hub
+        pass
+    try:
+        # A bounded call first: snapshot_download alone can wait far longer on a network that drops packets.
+        HfApi().model_info(repo_id, timeout=HUB_TIMEOUT_S)
+        return snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS, etag_timeout=HUB_TIMEOUT_S)
+    except (RepositoryNotFoundError, GatedRepoError):
+        raise WeightLoadError(f"{repo_id!r} is not a local path, and the Hugging Face hub has no public model "
+                              f"by that name (or it is gated); check the spelling or pass a local file") from None
+    except Exception as exc:  # offline mode, DNS failure, timeout, proxy ...
+        raise WeightLoadError(f"{repo_id!r} is not a local path, and the Hugging Face hub is unreachable "
+                              f"({type(exc).__name__}); pass a catalog name, a .gguf file or a downloaded "
+                              f"model directory") from None

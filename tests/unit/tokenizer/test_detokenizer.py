@@ -5,14 +5,13 @@ from __future__ import annotations
 import pytest
 
 from scaleinfer.tokenizer import IncrementalDetokenizer, Tokenizer
-from scaleinfer.weights import gguf
 
 TEXTS = ["北京欢迎你！红楼梦是一部伟大的小说。", "吾輩は猫である 😀🎉👍🏽 👨‍👩‍👧‍👦", "naïve café 🇫🇷 done", "plain ascii text"]
 
 
 @pytest.fixture(scope="module")
-def tok(smollm2_gguf_path) -> Tokenizer:
-    return Tokenizer.from_gguf_fields(gguf.tokenizer_fields(gguf.open_reader(smollm2_gguf_path)))
+def tok(smollm2_tokenizer) -> Tokenizer:
+    return smollm2_tokenizer
 
 
 def stream(tok, ids, **kw):
@@ -77,3 +76,63 @@ def test_special_tokens_skipped(tok):
     assert "".join(deltas) == "Hello"
     detok, deltas = stream(tok, ids, skip_special_tokens=False)
     assert "".join(deltas) == "Hello<|im_end|>"
+
+
+def test_random_chunking_equals_full_decode(tok):
+    import random
+
+    rng = random.Random(0)
+    for text in TEXTS + ["混合 mixed 🙂 text\n\twith\ttabs", "ค่ะ สวัสดี 👩🏽‍💻"]:
+        ids = tok.encode(text)
+        for _ in range(5):
+            detok, deltas, i = IncrementalDetokenizer(tok, tok.encode("Q: ")), [], 0
+            while i < len(ids):
+                n = rng.randint(1, 4)
+                deltas.append(detok.add_tokens(ids[i:i + n]))
+                i += n
+            deltas.append(detok.flush())
+            assert "".join(deltas) == tok.decode(ids) == detok.text
+            assert not any("\ufffd" in d for d in deltas)
+
+
+def test_decode_window_stays_short(tok):
+    """O(new tokens) per step: no call decodes more than a few tokens, however long the output."""
+    lengths = []
+
+    class Spy:
+        def decode(self, ids, skip_special_tokens=True):
+            lengths.append(len(ids))
+            return tok.decode(ids, skip_special_tokens)
+
+    ids = tok.encode("北京欢迎你！ The quick brown fox 😀 jumps. " * 40)
+    detok = IncrementalDetokenizer(Spy(), tok.encode("Prompt:"), stop=["never appears"])
+    out = "".join(detok.add_tokens([i]) for i in ids) + detok.flush()
+    assert out == tok.decode(ids) and len(ids) > 500
+    assert max(lengths) <= 12
+
+
+def test_earliest_stop_wins_and_nothing_after(tok):
+    ids = tok.encode("alpha beta gamma delta")
+    detok, deltas = stream(tok, ids, stop=["delta", "beta"])
+    assert "".join(deltas) == "alpha " == detok.text and detok.stop_string == "beta"
+    assert detok.finished and detok.add_tokens(tok.encode(" more")) == "" and detok.flush() == ""
+
+
+def test_stop_at_the_very_start(tok):
+    detok, deltas = stream(tok, tok.encode("STOP and the rest"), stop=["STOP"])
+    assert "".join(deltas) == "" == detok.text and detok.stop_string == "STOP"
+
+
+def test_false_start_is_released(tok):
+    detok = IncrementalDetokenizer(tok, [], stop=["abc"])
+    assert detok.add_tokens(tok.encode("xab")) == "x"  # "ab" might begin the stop string
+    assert detok.add_tokens(tok.encode("d")) == "abd"  # it did not
+    assert detok.flush() == "" and detok.stop_string is None
+
+
+def test_stop_inside_multibyte_text(tok):
+    text = "红楼梦是一部伟大的小说。"
+    ids = tok.encode(text)
+    detok, deltas = stream(tok, ids, stop=["伟大"], include_stop_str_in_output=True)
+    assert "".join(deltas) == "红楼梦是一部伟大" and detok.stop_string == "伟大"
+    assert not any("\ufffd" in d for d in deltas)
