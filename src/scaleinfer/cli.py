@@ -33,6 +33,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                         "per-token int8 activations), auto (int8 on CPU)")
     g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
                    help="KV cache storage: auto (model dtype) or int8 (per-token, per-head scales)")
+    g.add_argument("--attention-pattern", default=None,
+                   help="override every layer's attention: causal, window=W, sinks=S,window=W (bounded KV for "
+                        "endless streams), window=W,global=0:64 (Longformer), block=64,local=4,stride=8")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -55,7 +58,8 @@ def _make_llm(args):
                max_num_batched_tokens=args.max_num_batched_tokens,
                enable_prefix_caching=args.enable_prefix_caching,
                quantization=getattr(args, "quantization", "none"),
-               kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"))
+               kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
+               attention_pattern=getattr(args, "attention_pattern", None))
 
 
 def _make_params(args):

@@ -38,6 +38,16 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     sliding_window: int | None = None
+    layer_types: tuple[str, ...] = ()
+    """Per layer "sliding_attention" or "full_attention" (Gemma 3); empty = every layer alike."""
+    query_pre_attn_scalar: float | None = None
+    """Attention scale is query_pre_attn_scalar ** -0.5 (Gemma); None = head_dim ** -0.5."""
+    rope_local_theta: float | None = None
+    """RoPE base of the sliding-window layers (Gemma 3: 10000); None = rope_theta everywhere."""
+    final_logit_softcapping: float | None = None
+    """Logits become cap * tanh(logits / cap) (Gemma 2/3 when set); None = no capping."""
+    hidden_activation: str = "silu"
+    """Activation of the gated MLP: "silu" (SwiGLU) or "gelu_pytorch_tanh" (Gemma's GeGLU)."""
     name: str = ""
     """Human-readable model name for logs and /v1/models."""
 
@@ -107,6 +117,9 @@ class EngineConfig:
     quantization: str = "none"
     """Weight quantization applied after loading: none, int8, int4 (group 32; int4-g64, int4-g128),
     w8a8 (int8 weights and per-token int8 activations) or auto (int8 on CPU)."""
+    attention_pattern: str | None = None
+    """Override every layer's attention pattern, e.g. "sinks=4,window=1020" for endless streams with
+    bounded KV memory (see attention/patterns.py); None keeps the model's own (causal, or its windows)."""
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)

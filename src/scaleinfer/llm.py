@@ -37,9 +37,11 @@ class LLM:
         seed: int = 0,
         quantization: str = "none",
         kv_cache_dtype: str = "auto",
+        attention_pattern: str | None = None,
     ):
         config = EngineConfig(
             model=model, dtype=dtype, device=device, threads=threads, seed=seed, quantization=quantization,
+            attention_pattern=attention_pattern,
             cache=CacheConfig(block_size=block_size, kv_cache_memory=parse_memory(kv_cache_memory),
                               enable_prefix_caching=enable_prefix_caching, kv_cache_dtype=kv_cache_dtype),
             scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from scaleinfer.attention.patterns import AttentionPattern, union_live_ranges
 from scaleinfer.config import CacheConfig, SchedulerConfig
 from scaleinfer.kv_cache.block_manager import BlockManager
 from scaleinfer.request import FinishReason, Request, RequestStatus
@@ -62,9 +64,13 @@ class ModelOutput:
 
 
 class Scheduler:
-    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int) -> None:
+    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int,
+                 attention_patterns: Sequence[AttentionPattern] = ()) -> None:
         self.config = scheduler_config
         self.block_manager = BlockManager(num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
+        patterns = list(dict.fromkeys(attention_patterns))
+        self.kv_patterns = patterns if patterns and not any(p.is_causal for p in patterns) else None
+        """The layers' patterns when all of them bound their keys (KV blocks can then be dropped)."""
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -166,6 +172,8 @@ class Scheduler:
                 continue
             req.num_computed_tokens += n
             self.block_manager.cache_full_blocks(req)
+            if self.kv_patterns is not None:
+                self.block_manager.free_dead_blocks(req, union_live_ranges(self.kv_patterns, req.num_computed_tokens))
             token = model_out.sampled_token_ids.get(req.request_id)
             if token is None:
                 continue

@@ -12,7 +12,7 @@ SRC = pathlib.Path(__file__).resolve().parents[2] / "src" / "scaleinfer"
 LAYER = {
     "errors": 0, "config": 0, "sampling_params": 0,
     "request": 1, "tokenizer": 1, "catalog": 1, "kv_cache.block_manager": 1, "kv_cache.prefix_cache": 1,
-    "scheduler": 2,
+    "attention.patterns": 1, "scheduler": 2,
     "distributed": 3, "quantization": 3, "attention": 3, "layers": 3,
     "models": 4, "weights": 4, "sampler": 4, "kv_cache.cache_tensors": 4,
     "runner": 5,

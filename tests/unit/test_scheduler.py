@@ -182,3 +182,65 @@ def test_prefix_caching_reuses_full_blocks():
     s.add_request(c)
     so = s.schedule()
     assert c.num_cached_tokens == 4 and so.num_scheduled_tokens == [4]
+
+
+# ---- KV policy of bounded attention patterns ------------------------------------------------------
+from scaleinfer.attention.patterns import CAUSAL, AttentionPattern  # noqa: E402
+from scaleinfer.kv_cache.block_manager import NULL_BLOCK  # noqa: E402
+
+
+def test_sinks_window_stream_keeps_kv_blocks_bounded():
+    """A 4,000-token stream (1,000-token prompt in chunks, then 3,000 decodes) with sinks + window holds
+    at most sinks/window worth of blocks (+ the chunk being computed), and frees everything at the end."""
+    bs, sinks, window, budget = 16, 4, 124, 64
+    pattern = AttentionPattern.with_sinks(sinks, window)
+    s = Scheduler(SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=4, max_model_len=8192),
+                  CacheConfig(block_size=bs, kv_cache_memory=1 << 20, enable_prefix_caching=True), 64,
+                  [pattern, pattern])
+    req = make_request("stream", 1000, max_tokens=3000)
+    s.add_request(req)
+    peak = 0
+    while s.has_unfinished():
+        so = s.schedule()
+        s.update(so, fake_tokens(so))
+        live = [b for b in req.block_ids if b != NULL_BLOCK]
+        peak = max(peak, len(live))
+        if not req.is_finished and req.num_computed_tokens > window + bs:  # the live blocks cover exactly what the pattern needs
+            needed = {p // bs for s_, e in pattern.live_ranges(req.num_computed_tokens) for p in range(s_, e)}
+            held = {i for i, b in enumerate(req.block_ids) if b != NULL_BLOCK}
+            assert needed <= held and len(held - needed) <= -(-budget // bs) + 1
+    assert req.num_tokens == 4000 and req.finish_reason == FinishReason.LENGTH
+    # 1 sink block + ceil(124/16) + 1 window blocks + one chunk of 64 tokens in flight
+    assert peak <= 1 + -(-window // bs) + 1 + budget // bs
+    assert s.block_manager.num_free_blocks == 64
+
+
+def test_a_causal_layer_keeps_every_block():
+    """Gemma 3 style: window layers next to a global layer share one block table, so nothing is freed."""
+    s = Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=4, max_model_len=8192),
+                  CacheConfig(block_size=16, kv_cache_memory=1 << 20), 64,
+                  [AttentionPattern.sliding_window(32), CAUSAL])
+    req = make_request("g", 300, max_tokens=50)
+    s.add_request(req)
+    run_to_end(s)
+    assert s.kv_patterns is None
+
+
+def test_freed_blocks_of_a_shared_prefix_stay_with_their_other_owner():
+    """Two requests share cached prompt blocks; one drops them (window), the other still holds them."""
+    pattern = AttentionPattern.sliding_window(16)
+    s = Scheduler(SchedulerConfig(max_num_batched_tokens=256, max_num_seqs=4, max_model_len=512),
+                  CacheConfig(block_size=4, kv_cache_memory=1 << 20, enable_prefix_caching=True), 256, [pattern])
+    a = make_request("a", 100, max_tokens=30)
+    s.add_request(a)
+    so = s.schedule()
+    s.update(so, fake_tokens(so))
+    assert sum(b == NULL_BLOCK for b in a.block_ids) > 0
+    b = make_request("b", 100, max_tokens=30)  # same prompt: hits the prefix cache, even freed blocks
+    s.add_request(b)
+    so = s.schedule()
+    assert b.num_cached_tokens == 96
+    s.update(so, fake_tokens(so))
+    run_to_end(s)
+    bm = s.block_manager
+    assert bm.num_free_blocks == 256 and all(c == 0 for c in bm.ref_counts)

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from scaleinfer.attention.layer import layer_patterns, set_attention_pattern
+from scaleinfer.attention.patterns import parse_pattern
 from scaleinfer.config import EngineConfig
 from scaleinfer.engine.loading import DTYPES, build_model
 from scaleinfer.errors import RequestError
@@ -60,12 +62,16 @@ class LLMEngine:
         self.config = config
         if config.threads is not None:
             torch.set_num_threads(config.threads)
+        pattern = parse_pattern(config.attention_pattern) if config.attention_pattern is not None else None
         start = time.perf_counter()
         ckpt = open_checkpoint(config.model)
         self.model_config = ckpt.config
         self.checkpoint_path = ckpt.path
         self.tokenizer = ckpt.tokenizer
         self.model = build_model(ckpt, config)
+        if pattern is not None:
+            set_attention_pattern(self.model, pattern)
+        self.attention_patterns = layer_patterns(self.model)
         self.load_time = time.perf_counter() - start
 
         dtype = DTYPES[config.dtype]
@@ -76,7 +82,7 @@ class LLMEngine:
             from dataclasses import replace
 
             sched_cfg = replace(sched_cfg, max_model_len=self.max_model_len)
-        self.scheduler = Scheduler(sched_cfg, config.cache, num_blocks)
+        self.scheduler = Scheduler(sched_cfg, config.cache, num_blocks, self.attention_patterns)
         self.runner = ModelRunner(self.model, self.model_config, config.cache, num_blocks, dtype, config.device)
         self.num_kv_blocks = num_blocks
         self.kv_capacity_tokens = num_blocks * config.cache.block_size

@@ -11,6 +11,13 @@ caching, see prefix_cache.py). Data-structure choices:
 
     request.block_ids = [7, 2, 9]          block table: logical block i -> physical block id
     token t lives in block block_ids[t // block_size], slot t % block_size
+
+KV policy for windowed / sparse attention (`free_dead_blocks`): once no future query can attend any
+token of a block (see AttentionPattern.live_ranges), the request drops it at once and its table
+entry becomes NULL_BLOCK. A sinks + window stream then holds O((sinks + window) / block_size) blocks
+however long it runs:
+
+    request.block_ids = [4, -1, -1, -1, 8, 3]     sink block, evicted middle, live window
 """
 from __future__ import annotations
 
@@ -19,6 +26,10 @@ from collections import OrderedDict
 from scaleinfer.errors import ConfigError
 from scaleinfer.kv_cache.prefix_cache import PrefixCache
 from scaleinfer.request import Request
+
+
+NULL_BLOCK = -1
+"""Block-table entry of a logical block the KV policy freed (never read by the attention views)."""
 
 
 def cdiv(a: int, b: int) -> int:
@@ -88,12 +99,36 @@ class BlockManager:
             self.ref_counts[block_id] = 1
             request.block_ids.append(block_id)
 
+    def free_dead_blocks(self, request: Request, live_ranges: list[tuple[int, int]]) -> int:
+        """Release the request's blocks that hold no live token: every token of the block is before
+        the next query and outside `live_ranges` (sorted [start, end) positions). Returns how many."""
+        bs, table = self.block_size, request.block_ids
+        end = min(request.num_computed_tokens // bs, len(table))  # only full, computed blocks
+        freed, r = 0, 0
+        for i in range(end):
+            if table[i] == NULL_BLOCK:
+                continue
+            lo, hi = i * bs, (i + 1) * bs
+            while r < len(live_ranges) and live_ranges[r][1] <= lo:
+                r += 1
+            if r < len(live_ranges) and live_ranges[r][0] < hi:
+                continue  # some token of the block is still attended
+            block_id = table[i]
+            table[i] = NULL_BLOCK
+            self.ref_counts[block_id] -= 1
+            if self.ref_counts[block_id] == 0:
+                self.free_queue[block_id] = None
+            freed += 1
+        return freed
+
     def free(self, request: Request) -> None:
         """Drop the request's references; blocks nobody holds go back to the free queue.
 
         Blocks are released tail first so the head of a prompt (most shareable) is evicted last.
         """
         for block_id in reversed(request.block_ids):
+            if block_id == NULL_BLOCK:
+                continue
             self.ref_counts[block_id] -= 1
             assert self.ref_counts[block_id] >= 0
             if self.ref_counts[block_id] == 0:

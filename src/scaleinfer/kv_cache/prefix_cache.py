@@ -39,7 +39,7 @@ class PrefixCache:
             key = (parent, tuple(token_ids[i * bs:(i + 1) * bs]))
             hashes.append(hash(key))
             block_id = full_block_ids[i]
-            if key not in self._block_of_key and block_id not in self._key_of_block:
+            if block_id >= 0 and key not in self._block_of_key and block_id not in self._key_of_block:
                 self._block_of_key[key] = block_id
                 self._key_of_block[block_id] = key
 

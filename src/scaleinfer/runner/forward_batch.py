@@ -5,11 +5,13 @@ attention; `order` maps batch position -> index in the SchedulerOutput.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from scaleinfer.attention.metadata import AttentionMetadata, build_metadata
+from scaleinfer.attention.patterns import AttentionPattern
 from scaleinfer.request import Request
 from scaleinfer.scheduler import SchedulerOutput
 
@@ -29,7 +31,8 @@ class ForwardBatch:
                             self.logits_indices.to(device), self.sample_requests)
 
 
-def build_forward_batch(sched: SchedulerOutput, block_size: int) -> ForwardBatch:
+def build_forward_batch(sched: SchedulerOutput, block_size: int,
+                        patterns: Sequence[AttentionPattern] = ()) -> ForwardBatch:
     order = sorted(range(len(sched.requests)), key=lambda i: sched.num_scheduled_tokens[i] != 1)
     input_ids: list[int] = []
     positions: list[int] = []
@@ -51,7 +54,7 @@ def build_forward_batch(sched: SchedulerOutput, block_size: int) -> ForwardBatch
     return ForwardBatch(
         input_ids=torch.tensor(input_ids, dtype=torch.long),
         positions=torch.tensor(positions, dtype=torch.long),
-        meta=build_metadata(query_lens, context_lens, tables, block_size),
+        meta=build_metadata(query_lens, context_lens, tables, block_size, patterns),
         logits_indices=torch.tensor(logits_indices, dtype=torch.long),
         sample_requests=sample_requests,
     )

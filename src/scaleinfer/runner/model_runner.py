@@ -8,6 +8,7 @@ import logging
 
 import torch
 
+from scaleinfer.attention.layer import layer_patterns
 from scaleinfer.config import CacheConfig, ModelConfig
 from scaleinfer.kv_cache.cache_tensors import allocate_kv_caches
 from scaleinfer.models.interface import CausalLM
@@ -34,10 +35,12 @@ class ModelRunner:
                                             cache_config.kv_cache_dtype)
         self.sampler = Sampler()
         self.eos_token_ids = model_config.eos_token_ids
+        self.patterns = layer_patterns(model)
+        """The attention pattern of every layer, in order; metadata gets a view per distinct one."""
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelOutput:
-        batch = build_forward_batch(sched, self.block_size).to(self.device)
+        batch = build_forward_batch(sched, self.block_size, self.patterns).to(self.device)
         logits = self.model.forward(batch.input_ids, batch.positions, self.kv_caches, batch.meta,
                                     batch.logits_indices)
         out = ModelOutput()
@@ -79,7 +82,7 @@ class ModelRunner:
         n = len(token_ids)
         if block_ids is None:
             block_ids = list(range(-(-n // self.block_size)))
-        meta = build_metadata([n], [n], [block_ids], self.block_size)
+        meta = build_metadata([n], [n], [block_ids], self.block_size, self.patterns)
         with torch.inference_mode():
             positions = torch.arange(n, device=self.device)
             return self.model.forward(torch.tensor(token_ids, device=self.device), positions, self.kv_caches,
