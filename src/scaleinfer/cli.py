@@ -1,4 +1,4 @@
-"""The `scaleinfer` command: generate | chat | demo | serve | models | pull | bench [serve].
+"""The `scaleinfer` command: generate | chat | demo | serve | models | pull | bench [serve | long-context].
 
 Every ScaleInferError becomes one line on stderr and exit code 2; no tracebacks for bad input.
 """
@@ -203,6 +203,12 @@ def cmd_eval_perplexity(args) -> int:
     return 0
 
 
+def cmd_bench_long_context(args) -> int:
+    from scaleinfer.bench.long_context import main as long_context_main
+
+    return long_context_main(args)
+
+
 def cmd_bench_serve(args) -> int:
     from scaleinfer.bench.serve import main as bench_serve_main
 
@@ -282,6 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
                                            "(vLLM benchmark_serving semantics)")
     add_bench_serve_arguments(p)
     p.set_defaults(fn=cmd_bench_serve)
+    from scaleinfer.bench.long_context import add_arguments as add_long_context_arguments
+
+    p = bench_sub.add_parser("long-context", help="prefill time, KV memory and RSS of attention patterns vs "
+                                                  "sequence length; perplexity of a long stream per pattern")
+    add_long_context_arguments(p)
+    p.set_defaults(fn=cmd_bench_long_context)
     return parser
 
 

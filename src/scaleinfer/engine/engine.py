@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from scaleinfer.attention.layer import layer_patterns, set_attention_pattern
-from scaleinfer.attention.patterns import parse_pattern
+from scaleinfer.attention.patterns import parse_pattern, union_live_ranges
 from scaleinfer.config import EngineConfig
 from scaleinfer.engine.loading import DTYPES, build_model
 from scaleinfer.errors import RequestError
@@ -129,6 +129,16 @@ class LLMEngine:
             self.scheduler.add_request(req)
         self._parents[request_id] = parent
 
+    def kv_tokens_needed(self, num_tokens: int) -> int:
+        """KV slots a request of `num_tokens` tokens holds at its peak: all of them under causal
+        attention; under bounded patterns (window, sinks) what the pattern keeps plus one prefill chunk."""
+        patterns = self.scheduler.kv_patterns
+        if patterns is None:
+            return num_tokens
+        live = sum(e - s for s, e in union_live_ranges(patterns, num_tokens))
+        bs = self.config.cache.block_size
+        return min(num_tokens, live + self.config.scheduler.max_num_batched_tokens + 2 * bs)
+
     def _validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         n = len(prompt_ids)
         if n == 0:
@@ -137,7 +147,7 @@ class LLMEngine:
             raise RequestError(
                 f"the prompt has {n} tokens but the context is {self.max_model_len} tokens (room is needed for "
                 f"at least one output token); shorten the prompt or raise --max-model-len")
-        if n + 1 > self.kv_capacity_tokens:
+        if self.kv_tokens_needed(n + 1) > self.kv_capacity_tokens:
             raise RequestError(
                 f"the prompt has {n} tokens but the KV cache holds only {self.kv_capacity_tokens}; "
                 f"raise --kv-cache-memory")
