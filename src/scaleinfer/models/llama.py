@@ -15,6 +15,7 @@ from torch import nn
 from scaleinfer.attention.backend import AttentionBackend
 from scaleinfer.attention.layer import Attention
 from scaleinfer.attention.metadata import AttentionMetadata
+from scaleinfer.attention.patterns import CAUSAL, AttentionPattern
 from scaleinfer.config import ModelConfig
 from scaleinfer.layers.activation import silu_and_mul
 from scaleinfer.layers.linear import Linear, MergedLinear
@@ -38,7 +39,9 @@ class LlamaAttention(nn.Module):
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.qkv_proj = MergedLinear(cfg.hidden_size, [q_size, kv_size, kv_size], cfg.attention_bias, dtype)
         self.o_proj = Linear(q_size, cfg.hidden_size, False, dtype)
-        self.attn = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.head_dim ** -0.5, backend)
+        # Mistral's config sets a sliding window for every layer: attention and KV follow it.
+        pattern = AttentionPattern.sliding_window(cfg.sliding_window) if cfg.sliding_window else CAUSAL
+        self.attn = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.head_dim ** -0.5, backend, pattern)
 
     def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         n = x.shape[0]
