@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 from scaleinfer.errors import UnsupportedModelError
+from scaleinfer.models.gemma3 import Gemma3ForCausalLM
 from scaleinfer.models.llama import LlamaForCausalLM
 from scaleinfer.models.qwen2 import Qwen2ForCausalLM
 
 ARCHITECTURES = {
+    "gemma3": Gemma3ForCausalLM,
     "llama": LlamaForCausalLM,
     "mistral": LlamaForCausalLM,
     "qwen2": Qwen2ForCausalLM,

@@ -6,7 +6,11 @@ peak memory stays near the size of the model in float32 plus one tensor.
 
 llama.cpp's converter permutes the rows of Q and K for the "llama" architecture (it stores each
 head's RoPE pairs interleaved, GPT-J style); `unpermute_qk` restores HF's rotate-half layout so
-the same model code serves GGUF and safetensors. Qwen2 files are written unpermuted.
+the same model code serves GGUF and safetensors. Qwen2 and Gemma 3 files are written unpermuted.
+
+Gemma 3 names its norms differently (`ffn_norm` is the pre-feedforward norm, plus post_attention_norm,
+post_ffw_norm, attn_q_norm, attn_k_norm), and llama.cpp's converter stored every Gemma norm weight as
+w + 1; `iter_tensors` subtracts the 1 so the tensors are HF's (as HF's Gemma2TensorProcessor does).
 """
 from __future__ import annotations
 
@@ -23,9 +27,10 @@ from scaleinfer.weights.gguf_file import GGUFFile, TensorInfo
 
 logger = logging.getLogger(__name__)
 
-PERMUTED_QK = {"llama": True, "qwen2": False}
+PERMUTED_QK = {"llama": True, "qwen2": False, "gemma3": False}
 """Supported `general.architecture` values -> whether llama.cpp permuted their Q/K rows.
-"llama" covers Llama 1-3, SmolLM/SmolLM2, Mistral and TinyLlama; "qwen2" covers Qwen2 and Qwen2.5."""
+"llama" covers Llama 1-3, SmolLM/SmolLM2, Mistral and TinyLlama; "qwen2" covers Qwen2 and Qwen2.5;
+"gemma3" covers the Gemma 3 text models."""
 SUPPORTED_ARCHITECTURES = tuple(PERMUTED_QK)
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
                    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
@@ -45,24 +50,39 @@ _LAYER_NAMES = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
+_GEMMA3_LAYER_NAMES = {
+    **_LAYER_NAMES,
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+}
+_ARCH_LAYER_NAMES = {"gemma3": _GEMMA3_LAYER_NAMES}
+"""Per-architecture layer tensor names where they differ from llama's."""
+_NORM_PLUS_ONE = ("gemma3",)
+"""Architectures whose norm weights llama.cpp stored as w + 1."""
 _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                  "output.weight": "lm_head.weight"}
 
 
-def hf_name(gguf_name: str) -> str | None:
-    """The HF parameter name of a GGUF tensor, or None for tensors we do not load (e.g. rope_freqs)."""
+def hf_name(gguf_name: str, arch: str | None = None) -> str | None:
+    """The HF parameter name of a GGUF tensor of `general.architecture` arch, or None for tensors we
+    do not load (e.g. rope_freqs)."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     if gguf_name.startswith("blk."):
         _, index, rest = gguf_name.split(".", 2)
-        if rest in _LAYER_NAMES:
-            return f"model.layers.{index}.{_LAYER_NAMES[rest]}"
+        names = _ARCH_LAYER_NAMES.get(arch, _LAYER_NAMES)
+        if rest in names:
+            return f"model.layers.{index}.{names[rest]}"
     return None
 
 
 # ---- metadata -> ModelConfig ----------------------------------------------------------------------
 def read_model_config(gf: GGUFFile) -> ModelConfig:
-    """The ModelConfig of a "llama" or "qwen2" GGUF; both families use the same llama.cpp keys."""
+    """The ModelConfig of a "llama", "qwen2" or "gemma3" GGUF; all use the same llama.cpp keys (Gemma 3
+    adds its local/global layout, see `_gemma3_fields`)."""
     arch = gf.get("general.architecture")
     if arch not in PERMUTED_QK:
         raise UnsupportedModelError(f"GGUF architecture {arch!r} in {gf.path} is not supported; supported: "
@@ -85,13 +105,15 @@ def read_model_config(gf: GGUFFile) -> ModelConfig:
     rope_theta = float(key("rope.freq_base", 10000.0))
     eos = gf.get("tokenizer.ggml.eos_token_id")
     bos = gf.get("tokenizer.ggml.bos_token_id")
+    num_layers = int(key("block_count"))
+    extra = _gemma3_fields(gf, arch, num_layers, hidden_size, num_heads, head_dim) if arch == "gemma3" else {}
     return ModelConfig(
         architecture=arch,
         # The embedding's rows, not the token list: a padded vocabulary still needs a logit per row.
         vocab_size=tensors["token_embd.weight"].shape[0],
         hidden_size=hidden_size,
         intermediate_size=int(key("feed_forward_length")),
-        num_layers=int(key("block_count")),
+        num_layers=num_layers,
         num_heads=num_heads,
         num_kv_heads=int(key("attention.head_count_kv", num_heads)),
         head_dim=head_dim,
@@ -104,7 +126,42 @@ def read_model_config(gf: GGUFFile) -> ModelConfig:
         bos_token_id=int(bos) if bos is not None else None,
         eos_token_ids=(int(eos),) if eos is not None else (),
         name=str(gf.get("general.name") or ""),
+        **extra,
     )
+
+
+def _gemma3_fields(gf: GGUFFile, arch: str, num_layers: int, hidden_size: int, num_heads: int,
+                   head_dim: int) -> dict:
+    """Gemma 3's ModelConfig fields, read the way llama.cpp reads them (src/llama-model.cpp)."""
+    window = gf.get(f"{arch}.attention.sliding_window")
+    if not window:
+        raise WeightLoadError(f"{gf.path} lacks the GGUF metadata key {arch}.attention.sliding_window; the "
+                              f"file is incomplete")
+    if gf.get(f"{arch}.attn_logit_softcapping"):
+        raise UnsupportedModelError(f"{gf.path} sets attention logit soft-capping, which is not supported")
+    # Every `pattern`-th layer is global; newer files may store the per-layer flags (True = sliding).
+    pattern = gf.get(f"{arch}.attention.sliding_window_pattern", 6)
+    if isinstance(pattern, (list, tuple)):
+        if len(pattern) != num_layers:
+            raise WeightLoadError(f"{gf.path}: {arch}.attention.sliding_window_pattern has {len(pattern)} "
+                                  f"entries for {num_layers} layers")
+        layer_types = tuple("sliding_attention" if p else "full_attention" for p in pattern)
+    else:
+        pattern = int(pattern)
+        layer_types = tuple("full_attention" if pattern and (i + 1) % pattern == 0 else "sliding_attention"
+                            for i in range(num_layers))
+    # llama.cpp: 27B (62 layers) scales queries by (hidden / heads) ** -0.5, the others by head_dim ** -0.5;
+    # the SWA layers' RoPE base is 10000 unless the file says otherwise.
+    scalar = hidden_size // num_heads if num_layers == 62 else head_dim
+    softcap = gf.get(f"{arch}.final_logit_softcapping")
+    return {
+        "sliding_window": int(window),
+        "layer_types": layer_types,
+        "query_pre_attn_scalar": float(scalar),
+        "rope_local_theta": float(gf.get(f"{arch}.rope.freq_base_swa") or 10000.0),
+        "final_logit_softcapping": float(softcap) if softcap else None,
+        "hidden_activation": "gelu_pytorch_tanh",
+    }
 
 
 def _rope_scaling(gf: GGUFFile, arch: str, tensors: dict[str, TensorInfo], head_dim: int,
@@ -151,8 +208,9 @@ def _llama3_scaling_from_factors(factors: np.ndarray, head_dim: int, theta: floa
 # ---- tensors ----------------------------------------------------------------------------------------
 def check_tensor_types(gf: GGUFFile) -> None:
     """Fail before loading anything if a tensor we need has a type we cannot dequantize."""
+    arch = gf.get("general.architecture")
     for info in gf.tensors:
-        if hf_name(info.name) is not None and info.type_name not in SUPPORTED_TYPES:
+        if hf_name(info.name, arch) is not None and info.type_name not in SUPPORTED_TYPES:
             raise UnsupportedModelError(f"tensor {info.name} in {gf.path} has GGML type {info.type_name}, which "
                                         f"is not supported; supported: {', '.join(SUPPORTED_TYPES)}")
 
@@ -185,8 +243,9 @@ def unpermute_qk(w: np.ndarray, num_heads: int) -> np.ndarray:
 def iter_tensors(gf: GGUFFile, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, float32 tensor in [out, in] layout) for every tensor the model uses, in file order."""
     permuted = PERMUTED_QK[config.architecture]
+    norm_plus_one = config.architecture in _NORM_PLUS_ONE
     for info in gf.tensors:
-        name = hf_name(info.name)
+        name = hf_name(info.name, config.architecture)
         if name is None:
             logger.debug("skipping GGUF tensor %s", info.name)
             continue
@@ -199,12 +258,15 @@ def iter_tensors(gf: GGUFFile, config: ModelConfig) -> Iterator[tuple[str, torch
             data = unpermute_qk(data, config.num_heads)
         elif permuted and ".self_attn.k_proj." in name:
             data = unpermute_qk(data, config.num_kv_heads)
+        elif norm_plus_one and name.endswith("norm.weight"):
+            data = data - np.float32(1.0)
         yield name, torch.from_numpy(np.ascontiguousarray(data))
 
 
 def count_tensors(gf: GGUFFile) -> int:
     """How many tensors iter_tensors yields (for the progress bar)."""
-    return sum(hf_name(info.name) is not None for info in gf.tensors)
+    arch = gf.get("general.architecture")
+    return sum(hf_name(info.name, arch) is not None for info in gf.tensors)
 
 
 def tokenizer_fields(gf: GGUFFile) -> dict:
