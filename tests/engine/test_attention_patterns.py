@@ -25,7 +25,7 @@ class DenseMaskOracle:
     def __init__(self, pattern):
         self.pattern = pattern
 
-    def forward(self, q, k, v, k_cache, v_cache, meta, scale):
+    def forward(self, q, k, v, k_cache, v_cache, meta, scale, rope=None):
         n = q.shape[0]
         pos = torch.arange(n)
         mask = self.pattern.allows(pos.unsqueeze(1), pos.unsqueeze(0))
@@ -85,3 +85,21 @@ def test_engine_with_pattern_matches_dense_mask_oracle(spec):
 def test_bad_attention_pattern_is_a_one_line_config_error():
     with pytest.raises(ConfigError, match="needs a window"):
         LLM("smollm2-135m-instruct", attention_pattern="sinks=4")
+
+
+def test_score_stream_equals_one_pass_and_frees_blocks():
+    """Chunked scoring through the paged cache with the KV policy (blocks freed between chunks) gives
+    the log-probabilities of a single full pass."""
+    llm = LLM("smollm2-135m-instruct", attention_pattern="sinks=4,window=60", kv_cache_memory="64MiB")
+    engine = llm.engine
+    ids = llm.tokenizer.encode(TEXT)[:500]
+    logits = engine.compute_logits(ids)
+    one_pass = torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1)
+    freed = []
+    free_dead = engine.scheduler.block_manager.free_dead_blocks
+    engine.scheduler.block_manager.free_dead_blocks = lambda r, live: freed.append(free_dead(r, live)) or freed[-1]
+    chunked = engine.score_stream(ids, chunk=96)
+    assert chunked.shape == (499,)
+    torch.testing.assert_close(chunked, one_pass, atol=1e-4, rtol=1e-4)
+    assert sum(freed) >= (500 - 64 - 96) // 16  # old blocks were dropped as the stream went
+    assert engine.num_free_blocks == engine.num_kv_blocks

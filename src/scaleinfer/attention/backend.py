@@ -23,6 +23,7 @@ class AttentionBackend(Protocol):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        rope: torch.Tensor | None = None,  # the layer's RoPE inverse frequencies (positions=cache)
     ) -> torch.Tensor: ...  # [num_tokens, num_heads, head_dim]
 
 

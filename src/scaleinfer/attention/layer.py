@@ -21,11 +21,15 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.scale = scale
         self.backend = backend
+        self.rope_inv_freq: torch.Tensor | None = None
+        """The layer's RoPE inverse frequencies, set by models that use RoPE; needed by patterns with
+        positions=cache (StreamingLLM), which re-rotate sinks."""
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         """q: [num_tokens, num_heads, head_dim], k/v: [num_tokens, num_kv_heads, head_dim]."""
-        return self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta.for_pattern(self.pattern), self.scale)
+        return self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta.for_pattern(self.pattern), self.scale,
+                                    rope=self.rope_inv_freq)
 
 
 def layer_patterns(model: nn.Module) -> list[AttentionPattern]:

@@ -27,6 +27,9 @@ class PrefillSeq:
     """[context_len] cache slots of the context, or None when the chunk is the whole context."""
     mask: torch.Tensor | None = None
     """[query_len, context_len] bool (True = attend) when kv_slots is set; None = plain causal."""
+    sink_shift: torch.Tensor | None = None
+    """[query_len] int64 (positions=cache patterns): each row sees the first `num_sinks` keys this
+    many positions nearer (the backend rotates that row's query back for them); None = no shift."""
 
 
 @dataclass
@@ -39,6 +42,10 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None = None
     """[num_decodes, 1, 1, max_keys] bool: True where the slot is a key to attend; None if all are."""
     prefills: list[PrefillSeq] = field(default_factory=list)
+    decode_sink_shift: torch.Tensor | None = None
+    """[num_decodes] int64 (positions=cache patterns): see PrefillSeq.sink_shift."""
+    num_sinks: int = 0
+    """Leading gathered keys of every row that are sinks (when a sink shift is set)."""
     by_pattern: dict[AttentionPattern, "AttentionMetadata"] = field(default_factory=dict)
     """Views for the non-causal patterns of the model's layers: the same slot_mapping, decode and
     prefill reads restricted to the keys the pattern allows (see `for_pattern`)."""
@@ -55,8 +62,9 @@ class AttentionMetadata:
         return AttentionMetadata(
             slot_mapping=move(self.slot_mapping), num_decode_tokens=self.num_decode_tokens,
             decode_slots=move(self.decode_slots), decode_mask=move(self.decode_mask),
-            prefills=[PrefillSeq(p.query_start, p.query_len, p.context_len, move(p.kv_slots), move(p.mask))
-                      for p in self.prefills],
+            prefills=[PrefillSeq(p.query_start, p.query_len, p.context_len, move(p.kv_slots), move(p.mask),
+                                 move(p.sink_shift)) for p in self.prefills],
+            decode_sink_shift=move(self.decode_sink_shift), num_sinks=self.num_sinks,
             by_pattern={k: v.to(device) for k, v in self.by_pattern.items()})
 
 
@@ -133,7 +141,8 @@ def build_metadata(
 def _pattern_view(base: AttentionMetadata, pattern: AttentionPattern, query_lens: list[int],
                   context_lens: list[int], block_tables: list[list[int]], block_size: int) -> AttentionMetadata:
     """Decode and prefill reads restricted to the keys `pattern` allows."""
-    view = AttentionMetadata(slot_mapping=base.slot_mapping, num_decode_tokens=base.num_decode_tokens)
+    view = AttentionMetadata(slot_mapping=base.slot_mapping, num_decode_tokens=base.num_decode_tokens,
+                             num_sinks=pattern.sinks if pattern.cache_positions else 0)
     d = base.num_decode_tokens
     if d:
         key_slots = []
@@ -145,6 +154,9 @@ def _pattern_view(base: AttentionMetadata, pattern: AttentionPattern, query_lens
         lens = torch.tensor([len(s) for s in key_slots])
         if bool((lens < width).any()):
             view.decode_mask = (torch.arange(width) < lens.unsqueeze(1)).view(d, 1, 1, width)
+        if view.num_sinks:
+            shift = pattern.sink_shift(torch.tensor(context_lens[:d], dtype=torch.long) - 1)
+            view.decode_sink_shift = shift if bool(shift.any()) else None
 
     start = d
     for qlen, clen, table in zip(query_lens[d:], context_lens[d:], block_tables[d:]):
@@ -152,8 +164,10 @@ def _pattern_view(base: AttentionMetadata, pattern: AttentionPattern, query_lens
             t1 = min(t0 + PREFILL_TILE, clen)
             k_pos = _positions(pattern.key_ranges(t0, t1))
             q_pos = torch.arange(t0, t1).unsqueeze(1)
+            shift = pattern.sink_shift(q_pos.squeeze(1)) if view.num_sinks else None
             view.prefills.append(PrefillSeq(
                 query_start=start + t0 - (clen - qlen), query_len=t1 - t0, context_len=len(k_pos),
-                kv_slots=_slots(k_pos, table, block_size), mask=pattern.allows(q_pos, k_pos.unsqueeze(0))))
+                kv_slots=_slots(k_pos, table, block_size), mask=pattern.allows(q_pos, k_pos.unsqueeze(0)),
+                sink_shift=shift if shift is not None and bool(shift.any()) else None))
         start += qlen
     return view

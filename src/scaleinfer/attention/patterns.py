@@ -21,7 +21,7 @@ Each pattern gives three views of itself:
   manager frees every KV block outside them, which keeps a window pattern's memory O(W + S).
 
 Text form (the `--attention-pattern` flag, `parse_pattern`): "causal", "window=4096",
-"sinks=4,window=1020", "window=256,global=0:64" (global positions as start:end ranges, joined by
+"sinks=4,window=1020" (add ",positions=cache" for StreamingLLM's positions within the cache), "window=256,global=0:64" (global positions as start:end ranges, joined by
 "+"), "block=64,local=4,stride=8".
 
 Pure Python (no torch import): the scheduler and block manager use live_ranges.
@@ -62,6 +62,11 @@ class AttentionPattern:
     """Block-sparse: query block qb sees key blocks qb - local_blocks + 1 .. qb."""
     stride: int = 0
     """Block-sparse: key blocks with kb % stride == stride - 1 are summaries everyone sees."""
+    cache_positions: bool = False
+    """Sinks + window only (StreamingLLM's positions within the cache): once the window has left the
+    sinks behind, a query sees each sink at distance sinks + window - 1 - k instead of q - k, so no
+    query-key distance ever exceeds sinks + window and a stream may run past the model's trained
+    positions. Text form: positions=cache."""
 
     def __post_init__(self) -> None:
         if self.window is not None and self.window < 1:
@@ -78,6 +83,8 @@ class AttentionPattern:
                                   "(e.g. block=64,local=4,stride=8)")
             if self.window is not None or self.sinks or self.global_ranges:
                 raise ConfigError("block-sparse attention cannot be combined with window/sinks/global")
+        if self.cache_positions and not self.sinks:
+            raise ConfigError("positions=cache applies to sinks + window (e.g. sinks=4,window=1020,positions=cache)")
 
     # ---- constructors --------------------------------------------------------------------------
     @classmethod
@@ -107,6 +114,19 @@ class AttentionPattern:
         return self.window is None and not self.block
 
     @property
+    def distance_bounded(self) -> bool:
+        """No query-key distance exceeds a constant: a stream may outrun the model's trained positions."""
+        return self.window is not None and not self.global_ranges and (not self.sinks or self.cache_positions)
+
+    def sink_shift(self, q):
+        """How much nearer than q - k a query at q sees the sinks (0 unless positions=cache and the
+        window has moved past them). Works on ints and tensors."""
+        if not self.cache_positions:
+            return q * 0
+        d = q - (self.sinks + self.window - 1)
+        return d.clamp(min=0) if hasattr(d, "clamp") else max(d, 0)
+
+    @property
     def kind(self) -> str:
         if self.block:
             return "block_sparse"
@@ -126,6 +146,8 @@ class AttentionPattern:
             parts.append(f"window={self.window}")
         if self.global_ranges:
             parts.append("global=" + "+".join(f"{s}:{e}" for s, e in self.global_ranges))
+        if self.cache_positions:
+            parts.append("positions=cache")
         return ",".join(parts) or "causal"
 
     # ---- the oracle ----------------------------------------------------------------------------
@@ -216,7 +238,7 @@ def parse_pattern(text: str) -> AttentionPattern:
                               f"causal, window=4096, sinks=4,window=1020, window=256,global=0:64 or "
                               f"block=64,local=4,stride=8")
         fields[key.strip()] = value.strip()
-    known = {"window", "sinks", "global", "block", "local", "stride"}
+    known = {"window", "sinks", "global", "block", "local", "stride", "positions"}
     if unknown := set(fields) - known:
         raise ConfigError(f"unknown attention pattern key(s) {sorted(unknown)} in {text!r}; "
                           f"known: {', '.join(sorted(known))}")
@@ -235,6 +257,9 @@ def parse_pattern(text: str) -> AttentionPattern:
         if set(fields) - {"block", "local", "stride"}:
             raise ConfigError("block-sparse attention cannot be combined with window/sinks/global")
         return AttentionPattern.block_sparse(number("block"), number("local"), number("stride"))
+    positions = fields.pop("positions", "text")
+    if positions not in ("text", "cache"):
+        raise ConfigError(f"positions={positions!r}: write positions=cache (StreamingLLM) or positions=text")
     if "window" not in fields:
         raise ConfigError(f"attention pattern {text!r} needs a window (e.g. window=4096)")
     global_ranges: Ranges = []
@@ -249,4 +274,4 @@ def parse_pattern(text: str) -> AttentionPattern:
                 raise ConfigError(f"global range {r!r} must be start:end with 0 <= start < end")
             global_ranges.append((start, end))
     return AttentionPattern(window=number("window"), sinks=number("sinks") if "sinks" in fields else 0,
-                            global_ranges=tuple(_merge(global_ranges)))
+                            global_ranges=tuple(_merge(global_ranges)), cache_positions=positions == "cache")

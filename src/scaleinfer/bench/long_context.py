@@ -28,8 +28,9 @@ import time
 
 from scaleinfer.attention.patterns import parse_pattern
 
-DEFAULT_PATTERNS = "causal;window=512;sinks=4,window=508;window=256,global=0:256;block=64,local=4,stride=8"
-DEFAULT_LENGTHS = "1024,2048,4096,8192,16384,32768"
+DEFAULT_PATTERNS = ("causal;window=512;sinks=4,window=508,positions=cache;window=256,global=0:256;"
+                    "block=64,local=4,stride=8")
+DEFAULT_LENGTHS = "1000,2000,4000,8000,16000,32000"
 FALLBACK_TEXT = ("The keepers of the northern light kept a log of every storm, every ship and every sailor who "
                  "came ashore; the log grew one line at a time for two hundred years. ")
 
@@ -45,8 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="skip the longer lengths of a pattern once one run took longer than this")
     p.add_argument("--text", default=os.path.join("..", "shared", "data", "shakespeare-en.txt"),
                    help="text for prompts and the quality stream (a built-in text if missing)")
-    p.add_argument("--stream-tokens", type=int, default=8192, help="length of the quality stream (0: skip)")
-    p.add_argument("--stream-patterns", default="causal;window=256;sinks=4,window=252",
+    p.add_argument("--stream-tokens", type=int, default=8000, help="length of the quality stream (0: skip)")
+    p.add_argument("--stream-patterns", default="causal;window=256;sinks=4,window=252;sinks=4,window=252,positions=cache",
                    help="';'-separated patterns of the quality experiment")
     p.add_argument("--output-dir", default="benchmarks/results")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -122,6 +123,8 @@ def _run_worker(spec: dict, timeout: float) -> dict | None:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return None
+    if proc.returncode == 3:  # the engine refused the request (e.g. past the model's positions)
+        return proc.stdout.strip().splitlines()[-1]
     if proc.returncode != 0:
         raise RuntimeError(f"worker {spec} failed: {proc.stderr.strip().splitlines()[-1:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -129,30 +132,49 @@ def _run_worker(spec: dict, timeout: float) -> dict | None:
 
 # ---- quality: perplexity over one long stream --------------------------------------------------
 def stream_perplexity(model: str, text: str, n: int, patterns: list[str], threads: int | None,
-                      segment: int = 1024) -> list[dict]:
-    """Perplexity of one n-token stream under each pattern, overall and per `segment` tokens."""
-    import torch
-
+                      segment: int = 1024, kv_cache_memory: str = "2GiB") -> list[dict]:
+    """Perplexity of one n-token stream under each pattern, overall and per `segment` tokens, scored
+    chunk by chunk through the paged cache (LLMEngine.score_stream: the KV policy frees blocks as the
+    stream goes). A pattern that cannot run n tokens (dense past the model's positions) is reported
+    with its error."""
     from scaleinfer import LLM
+    from scaleinfer.errors import ScaleInferError
 
     out = []
     for spec in patterns:
         llm = LLM(model, attention_pattern=None if spec == "causal" else spec, threads=threads,
-                  max_model_len=n + 8, kv_cache_memory=f"{max(256, n // 8)}MiB", enable_prefix_caching=False)
+                  max_model_len=n + 8, kv_cache_memory=kv_cache_memory, enable_prefix_caching=False)
+        engine = llm.engine
         ids = _token_stream(llm.tokenizer, text, n)
         tok = llm.tokenizer
         bos = [tok.bos_token_id] if tok.add_bos_token and tok.bos_token_id is not None else []
+        bm, held = engine.scheduler.block_manager, 0
+        free_dead = bm.free_dead_blocks
+
+        def count_held(request, live):  # blocks held after each chunk, before the policy frees some
+            nonlocal held
+            held = max(held, bm.num_blocks - bm.num_free_blocks)
+            return free_dead(request, live)
+
+        bm.free_dead_blocks = count_held
         start = time.perf_counter()
-        logits = llm.engine.compute_logits(bos + ids)
-        nll = -torch.log_softmax(logits[len(bos):-1].float(), -1).gather(
-            1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1)
+        try:
+            nll = -engine.score_stream(bos + ids)[len(bos):]
+        except ScaleInferError as exc:
+            out.append({"pattern": spec, "tokens": n, "error": str(exc)})
+            print(f"  {spec:<36} cannot run {n} tokens: {exc}", flush=True)
+            continue
         seconds = time.perf_counter() - start
+        if engine.scheduler.kv_patterns is None:
+            held = -(-len(bos + ids) // engine.config.cache.block_size)
         segs = [math.exp(float(nll[i:i + segment].mean())) for i in range(0, len(nll), segment)]
         out.append({"pattern": spec, "tokens": n, "perplexity": math.exp(float(nll.mean())),
-                    "segment": segment, "segment_perplexity": segs, "seconds": seconds})
-        print(f"  {spec:<24} ppl {out[-1]['perplexity']:8.3f}   per {segment}: "
+                    "segment": segment, "segment_perplexity": segs, "seconds": seconds,
+                    "peak_kv_blocks": held, "kv_mib": held * engine.config.cache.block_size
+                    * engine.kv_bytes_per_token / 2**20})
+        print(f"  {spec:<36} ppl {out[-1]['perplexity']:9.3f}  KV {out[-1]['kv_mib']:7.1f} MiB  per {segment}: "
               + " ".join(f"{s:.1f}" for s in segs), flush=True)
-        del llm, logits
+        del llm, engine
     return out
 
 
@@ -169,6 +191,9 @@ def main(args: argparse.Namespace) -> int:
             spec = {"model": args.model, "pattern": pattern, "length": length, "chunk": args.chunk,
                     "threads": args.threads, "text": args.text}
             row = _run_worker(spec, timeout=args.max_seconds * 4 + 120)
+            if isinstance(row, str):
+                print(f"{pattern:<28}{length:>8}   not run: {row}", flush=True)
+                break
             if row is None:
                 print(f"{pattern:<28}{length:>8}   timed out; longer lengths skipped", flush=True)
                 break
@@ -232,6 +257,12 @@ if __name__ == "__main__":
     add_arguments(parser)
     ns = parser.parse_args()
     if ns.worker:
-        print(json.dumps(_worker(json.loads(ns.worker))))
+        from scaleinfer.errors import ScaleInferError
+
+        try:
+            print(json.dumps(_worker(json.loads(ns.worker))))
+        except ScaleInferError as exc:
+            print(exc)
+            sys.exit(3)
     else:
         sys.exit(main(ns))

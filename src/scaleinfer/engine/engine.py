@@ -76,7 +76,11 @@ class LLMEngine:
 
         dtype = DTYPES[config.dtype]
         num_blocks = num_blocks_for_budget(self.model_config, config.cache, dtype)
-        self.max_model_len = min(config.scheduler.max_model_len, self.model_config.max_position_embeddings)
+        self.max_model_len = config.scheduler.max_model_len
+        if not all(p.distance_bounded for p in self.attention_patterns):
+            # Beyond its trained positions a model sees query-key distances it never learned. Patterns
+            # whose distances stay bounded (a window; sinks with positions=cache) may stream past them.
+            self.max_model_len = min(self.max_model_len, self.model_config.max_position_embeddings)
         sched_cfg = config.scheduler
         if sched_cfg.max_model_len != self.max_model_len:
             from dataclasses import replace
@@ -253,6 +257,35 @@ class LLMEngine:
             return self.runner.compute_logits(token_ids, probe.block_ids)
         finally:
             bm.free(probe)
+
+    def score_stream(self, token_ids: list[int], chunk: int = 512) -> "torch.Tensor":
+        """Log-probability of each next token of one long sequence ([len - 1]), computed chunk by chunk
+        through the paged cache with the KV policy applied after each chunk: the path a streaming
+        request takes, with every position scored. Under a bounded pattern the KV held stays bounded."""
+        if not token_ids:
+            raise RequestError("nothing to score: the token list is empty")
+        if len(token_ids) > self.max_model_len:
+            raise RequestError(f"{len(token_ids)} tokens exceed the context of {self.max_model_len} tokens; "
+                               f"raise --max-model-len (patterns with bounded distances may exceed the model's)")
+        probe = Request(f"score-{self.new_request_id()}", list(token_ids), SamplingParams(max_tokens=1))
+        bm, patterns = self.scheduler.block_manager, self.scheduler.kv_patterns
+        targets = torch.tensor(token_ids[1:] + [0])
+        out = []
+        try:
+            for start in range(0, len(token_ids), chunk):
+                end = min(start + chunk, len(token_ids))
+                if not bm.can_allocate(probe, end):
+                    raise RequestError(f"the KV cache is full at token {start}; raise --kv-cache-memory")
+                bm.allocate(probe, end)
+                logits = self.runner.compute_logits(token_ids[start:end], probe.block_ids, num_cached=start)
+                logprobs = torch.log_softmax(logits.float(), dim=-1)
+                out.append(logprobs.gather(1, targets[start:end].to(logprobs.device).unsqueeze(1)).squeeze(1).cpu())
+                probe.num_computed_tokens = end
+                if patterns is not None:
+                    bm.free_dead_blocks(probe, union_live_ranges(patterns, end))
+        finally:
+            bm.free(probe)
+        return torch.cat(out)[:-1]
 
     # ---- introspection -----------------------------------------------------------------------
     @property

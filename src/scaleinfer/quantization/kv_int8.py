@@ -12,9 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from scaleinfer.attention.metadata import AttentionMetadata
+from scaleinfer.attention.sdpa import SdpaBackend
 
 
 @dataclass
@@ -56,40 +55,13 @@ def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int) -> int:
     return 2 * num_layers * num_kv_heads * (head_dim + 4)
 
 
-class Int8KVSdpaBackend:
-    """The sdpa reference backend over an int8 cache (k_cache / v_cache are Int8KV)."""
+class Int8KVSdpaBackend(SdpaBackend):
+    """The sdpa reference backend over an int8 cache (k_cache / v_cache are Int8KV): the same
+    attention, with storage that quantizes on write and dequantizes on read. A fresh prefill attends
+    to the dequantized values too, so it sees exactly what later decodes will."""
 
-    def forward(self, q, k, v, k_cache: Int8KV, v_cache: Int8KV, meta: AttentionMetadata, scale: float):
-        num_tokens, num_heads, head_dim = q.shape
-        num_kv_heads = k.shape[1]
-        group = num_heads // num_kv_heads
-        k_hat = k_cache.write(meta.slot_mapping, k)
-        v_hat = v_cache.write(meta.slot_mapping, v)
-        out = torch.empty_like(q)
+    def _write(self, cache: Int8KV, slots: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return cache.write(slots, x)
 
-        d = meta.num_decode_tokens
-        if d:
-            slots = meta.decode_slots
-            max_ctx = slots.shape[1]
-            # [d, max_ctx, kv_heads, head_dim] -> [d, kv_heads, max_ctx, head_dim]
-            kd = k_cache.read(slots.view(-1), q.dtype).view(d, max_ctx, num_kv_heads, head_dim).transpose(1, 2)
-            vd = v_cache.read(slots.view(-1), q.dtype).view(d, max_ctx, num_kv_heads, head_dim).transpose(1, 2)
-            qd = q[:d].view(d, num_kv_heads, group, head_dim)
-            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale)
-            out[:d] = od.reshape(d, num_heads, head_dim)
-
-        for seq in meta.prefills:
-            s, n = seq.query_start, seq.query_len
-            qs = q[s:s + n].transpose(0, 1).unsqueeze(0)              # [1, heads, n, head_dim]
-            if seq.kv_slots is None:
-                ks, vs = k_hat[s:s + n], v_hat[s:s + n]
-                mask, causal = None, True
-            else:
-                ks, vs = k_cache.read(seq.kv_slots, q.dtype), v_cache.read(seq.kv_slots, q.dtype)
-                mask, causal = seq.mask, False
-            ks = ks.transpose(0, 1).unsqueeze(0)                      # [1, kv_heads, ctx, head_dim]
-            vs = vs.transpose(0, 1).unsqueeze(0)
-            os_ = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=causal, scale=scale,
-                                                 enable_gqa=group > 1)
-            out[s:s + n] = os_.squeeze(0).transpose(0, 1)
-        return out
+    def _read(self, cache: Int8KV, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return cache.read(slots, dtype)

@@ -70,8 +70,10 @@ class ModelRunner:
                 out.logprobs[req.request_id] = (sampled_lp[row], dict(zip(top_ids[row][:k], top_lps[row][:k])))
         return out
 
-    def compute_logits(self, token_ids: list[int], block_ids: list[int] | None = None) -> torch.Tensor:
-        """Logits of every position of one sequence, through the paged cache (evaluation helper).
+    def compute_logits(self, token_ids: list[int], block_ids: list[int] | None = None,
+                       num_cached: int = 0) -> torch.Tensor:
+        """Logits of every position of `token_ids`, a chunk that follows `num_cached` tokens already in
+        the cache (evaluation helper), through the paged cache and the layers' attention patterns.
 
         `block_ids` are blocks the caller allocated for it (LLMEngine.compute_logits does); without
         them blocks [0, ceil(len / block_size)) are used, which is only safe on an idle engine with
@@ -80,10 +82,12 @@ class ModelRunner:
         from scaleinfer.attention.metadata import build_metadata
 
         n = len(token_ids)
+        total = num_cached + n
         if block_ids is None:
-            block_ids = list(range(-(-n // self.block_size)))
-        meta = build_metadata([n], [n], [block_ids], self.block_size, self.patterns)
+            block_ids = list(range(-(-total // self.block_size)))
+        meta = build_metadata([n], [total], [block_ids], self.block_size, self.patterns)
         with torch.inference_mode():
-            positions = torch.arange(n, device=self.device)
+            positions = torch.arange(num_cached, total, device=self.device)
+            rows = torch.arange(n, device=self.device)
             return self.model.forward(torch.tensor(token_ids, device=self.device), positions, self.kv_caches,
-                                      meta.to(self.device), positions)
+                                      meta.to(self.device), rows)

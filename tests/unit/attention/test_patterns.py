@@ -141,3 +141,64 @@ def test_paged_step_with_pattern_matches_dense_mask(pattern, backend_cls, atol):
         ref = dense_reference(q, k, v, pattern, scale)[before:]
         torch.testing.assert_close(out[start:start + new], ref, atol=atol, rtol=atol)
         start += new
+
+
+# ---- StreamingLLM positions within the cache (positions=cache) ---------------------------------------
+def rope_rotate(x, pos, inv_freq):
+    from scaleinfer.attention.sdpa import rotate
+
+    return rotate(x, pos, inv_freq)
+
+
+def shifted_oracle(q_raw, k_raw, v, pattern, scale, inv_freq):
+    """Row by row: every key is rotated to the position it has in StreamingLLM's cache as that query
+    sees it (sinks moved next to the window), then plain softmax attention over the allowed keys."""
+    n, heads, _ = q_raw.shape
+    group = heads // k_raw.shape[1]
+    out = torch.empty_like(q_raw)
+    pos = torch.arange(n)
+    for qp in range(n):
+        allowed = pattern.allows(torch.tensor(qp), pos[:qp + 1])
+        k_pos = pos[:qp + 1] + torch.where(pos[:qp + 1] < pattern.sinks, pattern.sink_shift(qp), 0)
+        kq = rope_rotate(k_raw[:qp + 1], k_pos.view(-1, 1), inv_freq).repeat_interleave(group, 1)
+        qq = rope_rotate(q_raw[qp], torch.tensor(qp).view(1), inv_freq)            # [H, D]
+        scores = torch.einsum("hd,khd->hk", qq, kq) * scale
+        scores[:, ~allowed] = float("-inf")
+        out[qp] = torch.einsum("hk,khd->hd", torch.softmax(scores, -1), v[:qp + 1].repeat_interleave(group, 1))
+    return out
+
+
+@pytest.mark.parametrize("backend_cls,atol", [(SdpaBackend, 1e-4), (Int8KVSdpaBackend, 0.05)])
+def test_cache_positions_match_streaming_llm_oracle(backend_cls, atol):
+    torch.manual_seed(3)
+    heads, kv_heads, head_dim, block_size = 4, 2, 16, 4
+    scale, inv_freq = head_dim ** -0.5, 1.0 / (10000 ** (torch.arange(0, head_dim, 2).double() / head_dim))
+    pattern = parse_pattern("sinks=3,window=20,positions=cache")
+    assert pattern.distance_bounded and not parse_pattern("sinks=3,window=20").distance_bounded
+    total = 300
+    q_raw, k_raw = torch.randn(total, heads, head_dim), torch.randn(total, kv_heads, head_dim)
+    v = torch.randn(total, kv_heads, head_dim)
+    pos = torch.arange(total).view(-1, 1)
+    q, k = rope_rotate(q_raw, pos, inv_freq), rope_rotate(k_raw, pos, inv_freq)  # what the model computes
+    ref = shifted_oracle(q_raw, k_raw, v, pattern, scale, inv_freq)
+
+    num_blocks = 200
+    if backend_cls is Int8KVSdpaBackend:
+        from scaleinfer.quantization.kv_int8 import Int8KV
+        k_cache, v_cache = Int8KV.empty(num_blocks * block_size, kv_heads, head_dim), \
+            Int8KV.empty(num_blocks * block_size, kv_heads, head_dim)
+    else:
+        k_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim)
+        v_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim)
+    table = list(range(num_blocks - 1, num_blocks - 1 - total // block_size, -1))
+    backend, outs = backend_cls(), []
+    # a 270-token prompt in chunks of 100, then 30 decodes: tiles with and without shifted rows
+    steps = [(0, 100), (100, 100), (200, 70)] + [(p, 1) for p in range(270, 300)]
+    for start, n in steps:
+        meta = build_metadata([n], [start + n], [table], block_size, [pattern]).for_pattern(pattern)
+        outs.append(backend.forward(q[start:start + n], k[start:start + n], v[start:start + n], k_cache, v_cache,
+                                    meta, scale, rope=inv_freq))
+    torch.testing.assert_close(torch.cat(outs), ref, atol=atol, rtol=atol)
+    # the shift matters: with text positions the result is different
+    plain = dense_reference(q, k, v, parse_pattern("sinks=3,window=20"), scale)
+    assert (plain[100:] - ref[100:]).abs().max() > 1e-2
