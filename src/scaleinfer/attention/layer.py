@@ -21,9 +21,12 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.scale = scale
         self.backend = backend
-        self.rope_inv_freq: torch.Tensor | None = None
-        """The layer's RoPE inverse frequencies, set by models that use RoPE; needed by patterns with
-        positions=cache (StreamingLLM), which re-rotate sinks."""
+        self.register_buffer("rope_inv_freq", None, persistent=False)
+        """The layer's RoPE inverse frequencies (set_rope), needed by patterns with positions=cache
+        (StreamingLLM), which re-rotate sinks; a buffer so that it follows the model's device."""
+
+    def set_rope(self, inv_freq: torch.Tensor) -> None:
+        self.rope_inv_freq = inv_freq.detach().clone()
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:

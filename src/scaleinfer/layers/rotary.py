@@ -40,14 +40,27 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_position: int, theta: float, scaling: dict | None = None):
         super().__init__()
         inv_freq, attn_factor = _inv_freq(head_dim, theta, scaling)
-        t = torch.arange(max_position, dtype=torch.float64)
-        freqs = torch.outer(t, inv_freq)                      # [max_position, head_dim / 2]
-        emb = torch.cat((freqs, freqs), dim=-1)               # [max_position, head_dim]
-        self.register_buffer("cos", (emb.cos() * attn_factor).float(), persistent=False)
-        self.register_buffer("sin", (emb.sin() * attn_factor).float(), persistent=False)
+        self.attn_factor = attn_factor
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        """[head_dim / 2]: also what attention patterns with positions=cache re-rotate sinks with."""
+        self._inv_freq64 = inv_freq
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+        self._build(max_position)
+
+    def _build(self, num_positions: int) -> None:
+        t = torch.arange(num_positions, dtype=torch.float64)
+        freqs = torch.outer(t, self._inv_freq64)               # [num_positions, head_dim / 2]
+        emb = torch.cat((freqs, freqs), dim=-1)               # [num_positions, head_dim]
+        device = self.cos.device
+        self.cos = (emb.cos() * self.attn_factor).float().to(device)
+        self.sin = (emb.sin() * self.attn_factor).float().to(device)
 
     def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for the given positions: [num_tokens, 1, head_dim] each."""
+        """cos, sin for the given positions: [num_tokens, 1, head_dim] each. Positions past the table
+        (a stream under a distance-bounded attention pattern) grow it, doubling."""
+        if positions.numel() and int(positions.max()) >= self.cos.shape[0]:
+            self._build(max(2 * self.cos.shape[0], int(positions.max()) + 1))
         return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
 
 

@@ -148,6 +148,8 @@ class Gemma3ForCausalLM(nn.Module):
         local_theta = cfg.rope_local_theta or cfg.rope_theta
         self.rotary_local = (RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, local_theta)
                              if SLIDING in layer_types else None)
+        for layer in self.layers:
+            layer.self_attn.attn.set_rope((self.rotary_local if layer.sliding else self.rotary_global).inv_freq)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False, dtype)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
