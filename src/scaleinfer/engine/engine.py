@@ -57,6 +57,19 @@ class EngineStats:
     last_batch_size: int = 0
 
 
+def position_limit(cfg) -> int:
+    """Longest sequence the model's positions cover: max_position_embeddings, times the factor of a
+    YaRN / dynamic-NTK rope_scaling whose original length is that same number (e.g. Qwen2.5's
+    "factor": 4 on 32k); linear and llama3 checkpoints already state their extended length."""
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    factor = scaling.get("factor")
+    original = scaling.get("original_max_position_embeddings")
+    if kind in ("yarn", "dynamic") and factor and (original is None or original >= cfg.max_position_embeddings):
+        return int(cfg.max_position_embeddings * float(factor))
+    return cfg.max_position_embeddings
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -80,7 +93,7 @@ class LLMEngine:
         if not all(p.distance_bounded for p in self.attention_patterns):
             # Beyond its trained positions a model sees query-key distances it never learned. Patterns
             # whose distances stay bounded (a window; sinks with positions=cache) may stream past them.
-            self.max_model_len = min(self.max_model_len, self.model_config.max_position_embeddings)
+            self.max_model_len = min(self.max_model_len, position_limit(self.model_config))
         sched_cfg = config.scheduler
         if sched_cfg.max_model_len != self.max_model_len:
             from dataclasses import replace

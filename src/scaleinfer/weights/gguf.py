@@ -180,6 +180,12 @@ def _rope_scaling(gf: GGUFFile, arch: str, tensors: dict[str, TensorInfo], head_
     original = gf.get(f"{arch}.rope.scaling.original_context_length")
     if original:
         scaling["original_max_position_embeddings"] = int(original)
+    if kind == "yarn":  # optional; convert_hf_to_gguf writes them from HF's rope_scaling when present
+        for gguf_key, hf_key in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow"),
+                                 ("yarn_attn_factor", "attention_factor")):
+            value = gf.get(f"{arch}.rope.scaling.{gguf_key}")
+            if value is not None:
+                scaling[hf_key] = float(value)
     return scaling
 
 

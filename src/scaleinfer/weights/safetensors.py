@@ -54,7 +54,7 @@ def read_model_config(path: str) -> ModelConfig:
     rope = cfg.get("rope_parameters") or {}
     theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
     scaling = cfg.get("rope_scaling")
-    if scaling is None and rope.get("rope_type") not in (None, "default"):
+    if scaling is None and rope.get("rope_type", rope.get("type")) not in (None, "default"):
         scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
     eos = cfg.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
