@@ -1,4 +1,4 @@
-"""The `scaleinfer` command: generate | chat | demo | serve | models | pull | bench [serve | long-context].
+"""The `scaleinfer` command: generate | chat | demo | serve | models | pull | quantize | bench [serve | long-context].
 
 Every ScaleInferError becomes one line on stderr and exit code 2; no tracebacks for bad input.
 """
@@ -165,6 +165,18 @@ def cmd_pull(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    from scaleinfer.quantization.checkpoint import quantize_to_dir
+
+    if args.threads is not None:
+        __import__("torch").set_num_threads(args.threads)
+    start = time.perf_counter()
+    config = quantize_to_dir(args.model, args.quantization, args.output, overwrite=args.overwrite)
+    print(f"wrote {args.output}: {config['quantization']['mode']}, {len(config['quantization']['layers'])} packed "
+          f"linears, in {time.perf_counter() - start:.1f} s; load it with --model {args.output}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from scaleinfer.bench.core import main as bench_main
 
@@ -267,6 +279,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pull", help="install a catalog model")
     p.add_argument("name")
     p.set_defaults(fn=cmd_pull)
+
+    p = sub.add_parser("quantize", help="write a quantized checkpoint directory (load it with --model DIR)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="catalog name, a .gguf file, an HF directory or hub id (the source to quantize)")
+    p.add_argument("--quantization", required=True,
+                   help="int8, int4, int4-g64, int4-g128 or w8a8 (see --quantization of generate)")
+    p.add_argument("--output", required=True, help="directory to write (new, empty, or an earlier quantize output)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty directory")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.set_defaults(fn=cmd_quantize)
 
     p = sub.add_parser("bench", help="benchmark against HF transformers (prefill, decode, mixed load)")
     _engine_args(p)

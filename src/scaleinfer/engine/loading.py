@@ -24,6 +24,10 @@ def build_model(ckpt: Checkpoint, config: EngineConfig, attention_backend: str =
     if config.cache.kv_cache_dtype == "int8":
         attention_backend = "sdpa-int8kv"
     model = cls(ckpt.config, get_backend(attention_backend), dtype)
+    if ckpt.format == "scaleinfer-quantized":  # packed tensors go in as stored, no re-quantizing
+        from scaleinfer.quantization.checkpoint import load_quantized
+
+        return load_quantized(model, ckpt, config)
     loaded = model.load_weights(ckpt.tensors())
     missing = _missing_params(model, loaded)
     if missing:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shutil
+import sys
 import time
 
 import torch
@@ -27,30 +29,80 @@ def build_dir() -> str:
     return os.path.join(model_cache_dir(), "kernels", f"torch-{torch.__version__.split('+')[0]}")
 
 
+def cpu_isa() -> str:
+    """The best code path this CPU supports, from /proc/cpuinfo (what the kernel's isa() will pick)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return "unknown"
+    if {"avx512f", "avx512bw"} <= set(flags):
+        return "avx512"
+    if {"avx2", "fma"} <= set(flags):
+        return "avx2"
+    return "scalar"
+
+
+def _ensure_ninja_on_path() -> None:
+    """torch's cpp_extension runs `ninja` from PATH; the pip `ninja` package puts it in the venv's bin,
+    which is not on PATH when the venv's python is run directly (as `make` does)."""
+    if shutil.which("ninja"):
+        return
+    dirs = [os.path.dirname(sys.executable)]
+    try:
+        import ninja
+
+        dirs.insert(0, ninja.BIN_DIR)
+    except Exception:
+        pass
+    for d in dirs:
+        if os.path.isfile(os.path.join(d, "ninja")):
+            os.environ["PATH"] = d + os.pathsep + os.environ.get("PATH", "")
+            return
+
+
+def _load():
+    from torch.utils.cpp_extension import load
+
+    _ensure_ninja_on_path()
+    os.makedirs(build_dir(), exist_ok=True)
+    return load(_NAME, [_SOURCE], build_directory=build_dir(), extra_cflags=["-O3", "-fopenmp"],
+                extra_ldflags=["-fopenmp"], verbose=False)
+
+
 @functools.lru_cache(maxsize=1)
 def lowbit_ops():
-    """The compiled kernel module (int8_linear, int4_linear, int4_dequantize, isa, set_isa) or None."""
+    """The compiled kernel module (int8_linear, int4_linear, int4_dequantize_out, isa, set_isa) or None."""
     try:
-        from torch.utils.cpp_extension import load
-
-        os.makedirs(build_dir(), exist_ok=True)
         start = time.perf_counter()
-        mod = load(_NAME, [_SOURCE], build_directory=build_dir(), extra_cflags=["-O3", "-fopenmp"],
-                   extra_ldflags=["-fopenmp"], verbose=False)
+        mod = _load()
         logger.debug("low-bit kernels ready (%s) in %.1f s", mod.isa(), time.perf_counter() - start)
         return mod
     except Exception as exc:  # no compiler, no headers: the pure-torch path still works
-        logger.warning("low-bit CPU kernels unavailable, using the slower torch fallback: %s", exc)
+        logger.warning("low-bit CPU kernels unavailable, using the slower torch fallback: %s", _first_line(exc))
         return None
 
 
+def _first_line(exc: Exception) -> str:
+    """A one-line reason: the compiler's first error line if there is one, else the message's first line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    keys = ("error:", "not found", "no such file", "permission denied", "failed")
+    reason = next((line for k in keys for line in lines if k in line.lower() and len(line) < 400), None)
+    reason = reason or (lines[0] if lines else "")
+    return f"{type(exc).__name__}: {reason[:200]}"
+
+
 def main() -> int:
+    """`python -m scaleinfer.quantization.kernels` (run by `make`): build or load the kernel, one line."""
     start = time.perf_counter()
-    ops = lowbit_ops()
-    if ops is None:
-        print("low-bit kernels could not be built (see the warning above); the torch fallback will be used")
+    try:
+        ops = _load()
+    except Exception as exc:
+        print(f"low-bit CPU kernels NOT built ({_first_line(exc)}); CPU ISA {cpu_isa()}; "
+              f"the slower torch fallback will be used")
         return 1
-    print(f"low-bit kernels built in {time.perf_counter() - start:.1f} s under {build_dir()} (code path: {ops.isa()})")
+    print(f"low-bit CPU kernels ready in {time.perf_counter() - start:.1f} s: ISA {ops.isa()} "
+          f"(CPU supports {cpu_isa()}), library under {build_dir()}")
     return 0
 
 

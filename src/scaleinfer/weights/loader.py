@@ -35,7 +35,7 @@ class Checkpoint:
     path: str
     """The .gguf file or the HF model directory."""
     format: str
-    """"gguf" or "safetensors"."""
+    """"gguf", "safetensors" or "scaleinfer-quantized" (a `scaleinfer quantize` directory)."""
     num_tensors: int
     _tensors: Callable[[], Iterator[tuple[str, torch.Tensor]]]
 
@@ -58,6 +58,10 @@ def open_checkpoint(model: str) -> Checkpoint:
     if model.endswith(".gguf") or os.path.isfile(model):
         return _open_gguf(model)
     if os.path.isdir(model):
+        from scaleinfer.quantization import checkpoint as quantized
+
+        if quantized.is_quantized_dir(model):  # written by `scaleinfer quantize`
+            return quantized.open_quantized_dir(model)
         if not os.path.isfile(os.path.join(model, "config.json")):
             ggufs = sorted(f for f in os.listdir(model) if f.endswith(".gguf"))
             if len(ggufs) == 1:

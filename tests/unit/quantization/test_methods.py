@@ -18,7 +18,7 @@ from scaleinfer.quantization.int8 import W8A8, Int8WeightOnly
 from scaleinfer.quantization.kernels import lowbit_ops
 
 SHAPES = [(96, 64), (160, 128), (64, 256)]          # (out, in), in a multiple of 64 for all groups
-ROWS = [1, 3, 4, 5, 9, 40]                           # GEMV kernel, small batches, slices + BLAS
+ROWS = [1, 3, 4, 5, 9, 40, 64, 200]                  # M = 1 kernel, 2x4-tile kernel, slices + BLAS
 
 
 def _isas() -> list[str]:
@@ -144,3 +144,17 @@ def test_int4_group_falls_back_to_one_that_divides_in_features():
     assert m.group_size == 32 and layer.weight_scale.shape == (32, 3)
     x = torch.randn(2, 96)
     torch.testing.assert_close(layer(x), x @ m.dequantize(layer).t(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 64])
+@pytest.mark.parametrize("shape", [(1536, 576), (33, 100)], ids=["smollm2-gate-up", "odd-out-ragged-in"])
+def test_int8_many_rows_match_dequantized_reference(isa, shape, rows):
+    """The M > 1 kernel (2x4 register tiles) on a real layer width and on an odd output count with an
+    input width that is no multiple of the vector length (tail loops, the last single-row pair)."""
+    layer = _layer(*shape, bias=True)
+    m = Int8WeightOnly()
+    m.process_weights_after_loading(layer)
+    layer.quant_method = m
+    x = torch.randn(rows, shape[1], generator=torch.Generator().manual_seed(4))
+    ref = torch.nn.functional.linear(x, m.dequantize(layer), layer.bias)
+    assert _rel_err(layer(x), ref) < 1e-4

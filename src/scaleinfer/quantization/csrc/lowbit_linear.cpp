@@ -6,8 +6,9 @@
 //
 // Activations stay fp32: the weights are widened to fp32 in registers and multiplied with FMA, so
 // the result equals x @ dequantize(W)^T up to summation order. One fused pass per output row at
-// M = 1 (batch-1 decode reads each weight byte once); for M > 1 rows are dequantized into a small
-// fp32 buffer and reused across the M inputs. Code paths: AVX-512, AVX2+FMA, scalar; chosen at run
+// M = 1 (batch-1 decode reads each weight byte once); for M > 1 pairs of rows are dequantized into a
+// small fp32 buffer and multiplied with 4 input rows at a time (2x4 register tiles), which beats
+// fp32 BLAS up to M ~ 128-256 on small layers (callers switch to dequantized slices + BLAS above). Code paths: AVX-512, AVX2+FMA, scalar; chosen at run
 // time from the CPU's features (`isa()` says which).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -47,19 +48,9 @@ inline void dequant_row_int4(const uint8_t* q, const float* scale, const float* 
   }
 }
 
-// ---------------- dot products ----------------------------------------------------------------
-__attribute__((target("avx512f,avx512bw"))) float dot_avx512(const float* a, const float* b, int64_t K) {
-  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 32 <= K; k += 32) {
-    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_loadu_ps(b + k), acc0);
-    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k + 16), _mm512_loadu_ps(b + k + 16), acc1);
-  }
-  float s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-  for (; k < K; ++k) s += a[k] * b[k];
-  return s;
-}
+constexpr int64_t kGrain = 16;  // output rows per parallel task (at least)
 
+// ---------------- horizontal sum (AVX2) -----------------------------------------------------
 __attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -67,24 +58,94 @@ __attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-__attribute__((target("avx2,fma"))) float dot_avx2(const float* a, const float* b, int64_t K) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+// ---------------- M > 1: tiles of 2 weight rows x 4 input rows ---------------------------------
+// Two weight rows are dequantized into a per-thread fp32 buffer (L1-resident) and reused by every
+// input row; a tile keeps 8 accumulators, i.e. 8 FMAs per 6 loads where a plain dot product does 1
+// per 2. Rows beyond `mr` (the last, partial tile) read row 0 again and are not stored.
+__attribute__((target("avx512f,avx512bw"))) void tile_2x4_avx512(const float* w0, const float* w1,
+                                                                  const float* const xs[4], int64_t K,
+                                                                  float out[4][2]) {
+  __m512 a00 = _mm512_setzero_ps(), a01 = _mm512_setzero_ps(), a10 = _mm512_setzero_ps(), a11 = _mm512_setzero_ps();
+  __m512 a20 = _mm512_setzero_ps(), a21 = _mm512_setzero_ps(), a30 = _mm512_setzero_ps(), a31 = _mm512_setzero_ps();
+  const float *x0 = xs[0], *x1 = xs[1], *x2 = xs[2], *x3 = xs[3];
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(b + k + 8), acc1);
+    const __m512 v0 = _mm512_loadu_ps(w0 + k), v1 = _mm512_loadu_ps(w1 + k);
+    __m512 xv = _mm512_loadu_ps(x0 + k);
+    a00 = _mm512_fmadd_ps(v0, xv, a00); a01 = _mm512_fmadd_ps(v1, xv, a01);
+    xv = _mm512_loadu_ps(x1 + k);
+    a10 = _mm512_fmadd_ps(v0, xv, a10); a11 = _mm512_fmadd_ps(v1, xv, a11);
+    xv = _mm512_loadu_ps(x2 + k);
+    a20 = _mm512_fmadd_ps(v0, xv, a20); a21 = _mm512_fmadd_ps(v1, xv, a21);
+    xv = _mm512_loadu_ps(x3 + k);
+    a30 = _mm512_fmadd_ps(v0, xv, a30); a31 = _mm512_fmadd_ps(v1, xv, a31);
   }
-  float s = hsum256(_mm256_add_ps(acc0, acc1));
-  for (; k < K; ++k) s += a[k] * b[k];
-  return s;
+  out[0][0] = _mm512_reduce_add_ps(a00); out[0][1] = _mm512_reduce_add_ps(a01);
+  out[1][0] = _mm512_reduce_add_ps(a10); out[1][1] = _mm512_reduce_add_ps(a11);
+  out[2][0] = _mm512_reduce_add_ps(a20); out[2][1] = _mm512_reduce_add_ps(a21);
+  out[3][0] = _mm512_reduce_add_ps(a30); out[3][1] = _mm512_reduce_add_ps(a31);
+  for (; k < K; ++k)
+    for (int i = 0; i < 4; ++i) { out[i][0] += w0[k] * xs[i][k]; out[i][1] += w1[k] * xs[i][k]; }
 }
 
-inline float dot(const float* a, const float* b, int64_t K) {
-  if (g_isa == Isa::avx512) return dot_avx512(a, b, K);
-  if (g_isa == Isa::avx2) return dot_avx2(a, b, K);
-  float s = 0.f;
-  for (int64_t k = 0; k < K; ++k) s += a[k] * b[k];
-  return s;
+__attribute__((target("avx2,fma"))) void tile_2x4_avx2(const float* w0, const float* w1, const float* const xs[4],
+                                                        int64_t K, float out[4][2]) {
+  __m256 a00 = _mm256_setzero_ps(), a01 = _mm256_setzero_ps(), a10 = _mm256_setzero_ps(), a11 = _mm256_setzero_ps();
+  __m256 a20 = _mm256_setzero_ps(), a21 = _mm256_setzero_ps(), a30 = _mm256_setzero_ps(), a31 = _mm256_setzero_ps();
+  const float *x0 = xs[0], *x1 = xs[1], *x2 = xs[2], *x3 = xs[3];
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    const __m256 v0 = _mm256_loadu_ps(w0 + k), v1 = _mm256_loadu_ps(w1 + k);
+    __m256 xv = _mm256_loadu_ps(x0 + k);
+    a00 = _mm256_fmadd_ps(v0, xv, a00); a01 = _mm256_fmadd_ps(v1, xv, a01);
+    xv = _mm256_loadu_ps(x1 + k);
+    a10 = _mm256_fmadd_ps(v0, xv, a10); a11 = _mm256_fmadd_ps(v1, xv, a11);
+    xv = _mm256_loadu_ps(x2 + k);
+    a20 = _mm256_fmadd_ps(v0, xv, a20); a21 = _mm256_fmadd_ps(v1, xv, a21);
+    xv = _mm256_loadu_ps(x3 + k);
+    a30 = _mm256_fmadd_ps(v0, xv, a30); a31 = _mm256_fmadd_ps(v1, xv, a31);
+  }
+  out[0][0] = hsum256(a00); out[0][1] = hsum256(a01);
+  out[1][0] = hsum256(a10); out[1][1] = hsum256(a11);
+  out[2][0] = hsum256(a20); out[2][1] = hsum256(a21);
+  out[3][0] = hsum256(a30); out[3][1] = hsum256(a31);
+  for (; k < K; ++k)
+    for (int i = 0; i < 4; ++i) { out[i][0] += w0[k] * xs[i][k]; out[i][1] += w1[k] * xs[i][k]; }
+}
+
+inline void tile_2x4(const float* w0, const float* w1, const float* const xs[4], int64_t K, float out[4][2]) {
+  if (g_isa == Isa::avx512) return tile_2x4_avx512(w0, w1, xs, K, out);
+  if (g_isa == Isa::avx2) return tile_2x4_avx2(w0, w1, xs, K, out);
+  for (int i = 0; i < 4; ++i) {
+    float s0 = 0.f, s1 = 0.f;
+    for (int64_t k = 0; k < K; ++k) { s0 += w0[k] * xs[i][k]; s1 += w1[k] * xs[i][k]; }
+    out[i][0] = s0; out[i][1] = s1;
+  }
+}
+
+// y[M, N] = x[M, K] W^T for M > 1, where dequant(n, out) writes weight row n as fp32 into out[K].
+template <class Dequant>
+void multi_row_linear(const float* xp, int64_t M, int64_t N, int64_t K, float* yp, const Dequant& dequant) {
+  at::parallel_for(0, (N + 1) / 2, kGrain / 2, [&](int64_t p0, int64_t p1) {
+    std::vector<float> w(2 * K, 0.f);
+    float t[4][2];
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n = 2 * p;
+      const bool two = n + 1 < N;
+      dequant(n, w.data());
+      if (two) dequant(n + 1, w.data() + K);
+      for (int64_t m = 0; m < M; m += 4) {
+        const int64_t mr = std::min<int64_t>(4, M - m);
+        const float* xs[4];
+        for (int64_t i = 0; i < 4; ++i) xs[i] = xp + (m + (i < mr ? i : 0)) * K;
+        tile_2x4(w.data(), w.data() + K, xs, K, t);
+        for (int64_t i = 0; i < mr; ++i) {
+          yp[(m + i) * N + n] = t[i][0];
+          if (two) yp[(m + i) * N + n + 1] = t[i][1];
+        }
+      }
+    }
+  });
 }
 
 // ---------------- fused M = 1 row kernels -----------------------------------------------------
@@ -189,8 +250,6 @@ void check_x(const torch::Tensor& x, int64_t K) {
   TORCH_CHECK(x.size(1) == K, "x has ", x.size(1), " features, the weight expects ", K);
 }
 
-constexpr int64_t kGrain = 16;  // output rows per parallel task (at least)
-
 }  // namespace
 
 torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale) {
@@ -203,8 +262,12 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale)
   const int8_t* qp = q.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
   float* yp = y.data_ptr<float>();
+  if (M > 1) {
+    multi_row_linear(xp, M, N, K, yp, [&](int64_t n, float* out) { dequant_row_int8(qp + n * K, sp[n], K, out); });
+    return y;
+  }
   at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
-    if (M == 1) {
+    {
       for (int64_t n = n0; n < n1; ++n) {
         float s;
         if (g_isa == Isa::avx512) s = row_int8_avx512(qp + n * K, xp, K);
@@ -213,11 +276,6 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale)
         yp[n] = s * sp[n];
       }
       return;
-    }
-    std::vector<float> w(K);
-    for (int64_t n = n0; n < n1; ++n) {
-      dequant_row_int8(qp + n * K, sp[n], K, w.data());
-      for (int64_t m = 0; m < M; ++m) yp[m * N + n] = dot(w.data(), xp + m * K, K);
     }
   });
   return y;
@@ -238,9 +296,15 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
   const float* sp = scale.data_ptr<float>();
   const float* mp = mn.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  std::vector<float> xsum = M == 1 ? group_sums(xp, M, K, G) : std::vector<float>();
+  if (M > 1) {
+    multi_row_linear(xp, M, N, K, yp, [&](int64_t n, float* out) {
+      dequant_row_int4(qp + n * (K / 2), sp + n * num_groups, mp + n * num_groups, K, G, out);
+    });
+    return y;
+  }
+  std::vector<float> xsum = group_sums(xp, M, K, G);
   at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
-    if (M == 1) {
+    {
       for (int64_t n = n0; n < n1; ++n) {
         const uint8_t* qr = qp + n * (K / 2);
         const float* sr = sp + n * num_groups;
@@ -253,11 +317,6 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
         yp[n] = s;
       }
       return;
-    }
-    std::vector<float> w(K);
-    for (int64_t n = n0; n < n1; ++n) {
-      dequant_row_int4(qp + n * (K / 2), sp + n * num_groups, mp + n * num_groups, K, G, w.data());
-      for (int64_t m = 0; m < M; ++m) yp[m * N + n] = dot(w.data(), xp + m * K, K);
     }
   });
   return y;
