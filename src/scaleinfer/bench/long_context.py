@@ -50,6 +50,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream-patterns", default="causal;window=256;sinks=4,window=252;sinks=4,window=252,positions=cache",
                    help="';'-separated patterns of the quality experiment")
     p.add_argument("--output-dir", default="benchmarks/results")
+    p.add_argument("--no-past-positions", dest="past_positions", action="store_false",
+                   help="do not time prompts longer than the model's trained positions (by default they run, "
+                        "as a cost measurement)")
+    p.add_argument("--merge", action="append", metavar="JSON",
+                   help="add the sweep rows of an earlier run's JSON for points this run did not measure "
+                        "(the table, JSON and plot cover both); repeatable")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
 
 
@@ -69,11 +75,17 @@ def _token_stream(tokenizer, text: str, n: int) -> list[int]:
 
 
 def _kv_budget_tokens(pattern_text: str, length: int, chunk: int, block_size: int) -> int:
+    """KV tokens to budget so that the cache allocation (which the process's RSS counts) follows what
+    the pattern keeps: the most live keys at any chunk boundary, plus one chunk and block rounding."""
     pattern = parse_pattern(pattern_text)
-    if pattern.kind in ("window", "sinks"):
-        bound = pattern.sinks + pattern.window + chunk + 3 * block_size
-        return min(length + block_size, bound)
-    return length + block_size
+    if pattern.kind == "causal":
+        return length + block_size
+    def live(q: int) -> int:
+        return sum(hi - lo for lo, hi in pattern.live_ranges(q))
+
+    ranges = len(pattern.live_ranges(length))
+    peak = max(live(q) for q in [*range(0, length + chunk, chunk), length + 1])
+    return min(length + block_size, peak + chunk + (ranges + 2) * block_size)
 
 
 # ---- worker: one (pattern, length) in a fresh process ---------------------------------------------
@@ -85,6 +97,7 @@ def _worker(spec: dict) -> dict:
     from scaleinfer.config import CacheConfig
     from scaleinfer.engine.loading import DTYPES
     from scaleinfer.kv_cache.cache_tensors import bytes_per_token
+    from scaleinfer.engine.engine import position_limit
     from scaleinfer.weights.loader import open_checkpoint
 
     cfg = open_checkpoint(spec["model"]).config
@@ -114,13 +127,19 @@ def _worker(spec: dict) -> dict:
             "peak_kv_blocks": peak_blocks, "kv_mib": peak_blocks * block_size * per_token / 2**20,
             "kv_budget_mib": engine.num_kv_blocks * block_size * per_token / 2**20,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "rss_after_load_mib": rss_before / 1024, "threads": spec["threads"]}
+            "rss_after_load_mib": rss_before / 1024, "threads": spec["threads"],
+            "past_positions": length > position_limit(cfg), "model_positions": position_limit(cfg)}
 
 
 def _run_worker(spec: dict, timeout: float) -> dict | None:
+    from scaleinfer.config import ALLOW_LONG_ENV
+
     cmd = [sys.executable, "-m", "scaleinfer.bench.long_context", "--worker", json.dumps(spec)]
+    env = dict(os.environ)
+    if spec.get("past_positions"):  # a cost measurement: the logits past the model's positions are unused
+        env[ALLOW_LONG_ENV] = "1"
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return None
     if proc.returncode == 3:  # the engine refused the request (e.g. past the model's positions)
@@ -183,13 +202,13 @@ def main(args: argparse.Namespace) -> int:
     patterns = [p.strip() for p in args.patterns.split(";") if p.strip()]
     for p in patterns:
         parse_pattern(p)  # bad input fails before any work
-    lengths = [int(x) for x in args.lengths.split(",")]
+    lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
     rows = []
     print(f"{'pattern':<28}{'tokens':>8}{'prefill s':>11}{'tok/s':>9}{'KV MiB':>9}{'peak RSS MiB':>14}", flush=True)
     for pattern in patterns:
         for length in lengths:
             spec = {"model": args.model, "pattern": pattern, "length": length, "chunk": args.chunk,
-                    "threads": args.threads, "text": args.text}
+                    "threads": args.threads, "text": args.text, "past_positions": args.past_positions}
             row = _run_worker(spec, timeout=args.max_seconds * 4 + 120)
             if isinstance(row, str):
                 print(f"{pattern:<28}{length:>8}   not run: {row}", flush=True)
@@ -199,10 +218,23 @@ def main(args: argparse.Namespace) -> int:
                 break
             rows.append(row)
             print(f"{pattern:<28}{length:>8}{row['prefill_s']:>11.2f}{row['prefill_tok_s']:>9.0f}"
-                  f"{row['kv_mib']:>9.1f}{row['peak_rss_mib']:>14.0f}", flush=True)
+                  f"{row['kv_mib']:>9.1f}{row['peak_rss_mib']:>14.0f}{'  *' if row['past_positions'] else ''}",
+                  flush=True)
             if row["prefill_s"] > args.max_seconds:
                 print(f"{'':<28}(took > {args.max_seconds:.0f} s: longer lengths skipped)", flush=True)
                 break
+
+    if any(r.get("past_positions") for r in rows):
+        print("* past the model's trained positions: a cost measurement only (--no-past-positions to skip)")
+    merged_quality = []
+    for earlier in args.merge or []:  # rows of (pattern, length) points this run did not measure
+        with open(earlier) as f:
+            record = json.load(f)
+        measured = {(r["pattern"], r["length"]) for r in rows}
+        rows += [r for r in record["sweep"] if (r["pattern"], r["length"]) not in measured]
+        merged_quality = merged_quality or record.get("quality", [])
+    order = {p: i for i, p in enumerate(dict.fromkeys([*patterns, *(r["pattern"] for r in rows)]))}
+    rows.sort(key=lambda r: (order[r["pattern"]], r["length"]))
 
     quality = []
     if args.stream_tokens:
@@ -210,22 +242,25 @@ def main(args: argparse.Namespace) -> int:
         stream_patterns = [p.strip() for p in args.stream_patterns.split(";") if p.strip()]
         quality = stream_perplexity(args.model, _read_text(args.text), args.stream_tokens, stream_patterns,
                                     args.threads)
+    quality = quality or merged_quality  # a sweep-only run keeps the merged run's stream experiment
 
     os.makedirs(args.output_dir, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = os.path.join(args.output_dir, f"long-context-{stamp}.json")
     record = {"model": args.model, "threads": args.threads, "chunk": args.chunk, "text": args.text,
-              "sweep": rows, "quality": quality}
+              "merged_from": args.merge or [], "sweep": rows, "quality": quality}
     with open(path, "w") as f:
         json.dump(record, f, indent=1)
     print(f"\nwrote {path}")
-    png = _plot(rows, path.removesuffix(".json") + ".png")
+    png = replot(path) if rows else None
     if png:
         print(f"wrote {png}")
     return 0
 
 
-def _plot(rows: list[dict], path: str) -> str | None:
+def _plot(rows: list[dict], path: str, positions: int | None = None) -> str | None:
+    """Prefill time, KV held and peak RSS against length, one line per pattern (log-log); a dashed
+    line marks the model's trained positions when some points lie past them."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -233,23 +268,38 @@ def _plot(rows: list[dict], path: str) -> str | None:
     except ImportError:
         print("(matplotlib is not installed: no plot; pip install matplotlib)")
         return None
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    panels = (("prefill_s", "prefill time", "seconds"), ("kv_mib", "KV cache held", "MiB"),
+              ("peak_rss_mib", "peak RSS", "MiB"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(15, 4.2))
     for pattern in dict.fromkeys(r["pattern"] for r in rows):
         rs = [r for r in rows if r["pattern"] == pattern]
-        xs = [r["length"] for r in rs]
-        a.plot(xs, [r["prefill_s"] for r in rs], marker="o", label=pattern)
-        b.plot(xs, [r["kv_mib"] for r in rs], marker="o", label=pattern)
-    for ax, title, unit in ((a, "prefill time", "seconds"), (b, "KV cache held", "MiB")):
+        for ax, (key, _, _) in zip(axes, panels):
+            ax.plot([r["length"] for r in rs], [r[key] for r in rs], marker="o", label=pattern)
+    for ax, (_, title, unit) in zip(axes, panels):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("prompt tokens")
         ax.set_ylabel(unit)
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
-    a.legend(fontsize=8)
+        if positions and any(r.get("past_positions") for r in rows):
+            ax.axvline(positions, color="grey", linestyle="--", linewidth=1)
+    if positions and any(r.get("past_positions") for r in rows):
+        axes[0].text(positions * 1.05, axes[0].get_ylim()[0] * 1.2, f"model positions ({positions})", fontsize=7,
+                     color="grey")
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
     return path
+
+
+def replot(json_path: str) -> str | None:
+    """Redraw the PNG of a results JSON (e.g. after merging runs by hand)."""
+    with open(json_path) as f:
+        record = json.load(f)
+    positions = next((r["model_positions"] for r in record["sweep"] if "model_positions" in r), None)
+    return _plot(record["sweep"], json_path.removesuffix(".json") + ".png", positions)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import torch
 
 from scaleinfer.attention.layer import layer_patterns, set_attention_pattern
 from scaleinfer.attention.patterns import parse_pattern, union_live_ranges
-from scaleinfer.config import EngineConfig
+from scaleinfer.config import ALLOW_LONG_ENV, EngineConfig, allow_long_max_model_len
 from scaleinfer.engine.loading import DTYPES, build_model
 from scaleinfer.errors import RequestError
 from scaleinfer.kv_cache.cache_tensors import bytes_per_token, num_blocks_for_budget
@@ -90,10 +90,15 @@ class LLMEngine:
         dtype = DTYPES[config.dtype]
         num_blocks = num_blocks_for_budget(self.model_config, config.cache, dtype)
         self.max_model_len = config.scheduler.max_model_len
-        if not all(p.distance_bounded for p in self.attention_patterns):
+        limit = position_limit(self.model_config)
+        if not all(p.distance_bounded for p in self.attention_patterns) and self.max_model_len > limit:
             # Beyond its trained positions a model sees query-key distances it never learned. Patterns
             # whose distances stay bounded (a window; sinks with positions=cache) may stream past them.
-            self.max_model_len = min(self.max_model_len, position_limit(self.model_config))
+            if allow_long_max_model_len():
+                logger.warning("max_model_len %d exceeds the model's %d positions (%s=1): outputs past them "
+                               "are not meaningful", self.max_model_len, limit, ALLOW_LONG_ENV)
+            else:
+                self.max_model_len = limit
         sched_cfg = config.scheduler
         if sched_cfg.max_model_len != self.max_model_len:
             from dataclasses import replace

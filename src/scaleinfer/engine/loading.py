@@ -8,6 +8,7 @@ import torch
 
 from scaleinfer.attention.backend import get_backend
 from scaleinfer.config import EngineConfig
+from scaleinfer.errors import ConfigError
 from scaleinfer.layers.linear import Linear
 from scaleinfer.models import get_model_class
 from scaleinfer.weights.loader import Checkpoint
@@ -25,7 +26,7 @@ def build_model(ckpt: Checkpoint, config: EngineConfig, attention_backend: str =
         attention_backend = "sdpa-int8kv"
     model = cls(ckpt.config, get_backend(attention_backend), dtype)
     if ckpt.format == "scaleinfer-quantized":  # packed tensors go in as stored, no re-quantizing
-        from scaleinfer.quantization.checkpoint import load_quantized
+        from scaleinfer.weights.quantized import load_quantized
 
         return load_quantized(model, ckpt, config)
     loaded = model.load_weights(ckpt.tensors())
@@ -61,3 +62,24 @@ def _missing_params(model, loaded: set[str]) -> set[str]:
         if cfg.attention_bias:
             expected |= {p + f"self_attn.{x}_proj.bias" for x in "qkv"}
     return expected - loaded
+
+
+def quantize_to_dir(model: str, mode: str, output: str, *, overwrite: bool = False) -> dict:
+    """`scaleinfer quantize`: open `model`, quantize it as the engine would, write `output`."""
+    from scaleinfer.config import EngineConfig
+    from scaleinfer.quantization.base import resolve_mode
+    from scaleinfer.weights.loader import open_checkpoint
+    from scaleinfer.weights.quantized import FORMAT, prepare_output_dir, save_quantized
+
+    mode = resolve_mode(mode, "cpu")
+    if mode == "none":
+        raise ConfigError("--quantization none writes nothing; choose int8, int4, int4-g64, int4-g128 or w8a8")
+    prepare_output_dir(output, overwrite)
+    start = time.perf_counter()
+    ckpt = open_checkpoint(model)
+    if ckpt.format == FORMAT:
+        raise ConfigError(f"{model!r} is already a quantized checkpoint; quantize the original model")
+    built = build_model(ckpt, EngineConfig(model=model, quantization=mode, device="cpu"))
+    config = save_quantized(built, ckpt, mode, output, source=model)
+    logger.info("quantized %s (%s) to %s in %.1f s", model, mode, output, time.perf_counter() - start)
+    return config

@@ -276,5 +276,6 @@ def count_tensors(gf: GGUFFile) -> int:
 
 
 def tokenizer_fields(gf: GGUFFile) -> dict:
-    """Every tokenizer.* metadata field, as plain Python values (input of Tokenizer.from_gguf_fields)."""
-    return {k: v for k, v in gf.metadata.items() if k.startswith("tokenizer.")}
+    """Every tokenizer.* metadata field and general.architecture (some vocabularies are read per model
+    family), as plain Python values: the input of Tokenizer.from_gguf_fields."""
+    return {k: v for k, v in gf.metadata.items() if k.startswith("tokenizer.") or k == "general.architecture"}

@@ -58,7 +58,7 @@ def open_checkpoint(model: str) -> Checkpoint:
     if model.endswith(".gguf") or os.path.isfile(model):
         return _open_gguf(model)
     if os.path.isdir(model):
-        from scaleinfer.quantization import checkpoint as quantized
+        from scaleinfer.weights import quantized
 
         if quantized.is_quantized_dir(model):  # written by `scaleinfer quantize`
             return quantized.open_quantized_dir(model)

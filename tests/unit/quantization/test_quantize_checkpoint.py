@@ -10,7 +10,7 @@ import torch
 
 from scaleinfer import LLM, SamplingParams
 from scaleinfer.cli import main
-from scaleinfer.quantization import checkpoint
+from scaleinfer.weights import quantized as checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,5 @@
-"""Quantized checkpoints: `scaleinfer quantize` writes one, `--model DIR` loads it without re-quantizing.
+"""Quantized checkpoints: `scaleinfer quantize` writes one (engine.loading.quantize_to_dir builds the
+model, save_quantized writes it), `--model DIR` loads it without re-quantizing.
 
 A directory holds
     scaleinfer_config.json   format tag, the ModelConfig, the quantization mode and every packed
@@ -62,7 +63,7 @@ def _make_method(spec: dict):
                           f"scaleinfer")
 
 
-def _prepare_output_dir(output: str, overwrite: bool) -> None:
+def prepare_output_dir(output: str, overwrite: bool) -> None:
     if os.path.exists(output) and not os.path.isdir(output):
         raise ConfigError(f"--output {output!r} exists and is not a directory")
     if os.path.isdir(output) and os.listdir(output) and not overwrite and not is_quantized_dir(output):
@@ -127,27 +128,6 @@ def _save_tokenizer(tok, output: str) -> None:
         json.dump(cfg, f, indent=1, ensure_ascii=False)
     with open(os.path.join(output, "generation_config.json"), "w", encoding="utf-8") as f:
         json.dump({"eos_token_id": list(tok.eos_token_ids)}, f, indent=1)
-
-
-def quantize_to_dir(model: str, mode: str, output: str, *, overwrite: bool = False) -> dict:
-    """`scaleinfer quantize`: open `model`, quantize it as the engine would, write `output`."""
-    from scaleinfer.config import EngineConfig
-    from scaleinfer.engine.loading import build_model
-    from scaleinfer.quantization.base import resolve_mode
-    from scaleinfer.weights.loader import open_checkpoint
-
-    mode = resolve_mode(mode, "cpu")
-    if mode == "none":
-        raise ConfigError("--quantization none writes nothing; choose int8, int4, int4-g64, int4-g128 or w8a8")
-    _prepare_output_dir(output, overwrite)
-    start = time.perf_counter()
-    ckpt = open_checkpoint(model)
-    if ckpt.format == FORMAT:
-        raise ConfigError(f"{model!r} is already a quantized checkpoint; quantize the original model")
-    built = build_model(ckpt, EngineConfig(model=model, quantization=mode, device="cpu"))
-    config = save_quantized(built, ckpt, mode, output, source=model)
-    logger.info("quantized %s (%s) to %s in %.1f s", model, mode, output, time.perf_counter() - start)
-    return config
 
 
 # ---- reading ------------------------------------------------------------------------------------
