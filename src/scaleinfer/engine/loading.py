@@ -29,19 +29,26 @@ def build_model(ckpt: Checkpoint, config: EngineConfig, attention_backend: str =
         from scaleinfer.weights.quantized import load_quantized
 
         return load_quantized(model, ckpt, config)
-    loaded = model.load_weights(ckpt.tensors())
+    mode = "none"
+    if config.quantization != "none":
+        from scaleinfer.quantization.base import resolve_mode
+
+        mode = resolve_mode(config.quantization, config.device)
+    # int4 (group 32) takes GGUF 4-bit weights as stored: exact, and no float round trip.
+    loaded = model.load_weights(ckpt.tensors(direct_int4=ckpt.direct_int4 and mode == "int4"))
     missing = _missing_params(model, loaded)
     if missing:
         from scaleinfer.errors import WeightLoadError
 
         raise WeightLoadError(f"checkpoint {ckpt.path} lacks tensors: {', '.join(sorted(missing)[:5])}")
-    for module in model.modules():
-        if isinstance(module, Linear):
-            module.quant_method.process_weights_after_loading(module)
-    if config.quantization != "none":
+    if mode != "none":
         from scaleinfer.quantization import apply_quantization
 
-        apply_quantization(model, config.quantization, device=config.device)
+        apply_quantization(model, mode, device=config.device)
+    for module in model.modules():
+        if isinstance(module, Linear) and module.weight is not None:  # the layers left dense
+            module.materialize_packed()
+            module.quant_method.process_weights_after_loading(module)
     model.to(config.device).eval()
     logger.debug("weights loaded in %.2f s", time.perf_counter() - start)
     return model

@@ -50,18 +50,45 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(in_features, out_features, dtype=dtype).t(), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
         self.quant_method: LinearMethod = DenseLinearMethod()
+        self.packed_shards: dict[int, object] = {}
+        """Weights that arrived already quantized (e.g. a GGUF Q4_1 tensor), by shard (0 for a plain
+        Linear); the quantization method adopts them (Int4WeightOnly.adopt_packed) or they are
+        dequantized into the dense weight (materialize_packed)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant_method.apply(self, x)
 
+    def shard_bounds(self) -> list[tuple[int, int]]:
+        """Output rows [start, stop) of each shard (one shard for a plain Linear)."""
+        return [(0, self.out_features)]
+
+    def materialize_packed(self) -> None:
+        """Dequantize packed shards into the dense weight (for methods that cannot adopt them)."""
+        bounds = self.shard_bounds()
+        for shard, packed in self.packed_shards.items():
+            start, stop = bounds[shard]
+            self.weight.data[start:stop].copy_(packed.dequantize())
+        self.packed_shards = {}
+
     def load_shard(self, shard: int | None, name: str, tensor: torch.Tensor) -> None:
-        """Copy a checkpoint tensor (`name` is "weight" or "bias") into this layer."""
+        """Copy a checkpoint tensor (`name` is "weight" or "bias") into this layer; a weight that is not a
+        tensor is a packed one (see `packed_shards`) and is kept as it came."""
+        if name == "weight" and not isinstance(tensor, torch.Tensor):
+            self._keep_packed(shard or 0, tensor)
+            return
         target = self.weight if name == "weight" else self.bias
         if target is None:
             raise KeyError(f"layer has no {name}")
         if tuple(tensor.shape) != tuple(target.shape):
             raise ValueError(f"shape {tuple(tensor.shape)} does not fit {name} of shape {tuple(target.shape)}")
         target.data.copy_(tensor)
+
+    def _keep_packed(self, shard: int, packed) -> None:
+        start, stop = self.shard_bounds()[shard]
+        if tuple(packed.shape) != (stop - start, self.in_features):
+            raise ValueError(f"shape {tuple(packed.shape)} does not fit shard {shard} of shape "
+                             f"{(stop - start, self.in_features)}")
+        self.packed_shards[shard] = packed
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
@@ -80,9 +107,12 @@ class MergedLinear(Linear):
         for size in shard_sizes:
             self.offsets.append(self.offsets[-1] + size)
 
+    def shard_bounds(self) -> list[tuple[int, int]]:
+        return list(zip(self.offsets[:-1], self.offsets[1:]))
+
     def load_shard(self, shard: int | None, name: str, tensor: torch.Tensor) -> None:
-        if shard is None:
-            return super().load_shard(None, name, tensor)
+        if shard is None or (name == "weight" and not isinstance(tensor, torch.Tensor)):
+            return super().load_shard(shard, name, tensor)
         target = self.weight if name == "weight" else self.bias
         if target is None:
             raise KeyError(f"layer has no {name}")

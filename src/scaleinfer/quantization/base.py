@@ -79,7 +79,11 @@ def apply_quantization(model: nn.Module, name: str, *, skip_lm_head: bool = Fals
         if factory is None or (is_head and skip_lm_head):
             continue
         method = factory()
-        method.process_weights_after_loading(module)
+        if module.packed_shards and getattr(method, "group_size", None) == 32 and hasattr(method, "adopt_packed"):
+            method.adopt_packed(module)            # GGUF 4-bit weights, taken as stored
+        else:
+            module.materialize_packed()
+            method.process_weights_after_loading(module)
         module.quant_method = method
         count += 1
     logger.debug("quantization %s applied to %d linear layers", mode, count)

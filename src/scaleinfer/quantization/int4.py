@@ -14,6 +14,7 @@ inputs dequantize slices of rows to fp32 and use BLAS (dense_chunks.py; compute-
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +66,23 @@ def dequantize_groupwise(packed: torch.Tensor, scale: torch.Tensor, mn: torch.Te
     return (q.view(n, g, k // g) * scale[..., None] + mn[..., None]).view(n, k)
 
 
+@dataclass
+class PackedInt4:
+    """A weight that arrives already in our int4 group-32 layout (a GGUF Q4_0 / Q4_1 / Q4_K tensor,
+    see weights/gguf.py): the loader hands it to the Linear as is, Int4WeightOnly adopts it."""
+
+    qweight: torch.Tensor   # [N, K / 2] uint8, pack_int4 layout
+    scale: torch.Tensor     # [N, K / 32] float32
+    min: torch.Tensor       # [N, K / 32] float32
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.qweight.shape[0], self.qweight.shape[1] * 2
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_groupwise(self.qweight, self.scale, self.min)
+
+
 class Int4WeightOnly:
     name = "int4"
 
@@ -86,6 +104,27 @@ class Int4WeightOnly:
         layer.register_buffer("qweight", q)            # [out, in / 2] uint8
         layer.register_buffer("weight_scale", scale)   # [out, in / G] float32
         layer.register_buffer("weight_min", mn)        # [out, in / G] float32
+
+    def adopt_packed(self, layer: Linear) -> None:
+        """Install the layer's packed shards (`layer.packed_shards`, from a GGUF) without re-quantizing;
+        shards that came dense are quantized here. Each output row's groups are independent, so the
+        fused layer is the row-wise concatenation of its shards."""
+        if self.group_size != 32:
+            raise ValueError("packed GGUF shards are group-32; use --quantization int4")
+        parts = []
+        for shard, (start, stop) in enumerate(layer.shard_bounds()):
+            packed = layer.packed_shards.get(shard)
+            if packed is None:
+                packed = PackedInt4(*quantize_groupwise(dense_weight(layer)[start:stop], 32))
+            elif packed.shape != (stop - start, layer.in_features):
+                raise ValueError(f"packed shard {shard} of shape {packed.shape} does not fit rows {start}:{stop} "
+                                 f"x {layer.in_features}")
+            parts.append(packed)
+        drop_dense_weight(layer)
+        layer.packed_shards = {}
+        layer.register_buffer("qweight", torch.cat([p.qweight for p in parts]).contiguous())
+        layer.register_buffer("weight_scale", torch.cat([p.scale for p in parts]).contiguous())
+        layer.register_buffer("weight_min", torch.cat([p.min for p in parts]).contiguous())
 
     def dequantize(self, layer: Linear) -> torch.Tensor:
         return dequantize_groupwise(layer.qweight, layer.weight_scale, layer.weight_min)

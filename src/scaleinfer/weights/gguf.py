@@ -236,6 +236,58 @@ def _dequantize(gf: GGUFFile, info: TensorInfo) -> np.ndarray:
     return values.reshape(info.shape)
 
 
+# ---- GGUF 4-bit blocks -> our int4 layout, without a float round trip ---------------------------------
+DIRECT_INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
+"""GGML types whose values our int4 group-32 format (w = q * scale + min, q in 0..15) holds exactly:
+    Q4_0  w = d (q - 8)            -> scale = d, min = -8 d
+    Q4_1  w = d q + m              -> scale = d, min = m
+    Q4_K  w = (d sc_j) q - dmin m_j  per 32-element sub-block j (6-bit sc_j, m_j)
+                                   -> scale = d sc_j, min = -(dmin m_j)
+fp16 d times a 6-bit integer is exact in fp32, so q * scale + min rounds exactly like gguf's own
+dequantization (tested bit for bit). Q4_0 and Q4_1 store nibbles as we do (byte i = q[i] | q[i + 16]
+<< 4 per 32 elements); Q4_K stores 64 elements per 32 bytes (low nibbles first) and is re-packed."""
+
+
+def _f16(raw: np.ndarray, start: int) -> np.ndarray:
+    """Little-endian float16 at byte `start` of every block: [rows, blocks] float32."""
+    return raw[..., start:start + 2].copy().view(np.float16)[..., 0].astype(np.float32)
+
+
+def pack_int4_direct(raw: np.ndarray, type_name: str, shape: tuple[int, int]):
+    """A Q4_0 / Q4_1 / Q4_K tensor's raw bytes [rows, bytes_per_row] -> (qweight [N, K/2] uint8,
+    scale [N, K/32] float32, min [N, K/32] float32) in quantization/int4.py's layout."""
+    n, k = shape
+    if type_name == "Q4_0":
+        blocks = raw.reshape(n, k // 32, 18)
+        d = _f16(blocks, 0)
+        return blocks[..., 2:].reshape(n, k // 2), d, d * np.float32(-8.0)
+    if type_name == "Q4_1":
+        blocks = raw.reshape(n, k // 32, 20)
+        return blocks[..., 4:].reshape(n, k // 2), _f16(blocks, 0), _f16(blocks, 2)
+    if type_name == "Q4_K":
+        blocks = raw.reshape(n, k // 256, 144)
+        d, dmin = _f16(blocks, 0), _f16(blocks, 2)
+        sc, m = _q4k_scales_mins(blocks[..., 4:16].astype(np.uint8))     # [N, K/256, 8] each
+        scale = (d[..., None] * sc).reshape(n, k // 32)
+        mn = -(dmin[..., None] * m).reshape(n, k // 32)
+        qs = blocks[..., 16:].reshape(n, k // 256, 4, 32)                 # 4 chunks of 64 elements
+        q = np.stack([qs & 0xF, qs >> 4], axis=3).reshape(n, k // 32, 2, 16)  # [.., sub-block, half, 16]
+        packed = q[:, :, 0] | (q[:, :, 1] << 4)
+        return packed.reshape(n, k // 2), scale.astype(np.float32), mn.astype(np.float32)
+    raise ValueError(f"GGML type {type_name} has no direct int4 form")
+
+
+def _q4k_scales_mins(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K's 12 bytes of 6-bit scales and mins -> 8 scales and 8 mins per block (as float32)."""
+    lo = np.concatenate([s[..., 0:4] & 63, (s[..., 8:12] & 0xF) | ((s[..., 0:4] >> 6) << 4)], axis=-1)
+    mins = np.concatenate([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], axis=-1)
+    return lo.astype(np.float32), mins.astype(np.float32)
+
+
+def _is_decoder_linear(name: str) -> bool:
+    return name.startswith("model.layers.") and name.endswith("_proj.weight")
+
+
 def unpermute_qk(w: np.ndarray, num_heads: int) -> np.ndarray:
     """Undo llama.cpp's Q/K row permutation: per head, interleaved RoPE pairs -> HF rotate-half halves.
 
@@ -246,14 +298,31 @@ def unpermute_qk(w: np.ndarray, num_heads: int) -> np.ndarray:
     return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def iter_tensors(gf: GGUFFile, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, float32 tensor in [out, in] layout) for every tensor the model uses, in file order."""
+def iter_tensors(gf: GGUFFile, config: ModelConfig, direct_int4: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, float32 tensor in [out, in] layout) for every tensor the model uses, in file order.
+
+    With `direct_int4`, the decoder's linear weights stored as DIRECT_INT4_TYPES come as PackedInt4
+    (their exact int4 group-32 form, never expanded to float) instead of a float tensor."""
+    from scaleinfer.quantization.int4 import PackedInt4
+
     permuted = PERMUTED_QK[config.architecture]
     norm_plus_one = config.architecture in _NORM_PLUS_ONE
     for info in gf.tensors:
         name = hf_name(info.name, config.architecture)
         if name is None:
             logger.debug("skipping GGUF tensor %s", info.name)
+            continue
+        if direct_int4 and info.type_name in DIRECT_INT4_TYPES and _is_decoder_linear(name):
+            try:
+                parts = pack_int4_direct(gf.tensor_bytes(info), info.type_name, tuple(info.shape))
+            except (ValueError, IndexError) as exc:
+                raise WeightLoadError(f"cannot read tensor {info.name} from {gf.path} ({exc}); the GGUF file is "
+                                      f"corrupt") from None
+            if permuted and ".self_attn.q_proj." in name:
+                parts = [unpermute_qk(p, config.num_heads) for p in parts]
+            elif permuted and ".self_attn.k_proj." in name:
+                parts = [unpermute_qk(p, config.num_kv_heads) for p in parts]
+            yield name, PackedInt4(*(torch.from_numpy(np.array(p)) for p in parts))
             continue
         try:
             data = _dequantize(gf, info)

@@ -37,14 +37,17 @@ class Checkpoint:
     format: str
     """"gguf", "safetensors" or "scaleinfer-quantized" (a `scaleinfer quantize` directory)."""
     num_tensors: int
-    _tensors: Callable[[], Iterator[tuple[str, torch.Tensor]]]
+    _tensors: Callable[..., Iterator[tuple[str, torch.Tensor]]]
+    direct_int4: bool = False
+    """Whether tensors(direct_int4=True) can hand over 4-bit weights packed (GGUF Q4_0/Q4_1/Q4_K)."""
 
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """HF-named float32 tensors, one at a time, with a progress bar on a terminal."""
+    def tensors(self, direct_int4: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """HF-named float32 tensors, one at a time, with a progress bar on a terminal. With `direct_int4`
+        (only where the checkpoint supports it) some decoder linear weights come as PackedInt4."""
         bar = tqdm(total=self.num_tensors, desc=f"loading {os.path.basename(os.path.normpath(self.path))}",
                    unit="tensor", disable=not sys.stderr.isatty(), leave=False)
         with bar:
-            for item in self._tensors():
+            for item in (self._tensors(direct_int4=True) if direct_int4 else self._tensors()):
                 bar.update(1)
                 yield item
 
@@ -82,7 +85,8 @@ def _open_gguf(path: str) -> Checkpoint:
     gguf.check_tensor_types(gf)
     tokenizer = Tokenizer.from_gguf_fields(gguf.tokenizer_fields(gf))
     config = dataclasses.replace(config, eos_token_ids=tokenizer.eos_token_ids)
-    return Checkpoint(config, tokenizer, path, "gguf", gguf.count_tensors(gf), lambda: gguf.iter_tensors(gf, config))
+    return Checkpoint(config, tokenizer, path, "gguf", gguf.count_tensors(gf),
+                      lambda direct_int4=False: gguf.iter_tensors(gf, config, direct_int4), direct_int4=True)
 
 
 def _open_hf_dir(path: str) -> Checkpoint:

@@ -4,6 +4,7 @@ next-token choice on a short factual prompt."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from scaleinfer import LLM, SamplingParams
 
@@ -28,3 +29,31 @@ def test_int8_kv_cache_greedy_and_capacity():
     params = SamplingParams(temperature=0, max_tokens=8)
     out = int8.generate("The capital of France is", params)[0]
     assert "Paris" in out.outputs[0].text
+
+
+@pytest.mark.parametrize("model", ["smollm2-135m-instruct", "gemma-3-270m"])
+def test_int4_takes_gguf_4bit_tensors_exactly(model):
+    """SmolLM2's Q4_1 linears and Gemma 3's Q4_K ones load as stored: the int4 weight equals the dense
+    (fp32) load of the same file bit for bit; its Q5_0 / Q6_K / Q8_0 ones are quantized as usual."""
+    from scaleinfer.config import EngineConfig
+    from scaleinfer.engine.loading import build_model
+    from scaleinfer.layers.linear import Linear
+    from scaleinfer.weights.gguf_file import GGUFFile
+    from scaleinfer.weights.loader import open_checkpoint
+
+    ckpt = open_checkpoint(model)
+    direct = {t.name for t in GGUFFile.open(ckpt.path).tensors if t.type_name in ("Q4_0", "Q4_1", "Q4_K")}
+    dense = dict(build_model(ckpt, EngineConfig(model=model)).named_modules())
+    int4 = build_model(open_checkpoint(model), EngineConfig(model=model, quantization="int4"))
+    exact = 0
+    for name, layer in int4.named_modules():
+        if not isinstance(layer, Linear) or name.endswith("lm_head"):
+            continue
+        i = name.split(".")[1]
+        if name.endswith("mlp.down_proj") and f"blk.{i}.ffn_down.weight" in direct:
+            assert torch.equal(layer.quant_method.dequantize(layer), dense[name].weight), name
+            exact += 1
+        elif model.startswith("smollm2"):  # all Q4_1: fused qkv and gate_up too
+            assert torch.equal(layer.quant_method.dequantize(layer), dense[name].weight), name
+            exact += 1
+    assert exact == (120 if model.startswith("smollm2") else 9)
