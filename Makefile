@@ -39,7 +39,9 @@ test: $(TSTAMP)
 LLAMACPP_PY := .venv-llamacpp/bin/python
 $(LLAMACPP_PY):
 	$(PYTHON) -m venv .venv-llamacpp
-	.venv-llamacpp/bin/pip install -q "llama-cpp-python==0.3.36"
+	# AMX off: some VMs advertise AMX in cpuid but trap its instructions (SIGILL in ggml's AMX path).
+	CMAKE_ARGS="-DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' -DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'" \
+		.venv-llamacpp/bin/pip install -q --no-cache-dir "llama-cpp-python==0.3.36"
 
 # scaleinfer (every mode) vs llama.cpp vs HF transformers, same run, same threads.
 bench: $(TSTAMP) $(LLAMACPP_PY)

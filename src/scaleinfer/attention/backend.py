@@ -1,7 +1,8 @@
 """AttentionBackend protocol and the table of implementations.
 
 A backend writes the step's new K/V into the paged cache and computes attention for every query
-through the block tables in AttentionMetadata. `sdpa` is the reference (the oracle for faster ones).
+through the block tables in AttentionMetadata. `sdpa` is the reference (the oracle for faster ones);
+`cpu` is sdpa with fused CPU kernels for decode attention and K/V writes (the default on CPU).
 """
 from __future__ import annotations
 
@@ -28,10 +29,10 @@ class AttentionBackend(Protocol):
 
 
 def get_backend(name: str) -> AttentionBackend:
-    from scaleinfer.attention.sdpa import SdpaBackend
+    from scaleinfer.attention.sdpa import CpuPagedBackend, SdpaBackend
     from scaleinfer.quantization.kv_int8 import Int8KVSdpaBackend
 
-    backends = {"sdpa": SdpaBackend, "sdpa-int8kv": Int8KVSdpaBackend}
+    backends = {"sdpa": SdpaBackend, "cpu": CpuPagedBackend, "sdpa-int8kv": Int8KVSdpaBackend}
     if name not in backends:
         raise ConfigError(f"unknown attention backend {name!r}; choose one of {sorted(backends)}")
     return backends[name]()

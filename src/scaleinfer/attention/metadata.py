@@ -41,6 +41,8 @@ class AttentionMetadata:
     """[num_decodes, max_keys] int64: cache slots each decode query reads (padded with its first slot)."""
     decode_mask: torch.Tensor | None = None
     """[num_decodes, 1, 1, max_keys] bool: True where the slot is a key to attend; None if all are."""
+    decode_lens: torch.Tensor | None = None
+    """[num_decodes] int64: how many leading entries of each decode_slots row are keys (the mask as lengths)."""
     prefills: list[PrefillSeq] = field(default_factory=list)
     decode_sink_shift: torch.Tensor | None = None
     """[num_decodes] int64 (positions=cache patterns): see PrefillSeq.sink_shift."""
@@ -62,7 +64,7 @@ class AttentionMetadata:
         return AttentionMetadata(
             slot_mapping=move(self.slot_mapping), num_decode_tokens=self.num_decode_tokens,
             decode_slots=move(self.decode_slots), decode_mask=move(self.decode_mask),
-            prefills=[PrefillSeq(p.query_start, p.query_len, p.context_len, move(p.kv_slots), move(p.mask),
+            decode_lens=move(self.decode_lens), prefills=[PrefillSeq(p.query_start, p.query_len, p.context_len, move(p.kv_slots), move(p.mask),
                                  move(p.sink_shift)) for p in self.prefills],
             decode_sink_shift=move(self.decode_sink_shift), num_sinks=self.num_sinks,
             by_pattern={k: v.to(device) for k, v in self.by_pattern.items()})
@@ -119,6 +121,7 @@ def build_metadata(
         real = torch.arange(max_ctx) < ctx.unsqueeze(1)
         # Padding reads the request's own first slot: never uninitialised memory (NaN * 0 = NaN).
         meta.decode_slots = torch.where(real, slots, slots[:, :1]).contiguous()
+        meta.decode_lens = ctx
         if not bool(real.all()):  # all contexts equally long (e.g. batch 1): no mask needed
             meta.decode_mask = real.view(num_decodes, 1, 1, max_ctx)
 
@@ -151,7 +154,8 @@ def _pattern_view(base: AttentionMetadata, pattern: AttentionPattern, query_lens
             key_slots.append(_slots(_positions(pattern.key_ranges(q, q + 1)), table, block_size))
         width = max(len(s) for s in key_slots)
         view.decode_slots = torch.stack([torch.cat([s, s[:1].expand(width - len(s))]) for s in key_slots])
-        lens = torch.tensor([len(s) for s in key_slots])
+        lens = torch.tensor([len(s) for s in key_slots], dtype=torch.long)
+        view.decode_lens = lens
         if bool((lens < width).any()):
             view.decode_mask = (torch.arange(width) < lens.unsqueeze(1)).view(d, 1, 1, width)
         if view.num_sinks:

@@ -39,33 +39,22 @@ class SdpaBackend:
     def _read(self, cache, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return cache.index_select(0, slots)
 
+    def _write_kv(self, k_cache, v_cache, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        return self._write(k_cache, slots, k), self._write(v_cache, slots, v)
+
     # ---- attention -------------------------------------------------------------------------------
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float,
                 rope: torch.Tensor | None = None) -> torch.Tensor:
         """`rope`: the layer's RoPE inverse frequencies, needed only for sink shifts."""
-        num_tokens, num_heads, head_dim = q.shape
-        num_kv_heads = k.shape[1]
-        group = num_heads // num_kv_heads
-        k_new = self._write(k_cache, meta.slot_mapping, k)
-        v_new = self._write(v_cache, meta.slot_mapping, v)
-        out = torch.empty_like(q)
+        group = q.shape[1] // k.shape[1]
+        k_new, v_new = self._write_kv(k_cache, v_cache, meta.slot_mapping, k, v)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         shifted = meta.decode_sink_shift is not None or any(p.sink_shift is not None for p in meta.prefills)
         if shifted and rope is None:
             raise RuntimeError("positions=cache needs the layer's RoPE frequencies (Attention.rope_inv_freq)")
 
-        d = meta.num_decode_tokens
-        if d:
-            slots = meta.decode_slots
-            max_ctx = slots.shape[1]
-            # [d, max_ctx, kv_heads, head_dim] -> [d, kv_heads, max_ctx, head_dim]
-            kd = self._read(k_cache, slots.view(-1), q.dtype).view(d, max_ctx, num_kv_heads, head_dim).transpose(1, 2)
-            vd = self._read(v_cache, slots.view(-1), q.dtype).view(d, max_ctx, num_kv_heads, head_dim).transpose(1, 2)
-            if meta.decode_sink_shift is not None:
-                s = meta.num_sinks
-                kd[:, :, :s] = rotate(kd[:, :, :s], meta.decode_sink_shift.view(d, 1, 1), rope)
-            qd = q[:d].view(d, num_kv_heads, group, head_dim)  # query group folded into the query axis
-            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale)
-            out[:d] = od.reshape(d, num_heads, head_dim)
+        if meta.num_decode_tokens:
+            self._decode(q, k_cache, v_cache, meta, scale, rope, out)
 
         for seq in meta.prefills:
             s, n = seq.query_start, seq.query_len
@@ -86,6 +75,49 @@ class SdpaBackend:
             )
             out[s:s + n] = os_.squeeze(0).transpose(0, 1)
         return out
+
+    def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float, rope, out) -> None:
+        """Rows 0..d-1 of `out`: each decode query against its keys, gathered through meta.decode_slots."""
+        d, num_heads, head_dim = meta.num_decode_tokens, q.shape[1], q.shape[2]
+        slots = meta.decode_slots
+        max_ctx = slots.shape[1]
+        # [d, max_ctx, kv_heads, head_dim] -> [d, kv_heads, max_ctx, head_dim]
+        kd = self._read(k_cache, slots.view(-1), q.dtype).view(d, max_ctx, -1, head_dim).transpose(1, 2)
+        vd = self._read(v_cache, slots.view(-1), q.dtype).view(d, max_ctx, -1, head_dim).transpose(1, 2)
+        num_kv_heads = kd.shape[1]
+        if meta.decode_sink_shift is not None:
+            s = meta.num_sinks
+            kd[:, :, :s] = rotate(kd[:, :, :s], meta.decode_sink_shift.view(d, 1, 1), rope)
+        qd = q[:d].reshape(d, num_kv_heads, num_heads // num_kv_heads, head_dim)  # query group folded in
+        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale)
+        out[:d] = od.reshape(d, num_heads, head_dim)
+
+
+class CpuPagedBackend(SdpaBackend):
+    """The sdpa backend with decode attention and K/V writes in fused CPU kernels (quantization/csrc/
+    cpu_ops.cpp): each decode query reads its keys straight through the slot table (no gathered copy),
+    and both caches are written in one call. Prefills, sink shifts and anything but float32 on the
+    CPU take the sdpa code, which is also the reference this backend is tested against."""
+
+    def _write_kv(self, k_cache, v_cache, slots, k, v):
+        from scaleinfer.layers.fused import fused_ops
+
+        ops = fused_ops(k)
+        if ops is None or not isinstance(k_cache, torch.Tensor) or k_cache.dtype != torch.float32 \
+                or k.stride(1) != k.shape[2] or v.stride(1) != v.shape[2]:
+            return super()._write_kv(k_cache, v_cache, slots, k, v)
+        ops.kv_write(k_cache, v_cache, slots, k, v)
+        return k, v
+
+    def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float, rope, out) -> None:
+        from scaleinfer.layers.fused import fused_ops
+
+        ops = fused_ops(q)
+        if ops is None or meta.decode_sink_shift is not None or meta.decode_lens is None \
+                or not isinstance(k_cache, torch.Tensor) or k_cache.dtype != torch.float32 \
+                or q.stride(1) != q.shape[2]:
+            return super()._decode(q, k_cache, v_cache, meta, scale, rope, out)
+        ops.paged_decode_attention(out, q, k_cache, v_cache, meta.decode_slots, meta.decode_lens, scale)
 
 
 def _shifted_sinks_attention(q, k, v, seq: PrefillSeq, num_sinks: int, scale: float, rope) -> torch.Tensor:

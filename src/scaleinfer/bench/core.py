@@ -50,6 +50,7 @@ def run_worker(engine: str, model: str, threads: int, num_requests: int, concurr
     result["mixed"] = mixed
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if engine == "scaleinfer":
+        result["decode_token_ids"] = adapter.decode_token_ids
         result["kv_tokens_per_gib"] = (1 << 30) // adapter.llm.engine.kv_bytes_per_token
     return result
 
@@ -93,6 +94,14 @@ def format_table(results: list[dict]) -> str:
             ("load_peak_rss_mb", "peak RSS at load MB", "{:.0f}"), ("rss_after_load_mb", "RSS after load MB", "{:.0f}"), ("peak_rss_mb", "peak RSS MB", "{:.0f}"),
             ("prefill_tok_s", "pp512 tok/s", "{:.1f}"), ("decode_tok_s", "tg128 tok/s", "{:.1f}"),
             ("mixed_tok_s", "mixed tok/s", "{:.1f}"), ("kv_tokens_per_gib", "KV tokens/GiB", "{}")]
+    ref = next((r.get("decode_token_ids") for r in results if r["engine"] == "llama.cpp"), None)
+    if ref:  # same greedy tokens on the same GGUF? (a sanity check of both sides, not a speed figure)
+        cols.append(("agree", f"tg128 tokens = llama.cpp's", "{}"))
+        for r in results:
+            mine = r.get("decode_token_ids")
+            if mine:
+                same = next((i for i, (a, b) in enumerate(zip(mine, ref)) if a != b), min(len(mine), len(ref)))
+                r["agree"] = f"first {same}/{len(ref)}"
     lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
     for r in results:
         lines.append("| " + " | ".join(fmt.format(r[key]) if key in r else "-" for key, _, fmt in cols) + " |")

@@ -51,6 +51,7 @@ class ScaleInferAdapter:
             for out in self.llm.stream(ids, self._params(DECODE_TOKENS)):
                 if first is None:
                     first = time.perf_counter()
+            self.decode_token_ids = list(out.outputs[0].token_ids)
             return (time.perf_counter() - first) / (DECODE_TOKENS - 1)
         once()
         return 1.0 / _median_of(once, repeats)

@@ -22,26 +22,37 @@ def main() -> None:
 
     job = json.loads(sys.stdin.read())
     start = time.perf_counter()
-    llm = Llama(job["gguf"], n_ctx=2048, n_threads=job["threads"], n_threads_batch=job["threads"], n_batch=512,
+    longest = max([len(job["prefill_ids"]) + 1, len(job["decode_ids"]) + job["decode_tokens"]]
+                  + [len(p) + n for p, n in job["mixed"]])
+    llm = Llama(job["gguf"], n_ctx=max(2048, longest), n_threads=job["threads"], n_threads_batch=job["threads"], n_batch=512,
                 verbose=False)
     load_s = time.perf_counter() - start
     load_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     with open("/proc/self/statm") as f:
         rss_after_load_mb = int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
+    n_vocab = llm.n_vocab()
+
     def next_token() -> int:
-        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        # The last evaluated position's logits, straight from the context: llm.scores is only filled
+        # with logits_all=True, which would compute the LM head for every prompt token.
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))))
+
+    generated: list[int] = []
 
     def generate(prompt: list[int], n: int) -> tuple[float, float]:
         """Seconds for the prompt (plus first token) and for the n - 1 following tokens."""
         llm.reset()
+        generated.clear()
         t0 = time.perf_counter()
         llm.eval(prompt)
         tok = next_token()
+        generated.append(tok)
         t1 = time.perf_counter()
         for _ in range(n - 1):
             llm.eval([tok])
             tok = next_token()
+            generated.append(tok)
         return t1 - t0, time.perf_counter() - t1
 
     prefill_ids, repeats = job["prefill_ids"], job["repeats"]
@@ -50,6 +61,7 @@ def main() -> None:
     n = job["decode_tokens"]
     generate(job["decode_ids"], n)
     decode_s = statistics.median(generate(job["decode_ids"], n)[1] for _ in range(max(1, repeats - 1)))
+    decode_tokens = list(generated)
     start = time.perf_counter()
     out_tokens = 0
     for prompt, out_len in job["mixed"]:
@@ -60,7 +72,7 @@ def main() -> None:
         "engine": "llama.cpp", "mode": "gguf", "load_s": load_s, "load_peak_rss_mb": load_rss_mb,
         "rss_after_load_mb": rss_after_load_mb,
         "prefill_tok_s": len(prefill_ids) / prefill_s, "decode_tok_s": (n - 1) / decode_s,
-        "mixed_tok_s": out_tokens / mixed_s,
+        "mixed_tok_s": out_tokens / mixed_s, "decode_token_ids": decode_tokens,
         "mixed": {"seconds": mixed_s, "output_tokens": out_tokens, "max_batch_size": 1},
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "llama_cpp_python": __import__("llama_cpp").__version__,

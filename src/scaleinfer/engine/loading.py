@@ -18,12 +18,14 @@ logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def build_model(ckpt: Checkpoint, config: EngineConfig, attention_backend: str = "sdpa"):
+def build_model(ckpt: Checkpoint, config: EngineConfig, attention_backend: str | None = None):
     dtype = DTYPES[config.dtype]
     cls = get_model_class(ckpt.config.architecture)
     start = time.perf_counter()
     if config.cache.kv_cache_dtype == "int8":
         attention_backend = "sdpa-int8kv"
+    elif attention_backend is None:  # fused kernels on CPU (they step aside for what they do not cover)
+        attention_backend = "cpu" if config.device == "cpu" else "sdpa"
     model = cls(ckpt.config, get_backend(attention_backend), dtype)
     if ckpt.format == "scaleinfer-quantized":  # packed tensors go in as stored, no re-quantizing
         from scaleinfer.weights.quantized import load_quantized

@@ -195,3 +195,15 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     x1, x2 = x[..., :half], x[..., half:]
     rotated = torch.cat((-x2, x1), dim=-1)
     return x * cos + rotated * sin
+
+
+def apply_rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """apply_rotary in place (x may be a view, e.g. the Q|K columns of a fused QKV output); returns x."""
+    from scaleinfer.layers.fused import fused_ops
+
+    ops = fused_ops(x)
+    if ops is not None and x.stride(-1) == 1 and cos.dtype == torch.float32 and cos.is_contiguous() \
+            and sin.is_contiguous():
+        ops.rotary_(x, cos, sin)
+        return x
+    return x.copy_(apply_rotary(x, cos, sin))

@@ -20,7 +20,7 @@ from scaleinfer.config import ModelConfig
 from scaleinfer.layers.activation import silu_and_mul
 from scaleinfer.layers.linear import Linear, MergedLinear
 from scaleinfer.layers.norm import RMSNorm
-from scaleinfer.layers.rotary import RotaryEmbedding, apply_rotary
+from scaleinfer.layers.rotary import RotaryEmbedding, apply_rotary_
 
 # checkpoint projection name -> (fused module name, shard index)
 _STACKED = {
@@ -47,9 +47,9 @@ class LlamaAttention(nn.Module):
         n = x.shape[0]
         h, h_kv, d = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)                                  # [n, (h + 2 * h_kv) * d]
-        # Q and K sit side by side in the fused output: rotate them in one go.
-        qk = apply_rotary(qkv[:, :(h + h_kv) * d].view(n, h + h_kv, d), cos, sin)
-        q, k = qk.split([h, h_kv], dim=1)                       # [n, h, d], [n, h_kv, d]
+        # Q and K sit side by side in the fused output: rotate them in one go, in place.
+        qk = apply_rotary_(qkv[:, :(h + h_kv) * d].view(n, h + h_kv, d), cos, sin)
+        q, k = qk.split([h, h_kv], dim=1)                       # [n, h, d], [n, h_kv, d] (views)
         v = qkv[:, (h + h_kv) * d:].view(n, h_kv, d)
         out = self.attn(q, k, v, kv_cache, meta)                # [n, h, d]
         return self.o_proj(out.view(n, h * d))

@@ -1,4 +1,4 @@
-"""The low-bit CPU kernels (csrc/lowbit_linear.cpp): built with torch.utils.cpp_extension on first use.
+"""The CPU kernels: low-bit linears (csrc/lowbit_linear.cpp) and fused per-token ops (csrc/cpu_ops.cpp), built with torch.utils.cpp_extension on first use.
 
 The shared library is cached under `<model cache>/kernels/torch-<version>/` (SCALEINFER_CACHE, see
 config.model_cache_dir), so only the first process pays the ~20 s compile; `make` pre-builds it with
@@ -21,7 +21,7 @@ from scaleinfer.config import model_cache_dir
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "lowbit_linear.cpp")
+_SOURCES = [os.path.join(os.path.dirname(__file__), "csrc", f) for f in ("lowbit_linear.cpp", "cpu_ops.cpp")]
 _NAME = "scaleinfer_lowbit"
 
 
@@ -66,13 +66,14 @@ def _load():
 
     _ensure_ninja_on_path()
     os.makedirs(build_dir(), exist_ok=True)
-    return load(_NAME, [_SOURCE], build_directory=build_dir(), extra_cflags=["-O3", "-fopenmp"],
+    return load(_NAME, _SOURCES, build_directory=build_dir(), extra_cflags=["-O3", "-fopenmp"],
                 extra_ldflags=["-fopenmp"], verbose=False)
 
 
 @functools.lru_cache(maxsize=1)
 def lowbit_ops():
-    """The compiled kernel module (int8_linear, int4_linear, int4_dequantize_out, isa, set_isa) or None."""
+    """The compiled kernel module (int8_linear, int4_linear, int4_dequantize_out, isa, set_isa and the
+    fused ops of cpu_ops.cpp) or None."""
     try:
         start = time.perf_counter()
         mod = _load()

@@ -1,0 +1,218 @@
+// Fused fp32 CPU ops for the per-token path: each replaces several small torch ops (and their
+// dispatch, allocation and Python overhead, which at batch-1 decode costs as much as the matmuls).
+//   add_rms_norm       residual += x; out = rmsnorm(residual) * w         (one pass per row)
+//   rotary_            rotate-half RoPE in place on a [n, heads, D] view (e.g. Q|K of the fused QKV)
+//   silu_and_mul       silu(gate) * up from the fused [M, 2I] gate/up output
+//   kv_write           store the step's K and V rows at their cache slots
+//   paged_decode_attention
+//                      one query per sequence against its keys read through the slot table: no
+//                      gathered copy of K/V, GQA groups share each key load; softmax in fp32
+// References: the torch expressions in layers/ and attention/sdpa.py (tested against them).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+#define SI_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+
+SI_CLONES float dot(const float* a, const float* b, int64_t n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
+SI_CLONES void axpy(float a, const float* x, float* y, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+SI_CLONES void norm_row(const float* x, float* r, const float* w, float* out, int64_t n, float eps, bool add) {
+  float ss = 0.f;
+  if (add) {
+#pragma omp simd reduction(+ : ss)
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = r[i] + x[i];
+      r[i] = v;
+      ss += v * v;
+    }
+  } else {
+#pragma omp simd reduction(+ : ss)
+    for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
+    r = const_cast<float*>(x);
+  }
+  const float inv = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = r[i] * inv * w[i];
+}
+
+void check_f32(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32, name, " must be a float32 CPU tensor");
+}
+
+}  // namespace
+
+// x [M, H] (rows contiguous); residual [M, H] contiguous or None; returns (norm(x + residual), x + residual)
+// with the sum written into residual in place (None: the residual stream starts as x itself).
+std::vector<torch::Tensor> add_rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual,
+                                        torch::Tensor weight, double eps) {
+  check_f32(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be [M, H] with contiguous rows");
+  const int64_t M = x.size(0), H = x.size(1);
+  TORCH_CHECK(weight.is_contiguous() && weight.numel() == H, "weight must hold H contiguous values");
+  const bool add = residual.has_value() && residual->defined();
+  torch::Tensor r = add ? *residual : x;
+  if (add) {
+    check_f32(r, "residual");
+    TORCH_CHECK(r.is_contiguous() && r.size(0) == M && r.size(1) == H, "residual must be contiguous [M, H]");
+  }
+  auto out = torch::empty({M, H}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* rp = r.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t xs = x.stride(0);
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      norm_row(xp + m * xs, add ? rp + m * H : nullptr, wp, op + m * H, H, static_cast<float>(eps), add);
+  });
+  return {out, r};
+}
+
+// x [n, heads, D] (last dim contiguous, any row/head strides), rotated in place; cos/sin [n, D] or
+// [n, 1, D] contiguous: out[:h] = x1 cos - x2 sin, out[h:] = x2 cos + x1 sin (h = D / 2).
+void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
+  check_f32(x, "x");
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1, "x must be [n, heads, D] with a contiguous last dim");
+  const int64_t n = x.size(0), heads = x.size(1), D = x.size(2), half = D / 2;
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.numel() == n * D && sin.numel() == n * D,
+              "cos and sin must be contiguous [n, D]");
+  float* xp = x.data_ptr<float>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  const int64_t s0 = x.stride(0), s1 = x.stride(1);
+  at::parallel_for(0, n * heads, 64, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t t = i / heads, h = i % heads;
+      float* v = xp + t * s0 + h * s1;
+      const float* c = cp + t * D;
+      const float* s = sp + t * D;
+      for (int64_t j = 0; j < half; ++j) {
+        const float a = v[j], b = v[j + half];
+        v[j] = a * c[j] - b * s[j];
+        v[j + half] = b * c[j + half] + a * s[j + half];
+      }
+    }
+  });
+}
+
+// gate_up [M, 2I] (rows contiguous) -> [M, I]: silu(gate) * up.
+torch::Tensor silu_and_mul(torch::Tensor gate_up) {
+  check_f32(gate_up, "gate_up");
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.stride(1) == 1 && gate_up.size(1) % 2 == 0, "gate_up must be [M, 2I]");
+  const int64_t M = gate_up.size(0), I = gate_up.size(1) / 2, gs = gate_up.stride(0);
+  auto out = torch::empty({M, I}, gate_up.options());
+  const float* gp = gate_up.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, M, 8, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* g = gp + m * gs;
+      const float* u = g + I;
+      float* o = op + m * I;
+      for (int64_t i = 0; i < I; ++i) o[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+    }
+  });
+  return out;
+}
+
+// k_cache / v_cache [S, Hkv, D] contiguous; slots [n] int64; k, v [n, Hkv, D] with contiguous heads.
+void kv_write(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots, torch::Tensor k, torch::Tensor v) {
+  check_f32(k_cache, "k_cache");
+  check_f32(v_cache, "v_cache");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  TORCH_CHECK(slots.scalar_type() == torch::kLong && slots.is_contiguous(), "slots must be contiguous int64");
+  const int64_t n = slots.numel(), S = k_cache.size(0), row = k_cache.size(1) * k_cache.size(2);
+  for (const auto& t : {k, v}) {
+    TORCH_CHECK(t.dim() == 3 && t.size(0) == n && t.size(1) * t.size(2) == row && t.stride(2) == 1 &&
+                t.stride(1) == t.size(2), "k and v must be [n, Hkv, D] with contiguous heads");
+  }
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) TORCH_CHECK(sp[i] >= 0 && sp[i] < S, "slot ", sp[i], " is outside the cache");
+  float* kc = k_cache.data_ptr<float>();
+  float* vc = v_cache.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const int64_t ks = k.stride(0), vs = v.stride(0);
+  for (int64_t i = 0; i < n; ++i) {
+    std::memcpy(kc + sp[i] * row, kp + i * ks, row * sizeof(float));
+    std::memcpy(vc + sp[i] * row, vp + i * vs, row * sizeof(float));
+  }
+}
+
+// out [>= d, H, D] contiguous (rows 0..d-1 written); q [d, H, D] (contiguous heads); caches
+// [S, Hkv, D]; slots [d, W] int64 (row b's first lens[b] entries are its keys); lens [d] int64.
+void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                            torch::Tensor slots, torch::Tensor lens, double scale) {
+  check_f32(q, "q");
+  check_f32(out, "out");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  TORCH_CHECK(slots.scalar_type() == torch::kLong && slots.is_contiguous() && slots.dim() == 2, "slots must be [d, W] int64");
+  TORCH_CHECK(lens.scalar_type() == torch::kLong && lens.is_contiguous(), "lens must be contiguous int64");
+  const int64_t d = slots.size(0), W = slots.size(1), H = q.size(1), D = q.size(2);
+  const int64_t S = k_cache.size(0), Hkv = k_cache.size(1);
+  TORCH_CHECK(q.size(0) >= d && q.stride(2) == 1 && q.stride(1) == D, "q must be [d, H, D] with contiguous heads");
+  TORCH_CHECK(out.is_contiguous() && out.size(0) >= d && out.size(1) == H && out.size(2) == D, "out must be [d, H, D]");
+  TORCH_CHECK(H % Hkv == 0 && k_cache.size(2) == D, "head counts or sizes do not match the cache");
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  for (int64_t b = 0; b < d; ++b) {
+    TORCH_CHECK(lp[b] >= 1 && lp[b] <= W, "decode row ", b, " has ", lp[b], " keys for a table of ", W);
+    for (int64_t j = 0; j < lp[b]; ++j) TORCH_CHECK(sp[b * W + j] >= 0 && sp[b * W + j] < S, "slot outside the cache");
+  }
+  const int64_t G = H / Hkv, qs = q.stride(0);
+  const float* qp = q.data_ptr<float>();
+  const float* kc = k_cache.data_ptr<float>();
+  const float* vc = v_cache.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, d * Hkv, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> p;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / Hkv, h = i % Hkv, L = lp[b];
+      const int64_t* row = sp + b * W;
+      p.assign(G * L, 0.f);
+      for (int64_t j = 0; j < L; ++j) {
+        const float* kr = kc + (row[j] * Hkv + h) * D;
+        for (int64_t g = 0; g < G; ++g) p[g * L + j] = dot(qp + b * qs + (h * G + g) * D, kr, D) * sc;
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        float* pg = p.data() + g * L;
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j < L; ++j) mx = std::max(mx, pg[j]);
+        float sum = 0.f;
+        for (int64_t j = 0; j < L; ++j) {
+          pg[j] = std::exp(pg[j] - mx);
+          sum += pg[j];
+        }
+        const float inv = 1.f / sum;
+        float* o = op + (b * H + h * G + g) * D;
+        std::fill(o, o + D, 0.f);
+        for (int64_t j = 0; j < L; ++j) axpy(pg[j] * inv, vc + (row[j] * Hkv + h) * D, o, D);
+      }
+    }
+  });
+}
+
+void register_cpu_ops(pybind11::module& m) {
+  m.def("add_rms_norm", &add_rms_norm, "(norm(x + residual) * w, x + residual), residual updated in place");
+  m.def("rotary_", &rotary_, "rotate-half RoPE in place on [n, heads, D]");
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up of a fused [M, 2I] tensor");
+  m.def("kv_write", &kv_write, "store K and V rows at their cache slots");
+  m.def("paged_decode_attention", &paged_decode_attention, "decode attention read through slot tables");
+}

@@ -1,0 +1,98 @@
+"""The fused CPU kernels (quantization/csrc/cpu_ops.cpp) against the torch expressions they replace,
+and the `cpu` attention backend against the `sdpa` reference on mixed decode + prefill steps."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from scaleinfer.attention.metadata import build_metadata
+from scaleinfer.attention.patterns import CAUSAL, AttentionPattern
+from scaleinfer.attention.sdpa import CpuPagedBackend, SdpaBackend
+from scaleinfer.layers.activation import silu_and_mul
+from scaleinfer.layers.fused import fused_ops
+from scaleinfer.layers.norm import RMSNorm
+from scaleinfer.layers.rotary import apply_rotary, apply_rotary_
+
+ops = fused_ops(torch.zeros(1))
+pytestmark = pytest.mark.skipif(ops is None, reason="CPU kernels not built (no compiler)")
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_add_rms_norm(with_residual):
+    torch.manual_seed(0)
+    x, res, w = torch.randn(5, 576), torch.randn(5, 576), torch.randn(576)
+    want_stream = x + res if with_residual else x
+    want = F.rms_norm(want_stream, (576,), w, 1e-5)
+    r = res.clone() if with_residual else None
+    out, stream = ops.add_rms_norm(x, r, w, 1e-5)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(stream, want_stream)
+    if with_residual:
+        assert stream.data_ptr() == r.data_ptr()  # the residual stream is updated in place
+    norm = RMSNorm(576, 1e-5)
+    norm.weight.data.copy_(w)
+    torch.testing.assert_close(norm(x, res.clone() if with_residual else None)[0], want, rtol=1e-5, atol=1e-5)
+
+
+def test_rotary_in_place_on_fused_qkv_view():
+    torch.manual_seed(1)
+    n, h, hkv, d = 4, 9, 3, 64
+    qkv = torch.randn(n, (h + 2 * hkv) * d)
+    angles = torch.randn(n, 1, d // 2)
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    view = qkv[:, :(h + hkv) * d].view(n, h + hkv, d)
+    want = apply_rotary(view.clone(), cos, sin)
+    v_before = qkv[:, (h + hkv) * d:].clone()
+    apply_rotary_(view, cos, sin)
+    torch.testing.assert_close(view, want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(qkv[:, (h + hkv) * d:], v_before)  # V untouched
+
+
+def test_silu_and_mul():
+    gate_up = torch.randn(3, 2 * 1536)
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(silu_and_mul(gate_up), F.silu(gate) * up, rtol=1e-5, atol=1e-6)
+
+
+def test_kv_write_and_bounds():
+    k_cache, v_cache = torch.zeros(32, 3, 64), torch.zeros(32, 3, 64)
+    qkv = torch.randn(2, 15 * 64)
+    k = qkv[:, 9 * 64:12 * 64].view(2, 3, 64)   # strided rows, as the model passes them
+    v = qkv[:, 12 * 64:].view(2, 3, 64)
+    slots = torch.tensor([7, 30])
+    ops.kv_write(k_cache, v_cache, slots, k, v)
+    assert torch.equal(k_cache[slots], k) and torch.equal(v_cache[slots], v)
+    assert k_cache.abs().sum() == k.abs().sum()
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        ops.kv_write(k_cache, v_cache, torch.tensor([32, 0]), k, v)
+
+
+@pytest.mark.parametrize("pattern", [CAUSAL, AttentionPattern.sliding_window(5),
+                                     AttentionPattern.with_sinks(2, 6)], ids=str)
+def test_cpu_backend_equals_sdpa(pattern):
+    """Three decodes of different lengths (so masks/padding) and a chunked prefill, GQA 9/3."""
+    torch.manual_seed(2)
+    block, h, hkv, d = 4, 9, 3, 64
+    query_lens, context_lens = [1, 1, 1, 6], [3, 17, 9, 14]
+    tables = [[0], [1, 2, 3, 4, 5], [6, 7, 8], [9, 10, 11, 12]]
+    results = []
+    for backend in (SdpaBackend(), CpuPagedBackend()):
+        torch.manual_seed(3)
+        k_cache, v_cache = torch.randn(13 * block, hkv, d), torch.randn(13 * block, hkv, d)
+        n = sum(query_lens)
+        q, k, v = torch.randn(n, h, d), torch.randn(n, hkv, d), torch.randn(n, hkv, d)
+        meta = build_metadata(query_lens, context_lens, tables, block, [pattern]).for_pattern(pattern)
+        out = backend.forward(q, k, v, k_cache, v_cache, meta, d ** -0.5)
+        results.append((out, k_cache, v_cache))
+    (ref, kc_ref, vc_ref), (got, kc, vc) = results
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
+
+
+def test_paged_decode_attention_rejects_bad_lengths():
+    k_cache = torch.randn(8, 1, 4)
+    q, out = torch.randn(1, 2, 4), torch.empty(1, 2, 4)
+    with pytest.raises(RuntimeError, match="keys for a table"):
+        ops.paged_decode_attention(out, q, k_cache, k_cache, torch.zeros(1, 3, dtype=torch.long),
+                                   torch.tensor([4]), 0.5)
