@@ -28,7 +28,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse KV blocks of shared prompt prefixes (default: on)")
     g.add_argument("--quantization", default="none",
-                   choices=["none", "int8", "int4", "int4-g64", "int4-g128", "w8a8", "auto"],
+                   choices=["none", "int8", "int4", "int4-g64", "int4-g128", "w8a8", "w4a8", "auto"],
                    help="weight quantization after loading: int8 / int4 weight-only, w8a8 (int8 weights and "
                         "per-token int8 activations), auto (int8 on CPU)")
     g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
@@ -205,8 +205,8 @@ def cmd_eval_perplexity(args) -> int:
     start = time.perf_counter()
     llm = _make_llm(args)
     load_s = time.perf_counter() - start
-    result = perplexity(llm, text, window=args.window, max_windows=args.max_windows)
-    record = {"model": args.model, "text": args.text, "quantization": args.quantization,
+    result = perplexity(llm, text, window=args.window, max_windows=args.max_windows, step=args.step)
+    record = {"step": args.step, "model": args.model, "text": args.text, "quantization": args.quantization,
               "kv_cache_dtype": getattr(args, "kv_cache_dtype", "auto"), "load_s": load_s, **result.to_dict()}
     print(f"perplexity {result.perplexity:.4f} over {result.num_tokens} tokens ({result.num_windows} windows of "
           f"{result.window}), {result.tokens_per_s:.0f} tok/s, quantization {args.quantization}")
@@ -270,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", required=True, help="UTF-8 text file, e.g. ../shared/data/shakespeare-en.txt")
     p.add_argument("--window", type=int, default=512, help="tokens per window")
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    p.add_argument("--step", type=int, default=None,
+                   help="feed each window N tokens per forward pass through the KV cache (1: the decode path, "
+                        "which is what w4a8's int8 activations affect); default: the whole window at once")
     p.add_argument("--json", action="store_true", help="also print the result as one JSON line")
     p.set_defaults(fn=cmd_eval_perplexity)
 
@@ -284,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="catalog name, a .gguf file, an HF directory or hub id (the source to quantize)")
     p.add_argument("--quantization", required=True,
-                   help="int8, int4, int4-g64, int4-g128 or w8a8 (see --quantization of generate)")
+                   help="int8, int4, int4-g64, int4-g128, w8a8 or w4a8 (see --quantization of generate)")
     p.add_argument("--output", required=True, help="directory to write (new, empty, or an earlier quantize output)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty directory")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from scaleinfer.errors import ConfigError
 
 
-QUANTIZATION_MODES = ("none", "int8", "int4", "int4-g64", "int4-g128", "w8a8", "auto")
+QUANTIZATION_MODES = ("none", "int8", "int4", "int4-g64", "int4-g128", "w8a8", "w4a8", "auto")
 """Values of --quantization (the methods live in scaleinfer.quantization)."""
 
 

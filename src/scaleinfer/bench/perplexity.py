@@ -39,7 +39,10 @@ def windows_of(ids: list[int], window: int, max_windows: int | None = None) -> l
     return out[:max_windows] if max_windows else out
 
 
-def perplexity(llm, text: str, window: int = 512, max_windows: int | None = None) -> PerplexityResult:
+def perplexity(llm, text: str, window: int = 512, max_windows: int | None = None,
+               step: int | None = None) -> PerplexityResult:
+    """`step`: feed each window `step` tokens per forward pass through the paged cache (1 = the decode
+    path, one token at a time); None: each window in one pass (the prefill path)."""
     tok = llm.tokenizer
     ids = tok.encode(text, add_special_tokens=False)
     bos = [tok.bos_token_id] if tok.add_bos_token and tok.bos_token_id is not None else []
@@ -49,10 +52,13 @@ def perplexity(llm, text: str, window: int = 512, max_windows: int | None = None
     start = time.perf_counter()
     for chunk in chunks:
         seq = bos + chunk
-        logits = runner.compute_logits(seq)                      # [len(seq), vocab]
-        logprobs = torch.log_softmax(logits[len(bos):-1].float(), dim=-1)
-        targets = torch.tensor(chunk[1:], device=logprobs.device)
-        total_nll -= float(logprobs.gather(1, targets.unsqueeze(1)).sum())
+        if step:
+            total_nll -= float(llm.engine.score_stream(seq, chunk=step)[len(bos):].sum())
+        else:
+            logits = runner.compute_logits(seq)                      # [len(seq), vocab]
+            logprobs = torch.log_softmax(logits[len(bos):-1].float(), dim=-1)
+            targets = torch.tensor(chunk[1:], device=logprobs.device)
+            total_nll -= float(logprobs.gather(1, targets.unsqueeze(1)).sum())
         total_tokens += len(chunk) - 1
     elapsed = time.perf_counter() - start
     return PerplexityResult(math.exp(total_nll / max(total_tokens, 1)), total_tokens, len(chunks), window, elapsed)

@@ -36,8 +36,8 @@ def build_model(ckpt: Checkpoint, config: EngineConfig, attention_backend: str |
         from scaleinfer.quantization.base import resolve_mode
 
         mode = resolve_mode(config.quantization, config.device)
-    # int4 (group 32) takes GGUF 4-bit weights as stored: exact, and no float round trip.
-    loaded = model.load_weights(ckpt.tensors(direct_int4=ckpt.direct_int4 and mode == "int4"))
+    # int4 and w4a8 (group 32) take GGUF 4-bit weights as stored: exact, and no float round trip.
+    loaded = model.load_weights(ckpt.tensors(direct_int4=ckpt.direct_int4 and mode in ("int4", "w4a8")))
     missing = _missing_params(model, loaded)
     if missing:
         from scaleinfer.errors import WeightLoadError
@@ -82,7 +82,7 @@ def quantize_to_dir(model: str, mode: str, output: str, *, overwrite: bool = Fal
 
     mode = resolve_mode(mode, "cpu")
     if mode == "none":
-        raise ConfigError("--quantization none writes nothing; choose int8, int4, int4-g64, int4-g128 or w8a8")
+        raise ConfigError("--quantization none writes nothing; choose int8, int4, int4-g64, int4-g128, w8a8 or w4a8")
     prepare_output_dir(output, overwrite)
     start = time.perf_counter()
     ckpt = open_checkpoint(model)

@@ -147,3 +147,47 @@ class Int4WeightOnly:
         else:
             y = F.linear(x2, self.dequantize(layer).to(x.dtype), layer.bias)
         return y.view(*x.shape[:-1], y.shape[-1])
+
+
+W4A8_MAX_ROWS = 16
+"""Inputs of at most this many rows (decode, small batches) take the integer kernel; longer ones (prefill)
+the weight-only int4 path with fp32 activations, where the cost is arithmetic, not weight reads."""
+
+
+def quantize_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per block of 32 along the last dim, symmetric int8: x ~= xq * d; returns (xq [.., K] int8, d [.., K/32])."""
+    blocks = x.reshape(*x.shape[:-1], -1, 32)
+    d = blocks.abs().amax(dim=-1) / 127.0
+    safe = torch.where(d > 0, d, torch.ones_like(d))
+    xq = torch.where(d[..., None] > 0, torch.round(blocks / safe[..., None]), torch.zeros_like(blocks))
+    return xq.to(torch.int8).reshape(x.shape), d
+
+
+class W4A8(Int4WeightOnly):
+    """`w4a8`: int4 group-32 weights (the same packed buffers as `int4`, so GGUF Q4 tensors load exactly)
+    with activations quantized per block of 32 to int8 and multiplied as integers (csrc/int4_a8.cpp,
+    VNNI or AVX2): llama.cpp's Q4 x Q8 scheme. Only for inputs of up to W4A8_MAX_ROWS rows."""
+
+    name = "w4a8"
+
+    def __init__(self, group_size: int = 32):
+        if group_size != 32:
+            raise ValueError("w4a8 uses int4 groups of 32")
+        super().__init__(32)
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        ops = lowbit_ops() if x.device.type == "cpu" else None
+        if ops is None or x2.dtype != torch.float32 or x2.shape[0] > W4A8_MAX_ROWS:
+            return super().apply(layer, x)
+        y = ops.int4_a8_linear(x2.contiguous(), layer.qweight, layer.weight_scale, layer.weight_min)
+        if layer.bias is not None:
+            y += layer.bias
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    def reference(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        """What apply computes for small inputs, in plain fp32: block-quantized activations times the
+        dequantized weights."""
+        xq, d = quantize_blocks(x.reshape(-1, x.shape[-1]))
+        xd = (xq.float().view(xq.shape[0], -1, 32) * d[..., None]).view(xq.shape)
+        return F.linear(xd, self.dequantize(layer), layer.bias)

@@ -49,7 +49,7 @@ def _method_spec(method) -> dict:
 
 
 def _make_method(spec: dict):
-    from scaleinfer.quantization.int4 import Int4WeightOnly
+    from scaleinfer.quantization.int4 import W4A8, Int4WeightOnly
     from scaleinfer.quantization.int8 import W8A8, Int8WeightOnly
 
     name = spec.get("method")
@@ -59,6 +59,8 @@ def _make_method(spec: dict):
         return W8A8()
     if name == "int4":
         return Int4WeightOnly(group_size=int(spec["group_size"]))
+    if name == "w4a8":
+        return W4A8()
     raise WeightLoadError(f"quantized checkpoint lists an unknown method {name!r}; it was written by a newer "
                           f"scaleinfer")
 

@@ -1,0 +1,254 @@
+// w4a8: int4 group-32 weights (lowbit_linear.cpp's layout: w = q * scale + min, q in 0..15) times
+// activations quantized per block of 32 to int8 (x ~= xq * dx, symmetric), multiplied as integers:
+//   y[n] = sum_g  scale[n,g] * dx[g] * sum_i q[n,g,i] xq[g,i]   +   min[n,g] * dx[g] * sum_i xq[g,i]
+// (the Q4_1 x Q8_1 scheme llama.cpp uses on CPUs). The integer dot of a block is u8 x s8 products:
+// AVX512-VNNI / AVX-VNNI `vpdpbusd` (4 products per 32-bit lane in one instruction) or AVX2
+// `vpmaddubsw` + `vpmaddwd`; 8 float partial sums are carried across the row and reduced once.
+// Weight bytes are read once per input row block, so at batch-1 decode the kernel runs at memory speed
+// instead of being bound by widening nibbles to fp32. Reference: the float expression above
+// (quantization/int4.py: W4A8.reference), tested for every code path the CPU has.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+enum class Path { scalar = 0, avx2 = 1, vnni = 2, vnni512 = 3 };
+
+Path detect_path() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw")) return Path::vnni512;
+    return Path::avx2;
+  }
+  return Path::scalar;
+}
+
+Path g_path = detect_path();
+
+// x [K] -> xq [K] int8, dx [K/32] (scale), sx [K/32] (= dx * sum of the block's xq).
+void quantize_blocks(const float* x, int64_t K, int8_t* xq, float* dx, float* sx) {
+  for (int64_t g = 0; g < K / 32; ++g) {
+    const float* xb = x + g * 32;
+    float amax = 0.f;
+    for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xb[i]));
+    const float d = amax / 127.f;
+    int sum = 0;
+    for (int i = 0; i < 32; ++i) {
+      const int v = d > 0.f ? static_cast<int>(std::nearbyint(xb[i] / d)) : 0;
+      xq[g * 32 + i] = static_cast<int8_t>(v);
+      sum += v;
+    }
+    dx[g] = d;
+    sx[g] = d * static_cast<float>(sum);
+  }
+}
+
+float row_scalar(const uint8_t* q, const float* scale, const float* mn, const int8_t* xq, const float* dx,
+                 const float* sx, int64_t groups) {
+  float total = 0.f;
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* b = q + g * 16;
+    const int8_t* xb = xq + g * 32;
+    int dot = 0;
+    for (int i = 0; i < 16; ++i) dot += (b[i] & 0xF) * xb[i] + (b[i] >> 4) * xb[i + 16];
+    total += scale[g] * dx[g] * static_cast<float>(dot) + mn[g] * sx[g];
+  }
+  return total;
+}
+
+__attribute__((target("avx2,fma"))) inline __m256i nibbles(const uint8_t* b) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b));
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  const __m128i lo = _mm_and_si128(raw, mask);                     // elements 0..15
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);  // elements 16..31
+  return _mm256_set_m128i(hi, lo);
+}
+
+__attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+__attribute__((target("avx2,fma"))) float row_avx2(const uint8_t* q, const float* scale, const float* mn,
+                                                   const int8_t* xq, const float* dx, const float* sx,
+                                                   int64_t groups) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc = _mm256_setzero_ps();
+  float macc = 0.f;
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m256i w = nibbles(q + g * 16);
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + g * 32));
+    const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones);  // 8 x int32
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(scale[g] * dx[g]), acc);
+    macc += mn[g] * sx[g];
+  }
+  return hsum(acc) + macc;
+}
+
+__attribute__((target("avx2,fma,avx512f,avx512vl,avx512vnni"))) float row_vnni(
+    const uint8_t* q, const float* scale, const float* mn, const int8_t* xq, const float* dx, const float* sx,
+    int64_t groups) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  float macc = 0.f;
+  int64_t g = 0;
+  for (; g + 1 < groups; g += 2) {  // two independent chains hide the dpbusd -> cvt -> fma latency
+    const __m256i p0 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), nibbles(q + g * 16),
+                                           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + g * 32)));
+    const __m256i p1 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), nibbles(q + g * 16 + 16),
+                                           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + g * 32 + 32)));
+    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(scale[g] * dx[g]), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(scale[g + 1] * dx[g + 1]), acc1);
+    macc += mn[g] * sx[g] + mn[g + 1] * sx[g + 1];
+  }
+  for (; g < groups; ++g) {
+    const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), nibbles(q + g * 16),
+                                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + g * 32)));
+    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(scale[g] * dx[g]), acc0);
+    macc += mn[g] * sx[g];
+  }
+  return hsum(_mm256_add_ps(acc0, acc1)) + macc;
+}
+
+// 512-bit VNNI, two groups per step. The weight bytes of groups g, g+1 (32 bytes) split into low
+// nibbles [g 0..15 | g+1 0..15] and high nibbles [g 16..31 | g+1 16..31]; `pair_order` arranged the
+// activations the same way, so one vpdpbusd gives lanes 0-3 and 8-11 for group g, 4-7 and 12-15 for
+// g+1, and one permute spreads the two groups' combined scales over those lanes.
+__attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni"))) float row_vnni512(
+    const uint8_t* q, const float* scale, const float* mn, const int8_t* xq, const float* dx, const float* sx,
+    int64_t groups, float* cs) {
+  float mterm = 0.f;
+#pragma omp simd reduction(+ : mterm)
+  for (int64_t g = 0; g < groups; ++g) {
+    cs[g] = scale[g] * dx[g];
+    mterm += mn[g] * sx[g];
+  }
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  const __m512i idx = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  int64_t g = 0;
+  for (; g + 3 < groups; g += 4) {
+    const __m256i r0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + g * 16));
+    const __m256i r1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + g * 16 + 32));
+    const __m512i w0 = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(r0, mask)),
+                                          _mm256_and_si256(_mm256_srli_epi16(r0, 4), mask), 1);
+    const __m512i w1 = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(r1, mask)),
+                                          _mm256_and_si256(_mm256_srli_epi16(r1, 4), mask), 1);
+    const __m512i p0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(xq + g * 32));
+    const __m512i p1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w1, _mm512_loadu_si512(xq + g * 32 + 64));
+    double c0, c1;
+    std::memcpy(&c0, cs + g, 8);
+    std::memcpy(&c1, cs + g + 2, 8);
+    const __m512 s0 = _mm512_permutexvar_ps(idx, _mm512_castpd_ps(_mm512_set1_pd(c0)));
+    const __m512 s1 = _mm512_permutexvar_ps(idx, _mm512_castpd_ps(_mm512_set1_pd(c1)));
+    acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p0), s0, acc0);
+    acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p1), s1, acc1);
+  }
+  for (; g + 1 < groups; g += 2) {
+    const __m256i r0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + g * 16));
+    const __m512i w0 = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(r0, mask)),
+                                          _mm256_and_si256(_mm256_srli_epi16(r0, 4), mask), 1);
+    const __m512i p0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(xq + g * 32));
+    double c0;
+    std::memcpy(&c0, cs + g, 8);
+    acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p0), _mm512_permutexvar_ps(idx, _mm512_castpd_ps(_mm512_set1_pd(c0))),
+                           acc0);
+  }
+  float total = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + mterm;
+  if (g < groups) {  // an odd last group, in natural order
+    const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), nibbles(q + g * 16),
+                                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + g * 32)));
+    total += hsum(_mm256_cvtepi32_ps(p)) * cs[g];
+  }
+  return total;
+}
+
+// Re-order one row of quantized activations for row_vnni512: per pair of groups,
+// [g 0..15, g+1 0..15, g 16..31, g+1 16..31] (an odd last group stays as it is).
+void pair_order(int8_t* xq, int64_t groups) {
+  int8_t tmp[64];
+  for (int64_t g = 0; g + 1 < groups; g += 2) {
+    int8_t* b = xq + g * 32;
+    std::memcpy(tmp, b, 16);
+    std::memcpy(tmp + 16, b + 32, 16);
+    std::memcpy(tmp + 32, b + 16, 16);
+    std::memcpy(tmp + 48, b + 48, 16);
+    std::memcpy(b, tmp, 64);
+  }
+}
+
+const char* path_name(Path p) {
+  return p == Path::vnni512 ? "avx512vnni-512" : p == Path::vnni ? "avx512vnni" : p == Path::avx2 ? "avx2" : "scalar";
+}
+
+}  // namespace
+
+// x [M, K] float32 contiguous; q [N, K/2] uint8; scale, mn [N, K/32] float32 -> y [M, N].
+torch::Tensor int4_a8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor mn) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
+              "x must be a contiguous float32 [M, K] tensor");
+  TORCH_CHECK(q.scalar_type() == torch::kUInt8 && q.dim() == 2 && q.is_contiguous(), "q must be uint8 [N, K/2]");
+  const int64_t N = q.size(0), K = q.size(1) * 2, M = x.size(0), groups = K / 32;
+  TORCH_CHECK(x.size(1) == K && K % 32 == 0, "x has ", x.size(1), " features, the weight expects ", K);
+  TORCH_CHECK(scale.is_contiguous() && mn.is_contiguous() && scale.numel() == N * groups &&
+              mn.numel() == N * groups, "scale and min must be contiguous float32 [N, K / 32] (group 32)");
+  std::vector<int8_t> xq(M * K);
+  std::vector<float> dx(M * groups), sx(M * groups);
+  const float* xp = x.data_ptr<float>();
+  const Path path = g_path;
+  for (int64_t m = 0; m < M; ++m) {
+    quantize_blocks(xp + m * K, K, xq.data() + m * K, dx.data() + m * groups, sx.data() + m * groups);
+    if (path == Path::vnni512) pair_order(xq.data() + m * K, groups);
+  }
+  auto y = torch::empty({M, N}, x.options());
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const float* sp = scale.data_ptr<float>();
+  const float* mp = mn.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    std::vector<float> cs(groups);
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* qr = qp + n * (K / 2);
+      const float* sr = sp + n * groups;
+      const float* mr = mp + n * groups;
+      for (int64_t m = 0; m < M; ++m) {
+        const int8_t* xr = xq.data() + m * K;
+        const float* d = dx.data() + m * groups;
+        const float* s = sx.data() + m * groups;
+        float v;
+        if (path == Path::vnni512) v = row_vnni512(qr, sr, mr, xr, d, s, groups, cs.data());
+        else if (path == Path::vnni) v = row_vnni(qr, sr, mr, xr, d, s, groups);
+        else if (path == Path::avx2) v = row_avx2(qr, sr, mr, xr, d, s, groups);
+        else v = row_scalar(qr, sr, mr, xr, d, s, groups);
+        yp[m * N + n] = v;
+      }
+    }
+  });
+  return y;
+}
+
+std::string a8_path() { return path_name(g_path); }
+
+// Force a code path (tests run every path the CPU supports); returns the previous one.
+std::string set_a8_path(const std::string& name) {
+  const std::string prev = path_name(g_path);
+  const Path best = detect_path();
+  const Path want = name == "avx512vnni-512" ? Path::vnni512 : name == "avx512vnni" ? Path::vnni
+                    : name == "avx2" ? Path::avx2 : Path::scalar;
+  TORCH_CHECK(static_cast<int>(want) <= static_cast<int>(best), "this CPU does not support ", name);
+  g_path = want;
+  return prev;
+}
+
+void register_int4_a8(pybind11::module& m) {
+  m.def("int4_a8_linear", &int4_a8_linear, "int4 group-32 weights x per-32-block int8 activations");
+  m.def("a8_path", &a8_path, "the w4a8 code path in use: avx512vnni-512, avx512vnni, avx2 or scalar");
+  m.def("set_a8_path", &set_a8_path, "force a w4a8 code path (for tests)");
+}
