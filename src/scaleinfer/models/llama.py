@@ -80,6 +80,59 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(h), residual
 
 
+class _DecodePlan:
+    """A decode-only step of the Llama family as a flat loop over the fused CPU kernels (layers/fused.py,
+    quantization/csrc/): the same kernels, in the same order, as the modules' forward (so the logits
+    are bit-identical, tested), minus the nn.Module dispatch, shape checks and views that cost as much
+    as the matmuls of a 135M model at batch 1. Built once per model, after quantization; a step it
+    does not cover (prefill, int8 KV, sink shifts, another dtype or device) takes the module path."""
+
+    def __init__(self, ops, layers, dims):
+        self.ops, self.layers = ops, layers
+        self.h, self.h_kv, self.d, self.eps = dims
+
+    @classmethod
+    def build(cls, model, kv_caches) -> "_DecodePlan | bool":
+        from scaleinfer.attention.sdpa import CpuPagedBackend
+        from scaleinfer.layers.fused import fused_ops
+
+        first = model.layers[0]
+        ops = fused_ops(model.norm.weight)
+        if ops is None or not isinstance(first.self_attn.attn.backend, CpuPagedBackend) \
+                or not all(isinstance(c[0], torch.Tensor) and c[0].dtype == torch.float32 for c in kv_caches):
+            return False
+        layers = [(layer.input_layernorm.weight, layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                   layer.post_attention_layernorm.weight, layer.mlp.gate_up_proj, layer.mlp.down_proj,
+                   layer.self_attn.attn) for layer in model.layers]
+        a = first.self_attn
+        return cls(ops, layers, (a.num_heads, a.num_kv_heads, a.head_dim, first.input_layernorm.eps))
+
+    def run(self, model, input_ids, positions, kv_caches, meta: AttentionMetadata, logits_indices):
+        views = [meta.for_pattern(layer[6].pattern) for layer in self.layers]
+        if any(v.decode_sink_shift is not None or v.decode_lens is None for v in views):
+            return None
+        ops, h, h_kv, d, eps = self.ops, self.h, self.h_kv, self.d, self.eps
+        x = model.embed_tokens(input_ids)
+        n = x.shape[0]
+        cos, sin = model.rotary.lookup(positions, x.dtype)
+        out = torch.empty(n, h, d)
+        residual = None
+        for (w_in, qkv_proj, o_proj, w_post, gate_up_proj, down_proj, attn), (k_cache, v_cache), m in zip(
+                self.layers, kv_caches, views):
+            x, residual = ops.add_rms_norm(x, residual, w_in, eps)
+            qkv = qkv_proj.quant_method.apply(qkv_proj, x)
+            ops.rotary_(qkv[:, :(h + h_kv) * d].view(n, h + h_kv, d), cos, sin)
+            ops.kv_write(k_cache, v_cache, m.slot_mapping, qkv[:, h * d:(h + h_kv) * d].view(n, h_kv, d),
+                         qkv[:, (h + h_kv) * d:].view(n, h_kv, d))
+            ops.paged_decode_attention(out, qkv[:, :h * d].view(n, h, d), k_cache, v_cache, m.decode_slots,
+                                       m.decode_lens, attn.scale)
+            x = o_proj.quant_method.apply(o_proj, out.view(n, h * d))
+            x, residual = ops.add_rms_norm(x, residual, w_post, eps)
+            x = down_proj.quant_method.apply(down_proj, ops.silu_and_mul(
+                gate_up_proj.quant_method.apply(gate_up_proj, x)))
+        return model.compute_head(x, residual, logits_indices)
+
+
 class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend, dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -99,13 +152,29 @@ class LlamaForCausalLM(nn.Module):
         else:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False, dtype)
 
+    lean_decode = True
+    """Run decode-only steps through _DecodePlan (same kernels, no per-module Python); tests switch it off
+    to compare."""
+    _decode_plan = None
+    _decode_plan_cls = _DecodePlan
+
     @torch.inference_mode()
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata, logits_indices) -> torch.Tensor:
+        if self.lean_decode and not meta.prefills and meta.num_decode_tokens == input_ids.shape[0]:
+            if self._decode_plan is None:
+                self._decode_plan = self._decode_plan_cls.build(self, kv_caches)
+            if self._decode_plan:
+                logits = self._decode_plan.run(self, input_ids, positions, kv_caches, meta, logits_indices)
+                if logits is not None:
+                    return logits
         x = self.embed_tokens(input_ids)  # [num_tokens, hidden]
         cos, sin = self.rotary.lookup(positions, x.dtype)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
             x, residual = layer(x, residual, cos, sin, kv_cache, meta)
+        return self.compute_head(x, residual, logits_indices)
+
+    def compute_head(self, x, residual, logits_indices) -> torch.Tensor:
         # Only the rows that need logits go through the final norm and the LM head.
         x = x.index_select(0, logits_indices)
         residual = residual.index_select(0, logits_indices)

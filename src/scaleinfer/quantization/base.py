@@ -89,6 +89,8 @@ def apply_quantization(model: nn.Module, name: str, *, skip_lm_head: bool = Fals
             method.process_weights_after_loading(module)
         module.quant_method = method
         count += 1
+    if hasattr(model, "_decode_plan"):
+        model._decode_plan = None  # holds the layers' methods: rebuilt on the next decode step
     logger.debug("quantization %s applied to %d linear layers", mode, count)
     return mode
 
