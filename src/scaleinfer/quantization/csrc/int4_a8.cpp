@@ -121,7 +121,9 @@ __attribute__((target("avx2,fma,avx512f,avx512vl,avx512vnni"))) float row_vnni(
 // nibbles [g 0..15 | g+1 0..15] and high nibbles [g 16..31 | g+1 16..31]; `pair_order` arranged the
 // activations the same way, so one vpdpbusd gives lanes 0-3 and 8-11 for group g, 4-7 and 12-15 for
 // g+1, and one permute spreads the two groups' combined scales over those lanes.
-__attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni"))) float row_vnni512(
+#define SI_VNNI512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
+
+SI_VNNI512 inline __attribute__((always_inline)) float row_vnni512(
     const uint8_t* q, const float* scale, const float* mn, const int8_t* xq, const float* dx, const float* sx,
     int64_t groups, float* cs) {
   float mterm = 0.f;
@@ -190,6 +192,14 @@ __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni"))) float r
   return total;
 }
 
+// Rows n0..n1 of one input row: the row body inlined, so its constants and set-up are hoisted.
+SI_VNNI512 void rows_vnni512(const uint8_t* q, const float* scale, const float* mn, const int8_t* xq,
+                             const float* dx, const float* sx, int64_t groups, int64_t n0, int64_t n1,
+                             float* cs, float* y) {
+  for (int64_t n = n0; n < n1; ++n)
+    y[n] = row_vnni512(q + n * groups * 16, scale + n * groups, mn + n * groups, xq, dx, sx, groups, cs);
+}
+
 // Re-order one row of quantized activations for row_vnni512: per pair of groups,
 // [g 0..15, g+1 0..15, g 16..31, g+1 16..31] (an odd last group stays as it is).
 void pair_order(int8_t* xq, int64_t groups) {
@@ -234,6 +244,13 @@ torch::Tensor int4_a8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor sca
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     std::vector<float> cs(groups);
+    if (path == Path::vnni512) {
+      for (int64_t m = 0; m < M; ++m) {
+        rows_vnni512(qp, sp, mp, xq.data() + m * K, dx.data() + m * groups, sx.data() + m * groups, groups,
+                     n0, n1, cs.data(), yp + m * N);
+      }
+      return;
+    }
     for (int64_t n = n0; n < n1; ++n) {
       const uint8_t* qr = qp + n * (K / 2);
       const float* sr = sp + n * groups;
@@ -243,8 +260,7 @@ torch::Tensor int4_a8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor sca
         const float* d = dx.data() + m * groups;
         const float* s = sx.data() + m * groups;
         float v;
-        if (path == Path::vnni512) v = row_vnni512(qr, sr, mr, xr, d, s, groups, cs.data());
-        else if (path == Path::vnni) v = row_vnni(qr, sr, mr, xr, d, s, groups);
+        if (path == Path::vnni) v = row_vnni(qr, sr, mr, xr, d, s, groups);
         else if (path == Path::avx2) v = row_avx2(qr, sr, mr, xr, d, s, groups);
         else v = row_scalar(qr, sr, mr, xr, d, s, groups);
         yp[m * N + n] = v;
