@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from scaleinfer import LLM, SamplingParams
+import torch
 
-pytestmark = pytest.mark.slow
+from scaleinfer import LLM, SamplingParams
+from scaleinfer.layers.fused import fused_ops
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(fused_ops(torch.zeros(1)) is None, reason="CPU kernels not built (no compiler)")]
 
 PROMPTS = ["The capital of France is", "List three colours:", "def fib(n):\n   "]
 

@@ -52,6 +52,8 @@ def _layer(out_f: int, in_f: int, bias: bool) -> Linear:
 @pytest.mark.parametrize("shape", [(64, 96), (40, 224), (96, 256), (33, 576)])
 @pytest.mark.parametrize("rows", [1, 2, 5, W4A8_MAX_ROWS])
 def test_w4a8_matches_its_reference(path, shape, rows):
+    if ops is None:
+        pytest.skip("CPU kernels not built: w4a8 falls back to the int4 weight-only path")
     layer = _layer(*shape, bias=True)
     m = W4A8()
     m.process_weights_after_loading(layer)
