@@ -9,6 +9,7 @@ import logging
 import sys
 import time
 
+from scaleinfer.config import QUANTIZATION_MODES
 from scaleinfer.errors import ScaleInferError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -28,9 +29,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse KV blocks of shared prompt prefixes (default: on)")
     g.add_argument("--quantization", default="none",
-                   choices=["none", "int8", "int4", "int4-g64", "int4-g128", "w8a8", "w4a8", "auto"],
+                   choices=QUANTIZATION_MODES,
                    help="weight quantization after loading: int8 / int4 weight-only, w8a8 (int8 weights and "
-                        "per-token int8 activations), auto (int8 on CPU)")
+                        "per-token int8 activations), w4a8 (int4 weights, int8 activations at decode), "
+                        "auto (int8 on CPU)")
     g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
                    help="KV cache storage: auto (model dtype) or int8 (per-token, per-head scales)")
     g.add_argument("--attention-pattern", default=None,
@@ -287,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="catalog name, a .gguf file, an HF directory or hub id (the source to quantize)")
     p.add_argument("--quantization", required=True,
-                   help="int8, int4, int4-g64, int4-g128, w8a8 or w4a8 (see --quantization of generate)")
+                   help=f"one of {', '.join(m for m in QUANTIZATION_MODES if m not in ('none', 'auto'))} "
+                        f"(see --quantization of generate)")
     p.add_argument("--output", required=True, help="directory to write (new, empty, or an earlier quantize output)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty directory")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")

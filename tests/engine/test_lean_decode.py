@@ -9,6 +9,7 @@ import torch
 
 from scaleinfer import LLM, SamplingParams
 from scaleinfer.layers.fused import fused_ops
+from scaleinfer.models.llama import _DecodePlan
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(fused_ops(torch.zeros(1)) is None, reason="CPU kernels not built (no compiler)")]
@@ -27,17 +28,15 @@ def _run(llm: LLM, lean: bool):
 def test_lean_decode_is_bit_identical(mode):
     llm = LLM("smollm2-135m-instruct", kv_cache_memory="64MiB", max_model_len=256, quantization=mode)
     calls = []
-    plan_run = type(llm.engine.model)._decode_plan_cls.run
+    plan_run = _DecodePlan.run
 
     def counting_run(self, *args):
         calls.append(1)
         return plan_run(self, *args)
 
-    type(llm.engine.model)._decode_plan_cls.run = counting_run
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_DecodePlan, "run", counting_run)
         lean = _run(llm, True)
-    finally:
-        type(llm.engine.model)._decode_plan_cls.run = plan_run
     assert len(calls) >= 10                       # the decode steps went through the plan
     assert lean == _run(llm, False)
 

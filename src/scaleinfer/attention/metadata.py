@@ -64,7 +64,8 @@ class AttentionMetadata:
         return AttentionMetadata(
             slot_mapping=move(self.slot_mapping), num_decode_tokens=self.num_decode_tokens,
             decode_slots=move(self.decode_slots), decode_mask=move(self.decode_mask),
-            decode_lens=move(self.decode_lens), prefills=[PrefillSeq(p.query_start, p.query_len, p.context_len, move(p.kv_slots), move(p.mask),
+            decode_lens=move(self.decode_lens),
+            prefills=[PrefillSeq(p.query_start, p.query_len, p.context_len, move(p.kv_slots), move(p.mask),
                                  move(p.sink_shift)) for p in self.prefills],
             decode_sink_shift=move(self.decode_sink_shift), num_sinks=self.num_sinks,
             by_pattern={k: v.to(device) for k, v in self.by_pattern.items()})

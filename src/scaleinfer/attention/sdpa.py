@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from scaleinfer.attention.metadata import AttentionMetadata, PrefillSeq
+from scaleinfer.layers.fused import fused_ops
 
 
 def rotate(x: torch.Tensor, shift: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -48,7 +49,7 @@ class SdpaBackend:
         """`rope`: the layer's RoPE inverse frequencies, needed only for sink shifts."""
         group = q.shape[1] // k.shape[1]
         k_new, v_new = self._write_kv(k_cache, v_cache, meta.slot_mapping, k, v)
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous even when q is a view
         shifted = meta.decode_sink_shift is not None or any(p.sink_shift is not None for p in meta.prefills)
         if shifted and rope is None:
             raise RuntimeError("positions=cache needs the layer's RoPE frequencies (Attention.rope_inv_freq)")
@@ -99,23 +100,23 @@ class CpuPagedBackend(SdpaBackend):
     and both caches are written in one call. Prefills, sink shifts and anything but float32 on the
     CPU take the sdpa code, which is also the reference this backend is tested against."""
 
-    def _write_kv(self, k_cache, v_cache, slots, k, v):
-        from scaleinfer.layers.fused import fused_ops
+    @staticmethod
+    def _ops(x: torch.Tensor, cache):
+        """The kernels, if x (heads contiguous) and the cache (a float32 tensor) suit them."""
+        if not isinstance(cache, torch.Tensor) or cache.dtype != torch.float32 or x.stride(1) != x.shape[2]:
+            return None
+        return fused_ops(x)
 
-        ops = fused_ops(k)
-        if ops is None or not isinstance(k_cache, torch.Tensor) or k_cache.dtype != torch.float32 \
-                or k.stride(1) != k.shape[2] or v.stride(1) != v.shape[2]:
+    def _write_kv(self, k_cache, v_cache, slots, k, v):
+        ops = self._ops(k, k_cache) if v.stride(1) == v.shape[2] else None
+        if ops is None:
             return super()._write_kv(k_cache, v_cache, slots, k, v)
         ops.kv_write(k_cache, v_cache, slots, k, v)
         return k, v
 
     def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float, rope, out) -> None:
-        from scaleinfer.layers.fused import fused_ops
-
-        ops = fused_ops(q)
-        if ops is None or meta.decode_sink_shift is not None or meta.decode_lens is None \
-                or not isinstance(k_cache, torch.Tensor) or k_cache.dtype != torch.float32 \
-                or q.stride(1) != q.shape[2]:
+        ops = self._ops(q, k_cache)
+        if ops is None or meta.decode_sink_shift is not None or meta.decode_lens is None:
             return super()._decode(q, k_cache, v_cache, meta, scale, rope, out)
         ops.paged_decode_attention(out, q, k_cache, v_cache, meta.decode_slots, meta.decode_lens, scale)
 

@@ -31,13 +31,11 @@ def build_model(ckpt: Checkpoint, config: EngineConfig, attention_backend: str |
         from scaleinfer.weights.quantized import load_quantized
 
         return load_quantized(model, ckpt, config)
-    mode = "none"
-    if config.quantization != "none":
-        from scaleinfer.quantization.base import resolve_mode
+    from scaleinfer.quantization.base import resolve_mode, takes_packed_int4
 
-        mode = resolve_mode(config.quantization, config.device)
-    # int4 and w4a8 (group 32) take GGUF 4-bit weights as stored: exact, and no float round trip.
-    loaded = model.load_weights(ckpt.tensors(direct_int4=ckpt.direct_int4 and mode in ("int4", "w4a8")))
+    mode = resolve_mode(config.quantization, config.device)
+    # int4 group 32 (int4, w4a8) takes GGUF 4-bit weights as stored: exact, and no float round trip.
+    loaded = model.load_weights(ckpt.tensors(direct_int4=ckpt.direct_int4 and takes_packed_int4(mode)))
     missing = _missing_params(model, loaded)
     if missing:
         from scaleinfer.errors import WeightLoadError
@@ -75,14 +73,15 @@ def _missing_params(model, loaded: set[str]) -> set[str]:
 
 def quantize_to_dir(model: str, mode: str, output: str, *, overwrite: bool = False) -> dict:
     """`scaleinfer quantize`: open `model`, quantize it as the engine would, write `output`."""
-    from scaleinfer.config import EngineConfig
+    from scaleinfer.config import QUANTIZATION_MODES, EngineConfig
     from scaleinfer.quantization.base import resolve_mode
     from scaleinfer.weights.loader import open_checkpoint
     from scaleinfer.weights.quantized import FORMAT, prepare_output_dir, save_quantized
 
     mode = resolve_mode(mode, "cpu")
     if mode == "none":
-        raise ConfigError("--quantization none writes nothing; choose int8, int4, int4-g64, int4-g128, w8a8 or w4a8")
+        choices = ", ".join(m for m in QUANTIZATION_MODES if m not in ("none", "auto"))
+        raise ConfigError(f"--quantization none writes nothing; choose one of {choices}")
     prepare_output_dir(output, overwrite)
     start = time.perf_counter()
     ckpt = open_checkpoint(model)

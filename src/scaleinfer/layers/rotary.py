@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from scaleinfer.errors import UnsupportedModelError
+from scaleinfer.layers.fused import fused_ops
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 
@@ -199,8 +200,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 def apply_rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """apply_rotary in place (x may be a view, e.g. the Q|K columns of a fused QKV output); returns x."""
-    from scaleinfer.layers.fused import fused_ops
-
     ops = fused_ops(x)
     if ops is not None and x.stride(-1) == 1 and cos.dtype == torch.float32 and cos.is_contiguous() \
             and sin.is_contiguous():

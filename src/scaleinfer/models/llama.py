@@ -84,8 +84,9 @@ class _DecodePlan:
     """A decode-only step of the Llama family as a flat loop over the fused CPU kernels (layers/fused.py,
     quantization/csrc/): the same kernels, in the same order, as the modules' forward (so the logits
     are bit-identical, tested), minus the nn.Module dispatch, shape checks and views that cost as much
-    as the matmuls of a 135M model at batch 1. Built once per model, after quantization; a step it
-    does not cover (prefill, int8 KV, sink shifts, another dtype or device) takes the module path."""
+    as the matmuls of a 135M model at batch 1. Built once per model; it holds the modules, so a
+    quantization method swapped in later is used as is. A step it does not cover (prefill, int8 KV,
+    sink shifts, another dtype or device) takes the module path."""
 
     def __init__(self, ops, layers, dims):
         self.ops, self.layers = ops, layers
@@ -156,13 +157,12 @@ class LlamaForCausalLM(nn.Module):
     """Run decode-only steps through _DecodePlan (same kernels, no per-module Python); tests switch it off
     to compare."""
     _decode_plan = None
-    _decode_plan_cls = _DecodePlan
 
     @torch.inference_mode()
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata, logits_indices) -> torch.Tensor:
         if self.lean_decode and not meta.prefills and meta.num_decode_tokens == input_ids.shape[0]:
             if self._decode_plan is None:
-                self._decode_plan = self._decode_plan_cls.build(self, kv_caches)
+                self._decode_plan = _DecodePlan.build(self, kv_caches)
             if self._decode_plan:
                 logits = self._decode_plan.run(self, input_ids, positions, kv_caches, meta, logits_indices)
                 if logits is not None:

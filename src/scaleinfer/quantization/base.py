@@ -56,6 +56,16 @@ def _table() -> dict[str, tuple[Callable[[], QuantMethod] | None, Callable[[], Q
     }
 
 
+def _adopts_packed(method) -> bool:
+    """Whether `method` takes GGUF 4-bit shards as they are (int4 group 32: Int4WeightOnly, W4A8)."""
+    return hasattr(method, "adopt_packed") and method.group_size == 32
+
+
+def takes_packed_int4(mode: str) -> bool:
+    """Whether the decoder linears of `mode` adopt GGUF Q4_0/Q4_1/Q4_K tensors without re-quantizing
+    (the loader then hands those tensors over packed)."""
+    factory = _table()[mode][0]
+    return factory is not None and _adopts_packed(factory())
 
 
 def resolve_mode(name: str, device: str = "cpu") -> str:
@@ -82,15 +92,13 @@ def apply_quantization(model: nn.Module, name: str, *, skip_lm_head: bool = Fals
         if factory is None or (is_head and skip_lm_head):
             continue
         method = factory()
-        if module.packed_shards and getattr(method, "group_size", None) == 32 and hasattr(method, "adopt_packed"):
+        if module.packed_shards and _adopts_packed(method):
             method.adopt_packed(module)            # GGUF 4-bit weights, taken as stored
         else:
             module.materialize_packed()
             method.process_weights_after_loading(module)
         module.quant_method = method
         count += 1
-    if hasattr(model, "_decode_plan"):
-        model._decode_plan = None  # holds the layers' methods: rebuilt on the next decode step
     logger.debug("quantization %s applied to %d linear layers", mode, count)
     return mode
 

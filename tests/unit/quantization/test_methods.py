@@ -17,6 +17,8 @@ from scaleinfer.quantization.int4 import Int4WeightOnly, dequantize_groupwise, p
 from scaleinfer.quantization.int8 import W8A8, Int8WeightOnly
 from scaleinfer.quantization.kernels import lowbit_ops
 
+from .kernel_paths import forced_path
+
 SHAPES = [(96, 64), (160, 128), (64, 256)]          # (out, in), in a multiple of 64 for all groups
 ROWS = [1, 3, 4, 5, 9, 40, 64, 200]                  # M = 1 kernel, 2x4-tile kernel, slices + BLAS
 
@@ -31,13 +33,8 @@ def _isas() -> list[str]:
 
 @pytest.fixture(params=_isas())
 def isa(request):
-    ops = lowbit_ops()
-    if ops is None:
-        yield request.param
-        return
-    prev = ops.set_isa(request.param)
-    yield request.param
-    ops.set_isa(prev)
+    with forced_path("set_isa", request.param) as name:
+        yield name
 
 
 def _layer(out_f: int, in_f: int, bias: bool = False, seed: int = 0) -> Linear:

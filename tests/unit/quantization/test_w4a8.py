@@ -11,6 +11,8 @@ from scaleinfer.layers.linear import Linear
 from scaleinfer.quantization.int4 import W4A8, W4A8_MAX_ROWS, Int4WeightOnly, quantize_blocks
 from scaleinfer.quantization.kernels import lowbit_ops
 
+from .kernel_paths import forced_path
+
 ops = lowbit_ops()
 PATHS = ["scalar", "avx2", "avx512vnni", "avx512vnni-512"]
 
@@ -31,12 +33,8 @@ def _paths() -> list[str]:
 
 @pytest.fixture(params=_paths())
 def path(request):
-    if ops is None:
-        yield request.param
-        return
-    prev = ops.set_a8_path(request.param)
-    yield request.param
-    ops.set_a8_path(prev)
+    with forced_path("set_a8_path", request.param) as name:
+        yield name
 
 
 def _layer(out_f: int, in_f: int, bias: bool) -> Linear:
