@@ -6,7 +6,7 @@ default keeps a dense weight and calls F.linear. A quantization method replaces 
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,17 @@ class LinearMethod(Protocol):
     def process_weights_after_loading(self, layer: "Linear") -> None: ...
 
     def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor: ...
+
+
+class DecodeSpec(NamedTuple):
+    """How the C++ decode step (quantization/csrc/decode_step.cpp) runs a linear exactly as `apply` does
+    on CPU float32 inputs of up to `max_rows` rows: the kernel kind (dense, int8, int4, w4a8), its
+    tensors, the bias and the int4 group size. A method without `decode_spec` keeps the Python path."""
+    kind: str
+    tensors: list
+    bias: "torch.Tensor | None"
+    group: int = 0
+    max_rows: int = 1 << 30
 
 
 class DenseLinearMethod:
@@ -38,6 +49,9 @@ class DenseLinearMethod:
 
     def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, layer.weight, layer.bias)
+
+    def decode_spec(self, layer: "Linear") -> DecodeSpec:
+        return DecodeSpec("dense", [layer.weight], layer.bias)
 
 
 class Linear(nn.Module):

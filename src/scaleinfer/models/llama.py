@@ -84,13 +84,21 @@ class _DecodePlan:
     """A decode-only step of the Llama family as a flat loop over the fused CPU kernels (layers/fused.py,
     quantization/csrc/): the same kernels, in the same order, as the modules' forward (so the logits
     are bit-identical, tested), minus the nn.Module dispatch, shape checks and views that cost as much
-    as the matmuls of a 135M model at batch 1. Built once per model; it holds the modules, so a
-    quantization method swapped in later is used as is. A step it does not cover (prefill, int8 KV,
-    sink shifts, another dtype or device) takes the module path."""
+    as the matmuls of a 135M model at batch 1. Where every linear's method gives a `decode_spec`, the
+    whole layer loop runs in one C++ call (csrc/decode_step.cpp: DecodeProgram); otherwise, or for more
+    rows than a spec takes, it runs from Python. Built once per model and KV cache; it re-checks the
+    quantization methods, so a method swapped in later is used as is. A step it does not cover
+    (prefill, int8 KV, sink shifts, another dtype or device) takes the module path."""
 
-    def __init__(self, ops, layers, dims):
+    def __init__(self, ops, layers, dims, caches):
         self.ops, self.layers = ops, layers
         self.h, self.h_kv, self.d, self.eps = dims
+        self.caches = caches
+        self.layer_patterns = [layer[6].pattern for layer in layers]
+        self.patterns = list(dict.fromkeys(self.layer_patterns))  # one attention view per distinct pattern
+        self.view_of = [self.patterns.index(p) for p in self.layer_patterns]
+        self.methods = self._methods()
+        self.program, self.max_rows = self._compile()
 
     @classmethod
     def build(cls, model, kv_caches) -> "_DecodePlan | bool":
@@ -106,20 +114,55 @@ class _DecodePlan:
                    layer.post_attention_layernorm.weight, layer.mlp.gate_up_proj, layer.mlp.down_proj,
                    layer.self_attn.attn) for layer in model.layers]
         a = first.self_attn
-        return cls(ops, layers, (a.num_heads, a.num_kv_heads, a.head_dim, first.input_layernorm.eps))
+        return cls(ops, layers, (a.num_heads, a.num_kv_heads, a.head_dim, first.input_layernorm.eps),
+                   [tuple(c) for c in kv_caches])
+
+    def _methods(self) -> list:
+        return [lin.quant_method for layer in self.layers for lin in layer[1:6] if isinstance(lin, Linear)]
+
+    def _compile(self):
+        """The C++ program for the layer loop and the most rows all its linears take, or (None, 0)."""
+        if not hasattr(self.ops, "DecodeProgram"):
+            return None, 0
+        specs = [getattr(m, "decode_spec", None) for m in self.methods]
+        if any(s is None for s in specs):
+            return None, 0
+        program = self.ops.DecodeProgram(self.h, self.h_kv, self.d, self.eps)
+        max_rows = 1 << 30
+        for (w_in, qkv, o, w_post, gate_up, down, attn), (k_cache, v_cache) in zip(self.layers, self.caches):
+            s = [lin.quant_method.decode_spec(lin) for lin in (qkv, o, gate_up, down)]
+            if any(x.bias is not None for x in s[1:]):
+                return None, 0
+            max_rows = min([max_rows] + [x.max_rows for x in s])
+            program.add_layer(w_in, w_post, k_cache, v_cache, attn.scale, self.patterns.index(attn.pattern),
+                              s[0].kind, s[0].tensors, s[0].bias, s[0].group, s[1].kind, s[1].tensors, s[1].group,
+                              s[2].kind, s[2].tensors, s[2].group, s[3].kind, s[3].tensors, s[3].group)
+        return program, max_rows
+
+    def current(self, kv_caches) -> bool:
+        """Whether this plan was built for these caches and the layers' present methods and patterns."""
+        return len(kv_caches) == len(self.caches) and all(
+            c[0] is k and c[1] is v for c, (k, v) in zip(kv_caches, self.caches)) and \
+            all(a is b for a, b in zip(self._methods(), self.methods)) and \
+            all(layer[6].pattern is p for layer, p in zip(self.layers, self.layer_patterns))
 
     def run(self, model, input_ids, positions, kv_caches, meta: AttentionMetadata, logits_indices):
-        views = [meta.for_pattern(layer[6].pattern) for layer in self.layers]
+        views = [meta.for_pattern(p) for p in self.patterns]
         if any(v.decode_sink_shift is not None or v.decode_lens is None for v in views):
             return None
-        ops, h, h_kv, d, eps = self.ops, self.h, self.h_kv, self.d, self.eps
         x = model.embed_tokens(input_ids)
         n = x.shape[0]
         cos, sin = model.rotary.lookup(positions, x.dtype)
+        if self.program is not None and n <= self.max_rows:
+            x, residual = self.program.run(x, cos, sin, [v.slot_mapping for v in views],
+                                           [v.decode_slots for v in views], [v.decode_lens for v in views])
+            return model.compute_head(x, residual, logits_indices)
+        ops, h, h_kv, d, eps = self.ops, self.h, self.h_kv, self.d, self.eps
         out = torch.empty(n, h, d)
         residual = None
-        for (w_in, qkv_proj, o_proj, w_post, gate_up_proj, down_proj, attn), (k_cache, v_cache), m in zip(
-                self.layers, kv_caches, views):
+        for (w_in, qkv_proj, o_proj, w_post, gate_up_proj, down_proj, attn), (k_cache, v_cache), i in zip(
+                self.layers, kv_caches, self.view_of):
+            m = views[i]
             x, residual = ops.add_rms_norm(x, residual, w_in, eps)
             qkv = qkv_proj.quant_method.apply(qkv_proj, x)
             ops.rotary_(qkv[:, :(h + h_kv) * d].view(n, h + h_kv, d), cos, sin)
@@ -161,7 +204,7 @@ class LlamaForCausalLM(nn.Module):
     @torch.inference_mode()
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata, logits_indices) -> torch.Tensor:
         if self.lean_decode and not meta.prefills and meta.num_decode_tokens == input_ids.shape[0]:
-            if self._decode_plan is None:
+            if self._decode_plan is None or (self._decode_plan and not self._decode_plan.current(kv_caches)):
                 self._decode_plan = _DecodePlan.build(self, kv_caches)
             if self._decode_plan:
                 logits = self._decode_plan.run(self, input_ids, positions, kv_caches, meta, logits_indices)

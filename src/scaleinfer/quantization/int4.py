@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from scaleinfer.layers.linear import Linear
+from scaleinfer.layers.linear import DecodeSpec, Linear
 from scaleinfer.quantization.base import dense_weight, drop_dense_weight
 from scaleinfer.quantization.dense_chunks import sliced_linear
 from scaleinfer.quantization.kernels import lowbit_ops
@@ -129,6 +129,10 @@ class Int4WeightOnly:
     def dequantize(self, layer: Linear) -> torch.Tensor:
         return dequantize_groupwise(layer.qweight, layer.weight_scale, layer.weight_min)
 
+    def decode_spec(self, layer: Linear) -> DecodeSpec:
+        return DecodeSpec("int4", [layer.qweight, layer.weight_scale, layer.weight_min], layer.bias,
+                          self.group_size, KERNEL_MAX_ROWS)
+
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])                # [M, in]
         ops = lowbit_ops() if x.device.type == "cpu" else None
@@ -174,6 +178,10 @@ class W4A8(Int4WeightOnly):
         if group_size != 32:
             raise ValueError("w4a8 uses int4 groups of 32")
         super().__init__(32)
+
+    def decode_spec(self, layer: Linear) -> DecodeSpec:
+        return DecodeSpec("w4a8", [layer.qweight, layer.weight_scale, layer.weight_min], layer.bias, 32,
+                          W4A8_MAX_ROWS)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])

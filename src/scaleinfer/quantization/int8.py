@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from scaleinfer.layers.linear import Linear
+from scaleinfer.layers.linear import DecodeSpec, Linear
 from scaleinfer.quantization.base import dense_weight, drop_dense_weight
 from scaleinfer.quantization.dense_chunks import sliced_linear
 from scaleinfer.quantization.kernels import lowbit_ops
@@ -58,6 +58,9 @@ class Int8WeightOnly:
     def dequantize(self, layer: Linear) -> torch.Tensor:
         return layer.qweight.float() * layer.weight_scale[:, None]
 
+    def decode_spec(self, layer: Linear) -> DecodeSpec:
+        return DecodeSpec("int8", [layer.qweight, layer.weight_scale], layer.bias, max_rows=KERNEL_MAX_ROWS)
+
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])                  # [M, in]
         ops = lowbit_ops() if x.device.type == "cpu" else None
@@ -76,6 +79,9 @@ class Int8WeightOnly:
 
 class W8A8(Int8WeightOnly):
     name = "w8a8"
+
+    def decode_spec(self, layer: Linear) -> DecodeSpec:
+        return super().decode_spec(layer)._replace(max_rows=W8A8_MIN_ROWS - 1)  # the int8 kernel's rows
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])

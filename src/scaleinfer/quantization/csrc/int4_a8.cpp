@@ -120,87 +120,71 @@ __attribute__((target("avx2,fma,avx512f,avx512vl,avx512vnni"))) float row_vnni(
 // 512-bit VNNI, two groups per step. The weight bytes of groups g, g+1 (32 bytes) split into low
 // nibbles [g 0..15 | g+1 0..15] and high nibbles [g 16..31 | g+1 16..31]; `pair_order` arranged the
 // activations the same way, so one vpdpbusd gives lanes 0-3 and 8-11 for group g, 4-7 and 12-15 for
-// g+1, and one permute spreads the two groups' combined scales over those lanes.
+// g+1, and one permute spreads the two groups' combined scales over those lanes. The nibbles of a pair:
+// its 32 bytes broadcast to both halves, shifted by 0 (low half) or 4 (high half) per 16-bit lane and
+// masked, 3 instructions for 64 weights.
 #define SI_VNNI512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
 
-SI_VNNI512 inline __attribute__((always_inline)) float row_vnni512(
+// R output rows at once (one input row): the activation loads, the combined-scale vectors' set-up and
+// the index arithmetic are shared by the R rows, and the R sums are reduced once at the end. Per 16
+// groups: c16[r] = scale[r][g..g+15] * dx[g..g+15] and acc[r] += min[r][g..g+15] * sx[g..g+15] (the
+// min term folds into the same accumulator: every lane ends in the row's sum), then 8 pairs of
+// groups. The last (groups % 16) groups take masked loads.
+template <int R>
+SI_VNNI512 inline __attribute__((always_inline)) void block_vnni512(
     const uint8_t* q, const float* scale, const float* mn, const int8_t* xq, const float* dx, const float* sx,
-    int64_t groups, float* cs) {
-  float mterm = 0.f;
-#pragma omp simd reduction(+ : mterm)
-  for (int64_t g = 0; g < groups; ++g) {
-    cs[g] = scale[g] * dx[g];
-    mterm += mn[g] * sx[g];
-  }
-  const __m256i mask = _mm256_set1_epi8(0x0F);
+    int64_t groups, float* y) {
   const __m512i idx = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
-  // Nibbles of a pair of groups: the 32 bytes broadcast to both halves, shifted by 0 (low half) or
-  // 4 (high half) per 16-bit lane, masked: 3 instructions for 64 weights.
   const __m512i shifts = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
   const __m512i mask512 = _mm512_set1_epi8(0x0F);
-  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-  int64_t g = 0;
-  for (; g + 15 < groups; g += 16) {  // 16 groups: their combined scales in one register
-    const __m512 c16 = _mm512_loadu_ps(cs + g);
-    for (int j = 0; j < 8; j += 2) {
-      const __m512i w0 = _mm512_and_si512(_mm512_srlv_epi16(_mm512_broadcast_i64x4(
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + (g + 2 * j) * 16))), shifts), mask512);
-      const __m512i w1 = _mm512_and_si512(_mm512_srlv_epi16(_mm512_broadcast_i64x4(
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + (g + 2 * j + 2) * 16))), shifts), mask512);
-      const __m512i p0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(xq + (g + 2 * j) * 32));
-      const __m512i p1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w1,
-                                             _mm512_loadu_si512(xq + (g + 2 * j + 2) * 32));
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  const int64_t even = groups & ~int64_t(1);
+  for (int64_t g = 0; g < even; g += 16) {
+    const int64_t left = even - g;
+    const int pairs = left >= 16 ? 8 : static_cast<int>(left / 2);
+    const __mmask16 lm = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+    const __m512 d16 = _mm512_maskz_loadu_ps(lm, dx + g);
+    const __m512 s16 = _mm512_maskz_loadu_ps(lm, sx + g);
+    __m512 c16[R];
+    for (int r = 0; r < R; ++r) {
+      c16[r] = _mm512_mul_ps(_mm512_maskz_loadu_ps(lm, scale + r * groups + g), d16);
+      acc[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(lm, mn + r * groups + g), s16, acc[r]);
+    }
+    for (int j = 0; j < pairs; ++j) {
+      const __m512i x = _mm512_loadu_si512(xq + (g + 2 * j) * 32);
       const __m512i i0 = _mm512_add_epi32(idx, _mm512_set1_epi32(2 * j));
-      const __m512i i1 = _mm512_add_epi32(idx, _mm512_set1_epi32(2 * j + 2));
-      acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p0), _mm512_permutexvar_ps(i0, c16), acc0);
-      acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p1), _mm512_permutexvar_ps(i1, c16), acc1);
+      for (int r = 0; r < R; ++r) {
+        const __m512i w = _mm512_and_si512(_mm512_srlv_epi16(_mm512_broadcast_i64x4(_mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(q + (r * groups + g + 2 * j) * 16))), shifts), mask512);
+        const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, x);
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(i0, c16[r]), acc[r]);
+      }
     }
   }
-  for (; g + 3 < groups; g += 4) {
-    const __m256i r0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + g * 16));
-    const __m256i r1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + g * 16 + 32));
-    const __m512i w0 = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(r0, mask)),
-                                          _mm256_and_si256(_mm256_srli_epi16(r0, 4), mask), 1);
-    const __m512i w1 = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(r1, mask)),
-                                          _mm256_and_si256(_mm256_srli_epi16(r1, 4), mask), 1);
-    const __m512i p0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(xq + g * 32));
-    const __m512i p1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w1, _mm512_loadu_si512(xq + g * 32 + 64));
-    double c0, c1;
-    std::memcpy(&c0, cs + g, 8);
-    std::memcpy(&c1, cs + g + 2, 8);
-    const __m512 s0 = _mm512_permutexvar_ps(idx, _mm512_castpd_ps(_mm512_set1_pd(c0)));
-    const __m512 s1 = _mm512_permutexvar_ps(idx, _mm512_castpd_ps(_mm512_set1_pd(c1)));
-    acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p0), s0, acc0);
-    acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p1), s1, acc1);
+  for (int r = 0; r < R; ++r) {
+    float total = _mm512_reduce_add_ps(acc[r]);
+    if (even < groups) {  // an odd last group, in natural order
+      const int64_t g = even;
+      const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), nibbles(q + (r * groups + g) * 16),
+                                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + g * 32)));
+      total += hsum(_mm256_cvtepi32_ps(p)) * scale[r * groups + g] * dx[g] + mn[r * groups + g] * sx[g];
+    }
+    y[r] = total;
   }
-  for (; g + 1 < groups; g += 2) {
-    const __m256i r0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + g * 16));
-    const __m512i w0 = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(r0, mask)),
-                                          _mm256_and_si256(_mm256_srli_epi16(r0, 4), mask), 1);
-    const __m512i p0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(xq + g * 32));
-    double c0;
-    std::memcpy(&c0, cs + g, 8);
-    acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p0), _mm512_permutexvar_ps(idx, _mm512_castpd_ps(_mm512_set1_pd(c0))),
-                           acc0);
-  }
-  float total = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + mterm;
-  if (g < groups) {  // an odd last group, in natural order
-    const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), nibbles(q + g * 16),
-                                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + g * 32)));
-    total += hsum(_mm256_cvtepi32_ps(p)) * cs[g];
-  }
-  return total;
 }
 
-// Rows n0..n1 of one input row: the row body inlined, so its constants and set-up are hoisted.
+// Rows n0..n1 of one input row, four at a time.
 SI_VNNI512 void rows_vnni512(const uint8_t* q, const float* scale, const float* mn, const int8_t* xq,
-                             const float* dx, const float* sx, int64_t groups, int64_t n0, int64_t n1,
-                             float* cs, float* y) {
-  for (int64_t n = n0; n < n1; ++n)
-    y[n] = row_vnni512(q + n * groups * 16, scale + n * groups, mn + n * groups, xq, dx, sx, groups, cs);
+                             const float* dx, const float* sx, int64_t groups, int64_t n0, int64_t n1, float* y) {
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4)
+    block_vnni512<4>(q + n * groups * 16, scale + n * groups, mn + n * groups, xq, dx, sx, groups, y + n);
+  for (; n < n1; ++n)
+    block_vnni512<1>(q + n * groups * 16, scale + n * groups, mn + n * groups, xq, dx, sx, groups, y + n);
 }
 
-// Re-order one row of quantized activations for row_vnni512: per pair of groups,
+// Re-order one row of quantized activations for block_vnni512: per pair of groups,
 // [g 0..15, g+1 0..15, g 16..31, g+1 16..31] (an odd last group stays as it is).
 void pair_order(int8_t* xq, int64_t groups) {
   int8_t tmp[64];
@@ -242,15 +226,21 @@ torch::Tensor int4_a8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor sca
   const float* sp = scale.data_ptr<float>();
   const float* mp = mn.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    std::vector<float> cs(groups);
-    if (path == Path::vnni512) {
-      for (int64_t m = 0; m < M; ++m) {
-        rows_vnni512(qp, sp, mp, xq.data() + m * K, dx.data() + m * groups, sx.data() + m * groups, groups,
-                     n0, n1, cs.data(), yp + m * N);
-      }
-      return;
+  if (path == Path::vnni512) {
+    // Chunks of rows handed out dynamically: a thread slowed by its neighbours (a shared VM) takes
+    // fewer, instead of the step waiting for its fixed half.
+    const int64_t chunk = 32, chunks = (N + chunk - 1) / chunk;
+    const int nt = static_cast<int>(std::min<int64_t>(at::in_parallel_region() ? 1 : at::get_num_threads(), chunks));
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t n0 = c * chunk, n1 = std::min(N, n0 + chunk);
+      for (int64_t m = 0; m < M; ++m)
+        rows_vnni512(qp, sp, mp, xq.data() + m * K, dx.data() + m * groups, sx.data() + m * groups, groups, n0,
+                     n1, yp + m * N);
     }
+    return y;
+  }
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       const uint8_t* qr = qp + n * (K / 2);
       const float* sr = sp + n * groups;

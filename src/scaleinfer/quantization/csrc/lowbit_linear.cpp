@@ -371,10 +371,12 @@ std::string set_isa(const std::string& name) {
 
 void register_cpu_ops(pybind11::module& m);  // cpu_ops.cpp
 void register_int4_a8(pybind11::module& m);  // int4_a8.cpp
+void register_decode_step(pybind11::module& m);  // decode_step.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_cpu_ops(m);
   register_int4_a8(m);
+  register_decode_step(m);
   m.def("int8_linear", &int8_linear, "y = x (q * scale)^T, int8 weight per output channel");
   m.def("int4_linear", &int4_linear, "y = x (q * scale + min)^T, group-wise int4 weight");
   m.def("int4_dequantize_out", &int4_dequantize_out, "group-wise int4 weight -> float32 [N, K] in out");

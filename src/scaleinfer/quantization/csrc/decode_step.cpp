@@ -1,0 +1,135 @@
+// The decoder layers of a Llama-family decode step in one call: the same kernels, in the same order and
+// on the same tensors, as models/llama.py's _DecodePlan (which runs them from Python), so the results
+// are bit-identical to it and to the modules' forward (tested). At batch-1 decode of a 135M model the
+// Python between the ~300 kernel calls of a step (module attribute lookups, views, method dispatch)
+// costs as much as a third of the step; here it is gone.
+//
+// Each linear is a spec filled from Python by its quantization method (`decode_spec`):
+//   dense  at::linear(x, w, b)                 (torch's own F.linear)
+//   int8   int8_linear(x, q, scale) (+ b)
+//   int4   int4_linear(x, q, scale, min, group) (+ b)
+//   w4a8   int4_a8_linear(x, q, scale, min) (+ b)
+// Python only calls run() for row counts every spec takes (its max_rows).
+#include "kernels.h"
+
+#include <string>
+#include <vector>
+
+namespace {
+
+enum class Kind { dense, int8, int4, w4a8 };
+
+struct LinearSpec {
+  Kind kind;
+  torch::Tensor a, b, c;  // dense: weight; int8: q, scale; int4 / w4a8: q, scale, min
+  c10::optional<torch::Tensor> bias;
+  int64_t group;
+};
+
+struct LayerSpec {
+  torch::Tensor w_in, w_post, k_cache, v_cache;
+  LinearSpec qkv, o, gate_up, down;
+  double scale;
+  int64_t view;  // which of run()'s attention views (one per attention pattern) this layer reads
+};
+
+LinearSpec make_spec(const std::string& kind, const std::vector<torch::Tensor>& t, c10::optional<torch::Tensor> bias,
+                     int64_t group) {
+  LinearSpec s;
+  s.kind = kind == "dense" ? Kind::dense : kind == "int8" ? Kind::int8 : kind == "int4" ? Kind::int4
+           : kind == "w4a8" ? Kind::w4a8 : throw std::invalid_argument("unknown linear kind " + kind);
+  const size_t need = s.kind == Kind::dense ? 1 : s.kind == Kind::int8 ? 2 : 3;
+  TORCH_CHECK(t.size() == need, kind, " takes ", need, " tensors, got ", t.size());
+  s.a = t[0];
+  if (need > 1) s.b = t[1];
+  if (need > 2) s.c = t[2];
+  s.bias = bias;
+  s.group = group;
+  return s;
+}
+
+torch::Tensor apply(const LinearSpec& s, const torch::Tensor& x) {
+  torch::Tensor y;
+  switch (s.kind) {
+    case Kind::dense:
+      return at::linear(x, s.a, s.bias);
+    case Kind::int8:
+      y = int8_linear(x.contiguous(), s.a, s.b);
+      break;
+    case Kind::int4:
+      y = int4_linear(x.contiguous(), s.a, s.b, s.c, s.group);
+      break;
+    case Kind::w4a8:
+      y = int4_a8_linear(x.contiguous(), s.a, s.b, s.c);
+      break;
+  }
+  if (s.bias.has_value() && s.bias->defined()) y += *s.bias;
+  return y;
+}
+
+}  // namespace
+
+class DecodeProgram {
+ public:
+  DecodeProgram(int64_t h, int64_t h_kv, int64_t d, double eps) : h_(h), h_kv_(h_kv), d_(d), eps_(eps) {}
+
+  // One decoder layer; each linear is (kind, tensors, bias, group).
+  void add_layer(torch::Tensor w_in, torch::Tensor w_post, torch::Tensor k_cache, torch::Tensor v_cache,
+                 double scale, int64_t view, const std::string& qkv_kind, std::vector<torch::Tensor> qkv,
+                 c10::optional<torch::Tensor> qkv_bias, int64_t qkv_group, const std::string& o_kind,
+                 std::vector<torch::Tensor> o, int64_t o_group, const std::string& gu_kind,
+                 std::vector<torch::Tensor> gu, int64_t gu_group, const std::string& down_kind,
+                 std::vector<torch::Tensor> down, int64_t down_group) {
+    LayerSpec l;
+    l.w_in = w_in;
+    l.w_post = w_post;
+    l.k_cache = k_cache;
+    l.v_cache = v_cache;
+    l.scale = scale;
+    l.view = view;
+    l.qkv = make_spec(qkv_kind, qkv, qkv_bias, qkv_group);
+    l.o = make_spec(o_kind, o, c10::nullopt, o_group);
+    l.gate_up = make_spec(gu_kind, gu, c10::nullopt, gu_group);
+    l.down = make_spec(down_kind, down, c10::nullopt, down_group);
+    layers_.push_back(std::move(l));
+  }
+
+  // x [n, H] embeddings; cos / sin [n, D]; per attention view: slot_mapping [n], decode_slots [n, W],
+  // decode_lens [n]. Returns (x, residual) after the last layer (the final norm is the head's).
+  std::vector<torch::Tensor> run(torch::Tensor x, torch::Tensor cos, torch::Tensor sin,
+                                 std::vector<torch::Tensor> slot_mappings, std::vector<torch::Tensor> decode_slots,
+                                 std::vector<torch::Tensor> decode_lens) {
+    const int64_t n = x.size(0), h = h_, hk = h_kv_, d = d_;
+    auto out = torch::empty({n, h, d}, x.options());
+    c10::optional<torch::Tensor> residual;
+    for (const LayerSpec& l : layers_) {
+      TORCH_CHECK(l.view < static_cast<int64_t>(slot_mappings.size()), "missing attention view ", l.view);
+      auto nr = add_rms_norm(x, residual, l.w_in, eps_);
+      x = nr[0];
+      residual = nr[1];
+      torch::Tensor qkv = apply(l.qkv, x);
+      rotary_(qkv.slice(1, 0, (h + hk) * d).view({n, h + hk, d}), cos, sin);
+      kv_write(l.k_cache, l.v_cache, slot_mappings[l.view], qkv.slice(1, h * d, (h + hk) * d).view({n, hk, d}),
+               qkv.slice(1, (h + hk) * d).view({n, hk, d}));
+      paged_decode_attention(out, qkv.slice(1, 0, h * d).view({n, h, d}), l.k_cache, l.v_cache,
+                             decode_slots[l.view], decode_lens[l.view], l.scale);
+      x = apply(l.o, out.view({n, h * d}));
+      nr = add_rms_norm(x, residual, l.w_post, eps_);
+      x = apply(l.down, silu_and_mul(apply(l.gate_up, nr[0])));
+      residual = nr[1];
+    }
+    return {x, *residual};
+  }
+
+ private:
+  int64_t h_, h_kv_, d_;
+  double eps_;
+  std::vector<LayerSpec> layers_;
+};
+
+void register_decode_step(pybind11::module& m) {
+  pybind11::class_<DecodeProgram>(m, "DecodeProgram")
+      .def(pybind11::init<int64_t, int64_t, int64_t, double>())
+      .def("add_layer", &DecodeProgram::add_layer)
+      .def("run", &DecodeProgram::run);
+}

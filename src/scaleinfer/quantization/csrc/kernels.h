@@ -1,0 +1,19 @@
+// The kernels each .cpp file defines, for the ones that call each other (decode_step.cpp).
+#pragma once
+#include <torch/extension.h>
+#include <vector>
+
+// lowbit_linear.cpp
+torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale);
+torch::Tensor int4_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor mn,
+                          int64_t group_size);
+// int4_a8.cpp
+torch::Tensor int4_a8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor mn);
+// cpu_ops.cpp
+std::vector<torch::Tensor> add_rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual,
+                                        torch::Tensor weight, double eps);
+void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
+torch::Tensor silu_and_mul(torch::Tensor gate_up);
+void kv_write(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots, torch::Tensor k, torch::Tensor v);
+void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                            torch::Tensor slots, torch::Tensor lens, double scale);
