@@ -127,23 +127,27 @@ class Int4WeightOnly:
         layer.register_buffer("weight_min", torch.cat([p.min for p in parts]).contiguous())
 
     def dequantize(self, layer: Linear) -> torch.Tensor:
-        return dequantize_groupwise(layer.qweight, layer.weight_scale, layer.weight_min)
+        return dequantize_groupwise(layer.qweight, *self.scales(layer))
 
     def decode_spec(self, layer: Linear) -> DecodeSpec:
         return DecodeSpec("int4", [layer.qweight, layer.weight_scale, layer.weight_min], layer.bias,
                           self.group_size, KERNEL_MAX_ROWS)
 
+    def scales(self, layer: Linear) -> tuple[torch.Tensor, torch.Tensor]:
+        """The group scales and minimums as float32 [N, K / G] (what the weight-only kernels read)."""
+        return layer.weight_scale, layer.weight_min
+
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])                # [M, in]
         ops = lowbit_ops() if x.device.type == "cpu" else None
         if ops is not None and x2.dtype == torch.float32:
+            scale, mn = self.scales(layer)
             if x2.shape[0] <= KERNEL_MAX_ROWS:
-                y = ops.int4_linear(x2.contiguous(), layer.qweight, layer.weight_scale, layer.weight_min,
-                                    self.group_size)
+                y = ops.int4_linear(x2.contiguous(), layer.qweight, scale, mn, self.group_size)
                 if layer.bias is not None:
                     y += layer.bias
             else:
-                q, scale, mn, g = layer.qweight, layer.weight_scale, layer.weight_min, self.group_size
+                q, g = layer.qweight, self.group_size
                 def rows(n0: int, n1: int, out: torch.Tensor) -> None:
                     ops.int4_dequantize_out(q[n0:n1], scale[n0:n1], mn[n0:n1], g, out)
 
@@ -168,9 +172,16 @@ def quantize_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class W4A8(Int4WeightOnly):
-    """`w4a8`: int4 group-32 weights (the same packed buffers as `int4`, so GGUF Q4 tensors load exactly)
+    """`w4a8`: int4 group-32 weights (the packing of `int4`, so GGUF Q4 tensors load without re-rounding)
     with activations quantized per block of 32 to int8 and multiplied as integers (csrc/int4_a8.cpp,
-    VNNI or AVX2): llama.cpp's Q4 x Q8 scheme. Only for inputs of up to W4A8_MAX_ROWS rows."""
+    VNNI or AVX2): llama.cpp's Q4 x Q8 scheme. Only for inputs of up to W4A8_MAX_ROWS rows; longer
+    ones take the int4 weight-only kernels.
+
+    Group scales and minimums are stored as float16, like Q4_0 / Q4_1 store them: at batch-1 decode
+    the kernel is bound by the bytes it reads, and fp32 scales are a third of them (4 bits of weight +
+    64 bits of scale and min per 32 weights: 6 bits per weight; fp16: 5). Q4_0 and Q4_1 scales are
+    fp16 values, so they stay exact; Q4_K's (a 6-bit scale times an fp16 super-scale) and re-quantized
+    weights' are rounded to fp16 (relative error <= 2^-11 of a group's scale)."""
 
     name = "w4a8"
 
@@ -178,6 +189,22 @@ class W4A8(Int4WeightOnly):
         if group_size != 32:
             raise ValueError("w4a8 uses int4 groups of 32")
         super().__init__(32)
+
+    def process_weights_after_loading(self, layer: Linear) -> None:
+        super().process_weights_after_loading(layer)
+        self._half_scales(layer)
+
+    def adopt_packed(self, layer: Linear) -> None:
+        super().adopt_packed(layer)
+        self._half_scales(layer)
+
+    @staticmethod
+    def _half_scales(layer: Linear) -> None:
+        layer.register_buffer("weight_scale", layer.weight_scale.half())   # [out, in / 32] float16
+        layer.register_buffer("weight_min", layer.weight_min.half())       # [out, in / 32] float16
+
+    def scales(self, layer: Linear) -> tuple[torch.Tensor, torch.Tensor]:
+        return layer.weight_scale.float(), layer.weight_min.float()
 
     def decode_spec(self, layer: Linear) -> DecodeSpec:
         return DecodeSpec("w4a8", [layer.qweight, layer.weight_scale, layer.weight_min], layer.bias, 32,

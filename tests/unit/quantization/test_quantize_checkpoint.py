@@ -36,7 +36,7 @@ def written(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "w4a8"])
 def test_quantized_dir_equals_on_the_fly(written, monkeypatch, capsys, mode):
     out = written(mode)
     assert {"model.safetensors", checkpoint.CONFIG_FILE, "tokenizer.json", "tokenizer_config.json"} <= set(
@@ -57,8 +57,8 @@ def test_quantized_dir_equals_on_the_fly(written, monkeypatch, capsys, mode):
 
     head = loaded.engine.model.lm_head
     assert head.weight is None and head.qweight.dtype == torch.int8
-    assert type(loaded.engine.model.layers[0].mlp.down_proj.quant_method).__name__ == (
-        "Int8WeightOnly" if mode == "int8" else "Int4WeightOnly")
+    assert type(loaded.engine.model.layers[0].mlp.down_proj.quant_method).__name__ == {
+        "int8": "Int8WeightOnly", "int4": "Int4WeightOnly", "w4a8": "W4A8"}[mode]
     ids = ref.tokenizer.encode(PROMPT + " a city that")
     assert loaded.tokenizer.encode(PROMPT) == ref.tokenizer.encode(PROMPT)
     assert loaded.tokenizer.eos_token_ids == ref.tokenizer.eos_token_ids

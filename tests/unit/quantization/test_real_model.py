@@ -31,10 +31,12 @@ def test_int8_kv_cache_greedy_and_capacity():
     assert "Paris" in out.outputs[0].text
 
 
-@pytest.mark.parametrize("model", ["smollm2-135m-instruct", "gemma-3-270m"])
-def test_int4_takes_gguf_4bit_tensors_exactly(model):
+@pytest.mark.parametrize("model,mode", [("smollm2-135m-instruct", "int4"), ("gemma-3-270m", "int4"),
+                                        ("smollm2-135m-instruct", "w4a8")])
+def test_int4_takes_gguf_4bit_tensors_exactly(model, mode):
     """SmolLM2's Q4_1 linears and Gemma 3's Q4_K ones load as stored: the int4 weight equals the dense
-    (fp32) load of the same file bit for bit; its Q5_0 / Q6_K / Q8_0 ones are quantized as usual."""
+    (fp32) load of the same file bit for bit; its Q5_0 / Q6_K / Q8_0 ones are quantized as usual.
+    w4a8 keeps Q4_1 exact too (its fp16 scales hold Q4_1's fp16 scales as they are)."""
     from scaleinfer.config import EngineConfig
     from scaleinfer.engine.loading import build_model
     from scaleinfer.layers.linear import Linear
@@ -44,7 +46,7 @@ def test_int4_takes_gguf_4bit_tensors_exactly(model):
     ckpt = open_checkpoint(model)
     direct = {t.name for t in GGUFFile.open(ckpt.path).tensors if t.type_name in ("Q4_0", "Q4_1", "Q4_K")}
     dense = dict(build_model(ckpt, EngineConfig(model=model)).named_modules())
-    int4 = build_model(open_checkpoint(model), EngineConfig(model=model, quantization="int4"))
+    int4 = build_model(open_checkpoint(model), EngineConfig(model=model, quantization=mode))
     exact = 0
     for name, layer in int4.named_modules():
         if not isinstance(layer, Linear) or name.endswith("lm_head"):

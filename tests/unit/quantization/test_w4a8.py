@@ -67,15 +67,22 @@ def test_w4a8_matches_its_reference(path, shape, rows):
 
 def test_w4a8_is_close_to_weight_only_int4_and_uses_it_for_prefill():
     layer = _layer(128, 512, bias=False)
-    wo = Int4WeightOnly()
-    wo.process_weights_after_loading(layer)
-    layer.quant_method = wo
+    m = W4A8()
+    m.process_weights_after_loading(layer)
+    layer.quant_method = m
+    assert layer.weight_scale.dtype == torch.float16 and layer.weight_min.dtype == torch.float16
     x = torch.randn(W4A8_MAX_ROWS + 1, 512, generator=torch.Generator().manual_seed(2))
-    y_wo = layer(x)
-    layer.quant_method = W4A8()                      # same buffers
+    y_prefill = layer(x)                            # more rows than W4A8_MAX_ROWS: the weight-only path
     y = layer(x[:1])
-    assert float((y - y_wo[:1]).abs().max() / y_wo.abs().max()) < 0.02   # int8 activations: ~1% error
-    assert torch.equal(layer(x), y_wo)               # more rows than W4A8_MAX_ROWS: the weight-only path
+    assert float((y - y_prefill[:1]).abs().max() / y_prefill.abs().max()) < 0.02  # int8 activations: ~1%
+    # The weight-only path is Int4WeightOnly on the same weights (fp16 scales widened to fp32).
+    wo_layer = _layer(128, 512, bias=False)
+    wo_layer.quant_method = Int4WeightOnly()
+    wo_layer.weight = None
+    wo_layer.register_buffer("qweight", layer.qweight)
+    wo_layer.register_buffer("weight_scale", layer.weight_scale.float())
+    wo_layer.register_buffer("weight_min", layer.weight_min.float())
+    assert torch.equal(y_prefill, wo_layer(x))
 
 
 def test_quantize_blocks_round_trip():

@@ -5,7 +5,8 @@
 // AVX512-VNNI / AVX-VNNI `vpdpbusd` (4 products per 32-bit lane in one instruction) or AVX2
 // `vpmaddubsw` + `vpmaddwd`; 8 float partial sums are carried across the row and reduced once.
 // Weight bytes are read once per input row block, so at batch-1 decode the kernel runs at memory speed
-// instead of being bound by widening nibbles to fp32. Reference: the float expression above
+// instead of being bound by widening nibbles to fp32. Group scales and minimums are float16 (as in
+// Q4_0 / Q4_1): at memory speed fp32 ones would be a sixth more bytes per weight. Reference: the float expression above
 // (quantization/int4.py: W4A8.reference), tested for every code path the CPU has.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -123,17 +124,19 @@ __attribute__((target("avx2,fma,avx512f,avx512vl,avx512vnni"))) float row_vnni(
 // g+1, and one permute spreads the two groups' combined scales over those lanes. The nibbles of a pair:
 // its 32 bytes broadcast to both halves, shifted by 0 (low half) or 4 (high half) per 16-bit lane and
 // masked, 3 instructions for 64 weights.
-#define SI_VNNI512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
+#define SI_VNNI512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
 
 // R output rows at once (one input row): the activation loads, the combined-scale vectors' set-up and
 // the index arithmetic are shared by the R rows, and the R sums are reduced once at the end. Per 16
 // groups: c16[r] = scale[r][g..g+15] * dx[g..g+15] and acc[r] += min[r][g..g+15] * sx[g..g+15] (the
 // min term folds into the same accumulator: every lane ends in the row's sum), then 8 pairs of
 // groups. The last (groups % 16) groups take masked loads.
+inline float h2f(uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); }
+
 template <int R>
 SI_VNNI512 inline __attribute__((always_inline)) void block_vnni512(
-    const uint8_t* q, const float* scale, const float* mn, const int8_t* xq, const float* dx, const float* sx,
-    int64_t groups, float* y) {
+    const uint8_t* q, const uint16_t* scale, const uint16_t* mn, const int8_t* xq, const float* dx,
+    const float* sx, int64_t groups, float* y) {
   const __m512i idx = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
   const __m512i shifts = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
   const __m512i mask512 = _mm512_set1_epi8(0x0F);
@@ -148,8 +151,8 @@ SI_VNNI512 inline __attribute__((always_inline)) void block_vnni512(
     const __m512 s16 = _mm512_maskz_loadu_ps(lm, sx + g);
     __m512 c16[R];
     for (int r = 0; r < R; ++r) {
-      c16[r] = _mm512_mul_ps(_mm512_maskz_loadu_ps(lm, scale + r * groups + g), d16);
-      acc[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(lm, mn + r * groups + g), s16, acc[r]);
+      c16[r] = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lm, scale + r * groups + g)), d16);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lm, mn + r * groups + g)), s16, acc[r]);
     }
     for (int j = 0; j < pairs; ++j) {
       const __m512i x = _mm512_loadu_si512(xq + (g + 2 * j) * 32);
@@ -168,14 +171,14 @@ SI_VNNI512 inline __attribute__((always_inline)) void block_vnni512(
       const int64_t g = even;
       const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), nibbles(q + (r * groups + g) * 16),
                                             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + g * 32)));
-      total += hsum(_mm256_cvtepi32_ps(p)) * scale[r * groups + g] * dx[g] + mn[r * groups + g] * sx[g];
+      total += hsum(_mm256_cvtepi32_ps(p)) * h2f(scale[r * groups + g]) * dx[g] + h2f(mn[r * groups + g]) * sx[g];
     }
     y[r] = total;
   }
 }
 
 // Rows n0..n1 of one input row, four at a time.
-SI_VNNI512 void rows_vnni512(const uint8_t* q, const float* scale, const float* mn, const int8_t* xq,
+SI_VNNI512 void rows_vnni512(const uint8_t* q, const uint16_t* scale, const uint16_t* mn, const int8_t* xq,
                              const float* dx, const float* sx, int64_t groups, int64_t n0, int64_t n1, float* y) {
   int64_t n = n0;
   for (; n + 4 <= n1; n += 4)
@@ -204,7 +207,7 @@ const char* path_name(Path p) {
 
 }  // namespace
 
-// x [M, K] float32 contiguous; q [N, K/2] uint8; scale, mn [N, K/32] float32 -> y [M, N].
+// x [M, K] float32 contiguous; q [N, K/2] uint8; scale, mn [N, K/32] float16 -> y [M, N].
 torch::Tensor int4_a8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor mn) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
               "x must be a contiguous float32 [M, K] tensor");
@@ -212,7 +215,8 @@ torch::Tensor int4_a8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor sca
   const int64_t N = q.size(0), K = q.size(1) * 2, M = x.size(0), groups = K / 32;
   TORCH_CHECK(x.size(1) == K && K % 32 == 0, "x has ", x.size(1), " features, the weight expects ", K);
   TORCH_CHECK(scale.is_contiguous() && mn.is_contiguous() && scale.numel() == N * groups &&
-              mn.numel() == N * groups, "scale and min must be contiguous float32 [N, K / 32] (group 32)");
+              mn.numel() == N * groups && scale.scalar_type() == torch::kHalf && mn.scalar_type() == torch::kHalf,
+              "scale and min must be contiguous float16 [N, K / 32] (group 32)");
   std::vector<int8_t> xq(M * K);
   std::vector<float> dx(M * groups), sx(M * groups);
   const float* xp = x.data_ptr<float>();
@@ -223,8 +227,8 @@ torch::Tensor int4_a8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor sca
   }
   auto y = torch::empty({M, N}, x.options());
   const uint8_t* qp = q.data_ptr<uint8_t>();
-  const float* sp = scale.data_ptr<float>();
-  const float* mp = mn.data_ptr<float>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
+  const uint16_t* mp = reinterpret_cast<const uint16_t*>(mn.data_ptr<at::Half>());
   float* yp = y.data_ptr<float>();
   if (path == Path::vnni512) {
     // Chunks of rows handed out dynamically: a thread slowed by its neighbours (a shared VM) takes
@@ -241,10 +245,15 @@ torch::Tensor int4_a8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor sca
     return y;
   }
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    std::vector<float> sf(groups), mf(groups);  // the row's scales and minimums in float32
+    const float* sr = sf.data();
+    const float* mr = mf.data();
     for (int64_t n = n0; n < n1; ++n) {
       const uint8_t* qr = qp + n * (K / 2);
-      const float* sr = sp + n * groups;
-      const float* mr = mp + n * groups;
+      for (int64_t g = 0; g < groups; ++g) {
+        sf[g] = h2f(sp[n * groups + g]);
+        mf[g] = h2f(mp[n * groups + g]);
+      }
       for (int64_t m = 0; m < M; ++m) {
         const int8_t* xr = xq.data() + m * K;
         const float* d = dx.data() + m * groups;
