@@ -32,6 +32,13 @@ Path detect_path() {
 
 Path g_path = detect_path();
 
+// Software prefetch distance of the 512-bit kernel, in weight bytes. Measured on SmolLM2's 120
+// decoder linears at M = 1 (2 threads, weights evicted from the L3 between passes, medians of 14):
+// 0 -> 7.36 ms, 1 KiB -> 6.30, 2 KiB -> 6.12, 4 KiB -> 6.66; with the weights L3-resident it makes no
+// difference (3.52 vs 3.59 ms). The hardware prefetcher stops at each 4 KiB page, and this VM gets
+// no transparent huge pages.
+constexpr int64_t kPrefetch = 2048;
+
 // x [K] -> xq [K] int8, dx [K/32] (scale), sx [K/32] (= dx * sum of the block's xq).
 void quantize_blocks(const float* x, int64_t K, int8_t* xq, float* dx, float* sx) {
   for (int64_t g = 0; g < K / 32; ++g) {
@@ -181,8 +188,20 @@ SI_VNNI512 inline __attribute__((always_inline)) void block_vnni512(
 SI_VNNI512 void rows_vnni512(const uint8_t* q, const uint16_t* scale, const uint16_t* mn, const int8_t* xq,
                              const float* dx, const float* sx, int64_t groups, int64_t n0, int64_t n1, float* y) {
   int64_t n = n0;
-  for (; n + 4 <= n1; n += 4)
+  const int64_t rb = groups * 16;
+  for (; n + 4 <= n1; n += 4) {
+    // The four rows' bytes kPrefetch ahead (scales and minimums: a quarter as far, they are 4x denser).
+    // Prefetches past the end of the tensor are harmless: they never fault.
+    const char* p = reinterpret_cast<const char*>(q + n * rb) + kPrefetch;
+    for (int64_t o = 0; o < 4 * rb; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
+    const char* ps = reinterpret_cast<const char*>(scale + n * groups) + kPrefetch / 4;
+    const char* pm = reinterpret_cast<const char*>(mn + n * groups) + kPrefetch / 4;
+    for (int64_t o = 0; o < 8 * groups; o += 64) {
+      _mm_prefetch(ps + o, _MM_HINT_T0);
+      _mm_prefetch(pm + o, _MM_HINT_T0);
+    }
     block_vnni512<4>(q + n * groups * 16, scale + n * groups, mn + n * groups, xq, dx, sx, groups, y + n);
+  }
   for (; n < n1; ++n)
     block_vnni512<1>(q + n * groups * 16, scale + n * groups, mn + n * groups, xq, dx, sx, groups, y + n);
 }

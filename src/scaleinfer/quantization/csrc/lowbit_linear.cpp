@@ -269,6 +269,9 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale)
   at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
     {
       for (int64_t n = n0; n < n1; ++n) {
+        // ~2 KiB ahead: the hardware prefetcher stops at each 4 KiB page (see int4_a8.cpp's kPrefetch).
+        const char* ahead = reinterpret_cast<const char*>(qp + n * K) + 2048;
+        for (int64_t o = 0; o < K; o += 64) _mm_prefetch(ahead + o, _MM_HINT_T0);
         float s;
         if (g_isa == Isa::avx512) s = row_int8_avx512(qp + n * K, xp, K);
         else if (g_isa == Isa::avx2) s = row_int8_avx2(qp + n * K, xp, K);
