@@ -21,14 +21,36 @@ namespace {
 
 #define SI_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 
-SI_CLONES float dot(const float* a, const float* b, int64_t n) {
+// e^x for x in [-87, 88] to ~2 ulp, in plain float arithmetic so `omp simd` loops vectorize it (std::exp
+// is a library call per element): x = n ln2 + y with |y| <= ln2 / 2 (Cody-Waite split of ln2), e^y by
+// its degree-7 Taylor polynomial (error < 1e-8 relative there), 2^n put into the exponent bits.
+#pragma omp declare simd
+inline float exp_f32(float x) {
+  x = std::min(88.f, std::max(-87.f, x));
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  const float y = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.f / 5040.f;
+  p = p * y + 1.f / 720.f;
+  p = p * y + 1.f / 120.f;
+  p = p * y + 1.f / 24.f;
+  p = p * y + 1.f / 6.f;
+  p = p * y + 0.5f;
+  p = p * y + 1.f;
+  p = p * y + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  return p * two_n;
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
   float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
   for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
   return acc;
 }
 
-SI_CLONES void axpy(float a, const float* x, float* y, int64_t n) {
+inline void axpy(float a, const float* x, float* y, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
@@ -50,6 +72,41 @@ SI_CLONES void norm_row(const float* x, float* r, const float* w, float* out, in
   const float inv = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) out[i] = r[i] * inv * w[i];
+}
+
+// Query heads g0..g1 of one GQA group (q: the group's first head; out likewise) against the L keys
+// at `row`'s slots: scores, softmax in fp32, weighted sum of values. One function per ISA (clones),
+// with dot / axpy inlined into it: a call per key and head cost more than the arithmetic.
+SI_CLONES void attend_group(const float* q, const float* kc, const float* vc, const int64_t* row, int64_t L,
+                            int64_t Hkv, int64_t h, int64_t D, int64_t g0, int64_t g1, float sc,
+                            std::vector<float>& p, float* out) {
+  const int64_t n = g1 - g0;
+  p.assign(n * L, 0.f);
+  for (int64_t j = 0; j < L; ++j) {
+    const float* kr = kc + (row[j] * Hkv + h) * D;
+    for (int64_t g = 0; g < n; ++g) p[g * L + j] = dot(q + (g0 + g) * D, kr, D) * sc;
+  }
+  for (int64_t g = 0; g < n; ++g) {
+    float* pg = p.data() + g * L;
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < L; ++j) mx = std::max(mx, pg[j]);
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < L; ++j) {
+      pg[j] = exp_f32(pg[j] - mx);
+      sum += pg[j];
+    }
+    const float inv = 1.f / sum;
+    float* o = out + (g0 + g) * D;
+    std::fill(o, o + D, 0.f);
+    for (int64_t j = 0; j < L; ++j) axpy(pg[j] * inv, vc + (row[j] * Hkv + h) * D, o, D);
+  }
+}
+
+SI_CLONES void silu_mul_row(const float* g, float* o, int64_t I) {
+  const float* u = g + I;
+#pragma omp simd
+  for (int64_t i = 0; i < I; ++i) o[i] = g[i] / (1.f + exp_f32(-g[i])) * u[i];
 }
 
 void check_f32(const torch::Tensor& t, const char* name) {
@@ -121,12 +178,7 @@ torch::Tensor silu_and_mul(torch::Tensor gate_up) {
   const float* gp = gate_up.data_ptr<float>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, M, 8, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
-      const float* g = gp + m * gs;
-      const float* u = g + I;
-      float* o = op + m * I;
-      for (int64_t i = 0; i < I; ++i) o[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
-    }
+    for (int64_t m = m0; m < m1; ++m) silu_mul_row(gp + m * gs, op + m * I, I);
   });
   return out;
 }
@@ -181,30 +233,18 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
   const float* vc = v_cache.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const float sc = static_cast<float>(scale);
-  at::parallel_for(0, d * Hkv, 1, [&](int64_t i0, int64_t i1) {
+  // Work items: (sequence, KV head) with its whole GQA group sharing each key load; when there are
+  // too few of those to keep every thread busy (batch-1 decode of a 3-KV-head model on 2 threads),
+  // each item takes one query head instead. Every query head's numbers are the same either way.
+  const int64_t nt = at::get_num_threads();
+  const int64_t split = d * Hkv >= 2 * nt ? 1 : G;
+  at::parallel_for(0, d * Hkv * split, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> p;
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / Hkv, h = i % Hkv, L = lp[b];
-      const int64_t* row = sp + b * W;
-      p.assign(G * L, 0.f);
-      for (int64_t j = 0; j < L; ++j) {
-        const float* kr = kc + (row[j] * Hkv + h) * D;
-        for (int64_t g = 0; g < G; ++g) p[g * L + j] = dot(qp + b * qs + (h * G + g) * D, kr, D) * sc;
-      }
-      for (int64_t g = 0; g < G; ++g) {
-        float* pg = p.data() + g * L;
-        float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t j = 0; j < L; ++j) mx = std::max(mx, pg[j]);
-        float sum = 0.f;
-        for (int64_t j = 0; j < L; ++j) {
-          pg[j] = std::exp(pg[j] - mx);
-          sum += pg[j];
-        }
-        const float inv = 1.f / sum;
-        float* o = op + (b * H + h * G + g) * D;
-        std::fill(o, o + D, 0.f);
-        for (int64_t j = 0; j < L; ++j) axpy(pg[j] * inv, vc + (row[j] * Hkv + h) * D, o, D);
-      }
+      const int64_t b = i / (Hkv * split), h = (i / split) % Hkv, part = i % split;
+      const int64_t g0 = split == 1 ? 0 : part, g1 = split == 1 ? G : part + 1;
+      attend_group(qp + b * qs + h * G * D, kc, vc, sp + b * W, lp[b], Hkv, h, D, g0, g1, sc, p,
+                   op + (b * H + h * G) * D);
     }
   });
 }
