@@ -45,7 +45,7 @@ $(LLAMACPP_PY):
 
 # scaleinfer (every mode) vs llama.cpp vs HF transformers, same run, same threads.
 bench: $(TSTAMP) $(LLAMACPP_PY)
-	$(PY) -m scaleinfer bench --threads 2 --modes none,int8,int4,w8a8,w4a8 --llamacpp-python $(LLAMACPP_PY)
+	$(PY) -m scaleinfer bench --threads 2 --modes none,int8,int4,w8a8,w4a8 --rounds 5 --llamacpp-python $(LLAMACPP_PY)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

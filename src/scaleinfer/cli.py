@@ -302,7 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--output-dir", default="benchmarks/results")
-    p.add_argument("--quick", action="store_true", help="smaller workloads (smoke run)")
+    p.add_argument("--quick", action="store_true", help="smaller workloads (smoke run), one round")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="interleaved pp512 + tg128 rounds per engine (medians are reported)")
     p.add_argument("--modes", default=None,
                    help="comma-separated scaleinfer modes, each QUANTIZATION[:KV_DTYPE], e.g. "
                         "none,int8,int4,w8a8,w8a8:int8 (default: --quantization)")

@@ -1,8 +1,13 @@
 """`scaleinfer bench`: prefill (pp512), batch-1 decode (tg128), a mixed-length load, load time and
-peak RSS, for scaleinfer and HF transformers on the same model and threads, in one run.
+peak RSS, for scaleinfer (each mode), llama.cpp and HF transformers on the same model and threads,
+in one run.
 
 Each engine runs in its own subprocess (`python -m scaleinfer.bench.core --worker ENGINE`), so its
-load time and peak RSS are its own. Prints a table and writes JSON under benchmarks/results/.
+load time and peak RSS are its own. The workers start one after another and each first measures its
+load and the mixed load alone; then they stay up and the parent asks them for pp512 and tg128 rounds
+in turn (round-robin, the order rotating each round), because these shared machines drift by +-20%
+within minutes: the ratios in the table are medians of same-round ratios. Prints a table and writes
+JSON under benchmarks/results/.
 """
 from __future__ import annotations
 
@@ -12,12 +17,13 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 
 
 def run_worker(engine: str, model: str, threads: int, num_requests: int, concurrency: int, quick: bool,
-               quantization: str = "none", kv_cache_dtype: str = "auto") -> dict:
+               quantization: str = "none", kv_cache_dtype: str = "auto"):
     from scaleinfer.bench import workloads
     from scaleinfer.bench.engines import HFAdapter, ScaleInferAdapter
 
@@ -36,26 +42,81 @@ def run_worker(engine: str, model: str, threads: int, num_requests: int, concurr
     reqs = workloads.mixed_requests(vocab, num_requests)
     if quick:
         reqs = [workloads.MixedRequest(r.prompt_ids[:64], min(r.output_len, 16)) for r in reqs]
+    prefill_ids, decode_ids = workloads.prefill_prompt(vocab), workloads.decode_prompt(vocab)
+    adapter.prefill_once(prefill_ids)  # warm-up; the timed rounds come from the parent (serve_rounds)
+    adapter.decode_once(decode_ids)
     result = {
         "engine": adapter.name,
         "mode": adapter.mode,
         "load_s": adapter.load_s,
         "load_peak_rss_mb": load_rss_mb,
         "rss_after_load_mb": rss_after_load_mb,
-        "prefill_tok_s": adapter.prefill(workloads.prefill_prompt(vocab), repeats=1 if quick else 3),
-        "decode_tok_s": adapter.decode(workloads.decode_prompt(vocab), repeats=1 if quick else 2),
     }
     mixed = adapter.mixed(reqs)
     result["mixed_tok_s"] = mixed["output_tokens"] / mixed["seconds"]
     result["mixed"] = mixed
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if engine == "scaleinfer":
-        result["decode_token_ids"] = adapter.decode_token_ids
         result["kv_tokens_per_gib"] = (1 << 30) // adapter.llm.engine.kv_bytes_per_token
-    return result
+    return result, adapter, prefill_ids, decode_ids
 
 
-def _spawn_llamacpp(args) -> dict:
+def serve_rounds(adapter, prefill_ids: list[int], decode_ids: list[int], lines=sys.stdin, out=sys.stdout) -> None:
+    """Answer the parent's `prefill` / `decode` lines with one timed round each (a JSON line)."""
+    for line in lines:
+        cmd = line.strip()
+        if cmd == "prefill":
+            res = {"prefill_tok_s": len(prefill_ids) / adapter.prefill_once(prefill_ids)}
+        elif cmd == "decode":
+            per_token, ids = adapter.decode_once(decode_ids)
+            res = {"decode_tok_s": 1.0 / per_token, "decode_token_ids": ids}
+        else:
+            res = {"error": f"unknown command {cmd!r}"}
+        print(json.dumps(res), file=out, flush=True)
+
+
+class _Worker:
+    """A running engine process: its one-off results (the first JSON line it prints), then rounds."""
+
+    def __init__(self, name: str, cmd: list[str], first_input: str | None = None):
+        self.name = name
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+        if first_input is not None:
+            self.proc.stdin.write(first_input + "\n")
+            self.proc.stdin.flush()
+        self.result = self._read()
+        self.result.update(prefill_rounds=[], decode_rounds=[])
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        while line and not line.lstrip().startswith("{"):  # a library may print to stdout
+            line = self.proc.stdout.readline()
+        if not line:
+            err = self.proc.stderr.read() if self.proc.poll() is not None or self.proc.wait(5) is not None else ""
+            raise RuntimeError(f"{self.name} benchmark failed:\n{err[-2000:]}")
+        return json.loads(line)
+
+    def round(self) -> None:
+        for cmd, key in (("prefill", "prefill_tok_s"), ("decode", "decode_tok_s")):
+            self.proc.stdin.write(cmd + "\n")
+            self.proc.stdin.flush()
+            res = self._read()
+            self.result[key.replace("tok_s", "rounds")].append(res[key])
+            if "decode_token_ids" in res:
+                self.result["decode_token_ids"] = res["decode_token_ids"]
+
+    def finish(self) -> dict:
+        self.proc.stdin.close()
+        self.proc.wait(60)
+        r = self.result
+        r["prefill_tok_s"] = statistics.median(r["prefill_rounds"])
+        r["decode_tok_s"] = statistics.median(r["decode_rounds"])
+        return r
+
+
+def _spawn_llamacpp(args) -> _Worker:
     """llama.cpp through llama-cpp-python, in its own interpreter (see llamacpp_worker.py)."""
     from scaleinfer.bench import workloads
     from scaleinfer.weights.loader import open_checkpoint
@@ -67,26 +128,36 @@ def _spawn_llamacpp(args) -> dict:
         reqs = [workloads.MixedRequest(r.prompt_ids[:64], min(r.output_len, 16)) for r in reqs]
     job = {"gguf": ckpt.path, "threads": args.threads, "prefill_ids": workloads.prefill_prompt(vocab),
            "decode_ids": workloads.decode_prompt(vocab), "decode_tokens": workloads.DECODE_TOKENS,
-           "mixed": [[r.prompt_ids, r.output_len] for r in reqs], "repeats": 1 if args.quick else 3}
+           "mixed": [[r.prompt_ids, r.output_len] for r in reqs]}
     worker = os.path.join(os.path.dirname(__file__), "llamacpp_worker.py")
-    print("running llama.cpp ...", file=sys.stderr, flush=True)
-    proc = subprocess.run([args.llamacpp_python, worker], input=json.dumps(job), capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"llama.cpp benchmark failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _Worker("llama.cpp", [args.llamacpp_python, worker], json.dumps(job))
 
 
-def _spawn(engine: str, args, mode: str = "none") -> dict:
+def _spawn(engine: str, args, mode: str = "none") -> _Worker:
     quantization, _, kv_dtype = mode.partition(":")
     cmd = [sys.executable, "-m", "scaleinfer.bench.core", "--worker", engine, "--model", args.model,
            "--threads", str(args.threads), "--num-requests", str(args.num_requests),
            "--concurrency", str(args.concurrency), "--quantization", quantization,
            "--kv-cache-dtype", kv_dtype or "auto"] + (["--quick"] if args.quick else [])
-    print(f"running {engine} {mode if engine == 'scaleinfer' else ''}...", file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{engine} benchmark failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _Worker(f"{engine} {mode}" if engine == "scaleinfer" else engine, cmd)
+
+
+def run_rounds(workers: list[_Worker], rounds: int) -> list[dict]:
+    """pp512 + tg128 from every engine in turn, `rounds` times, starting one engine later each round."""
+    for r in range(rounds):
+        print(f"round {r + 1}/{rounds}: pp512 and tg128 of each engine", file=sys.stderr, flush=True)
+        k = r % len(workers)
+        for w in workers[k:] + workers[:k]:
+            w.round()
+    return [w.finish() for w in workers]
+
+
+def _ratio(r: dict, b: dict, key: str) -> float:
+    """r's speed over b's: the median of same-round ratios where both have rounds, else the plain ratio."""
+    rk, bk = key.replace("tok_s", "rounds"), key.replace("tok_s", "rounds")
+    if r.get(rk) and b.get(bk) and len(r[rk]) == len(b[bk]):
+        return statistics.median(x / y for x, y in zip(r[rk], b[bk]))
+    return r[key] / b[key]
 
 
 def format_table(results: list[dict]) -> str:
@@ -112,8 +183,12 @@ def format_table(results: list[dict]) -> str:
                   + " |", "|" + "---|" * (1 + len(speed) * len(baselines))]
         for r in results:
             if r["engine"] == "scaleinfer":
-                lines.append(f"| {r['mode']} | " + " | ".join(f"{r[k] / b[k]:.2f}x" for b in baselines for k, _ in speed)
-                             + " |")
+                lines.append(f"| {r['mode']} | " + " | ".join(f"{_ratio(r, b, k):.2f}x" for b in baselines
+                                                               for k, _ in speed) + " |")
+        rounds = max((len(r.get("decode_rounds", [])) for r in results), default=0)
+        if rounds > 1:
+            lines += ["", f"pp512 / tg128: medians of {rounds} interleaved rounds; ratios: medians of same-round "
+                          "ratios; mixed: one run each."]
     return "\n".join(lines)
 
 
@@ -121,11 +196,19 @@ def main(args) -> int:
     threads = args.threads or os.cpu_count() or 1
     args.threads = threads
     modes = [m.strip() for m in (args.modes or args.quantization or "none").split(",") if m.strip()]
-    results = [_spawn("scaleinfer", args, mode) for mode in modes]
-    if args.llamacpp_python:
-        results.append(_spawn_llamacpp(args))
-    if not args.no_hf:
-        results.append(_spawn("hf", args))
+    workers = []
+    try:
+        for mode in modes:
+            workers.append(_spawn("scaleinfer", args, mode))
+        if args.llamacpp_python:
+            workers.append(_spawn_llamacpp(args))
+        if not args.no_hf:
+            workers.append(_spawn("hf", args))
+        results = run_rounds(workers, 1 if args.quick else args.rounds)
+    finally:
+        for w in workers:
+            if w.proc.poll() is None:
+                w.proc.kill()
     table = format_table(results)
     print(table)
     os.makedirs(args.output_dir, exist_ok=True)
@@ -135,6 +218,7 @@ def main(args) -> int:
         json.dump({"date": stamp, "model": args.model, "threads": threads, "machine": platform.machine(),
                    "cpu_count": os.cpu_count(), "num_requests": args.num_requests,
                    "concurrency": args.concurrency, "quick": args.quick, "modes": modes,
+                   "rounds": 1 if args.quick else args.rounds,
                    "table": table, "results": results}, f, indent=2)
     print(f"wrote {path}")
     return 0
@@ -151,8 +235,10 @@ def _worker_main() -> None:
     p.add_argument("--quantization", default="none")
     p.add_argument("--kv-cache-dtype", default="auto")
     a = p.parse_args()
-    print(json.dumps(run_worker(a.worker, a.model, a.threads, a.num_requests, a.concurrency, a.quick,
-                                a.quantization, a.kv_cache_dtype)))
+    result, adapter, prefill_ids, decode_ids = run_worker(a.worker, a.model, a.threads, a.num_requests,
+                                                          a.concurrency, a.quick, a.quantization, a.kv_cache_dtype)
+    print(json.dumps(result), flush=True)
+    serve_rounds(adapter, prefill_ids, decode_ids)
 
 
 if __name__ == "__main__":

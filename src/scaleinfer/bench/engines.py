@@ -1,19 +1,15 @@
 """Adapters that run the benchmark workloads on one engine each: scaleinfer and HF transformers.
 
-Each adapter measures one engine in its own process (so peak RSS is that engine's alone).
+Each adapter measures one engine in its own process (so peak RSS is that engine's alone). prefill_once
+and decode_once time one round each; bench/core.py interleaves the engines' rounds.
 """
 from __future__ import annotations
 
-import statistics
 import time
 
 import torch
 
 from scaleinfer.bench.workloads import DECODE_TOKENS, MixedRequest
-
-
-def _median_of(fn, repeats: int) -> float:
-    return statistics.median(fn() for _ in range(repeats))
 
 
 class ScaleInferAdapter:
@@ -36,25 +32,19 @@ class ScaleInferAdapter:
 
         return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
 
-    def prefill(self, ids: list[int], repeats: int = 3) -> float:
-        def once():
-            start = time.perf_counter()
-            self.llm.generate([ids], self._params(1))
-            return time.perf_counter() - start
-        once()  # warm-up
-        return len(ids) / _median_of(once, repeats)
+    def prefill_once(self, ids: list[int]) -> float:
+        """Seconds for the prompt (and its first token)."""
+        start = time.perf_counter()
+        self.llm.generate([ids], self._params(1))
+        return time.perf_counter() - start
 
-    def decode(self, ids: list[int], repeats: int = 2) -> float:
-        def once():
-            first = None
-            start = time.perf_counter()
-            for out in self.llm.stream(ids, self._params(DECODE_TOKENS)):
-                if first is None:
-                    first = time.perf_counter()
-            self.decode_token_ids = list(out.outputs[0].token_ids)
-            return (time.perf_counter() - first) / (DECODE_TOKENS - 1)
-        once()
-        return 1.0 / _median_of(once, repeats)
+    def decode_once(self, ids: list[int]) -> tuple[float, list[int]]:
+        """Seconds per token after the first of DECODE_TOKENS greedy ones, and the tokens."""
+        first = None
+        for out in self.llm.stream(ids, self._params(DECODE_TOKENS)):
+            if first is None:
+                first = time.perf_counter()
+        return (time.perf_counter() - first) / (DECODE_TOKENS - 1), list(out.outputs[0].token_ids)
 
     def mixed(self, requests: list[MixedRequest]) -> dict:
         from scaleinfer.sampling_params import SamplingParams
@@ -92,30 +82,22 @@ class HFAdapter:
         return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=n,
                                    min_new_tokens=n, do_sample=False, pad_token_id=0)
 
-    def prefill(self, ids: list[int], repeats: int = 3) -> float:
+    @torch.inference_mode()
+    def prefill_once(self, ids: list[int]) -> float:
         x = torch.tensor([ids])
+        start = time.perf_counter()
+        self.model(x)
+        return time.perf_counter() - start
 
-        @torch.inference_mode()
-        def once():
-            start = time.perf_counter()
-            self.model(x)
-            return time.perf_counter() - start
-        once()
-        return len(ids) / _median_of(once, repeats)
-
-    def decode(self, ids: list[int], repeats: int = 2) -> float:
+    def decode_once(self, ids: list[int]) -> tuple[float, list[int]]:
         x = torch.tensor([ids])
         mask = torch.ones_like(x)
-
-        def once():
-            start = time.perf_counter()
-            self._generate(x, mask, 1)
-            t1 = time.perf_counter() - start
-            start = time.perf_counter()
-            self._generate(x, mask, DECODE_TOKENS)
-            return (time.perf_counter() - start - t1) / (DECODE_TOKENS - 1)
-        once()
-        return 1.0 / _median_of(once, repeats)
+        start = time.perf_counter()
+        self._generate(x, mask, 1)
+        t1 = time.perf_counter() - start
+        start = time.perf_counter()
+        out = self._generate(x, mask, DECODE_TOKENS)
+        return (time.perf_counter() - start - t1) / (DECODE_TOKENS - 1), out[0, len(ids):].tolist()
 
     def mixed(self, requests: list[MixedRequest]) -> dict:
         """Static batching (HF's way): groups of `concurrency`, left-padded, run to the longest output."""
