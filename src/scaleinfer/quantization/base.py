@@ -10,8 +10,9 @@ reference its fast path is tested against.
     int8     int8 per output channel, weight-only       int8
     int4     int4 group-wise asymmetric (group 32)      int8  (llama.cpp keeps the output layer at 8 bits too)
     w8a8     int8 weights x per-token int8 activations  int8 weight-only (logits are computed for few rows)
-    w4a8     int4 group 32 x int8 activations per 32    int8 weight-only
-             (small inputs; prefill: int4 weight-only)
+    w4a8     int4 group 32 (fp16 scales) x int8         int8 per block of 32 (fp16 scales, Q8_0's
+             activations per 32 (small inputs;          layout: a Q8_0 embedding as stored) x int8
+             prefill: int4 weight-only)                 activations per 32
     auto     int8 on CPU (fastest mode within +1% perplexity, see README), none elsewhere
 """
 from __future__ import annotations
@@ -43,7 +44,7 @@ class QuantMethod(Protocol):
 def _table() -> dict[str, tuple[Callable[[], QuantMethod] | None, Callable[[], QuantMethod] | None]]:
     """mode -> (factory for the decoder's linears, factory for the LM head); None keeps the layer dense."""
     from scaleinfer.quantization.int4 import W4A8, Int4WeightOnly
-    from scaleinfer.quantization.int8 import Int8WeightOnly, W8A8
+    from scaleinfer.quantization.int8 import Int8WeightOnly, W8A8, W8A8Block32
 
     return {
         "none": (None, None),
@@ -52,7 +53,7 @@ def _table() -> dict[str, tuple[Callable[[], QuantMethod] | None, Callable[[], Q
         "int4-g64": (lambda: Int4WeightOnly(group_size=64), Int8WeightOnly),
         "int4-g128": (lambda: Int4WeightOnly(group_size=128), Int8WeightOnly),
         "w8a8": (W8A8, Int8WeightOnly),
-        "w4a8": (W4A8, Int8WeightOnly),
+        "w4a8": (W4A8, W8A8Block32),
     }
 
 

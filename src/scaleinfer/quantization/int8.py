@@ -98,3 +98,69 @@ class W8A8(Int8WeightOnly):
         """What apply computes for large M, in plain fp32: quantized activations times dequantized weights."""
         xq, x_scale = quantize_per_token(x.reshape(-1, x.shape[-1]))
         return F.linear(xq.float() * x_scale, self.dequantize(layer), layer.bias)
+
+
+A8_BLOCK_MAX_ROWS = 64
+"""Inputs of at most this many rows (decode batches: the LM head only sees sampled rows) take the integer
+kernel; its 64-row weight chunks stay in L2 across the input rows. Longer ones dequantize slices + BLAS."""
+
+
+def quantize_blocks32(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """GGUF Q8_0's recipe: per block of 32 inputs d = amax / 127, q = round(w / d), d stored as float16.
+    A Q8_0 tensor's dequantized values come back exactly (each block's largest |q| is 127, so amax / 127
+    is its fp16 scale again): the LM head of a Q8_0 embedding is the file's own."""
+    n, k = w.shape
+    blocks = w.float().contiguous().view(n, k // 32, 32)
+    d = blocks.abs().amax(dim=-1) / 127.0
+    safe = torch.where(d > 0, d, torch.ones_like(d))
+    q = torch.round(blocks / safe[..., None]).clamp(-127, 127).to(torch.int8).view(n, k)
+    return q, d.half()
+
+
+class W8A8Block32:
+    """int8 weights with a float16 scale per block of 32 inputs (GGUF Q8_0's layout) times activations
+    quantized per block of 32, multiplied as integers (csrc/int4_a8.cpp: int8_a8_linear, AVX512-VNNI):
+    llama.cpp's Q8_0 x Q8_0. The LM head of `w4a8` mode, so that a whole w4a8 decode step runs on
+    integer dot products and a Q8_0 embedding is used as stored (the per-channel int8 head re-rounds it)."""
+
+    name = "w8a8-g32"
+
+    def process_weights_after_loading(self, layer: Linear) -> None:
+        w = dense_weight(layer)
+        if w.shape[1] % 32:
+            raise ValueError(f"in_features {w.shape[1]} is not a multiple of 32, which block-32 int8 needs")
+        q, scale = quantize_blocks32(w)
+        drop_dense_weight(layer)
+        layer.register_buffer("qweight", q)              # [out, in] int8
+        layer.register_buffer("weight_scale", scale)     # [out, in / 32] float16
+
+    def dequantize(self, layer: Linear) -> torch.Tensor:
+        n, k = layer.qweight.shape
+        return (layer.qweight.float().view(n, k // 32, 32) * layer.weight_scale.float()[..., None]).view(n, k)
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        ops = lowbit_ops() if x.device.type == "cpu" else None
+        if ops is not None and x2.dtype == torch.float32 and x2.shape[0] <= A8_BLOCK_MAX_ROWS:
+            y = ops.int8_a8_linear(x2.contiguous(), layer.qweight, layer.weight_scale)
+            if layer.bias is not None:
+                y += layer.bias
+        else:
+            q, scale = layer.qweight, layer.weight_scale
+
+            def rows(n0: int, n1: int, out: torch.Tensor) -> None:
+                k = q.shape[1]
+                torch.mul(q[n0:n1].view(n1 - n0, k // 32, 32).float(), scale[n0:n1, :, None].float(),
+                          out=out.view(n1 - n0, k // 32, 32))
+
+            y = sliced_linear(x2.float(), q.shape[0], layer.bias, rows).to(x.dtype)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    def reference(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        """What apply computes for small inputs, in plain fp32: block-quantized activations times the
+        dequantized weights."""
+        from scaleinfer.quantization.int4 import quantize_blocks
+
+        xq, d = quantize_blocks(x.reshape(-1, x.shape[-1]))
+        xd = (xq.float().view(xq.shape[0], -1, 32) * d[..., None]).view(xq.shape)
+        return F.linear(xd, self.dequantize(layer), layer.bias)

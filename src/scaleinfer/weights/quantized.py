@@ -50,7 +50,7 @@ def _method_spec(method) -> dict:
 
 def _make_method(spec: dict):
     from scaleinfer.quantization.int4 import W4A8, Int4WeightOnly
-    from scaleinfer.quantization.int8 import W8A8, Int8WeightOnly
+    from scaleinfer.quantization.int8 import W8A8, Int8WeightOnly, W8A8Block32
 
     name = spec.get("method")
     if name == "int8":
@@ -61,6 +61,8 @@ def _make_method(spec: dict):
         return Int4WeightOnly(group_size=int(spec["group_size"]))
     if name == "w4a8":
         return W4A8()
+    if name == "w8a8-g32":
+        return W8A8Block32()
     raise WeightLoadError(f"quantized checkpoint lists an unknown method {name!r}; it was written by a newer "
                           f"scaleinfer")
 

@@ -1,14 +1,17 @@
-"""w4a8 (int4 group-32 weights x int8 activations per block of 32, integer dot products) against its
-reference: the same block-quantized activations times the dequantized weights in fp32, on every
-code path the CPU has (scalar, AVX2 maddubs, AVX512-VNNI 256- and 512-bit). The integer sums are
-exact; only the float scaling order differs (1e-5 of the output scale)."""
+"""w4a8 (int4 group-32 weights x int8 activations per block of 32, integer dot products) and its LM head
+(int8 weights per block of 32, Q8_0's layout, x the same activations) against their reference: the same
+block-quantized activations times the dequantized weights in fp32, on every code path the CPU has
+(scalar, AVX2 maddubs, AVX512-VNNI 256- and 512-bit; the block-32 int8 kernel has 512-bit and scalar).
+The integer sums are exact; only the float scaling order differs (1e-5 of the output scale)."""
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from scaleinfer.layers.linear import Linear
 from scaleinfer.quantization.int4 import W4A8, W4A8_MAX_ROWS, Int4WeightOnly, quantize_blocks
+from scaleinfer.quantization.int8 import A8_BLOCK_MAX_ROWS, W8A8Block32, quantize_blocks32
 from scaleinfer.quantization.kernels import lowbit_ops
 
 from .kernel_paths import forced_path
@@ -102,3 +105,37 @@ def test_w4a8_greedy_knows_paris_and_loads_gguf_q4_exactly():
     assert "Paris" in out.outputs[0].text
     layer = llm.engine.model.layers[0].mlp.gate_up_proj
     assert isinstance(layer.quant_method, W4A8) and layer.weight is None
+
+
+@pytest.mark.parametrize("shape", [(64, 96), (37, 736), (200, 576), (70, 1536)])
+@pytest.mark.parametrize("rows", [1, 3, 16, A8_BLOCK_MAX_ROWS])
+def test_w8a8_block32_matches_its_reference(path, shape, rows):
+    if ops is None:
+        pytest.skip("CPU kernels not built")
+    layer = _layer(*shape, bias=True)
+    m = W8A8Block32()
+    m.process_weights_after_loading(layer)
+    layer.quant_method = m
+    x = torch.randn(rows, shape[1], generator=torch.Generator().manual_seed(3))
+    x[0, 32:64] = 0.0                        # an all-zero activation block
+    ref = m.reference(layer, x)
+    y = layer(x)
+    assert float((y - ref).abs().max() / ref.abs().max()) < 1e-5
+    more = torch.randn(A8_BLOCK_MAX_ROWS + 1, shape[1])  # past the kernel's rows: dequantized slices + BLAS
+    torch.testing.assert_close(layer(more), F.linear(more, m.dequantize(layer), layer.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_block32_int8_takes_a_q8_0_tensor_exactly():
+    """A Q8_0 tensor (quantized by gguf's own reference code) dequantized to fp32 and re-quantized with
+    quantize_blocks32 gives back its int8 values and fp16 scales: the w4a8 LM head is the file's."""
+    import gguf
+
+    w = torch.randn(48, 256, generator=torch.Generator().manual_seed(4)) * 0.1
+    w[3, :32] = 0.0                                                   # an all-zero block
+    raw = gguf.quantize(w.numpy(), gguf.GGMLQuantizationType.Q8_0)
+    dense = torch.from_numpy(gguf.dequantize(raw, gguf.GGMLQuantizationType.Q8_0).copy()).float()
+    blocks = torch.from_numpy(raw.copy()).view(48, 8, 34)           # per block: fp16 d, then 32 x int8
+    d = blocks[..., :2].contiguous().view(torch.float16).view(48, 8)
+    qs = blocks[..., 2:].contiguous().view(torch.int8).view(48, 256)
+    q, scale = quantize_blocks32(dense)
+    assert torch.equal(q, qs) and torch.equal(scale, d)
