@@ -33,6 +33,9 @@ class ModelRunner:
         self.block_size = cache_config.block_size
         self.kv_caches = allocate_kv_caches(model_config, num_blocks, self.block_size, dtype, device,
                                             cache_config.kv_cache_dtype)
+        if cache_config.kv_cache_dtype == "int8" and hasattr(model, "key_channel_scales"):
+            for (k_cache, _), c in zip(self.kv_caches, model.key_channel_scales()):
+                k_cache.channel_scale = c.to(self.device)   # quantization/kv_int8.py: per-channel key scales
         self.sampler = Sampler()
         self.eos_token_ids = model_config.eos_token_ids
         self.patterns = layer_patterns(model)

@@ -75,3 +75,47 @@ def test_int8_kv_takes_about_a_quarter_of_fp32():
     layers, kv_heads, head_dim = 30, 3, 64
     fp32 = 2 * layers * kv_heads * head_dim * 4
     assert bytes_per_token(layers, kv_heads, head_dim) / fp32 == pytest.approx(68 / 256)
+
+
+def _rotate(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE by `angle` [head_dim / 2] (per channel pair)."""
+    half = x.shape[-1] // 2
+    a, b = x[..., :half], x[..., half:]
+    return torch.cat([a * angle.cos() - b * angle.sin(), b * angle.cos() + a * angle.sin()], dim=-1)
+
+
+def test_key_channel_scales_even_out_outlier_channels_at_any_rotation():
+    """Keys with a few large channel pairs (Qwen2's K bias) lose the small channels to the per-token
+    scale; a pair-equal channel scale keeps them, before and after any RoPE rotation."""
+    torch.manual_seed(0)
+    heads, d, n = 2, 64, 200
+    mag = torch.ones(heads, d)
+    mag[:, [3, 3 + d // 2]] = 40.0                 # one outlier channel pair per head
+    mag[:, [10, 10 + d // 2]] = 15.0
+    k = torch.randn(n, heads, d) * mag
+    c = mag.sqrt()                                 # strength 0.5, equal within each pair
+    plain, smooth = Int8KV.empty(n, heads, d), Int8KV.empty(n, heads, d, channel_scale=c)
+    slots = torch.arange(n)
+    small = mag == 1.0
+    for angle in (torch.zeros(d // 2), torch.rand(d // 2) * 6.28):
+        x = _rotate(k, angle)
+        err_plain = (plain.write(slots, x) - x).abs()[..., small[0]].mean()
+        got = smooth.write(slots, x)
+        assert torch.equal(got, smooth.read(slots, torch.float32))   # what is read is what was returned
+        err_smooth = (got - x).abs()[..., small[0]].mean()
+        assert err_smooth < err_plain / 2
+
+
+@pytest.mark.slow
+def test_engine_sets_key_channel_scales_from_the_weights():
+    from scaleinfer import LLM
+
+    llm = LLM("smollm2-135m-instruct", kv_cache_memory="16MiB", max_model_len=128, kv_cache_dtype="int8")
+    model, caches = llm.engine.runner.model, llm.engine.runner.kv_caches
+    scales = model.key_channel_scales()
+    assert len(scales) == len(caches)
+    for (k_cache, v_cache), c in zip(caches, scales):
+        assert k_cache.channel_scale is c or torch.equal(k_cache.channel_scale, c)
+        assert v_cache.channel_scale is None
+        assert c.shape == (model.config.num_kv_heads, model.config.head_dim) and bool((c > 0).all())
+        assert torch.equal(c[:, :c.shape[1] // 2], c[:, c.shape[1] // 2:])   # equal within RoPE pairs
