@@ -25,8 +25,8 @@ class LinearMethod(Protocol):
 
 class DecodeSpec(NamedTuple):
     """How the C++ decode step (quantization/csrc/decode_step.cpp) runs a linear exactly as `apply` does
-    on CPU float32 inputs of up to `max_rows` rows: the kernel kind (dense, int8, int4, w4a8), its
-    tensors, the bias and the int4 group size. A method without `decode_spec` keeps the Python path."""
+    on CPU float32 inputs of up to `max_rows` rows: the kernel kind (dense, f32, int8, int4, w4a8), its
+    tensors, the bias and the int4 group size (f32: the rows up to which f32_linear is used). A method without `decode_spec` keeps the Python path."""
     kind: str
     tensors: list
     bias: "torch.Tensor | None"
@@ -34,24 +34,52 @@ class DecodeSpec(NamedTuple):
     max_rows: int = 1 << 30
 
 
+F32_KERNEL_MAX_ROWS = 4
+"""Inputs of at most this many rows (decode) take our fp32 GEMV kernel on CPU; more rows go to BLAS."""
+
+
+def _f32_ops(w: torch.Tensor):
+    """The kernel module when `w` (float32, CPU) can use f32_linear, else None."""
+    from scaleinfer.layers.fused import fused_ops
+
+    ops = fused_ops(w)
+    return ops if ops is not None and hasattr(ops, "f32_linear") else None
+
+
 class DenseLinearMethod:
     """y = x W^T + b with the dense weight (the reference every quantized method is checked against).
 
-    After loading, W [out, in] is stored column-major (a transposed view of a contiguous [in, out]
-    tensor): BLAS then reads it as a plain row-major [in, out] operand, which for a single-token
-    decode step is ~1.35x faster on CPU (measured: 30 layers of SmolLM2-135M at M=1, 2 threads,
-    18.5 ms -> 13.8 ms) and the same speed for prefill-sized M.
+    On CPU in fp32 with the kernels built, W [out, in] stays row-major and decode-sized inputs (up to
+    F32_KERNEL_MAX_ROWS rows) take our GEMV (quantization/csrc/cpu_ops.cpp: f32_linear: four rows per
+    block, x shared, software prefetch), larger ones BLAS. Elsewhere (GPU, bf16, no compiler) W is
+    stored column-major (a transposed view of a contiguous [in, out] tensor), which BLAS's GEMV reads
+    ~1.35x faster than a row-major one at M = 1 (30 layers of SmolLM2-135M, 2 threads: 18.5 -> 13.8 ms).
+    Row-major also lets a tied LM head share the embedding's storage instead of a transposed copy.
     """
 
     def process_weights_after_loading(self, layer: "Linear") -> None:
-        if not is_column_major(layer.weight):  # e.g. an LM head tied to the (row-major) embedding
-            layer.weight = nn.Parameter(layer.weight.data.t().contiguous().t(), requires_grad=False)
+        w = layer.weight
+        if _f32_ops(w) is not None:
+            if not w.is_contiguous():
+                layer.weight = nn.Parameter(w.data.contiguous(), requires_grad=False)
+        elif not is_column_major(w):  # e.g. an LM head tied to the (row-major) embedding
+            layer.weight = nn.Parameter(w.data.t().contiguous().t(), requires_grad=False)
 
     def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, layer.weight, layer.bias)
+        w = layer.weight
+        if x.dim() >= 2 and x.numel() <= F32_KERNEL_MAX_ROWS * x.shape[-1] and w.is_contiguous() \
+                and x.dtype == w.dtype:
+            ops = _f32_ops(w)
+            if ops is not None:
+                y = ops.f32_linear(x.reshape(-1, x.shape[-1]).contiguous(), w, layer.bias)
+                return y.view(*x.shape[:-1], y.shape[-1])
+        return F.linear(x, w, layer.bias)
 
     def decode_spec(self, layer: "Linear") -> DecodeSpec:
-        return DecodeSpec("dense", [layer.weight], layer.bias)
+        w = layer.weight
+        if w.is_contiguous() and _f32_ops(w) is not None:  # f32_linear up to `group` rows, then at::linear
+            return DecodeSpec("f32", [w], layer.bias, F32_KERNEL_MAX_ROWS)
+        return DecodeSpec("dense", [w], layer.bias)
 
 
 class Linear(nn.Module):

@@ -96,3 +96,43 @@ def test_paged_decode_attention_rejects_bad_lengths():
     with pytest.raises(RuntimeError, match="keys for a table"):
         ops.paged_decode_attention(out, q, k_cache, k_cache, torch.zeros(1, 3, dtype=torch.long),
                                    torch.tensor([4]), 0.5)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4])
+@pytest.mark.parametrize("shape", [(64, 576), (37, 100), (3, 1536)])   # N % 4 tails, K % 16 tails
+@pytest.mark.parametrize("bias", [False, True])
+def test_f32_linear_equals_f_linear(rows, shape, bias):
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(*shape, generator=g)
+    b = torch.randn(shape[0], generator=g) if bias else None
+    x = torch.randn(rows, shape[1], generator=g)
+    torch.testing.assert_close(ops.f32_linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_dense_linear_takes_the_gemv_for_decode_rows_and_blas_beyond():
+    from scaleinfer.layers.linear import F32_KERNEL_MAX_ROWS, Linear
+
+    layer = Linear(96, 40, bias=True)
+    layer.weight.data.copy_(torch.randn(40, 96))
+    layer.bias.data.copy_(torch.randn(40))
+    layer.quant_method.process_weights_after_loading(layer)
+    assert layer.weight.is_contiguous()                          # row-major for the kernel
+    x = torch.randn(F32_KERNEL_MAX_ROWS + 3, 96)
+    calls = []
+    real = ops.f32_linear
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(ops, name)
+
+        def f32_linear(self, *args):
+            calls.append(args[0].shape[0])
+            return real(*args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("scaleinfer.layers.linear._f32_ops", lambda w: Spy())
+        small, big = layer(x[:F32_KERNEL_MAX_ROWS]), layer(x)
+    assert calls == [F32_KERNEL_MAX_ROWS]
+    ref = F.linear(x, layer.weight, layer.bias)
+    torch.testing.assert_close(small, ref[:F32_KERNEL_MAX_ROWS], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(big, ref, rtol=1e-5, atol=1e-5)

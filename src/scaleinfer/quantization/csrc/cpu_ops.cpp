@@ -109,6 +109,39 @@ SI_CLONES void silu_mul_row(const float* g, float* o, int64_t I) {
   for (int64_t i = 0; i < I; ++i) o[i] = g[i] / (1.f + exp_f32(-g[i])) * u[i];
 }
 
+// Rows n0..n1 of y[M, N] = x[M, K] W[N, K]^T, four weight rows at a time: four dot products share each
+// load of x, and the block's weights are read once from memory for all M input rows (then from L1).
+// The weights ~2 KiB ahead are prefetched: the hardware prefetcher stops at 4 KiB page boundaries.
+SI_CLONES void f32_rows(const float* w, const float* x, int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1,
+                        float* y) {
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) {
+    const float* w0 = w + n * K;
+    const char* ahead = reinterpret_cast<const char*>(w0) + 2048;
+    for (int64_t o = 0; o < 16 * K; o += 64) __builtin_prefetch(ahead + o, 0, 3);
+    const float *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = x + m * K;
+      float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+      for (int64_t k = 0; k < K; ++k) {
+        const float xv = xm[k];
+        a0 += w0[k] * xv;
+        a1 += w1[k] * xv;
+        a2 += w2[k] * xv;
+        a3 += w3[k] * xv;
+      }
+      float* ym = y + m * N + n;
+      ym[0] = a0;
+      ym[1] = a1;
+      ym[2] = a2;
+      ym[3] = a3;
+    }
+  }
+  for (; n < n1; ++n)
+    for (int64_t m = 0; m < M; ++m) y[m * N + n] = dot(w + n * K, x + m * K, K);
+}
+
 void check_f32(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32, name, " must be a float32 CPU tensor");
 }
@@ -249,7 +282,29 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
   });
 }
 
+// x [M, K] float32 contiguous; w [N, K] float32 row-major contiguous; bias [N] or None -> y [M, N].
+// For decode-sized M (the caller keeps M small): at M = 1 it reads the weights at memory speed, where
+// BLAS's GEMV on a row-major weight does not (see layers/linear.py: DenseLinearMethod).
+torch::Tensor f32_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+  check_f32(x, "x");
+  check_f32(w, "w");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && w.dim() == 2 && w.is_contiguous() && x.size(1) == w.size(1),
+              "x must be contiguous [M, K] and w contiguous [N, K]");
+  const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
+  auto y = torch::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t chunk = 64, chunks = (N + chunk - 1) / chunk;
+  const int nt = static_cast<int>(std::min<int64_t>(at::in_parallel_region() ? 1 : at::get_num_threads(), chunks));
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+  for (int64_t c = 0; c < chunks; ++c) f32_rows(wp, xp, M, N, K, c * chunk, std::min(N, c * chunk + chunk), yp);
+  if (bias.has_value() && bias->defined()) y += *bias;
+  return y;
+}
+
 void register_cpu_ops(pybind11::module& m) {
+  m.def("f32_linear", &f32_linear, "y = x W^T (+ b) for a few rows of x, W row-major");
   m.def("add_rms_norm", &add_rms_norm, "(norm(x + residual) * w, x + residual), residual updated in place");
   m.def("rotary_", &rotary_, "rotate-half RoPE in place on [n, heads, D]");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up of a fused [M, 2I] tensor");

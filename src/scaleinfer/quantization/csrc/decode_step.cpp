@@ -6,6 +6,7 @@
 //
 // Each linear is a spec filled from Python by its quantization method (`decode_spec`):
 //   dense  at::linear(x, w, b)                 (torch's own F.linear)
+//   f32    f32_linear(x, w, b) up to `group` rows, at::linear beyond (layers/linear.py: DenseLinearMethod)
 //   int8   int8_linear(x, q, scale) (+ b)
 //   int4   int4_linear(x, q, scale, min, group) (+ b)
 //   w4a8   int4_a8_linear(x, q, scale, min) (+ b)
@@ -17,7 +18,7 @@
 
 namespace {
 
-enum class Kind { dense, int8, int4, w4a8 };
+enum class Kind { dense, f32, int8, int4, w4a8 };
 
 struct LinearSpec {
   Kind kind;
@@ -36,9 +37,10 @@ struct LayerSpec {
 LinearSpec make_spec(const std::string& kind, const std::vector<torch::Tensor>& t, c10::optional<torch::Tensor> bias,
                      int64_t group) {
   LinearSpec s;
-  s.kind = kind == "dense" ? Kind::dense : kind == "int8" ? Kind::int8 : kind == "int4" ? Kind::int4
+  s.kind = kind == "dense" ? Kind::dense : kind == "f32" ? Kind::f32 : kind == "int8" ? Kind::int8
+           : kind == "int4" ? Kind::int4
            : kind == "w4a8" ? Kind::w4a8 : throw std::invalid_argument("unknown linear kind " + kind);
-  const size_t need = s.kind == Kind::dense ? 1 : s.kind == Kind::int8 ? 2 : 3;
+  const size_t need = s.kind == Kind::dense || s.kind == Kind::f32 ? 1 : s.kind == Kind::int8 ? 2 : 3;
   TORCH_CHECK(t.size() == need, kind, " takes ", need, " tensors, got ", t.size());
   s.a = t[0];
   if (need > 1) s.b = t[1];
@@ -53,6 +55,8 @@ torch::Tensor apply(const LinearSpec& s, const torch::Tensor& x) {
   switch (s.kind) {
     case Kind::dense:
       return at::linear(x, s.a, s.bias);
+    case Kind::f32:
+      return x.size(0) <= s.group ? f32_linear(x.contiguous(), s.a, s.bias) : at::linear(x, s.a, s.bias);
     case Kind::int8:
       y = int8_linear(x.contiguous(), s.a, s.b);
       break;

@@ -10,6 +10,7 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
 // int4_a8.cpp
 torch::Tensor int4_a8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor mn);
 // cpu_ops.cpp
+torch::Tensor f32_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
 std::vector<torch::Tensor> add_rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual,
                                         torch::Tensor weight, double eps);
 void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
