@@ -10,6 +10,7 @@
 // References: the torch expressions in layers/ and attention/sdpa.py (tested against them).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -102,6 +103,53 @@ SI_CLONES void attend_group(const float* q, const float* kc, const float* vc, co
     for (int64_t j = 0; j < L; ++j) axpy(pg[j] * inv, vc + (row[j] * Hkv + h) * D, o, D);
   }
 }
+
+// attend_group for head_dim = 16 C on AVX-512: each query head's C vectors stay in registers across
+// the keys, a key's score is C FMAs and one in-register sum, and the output accumulates in C registers
+// (scaled by 1 / sum once at the end) instead of being loaded and stored per key.
+template <int C>
+__attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl"))) void attend_group_512(
+    const float* q, const float* kc, const float* vc, const int64_t* row, int64_t L, int64_t Hkv, int64_t h,
+    int64_t g0, int64_t g1, float sc, std::vector<float>& p, float* out) {
+  constexpr int64_t D = 16 * C;
+  const int64_t n = g1 - g0;
+  p.resize(n * L);
+  for (int64_t g = 0; g < n; ++g) {
+    __m512 qv[C];
+    for (int c = 0; c < C; ++c) qv[c] = _mm512_loadu_ps(q + (g0 + g) * D + 16 * c);
+    float* pg = p.data() + g * L;
+    for (int64_t j = 0; j < L; ++j) {
+      const float* kr = kc + (row[j] * Hkv + h) * D;
+      __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kr));
+      for (int c = 1; c < C; ++c) acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kr + 16 * c), acc);
+      pg[j] = _mm512_reduce_add_ps(acc) * sc;
+    }
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < L; ++j) mx = std::max(mx, pg[j]);
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < L; ++j) {
+      pg[j] = exp_f32(pg[j] - mx);
+      sum += pg[j];
+    }
+    __m512 o[C];
+    for (int c = 0; c < C; ++c) o[c] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < L; ++j) {
+      const float* vr = vc + (row[j] * Hkv + h) * D;
+      const __m512 pj = _mm512_set1_ps(pg[j]);
+      for (int c = 0; c < C; ++c) o[c] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(vr + 16 * c), o[c]);
+    }
+    const __m512 inv = _mm512_set1_ps(1.f / sum);
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + (g0 + g) * D + 16 * c, _mm512_mul_ps(o[c], inv));
+  }
+}
+
+bool has_avx512() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+}
+
+const bool g_avx512 = has_avx512();
 
 SI_CLONES void silu_mul_row(const float* g, float* o, int64_t I) {
   const float* u = g + I;
@@ -276,8 +324,11 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / (Hkv * split), h = (i / split) % Hkv, part = i % split;
       const int64_t g0 = split == 1 ? 0 : part, g1 = split == 1 ? G : part + 1;
-      attend_group(qp + b * qs + h * G * D, kc, vc, sp + b * W, lp[b], Hkv, h, D, g0, g1, sc, p,
-                   op + (b * H + h * G) * D);
+      const float* qg = qp + b * qs + h * G * D;
+      float* og = op + (b * H + h * G) * D;
+      if (g_avx512 && D == 64) attend_group_512<4>(qg, kc, vc, sp + b * W, lp[b], Hkv, h, g0, g1, sc, p, og);
+      else if (g_avx512 && D == 128) attend_group_512<8>(qg, kc, vc, sp + b * W, lp[b], Hkv, h, g0, g1, sc, p, og);
+      else attend_group(qg, kc, vc, sp + b * W, lp[b], Hkv, h, D, g0, g1, sc, p, og);
     }
   });
 }
