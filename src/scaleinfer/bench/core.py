@@ -93,9 +93,12 @@ class _Worker:
         line = self.proc.stdout.readline()
         while line and not line.lstrip().startswith("{"):  # a library may print to stdout
             line = self.proc.stdout.readline()
-        if not line:
-            err = self.proc.stderr.read() if self.proc.poll() is not None or self.proc.wait(5) is not None else ""
-            raise RuntimeError(f"{self.name} benchmark failed:\n{err[-2000:]}")
+        if not line:  # the worker exited (or closed stdout): its stderr says why
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+            raise RuntimeError(f"{self.name} benchmark failed:\n{self.proc.stderr.read()[-2000:]}")
         return json.loads(line)
 
     def round(self) -> None:
@@ -154,9 +157,9 @@ def run_rounds(workers: list[_Worker], rounds: int) -> list[dict]:
 
 def _ratio(r: dict, b: dict, key: str) -> float:
     """r's speed over b's: the median of same-round ratios where both have rounds, else the plain ratio."""
-    rk, bk = key.replace("tok_s", "rounds"), key.replace("tok_s", "rounds")
-    if r.get(rk) and b.get(bk) and len(r[rk]) == len(b[bk]):
-        return statistics.median(x / y for x, y in zip(r[rk], b[bk]))
+    rounds = key.replace("tok_s", "rounds")
+    if r.get(rounds) and b.get(rounds) and len(r[rounds]) == len(b[rounds]):
+        return statistics.median(x / y for x, y in zip(r[rounds], b[rounds]))
     return r[key] / b[key]
 
 

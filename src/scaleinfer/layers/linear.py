@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scaleinfer.layers.fused import fused_ops
+
 
 def is_column_major(w: torch.Tensor) -> bool:
     return w.dim() == 2 and w.stride(0) == 1 and w.stride(1) == w.shape[0]
@@ -40,8 +42,6 @@ F32_KERNEL_MAX_ROWS = 4
 
 def _f32_ops(w: torch.Tensor):
     """The kernel module when `w` (float32, CPU) can use f32_linear, else None."""
-    from scaleinfer.layers.fused import fused_ops
-
     ops = fused_ops(w)
     return ops if ops is not None and hasattr(ops, "f32_linear") else None
 

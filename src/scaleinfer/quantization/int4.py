@@ -171,6 +171,14 @@ def quantize_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return xq.to(torch.int8).reshape(x.shape), d
 
 
+def a8_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """What an a8 kernel computes for small inputs, in plain fp32: activations quantized per block of 32
+    (quantize_blocks) times the dequantized `weight` (W4A8, W8A8Block32)."""
+    xq, d = quantize_blocks(x.reshape(-1, x.shape[-1]))
+    xd = (xq.float().view(xq.shape[0], -1, 32) * d[..., None]).view(xq.shape)
+    return F.linear(xd, weight, bias)
+
+
 class W4A8(Int4WeightOnly):
     """`w4a8`: int4 group-32 weights (the packing of `int4`, so GGUF Q4 tensors load without re-rounding)
     with activations quantized per block of 32 to int8 and multiplied as integers (csrc/int4_a8.cpp,
@@ -221,8 +229,4 @@ class W4A8(Int4WeightOnly):
         return y.view(*x.shape[:-1], y.shape[-1])
 
     def reference(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        """What apply computes for small inputs, in plain fp32: block-quantized activations times the
-        dequantized weights."""
-        xq, d = quantize_blocks(x.reshape(-1, x.shape[-1]))
-        xd = (xq.float().view(xq.shape[0], -1, 32) * d[..., None]).view(xq.shape)
-        return F.linear(xd, self.dequantize(layer), layer.bias)
+        return a8_reference(x, self.dequantize(layer), layer.bias)

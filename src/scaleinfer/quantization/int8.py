@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from scaleinfer.layers.linear import DecodeSpec, Linear
 from scaleinfer.quantization.base import dense_weight, drop_dense_weight
 from scaleinfer.quantization.dense_chunks import sliced_linear
+from scaleinfer.quantization.int4 import a8_reference
 from scaleinfer.quantization.kernels import lowbit_ops
 
 KERNEL_MAX_ROWS = 128
@@ -119,7 +120,7 @@ def quantize_blocks32(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class W8A8Block32:
     """int8 weights with a float16 scale per block of 32 inputs (GGUF Q8_0's layout) times activations
-    quantized per block of 32, multiplied as integers (csrc/int4_a8.cpp: int8_a8_linear, AVX512-VNNI):
+    quantized per block of 32, multiplied as integers (csrc/int8_a8.cpp: int8_a8_linear, AVX512-VNNI):
     llama.cpp's Q8_0 x Q8_0. The LM head of `w4a8` mode, so that a whole w4a8 decode step runs on
     integer dot products and a Q8_0 embedding is used as stored (the per-channel int8 head re-rounds it)."""
 
@@ -157,10 +158,5 @@ class W8A8Block32:
         return y.view(*x.shape[:-1], y.shape[-1])
 
     def reference(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        """What apply computes for small inputs, in plain fp32: block-quantized activations times the
-        dequantized weights."""
-        from scaleinfer.quantization.int4 import quantize_blocks
-
-        xq, d = quantize_blocks(x.reshape(-1, x.shape[-1]))
-        xd = (xq.float().view(xq.shape[0], -1, 32) * d[..., None]).view(xq.shape)
-        return F.linear(xd, self.dequantize(layer), layer.bias)
+        """What apply computes for small inputs (int4.py: a8_reference)."""
+        return a8_reference(x, self.dequantize(layer), layer.bias)

@@ -22,7 +22,8 @@ from scaleinfer.config import model_cache_dir
 logger = logging.getLogger(__name__)
 
 _SOURCES = [os.path.join(os.path.dirname(__file__), "csrc", f) for f in ("lowbit_linear.cpp", "int4_a8.cpp",
-                                                                        "cpu_ops.cpp", "decode_step.cpp")]
+                                                                        "cpu_ops.cpp", "decode_step.cpp",
+                                                                        "int8_a8.cpp")]
 _NAME = "scaleinfer_lowbit"
 
 

@@ -8,8 +8,8 @@
 //                      one query per sequence against its keys read through the slot table: no
 //                      gathered copy of K/V, GQA groups share each key load; softmax in fp32
 // References: the torch expressions in layers/ and attention/sdpa.py (tested against them).
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include "kernels.h"
+
 #include <immintrin.h>
 #include <algorithm>
 #include <cmath>
@@ -42,6 +42,19 @@ inline float exp_f32(float x) {
   float two_n;
   std::memcpy(&two_n, &bits, sizeof two_n);
   return p * two_n;
+}
+
+// p[j] <- e^(p[j] - max p) in place; returns their sum (the softmax denominator).
+inline float exp_shifted(float* p, int64_t L) {
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < L; ++j) mx = std::max(mx, p[j]);
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < L; ++j) {
+    p[j] = exp_f32(p[j] - mx);
+    sum += p[j];
+  }
+  return sum;
 }
 
 inline float dot(const float* a, const float* b, int64_t n) {
@@ -89,14 +102,7 @@ SI_CLONES void attend_group(const float* q, const float* kc, const float* vc, co
   }
   for (int64_t g = 0; g < n; ++g) {
     float* pg = p.data() + g * L;
-    float mx = -std::numeric_limits<float>::infinity();
-    for (int64_t j = 0; j < L; ++j) mx = std::max(mx, pg[j]);
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < L; ++j) {
-      pg[j] = exp_f32(pg[j] - mx);
-      sum += pg[j];
-    }
+    const float sum = exp_shifted(pg, L);
     const float inv = 1.f / sum;
     float* o = out + (g0 + g) * D;
     std::fill(o, o + D, 0.f);
@@ -124,14 +130,7 @@ __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl"))) void attend_group_
       for (int c = 1; c < C; ++c) acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kr + 16 * c), acc);
       pg[j] = _mm512_reduce_add_ps(acc) * sc;
     }
-    float mx = -std::numeric_limits<float>::infinity();
-    for (int64_t j = 0; j < L; ++j) mx = std::max(mx, pg[j]);
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < L; ++j) {
-      pg[j] = exp_f32(pg[j] - mx);
-      sum += pg[j];
-    }
+    const float sum = exp_shifted(pg, L);
     __m512 o[C];
     for (int c = 0; c < C; ++c) o[c] = _mm512_setzero_ps();
     for (int64_t j = 0; j < L; ++j) {
@@ -346,10 +345,7 @@ torch::Tensor f32_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::
   const float* xp = x.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const int64_t chunk = 64, chunks = (N + chunk - 1) / chunk;
-  const int nt = static_cast<int>(std::min<int64_t>(at::in_parallel_region() ? 1 : at::get_num_threads(), chunks));
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
-  for (int64_t c = 0; c < chunks; ++c) f32_rows(wp, xp, M, N, K, c * chunk, std::min(N, c * chunk + chunk), yp);
+  parallel_row_chunks(N, 64, [&](int64_t n0, int64_t n1) { f32_rows(wp, xp, M, N, K, n0, n1, yp); });
   if (bias.has_value() && bias->defined()) y += *bias;
   return y;
 }

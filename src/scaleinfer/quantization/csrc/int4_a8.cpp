@@ -8,9 +8,9 @@
 // instead of being bound by widening nibbles to fp32. Group scales and minimums are float16 (as in
 // Q4_0 / Q4_1): at memory speed fp32 ones would be a sixth more bytes per weight. Reference: the float expression above
 // (quantization/int4.py: W4A8.reference), tested for every code path the CPU has.
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <immintrin.h>
+#include "a8_common.h"
+#include "kernels.h"
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -31,13 +31,6 @@ Path detect_path() {
 }
 
 Path g_path = detect_path();
-
-// Software prefetch distance of the 512-bit kernel, in weight bytes. Measured on SmolLM2's 120
-// decoder linears at M = 1 (2 threads, weights evicted from the L3 between passes, medians of 14):
-// 0 -> 7.36 ms, 1 KiB -> 6.30, 2 KiB -> 6.12, 4 KiB -> 6.66; with the weights L3-resident it makes no
-// difference (3.52 vs 3.59 ms). The hardware prefetcher stops at each 4 KiB page, and this VM gets
-// no transparent huge pages.
-constexpr int64_t kPrefetch = 2048;
 
 // x [K] -> xq [K] int8, dx [K/32] (scale), sx [K/32] (= dx * sum of the block's xq).
 void quantize_blocks_scalar(const float* x, int64_t K, int8_t* xq, float* dx, float* sx) {
@@ -78,10 +71,6 @@ __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl"))) void quantize_bloc
   }
 }
 
-void quantize_blocks(const float* x, int64_t K, int8_t* xq, float* dx, float* sx) {
-  if (g_path == Path::vnni512) quantize_blocks_avx512(x, K, xq, dx, sx);
-  else quantize_blocks_scalar(x, K, xq, dx, sx);
-}
 
 float row_scalar(const uint8_t* q, const float* scale, const float* mn, const int8_t* xq, const float* dx,
                  const float* sx, int64_t groups) {
@@ -102,13 +91,6 @@ __attribute__((target("avx2,fma"))) inline __m256i nibbles(const uint8_t* b) {
   const __m128i lo = _mm_and_si128(raw, mask);                     // elements 0..15
   const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);  // elements 16..31
   return _mm256_set_m128i(hi, lo);
-}
-
-__attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
 }
 
 __attribute__((target("avx2,fma"))) float row_avx2(const uint8_t* q, const float* scale, const float* mn,
@@ -157,15 +139,11 @@ __attribute__((target("avx2,fma,avx512f,avx512vl,avx512vnni"))) float row_vnni(
 // g+1, and one permute spreads the two groups' combined scales over those lanes. The nibbles of a pair:
 // its 32 bytes broadcast to both halves, shifted by 0 (low half) or 4 (high half) per 16-bit lane and
 // masked, 3 instructions for 64 weights.
-#define SI_VNNI512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
-
 // R output rows at once (one input row): the activation loads, the combined-scale vectors' set-up and
 // the index arithmetic are shared by the R rows, and the R sums are reduced once at the end. Per 16
 // groups: c16[r] = scale[r][g..g+15] * dx[g..g+15] and acc[r] += min[r][g..g+15] * sx[g..g+15] (the
 // min term folds into the same accumulator: every lane ends in the row's sum), then 8 pairs of
 // groups. The last (groups % 16) groups take masked loads.
-inline float h2f(uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); }
-
 template <int R>
 SI_VNNI512 inline __attribute__((always_inline)) void block_vnni512(
     const uint8_t* q, const uint16_t* scale, const uint16_t* mn, const int8_t* xq, const float* dx,
@@ -252,6 +230,21 @@ const char* path_name(Path p) {
 
 }  // namespace
 
+void quantize_blocks(const float* x, int64_t K, int8_t* xq, float* dx, float* sx) {
+  if (g_path == Path::vnni512) quantize_blocks_avx512(x, K, xq, dx, sx);
+  else quantize_blocks_scalar(x, K, xq, dx, sx);
+}
+
+bool a8_vnni512() { return g_path == Path::vnni512; }
+
+A8Rows quantize_rows(const float* x, int64_t M, int64_t K) {
+  const int64_t groups = K / 32;
+  A8Rows a{std::vector<int8_t>(M * K), std::vector<float>(M * groups), std::vector<float>(M * groups)};
+  for (int64_t m = 0; m < M; ++m)
+    quantize_blocks(x + m * K, K, a.xq.data() + m * K, a.dx.data() + m * groups, a.sx.data() + m * groups);
+  return a;
+}
+
 // x [M, K] float32 contiguous; q [N, K/2] uint8; scale, mn [N, K/32] float16 -> y [M, N].
 torch::Tensor int4_a8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor mn) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
@@ -262,31 +255,23 @@ torch::Tensor int4_a8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor sca
   TORCH_CHECK(scale.is_contiguous() && mn.is_contiguous() && scale.numel() == N * groups &&
               mn.numel() == N * groups && scale.scalar_type() == torch::kHalf && mn.scalar_type() == torch::kHalf,
               "scale and min must be contiguous float16 [N, K / 32] (group 32)");
-  std::vector<int8_t> xq(M * K);
-  std::vector<float> dx(M * groups), sx(M * groups);
-  const float* xp = x.data_ptr<float>();
   const Path path = g_path;
-  for (int64_t m = 0; m < M; ++m) {
-    quantize_blocks(xp + m * K, K, xq.data() + m * K, dx.data() + m * groups, sx.data() + m * groups);
-    if (path == Path::vnni512) pair_order(xq.data() + m * K, groups);
-  }
+  A8Rows a = quantize_rows(x.data_ptr<float>(), M, K);
+  const std::vector<int8_t>& xq = a.xq;
+  const std::vector<float>&dx = a.dx, &sx = a.sx;
+  if (path == Path::vnni512)
+    for (int64_t m = 0; m < M; ++m) pair_order(a.xq.data() + m * K, groups);
   auto y = torch::empty({M, N}, x.options());
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
   const uint16_t* mp = reinterpret_cast<const uint16_t*>(mn.data_ptr<at::Half>());
   float* yp = y.data_ptr<float>();
   if (path == Path::vnni512) {
-    // Chunks of rows handed out dynamically: a thread slowed by its neighbours (a shared VM) takes
-    // fewer, instead of the step waiting for its fixed half.
-    const int64_t chunk = 32, chunks = (N + chunk - 1) / chunk;
-    const int nt = static_cast<int>(std::min<int64_t>(at::in_parallel_region() ? 1 : at::get_num_threads(), chunks));
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
-    for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t n0 = c * chunk, n1 = std::min(N, n0 + chunk);
+    parallel_row_chunks(N, 32, [&](int64_t n0, int64_t n1) {
       for (int64_t m = 0; m < M; ++m)
         rows_vnni512(qp, sp, mp, xq.data() + m * K, dx.data() + m * groups, sx.data() + m * groups, groups, n0,
                      n1, yp + m * N);
-    }
+    });
     return y;
   }
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
@@ -314,124 +299,6 @@ torch::Tensor int4_a8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor sca
   return y;
 }
 
-namespace {
-
-// ---------------- w8a8 per block of 32 (GGUF Q8_0 x Q8_0) -------------------------------------------
-// int8 weights with an fp16 scale per block of 32 inputs (Q8_0's layout), activations quantized per
-// block of 32 like above:  y[n] = sum_g scale[n,g] * dx[g] * sum_i q[n,g,i] xq[g,i].
-// vpdpbusd multiplies unsigned by signed bytes, so the weights enter as q + 128 (a XOR with 0x80) and
-// the surplus 128 * sum_i xq[g,i] is taken off through sx (= dx * sum xq): per group,
-//   scale * (dx * dot(q + 128, xq) - 128 * sx).
-// 64 bytes of a row are two whole groups (lanes 0-7 group g, 8-15 group g+1), in natural order.
-template <int R>
-SI_VNNI512 inline __attribute__((always_inline)) void block_q8_vnni512(
-    const int8_t* q, const uint16_t* scale, const int8_t* xq, const float* dx, const float* sx, int64_t K,
-    float* y) {
-  const int64_t groups = K / 32;
-  const __m512i idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  const int64_t even = groups & ~int64_t(1);
-  for (int64_t g = 0; g < even; g += 16) {
-    const int64_t left = even - g;
-    const int pairs = left >= 16 ? 8 : static_cast<int>(left / 2);
-    const __mmask16 lm = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
-    const __m512 d16 = _mm512_maskz_loadu_ps(lm, dx + g);
-    const __m512 m16 = _mm512_mul_ps(_mm512_maskz_loadu_ps(lm, sx + g), _mm512_set1_ps(-128.f));
-    __m512 c16[R];
-    for (int r = 0; r < R; ++r) {
-      const __m512 s16 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lm, scale + r * groups + g));
-      c16[r] = _mm512_mul_ps(s16, d16);
-      acc[r] = _mm512_fmadd_ps(s16, m16, acc[r]);
-    }
-    for (int j = 0; j < pairs; ++j) {
-      const __m512i x = _mm512_loadu_si512(xq + (g + 2 * j) * 32);
-      const __m512i i0 = _mm512_add_epi32(idx, _mm512_set1_epi32(2 * j));
-      for (int r = 0; r < R; ++r) {
-        const __m512i w = _mm512_xor_si512(_mm512_loadu_si512(q + r * K + (g + 2 * j) * 32), flip);
-        const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, x);
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(i0, c16[r]), acc[r]);
-      }
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    float total = _mm512_reduce_add_ps(acc[r]);
-    if (even < groups) {  // an odd last group
-      const int64_t g = even;
-      const __m256i w = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + r * K + g * 32)),
-                                         _mm256_set1_epi8(static_cast<char>(0x80)));
-      const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w,
-                                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + g * 32)));
-      total += h2f(scale[r * groups + g]) * (hsum(_mm256_cvtepi32_ps(p)) * dx[g] - 128.f * sx[g]);
-    }
-    y[r] = total;
-  }
-}
-
-SI_VNNI512 void rows_q8_vnni512(const int8_t* q, const uint16_t* scale, const int8_t* xq, const float* dx,
-                                const float* sx, int64_t K, int64_t n0, int64_t n1, float* y) {
-  const int64_t groups = K / 32;
-  int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) {
-    const char* p = reinterpret_cast<const char*>(q + n * K) + kPrefetch;
-    for (int64_t o = 0; o < 4 * K; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
-    block_q8_vnni512<4>(q + n * K, scale + n * groups, xq, dx, sx, K, y + n);
-  }
-  for (; n < n1; ++n) block_q8_vnni512<1>(q + n * K, scale + n * groups, xq, dx, sx, K, y + n);
-}
-
-float row_q8_scalar(const int8_t* q, const uint16_t* scale, const int8_t* xq, const float* dx, int64_t K) {
-  float total = 0.f;
-  for (int64_t g = 0; g < K / 32; ++g) {
-    int dot = 0;
-    for (int i = 0; i < 32; ++i) dot += q[g * 32 + i] * xq[g * 32 + i];
-    total += h2f(scale[g]) * dx[g] * static_cast<float>(dot);
-  }
-  return total;
-}
-
-}  // namespace
-
-// x [M, K] float32 contiguous; q [N, K] int8; scale [N, K/32] float16 -> y [M, N]. The 512-bit VNNI
-// path or a scalar one (every other CPU; the method keeps M small, see quantization/int8.py).
-torch::Tensor int8_a8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
-              "x must be a contiguous float32 [M, K] tensor");
-  TORCH_CHECK(q.scalar_type() == torch::kInt8 && q.dim() == 2 && q.is_contiguous(), "q must be int8 [N, K]");
-  const int64_t N = q.size(0), K = q.size(1), M = x.size(0), groups = K / 32;
-  TORCH_CHECK(x.size(1) == K && K % 32 == 0, "x has ", x.size(1), " features, the weight expects ", K,
-              " (a multiple of 32)");
-  TORCH_CHECK(scale.is_contiguous() && scale.numel() == N * groups && scale.scalar_type() == torch::kHalf,
-              "scale must be contiguous float16 [N, K / 32]");
-  std::vector<int8_t> xq(M * K);
-  std::vector<float> dx(M * groups), sx(M * groups);
-  const float* xp = x.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m)
-    quantize_blocks(xp + m * K, K, xq.data() + m * K, dx.data() + m * groups, sx.data() + m * groups);
-  auto y = torch::empty({M, N}, x.options());
-  const int8_t* qp = q.data_ptr<int8_t>();
-  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
-  float* yp = y.data_ptr<float>();
-  const bool vnni = g_path == Path::vnni512;
-  const int64_t chunk = 64, chunks = (N + chunk - 1) / chunk;
-  const int nt = static_cast<int>(std::min<int64_t>(at::in_parallel_region() ? 1 : at::get_num_threads(), chunks));
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
-  for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t n0 = c * chunk, n1 = std::min(N, n0 + chunk);
-    for (int64_t m = 0; m < M; ++m) {  // a chunk's rows stay in L2 across the input rows
-      const int8_t* xr = xq.data() + m * K;
-      const float* d = dx.data() + m * groups;
-      if (vnni) {
-        rows_q8_vnni512(qp, sp, xr, d, sx.data() + m * groups, K, n0, n1, yp + m * N);
-      } else {
-        for (int64_t n = n0; n < n1; ++n) yp[m * N + n] = row_q8_scalar(qp + n * K, sp + n * groups, xr, d, K);
-      }
-    }
-  }
-  return y;
-}
-
 std::string a8_path() { return path_name(g_path); }
 
 // Force a code path (tests run every path the CPU supports); returns the previous one.
@@ -447,7 +314,6 @@ std::string set_a8_path(const std::string& name) {
 
 void register_int4_a8(pybind11::module& m) {
   m.def("int4_a8_linear", &int4_a8_linear, "int4 group-32 weights x per-32-block int8 activations");
-  m.def("int8_a8_linear", &int8_a8_linear, "int8 weights with fp16 scales per 32 inputs x per-32-block int8 activations");
   m.def("a8_path", &a8_path, "the w4a8 code path in use: avx512vnni-512, avx512vnni, avx2 or scalar");
   m.def("set_a8_path", &set_a8_path, "force a w4a8 code path (for tests)");
 }

@@ -1,7 +1,19 @@
 // The kernels each .cpp file defines, for the ones that call each other (decode_step.cpp).
 #pragma once
 #include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
 #include <vector>
+
+// fn(n0, n1) over rows [0, N) in chunks of `chunk`, handed out dynamically to the threads: a thread
+// slowed by its neighbours (a shared VM) takes fewer chunks instead of the step waiting for its half.
+template <class F>
+void parallel_row_chunks(int64_t N, int64_t chunk, const F& fn) {
+  const int64_t chunks = (N + chunk - 1) / chunk;
+  const int nt = static_cast<int>(std::min<int64_t>(at::in_parallel_region() ? 1 : at::get_num_threads(), chunks));
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+  for (int64_t c = 0; c < chunks; ++c) fn(c * chunk, std::min(N, c * chunk + chunk));
+}
 
 // lowbit_linear.cpp
 torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale);

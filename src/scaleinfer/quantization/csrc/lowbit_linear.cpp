@@ -269,7 +269,7 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale)
   at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
     {
       for (int64_t n = n0; n < n1; ++n) {
-        // ~2 KiB ahead: the hardware prefetcher stops at each 4 KiB page (see int4_a8.cpp's kPrefetch).
+        // ~2 KiB ahead: the hardware prefetcher stops at each 4 KiB page (see a8_common.h: kPrefetch).
         const char* ahead = reinterpret_cast<const char*>(qp + n * K) + 2048;
         for (int64_t o = 0; o < K; o += 64) _mm_prefetch(ahead + o, _MM_HINT_T0);
         float s;
@@ -375,11 +375,13 @@ std::string set_isa(const std::string& name) {
 void register_cpu_ops(pybind11::module& m);  // cpu_ops.cpp
 void register_int4_a8(pybind11::module& m);  // int4_a8.cpp
 void register_decode_step(pybind11::module& m);  // decode_step.cpp
+void register_int8_a8(pybind11::module& m);  // int8_a8.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_cpu_ops(m);
   register_int4_a8(m);
   register_decode_step(m);
+  register_int8_a8(m);
   m.def("int8_linear", &int8_linear, "y = x (q * scale)^T, int8 weight per output channel");
   m.def("int4_linear", &int4_linear, "y = x (q * scale + min)^T, group-wise int4 weight");
   m.def("int4_dequantize_out", &int4_dequantize_out, "group-wise int4 weight -> float32 [N, K] in out");
