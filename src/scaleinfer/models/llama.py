@@ -97,7 +97,8 @@ class _DecodePlan:
         self.layer_patterns = [layer[6].pattern for layer in layers]
         self.patterns = list(dict.fromkeys(self.layer_patterns))  # one attention view per distinct pattern
         self.view_of = [self.patterns.index(p) for p in self.layer_patterns]
-        self.methods = self._methods()
+        self.linears = [layer[i] for layer in layers for i in (1, 2, 4, 5)]  # qkv, o, gate_up, down
+        self.methods = [lin.quant_method for lin in self.linears]  # what the plan was built with
         self.program, self.max_rows = self._compile()
 
     @classmethod
@@ -117,9 +118,6 @@ class _DecodePlan:
         return cls(ops, layers, (a.num_heads, a.num_kv_heads, a.head_dim, first.input_layernorm.eps),
                    [tuple(c) for c in kv_caches])
 
-    def _methods(self) -> list:
-        return [lin.quant_method for layer in self.layers for lin in layer[1:6] if isinstance(lin, Linear)]
-
     def _compile(self):
         """The C++ program for the layer loop and the most rows all its linears take, or (None, 0)."""
         if not hasattr(self.ops, "DecodeProgram"):
@@ -129,12 +127,13 @@ class _DecodePlan:
             return None, 0
         program = self.ops.DecodeProgram(self.h, self.h_kv, self.d, self.eps)
         max_rows = 1 << 30
-        for (w_in, qkv, o, w_post, gate_up, down, attn), (k_cache, v_cache) in zip(self.layers, self.caches):
+        for (w_in, qkv, o, w_post, gate_up, down, attn), (k_cache, v_cache), view in zip(
+                self.layers, self.caches, self.view_of):
             s = [lin.quant_method.decode_spec(lin) for lin in (qkv, o, gate_up, down)]
             if any(x.bias is not None for x in s[1:]):
                 return None, 0
             max_rows = min([max_rows] + [x.max_rows for x in s])
-            program.add_layer(w_in, w_post, k_cache, v_cache, attn.scale, self.patterns.index(attn.pattern),
+            program.add_layer(w_in, w_post, k_cache, v_cache, attn.scale, view,
                               s[0].kind, s[0].tensors, s[0].bias, s[0].group, s[1].kind, s[1].tensors, s[1].group,
                               s[2].kind, s[2].tensors, s[2].group, s[3].kind, s[3].tensors, s[3].group)
         return program, max_rows
@@ -143,7 +142,7 @@ class _DecodePlan:
         """Whether this plan was built for these caches and the layers' present methods and patterns."""
         return len(kv_caches) == len(self.caches) and all(
             c[0] is k and c[1] is v for c, (k, v) in zip(kv_caches, self.caches)) and \
-            all(a is b for a, b in zip(self._methods(), self.methods)) and \
+            all(lin.quant_method is m for lin, m in zip(self.linears, self.methods)) and \
             all(layer[6].pattern is p for layer, p in zip(self.layers, self.layer_patterns))
 
     def run(self, model, input_ids, positions, kv_caches, meta: AttentionMetadata, logits_indices):
