@@ -1,6 +1,6 @@
 """The lean decode loop (models/llama.py: _DecodePlan) runs the same kernels as the modules' forward:
 greedy tokens and their log-probabilities are bit-identical with it on and off, for batched decodes
-of different lengths, in fp32 and the quantized modes, and under a sliding-window pattern."""
+of different lengths (the batch shrinking as requests finish), in fp32 and the quantized modes, and under a sliding-window pattern."""
 from __future__ import annotations
 
 import pytest
@@ -19,7 +19,8 @@ PROMPTS = ["The capital of France is", "List three colours:", "def fib(n):\n   "
 
 def _run(llm: LLM, lean: bool):
     llm.engine.model.lean_decode = lean
-    params = SamplingParams(temperature=0, max_tokens=12, logprobs=2, ignore_eos=True)
+    # different lengths: the decode batch shrinks 3 -> 2 -> 1 (the program's buffers per row count)
+    params = [SamplingParams(temperature=0, max_tokens=n, logprobs=2, ignore_eos=True) for n in (12, 5, 8)]
     outs = llm.generate(PROMPTS, params)
     return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs]
 

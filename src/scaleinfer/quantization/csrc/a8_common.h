@@ -36,4 +36,5 @@ struct A8Rows {
 };
 
 // Every row of x [M, K] through quantize_blocks.
-A8Rows quantize_rows(const float* x, int64_t M, int64_t K);
+// The calling thread's buffers, valid until its next call (kernels are called from one thread at a time).
+A8Rows& quantize_rows(const float* x, int64_t M, int64_t K);

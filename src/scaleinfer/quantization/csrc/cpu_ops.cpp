@@ -197,8 +197,8 @@ void check_f32(const torch::Tensor& t, const char* name) {
 
 // x [M, H] (rows contiguous); residual [M, H] contiguous or None; returns (norm(x + residual), x + residual)
 // with the sum written into residual in place (None: the residual stream starts as x itself).
-std::vector<torch::Tensor> add_rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual,
-                                        torch::Tensor weight, double eps) {
+std::vector<torch::Tensor> add_rms_norm(torch::Tensor x, OptTensor residual, torch::Tensor weight, double eps,
+                                        OptTensor out_buf) {
   check_f32(x, "x");
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be [M, H] with contiguous rows");
   const int64_t M = x.size(0), H = x.size(1);
@@ -209,7 +209,7 @@ std::vector<torch::Tensor> add_rms_norm(torch::Tensor x, c10::optional<torch::Te
     check_f32(r, "residual");
     TORCH_CHECK(r.is_contiguous() && r.size(0) == M && r.size(1) == H, "residual must be contiguous [M, H]");
   }
-  auto out = torch::empty({M, H}, x.options());
+  auto out = out_or_new(out_buf, M, H, x);
   const float* xp = x.data_ptr<float>();
   float* rp = r.data_ptr<float>();
   const float* wp = weight.data_ptr<float>();
@@ -250,11 +250,11 @@ void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
 }
 
 // gate_up [M, 2I] (rows contiguous) -> [M, I]: silu(gate) * up.
-torch::Tensor silu_and_mul(torch::Tensor gate_up) {
+torch::Tensor silu_and_mul(torch::Tensor gate_up, OptTensor out_buf) {
   check_f32(gate_up, "gate_up");
   TORCH_CHECK(gate_up.dim() == 2 && gate_up.stride(1) == 1 && gate_up.size(1) % 2 == 0, "gate_up must be [M, 2I]");
   const int64_t M = gate_up.size(0), I = gate_up.size(1) / 2, gs = gate_up.stride(0);
-  auto out = torch::empty({M, I}, gate_up.options());
+  auto out = out_or_new(out_buf, M, I, gate_up);
   const float* gp = gate_up.data_ptr<float>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, M, 8, [&](int64_t m0, int64_t m1) {
@@ -335,13 +335,13 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
 // x [M, K] float32 contiguous; w [N, K] float32 row-major contiguous; bias [N] or None -> y [M, N].
 // For decode-sized M (the caller keeps M small): at M = 1 it reads the weights at memory speed, where
 // BLAS's GEMV on a row-major weight does not (see layers/linear.py: DenseLinearMethod).
-torch::Tensor f32_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+torch::Tensor f32_linear(torch::Tensor x, torch::Tensor w, OptTensor bias, OptTensor out) {
   check_f32(x, "x");
   check_f32(w, "w");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && w.dim() == 2 && w.is_contiguous() && x.size(1) == w.size(1),
               "x must be contiguous [M, K] and w contiguous [N, K]");
   const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
-  auto y = torch::empty({M, N}, x.options());
+  auto y = out_or_new(out, M, N, x);
   const float* xp = x.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
@@ -351,10 +351,14 @@ torch::Tensor f32_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::
 }
 
 void register_cpu_ops(pybind11::module& m) {
-  m.def("f32_linear", &f32_linear, "y = x W^T (+ b) for a few rows of x, W row-major");
-  m.def("add_rms_norm", &add_rms_norm, "(norm(x + residual) * w, x + residual), residual updated in place");
+  namespace py = pybind11;
+  m.def("f32_linear", &f32_linear, "y = x W^T (+ b) for a few rows of x, W row-major", py::arg("x"), py::arg("w"),
+        py::arg("bias"), py::arg("out") = py::none());
+  m.def("add_rms_norm", &add_rms_norm, "(norm(x + residual) * w, x + residual), residual updated in place",
+        py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("eps"), py::arg("out") = py::none());
   m.def("rotary_", &rotary_, "rotate-half RoPE in place on [n, heads, D]");
-  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up of a fused [M, 2I] tensor");
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up of a fused [M, 2I] tensor", py::arg("gate_up"),
+        py::arg("out") = py::none());
   m.def("kv_write", &kv_write, "store K and V rows at their cache slots");
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention read through slot tables");
 }

@@ -11,8 +11,13 @@
 //   int4   int4_linear(x, q, scale, min, group) (+ b)
 //   w4a8   int4_a8_linear(x, q, scale, min) (+ b)
 // Python only calls run() for row counts every spec takes (its max_rows).
+//
+// Every intermediate of a step (normed input, QKV, attention output, O, gate/up, SiLU product, down) is
+// written into buffers the program keeps per row count (a Workspace), so a step allocates no tensors;
+// the activations' int8 copies (w4a8) are thread-local buffers too (a8_common.h: quantize_rows).
 #include "kernels.h"
 
+#include <map>
 #include <string>
 #include <vector>
 
@@ -50,26 +55,33 @@ LinearSpec make_spec(const std::string& kind, const std::vector<torch::Tensor>& 
   return s;
 }
 
-torch::Tensor apply(const LinearSpec& s, const torch::Tensor& x) {
-  torch::Tensor y;
+int64_t out_features(const LinearSpec& s) { return s.a.size(0); }  // weight [N, K] or packed q [N, K / 2]
+
+// y = the spec's linear of x, written into `out` ([rows of x, out_features] contiguous).
+torch::Tensor apply(const LinearSpec& s, const torch::Tensor& x, torch::Tensor& out) {
   switch (s.kind) {
     case Kind::dense:
-      return at::linear(x, s.a, s.bias);
+      return at::linear_out(out, x, s.a, s.bias);
     case Kind::f32:
-      return x.size(0) <= s.group ? f32_linear(x.contiguous(), s.a, s.bias) : at::linear(x, s.a, s.bias);
+      return x.size(0) <= s.group ? f32_linear(x.contiguous(), s.a, s.bias, out) : at::linear_out(out, x, s.a, s.bias);
     case Kind::int8:
-      y = int8_linear(x.contiguous(), s.a, s.b);
+      int8_linear(x.contiguous(), s.a, s.b, out);
       break;
     case Kind::int4:
-      y = int4_linear(x.contiguous(), s.a, s.b, s.c, s.group);
+      int4_linear(x.contiguous(), s.a, s.b, s.c, s.group, out);
       break;
     case Kind::w4a8:
-      y = int4_a8_linear(x.contiguous(), s.a, s.b, s.c);
+      int4_a8_linear(x.contiguous(), s.a, s.b, s.c, out);
       break;
   }
-  if (s.bias.has_value() && s.bias->defined()) y += *s.bias;
-  return y;
+  if (s.bias.has_value() && s.bias->defined()) out += *s.bias;
+  return out;
 }
+
+// The buffers of one step at a given row count.
+struct Workspace {
+  torch::Tensor normed, qkv, attn, o, gate_up, act, down;
+};
 
 }  // namespace
 
@@ -100,35 +112,47 @@ class DecodeProgram {
 
   // x [n, H] embeddings; cos / sin [n, D]; per attention view: slot_mapping [n], decode_slots [n, W],
   // decode_lens [n]. Returns (x, residual) after the last layer (the final norm is the head's).
+  // The returned x is a buffer of the program: valid until the next run() with as many rows.
   std::vector<torch::Tensor> run(torch::Tensor x, torch::Tensor cos, torch::Tensor sin,
                                  std::vector<torch::Tensor> slot_mappings, std::vector<torch::Tensor> decode_slots,
                                  std::vector<torch::Tensor> decode_lens) {
     const int64_t n = x.size(0), h = h_, hk = h_kv_, d = d_;
-    auto out = torch::empty({n, h, d}, x.options());
+    TORCH_CHECK(!layers_.empty(), "the program has no layers");
+    Workspace& ws = workspace(n, x);
     c10::optional<torch::Tensor> residual;
     for (const LayerSpec& l : layers_) {
       TORCH_CHECK(l.view < static_cast<int64_t>(slot_mappings.size()), "missing attention view ", l.view);
-      auto nr = add_rms_norm(x, residual, l.w_in, eps_);
-      x = nr[0];
-      residual = nr[1];
-      torch::Tensor qkv = apply(l.qkv, x);
+      residual = add_rms_norm(x, residual, l.w_in, eps_, ws.normed)[1];
+      torch::Tensor qkv = apply(l.qkv, ws.normed, ws.qkv);
       rotary_(qkv.slice(1, 0, (h + hk) * d).view({n, h + hk, d}), cos, sin);
       kv_write(l.k_cache, l.v_cache, slot_mappings[l.view], qkv.slice(1, h * d, (h + hk) * d).view({n, hk, d}),
                qkv.slice(1, (h + hk) * d).view({n, hk, d}));
-      paged_decode_attention(out, qkv.slice(1, 0, h * d).view({n, h, d}), l.k_cache, l.v_cache,
+      paged_decode_attention(ws.attn, qkv.slice(1, 0, h * d).view({n, h, d}), l.k_cache, l.v_cache,
                              decode_slots[l.view], decode_lens[l.view], l.scale);
-      x = apply(l.o, out.view({n, h * d}));
-      nr = add_rms_norm(x, residual, l.w_post, eps_);
-      x = apply(l.down, silu_and_mul(apply(l.gate_up, nr[0])));
-      residual = nr[1];
+      apply(l.o, ws.attn.view({n, h * d}), ws.o);
+      residual = add_rms_norm(ws.o, residual, l.w_post, eps_, ws.normed)[1];
+      silu_and_mul(apply(l.gate_up, ws.normed, ws.gate_up), ws.act);
+      x = apply(l.down, ws.act, ws.down);
     }
     return {x, *residual};
   }
 
  private:
+  Workspace& workspace(int64_t n, const torch::Tensor& like) {
+    auto it = workspaces_.find(n);
+    if (it != workspaces_.end()) return it->second;
+    const LayerSpec& l = layers_.front();  // every layer of a Llama-family model has the same shapes
+    auto buf = [&](int64_t cols) { return torch::empty({n, cols}, like.options()); };
+    Workspace ws{buf(like.size(1)), buf(out_features(l.qkv)), torch::empty({n, h_, d_}, like.options()),
+                 buf(out_features(l.o)), buf(out_features(l.gate_up)), buf(out_features(l.gate_up) / 2),
+                 buf(out_features(l.down))};
+    return workspaces_.emplace(n, std::move(ws)).first->second;
+  }
+
   int64_t h_, h_kv_, d_;
   double eps_;
   std::vector<LayerSpec> layers_;
+  std::map<int64_t, Workspace> workspaces_;  // by row count (decode batches of 1 .. max_rows requests)
 };
 
 void register_decode_step(pybind11::module& m) {

@@ -237,16 +237,20 @@ void quantize_blocks(const float* x, int64_t K, int8_t* xq, float* dx, float* sx
 
 bool a8_vnni512() { return g_path == Path::vnni512; }
 
-A8Rows quantize_rows(const float* x, int64_t M, int64_t K) {
+A8Rows& quantize_rows(const float* x, int64_t M, int64_t K) {
   const int64_t groups = K / 32;
-  A8Rows a{std::vector<int8_t>(M * K), std::vector<float>(M * groups), std::vector<float>(M * groups)};
+  thread_local A8Rows a;  // reused: a decode step quantizes ~100 activations; their buffers keep their capacity
+  a.xq.resize(M * K);
+  a.dx.resize(M * groups);
+  a.sx.resize(M * groups);
   for (int64_t m = 0; m < M; ++m)
     quantize_blocks(x + m * K, K, a.xq.data() + m * K, a.dx.data() + m * groups, a.sx.data() + m * groups);
   return a;
 }
 
 // x [M, K] float32 contiguous; q [N, K/2] uint8; scale, mn [N, K/32] float16 -> y [M, N].
-torch::Tensor int4_a8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor mn) {
+torch::Tensor int4_a8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor mn,
+                             OptTensor out) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
               "x must be a contiguous float32 [M, K] tensor");
   TORCH_CHECK(q.scalar_type() == torch::kUInt8 && q.dim() == 2 && q.is_contiguous(), "q must be uint8 [N, K/2]");
@@ -256,12 +260,12 @@ torch::Tensor int4_a8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor sca
               mn.numel() == N * groups && scale.scalar_type() == torch::kHalf && mn.scalar_type() == torch::kHalf,
               "scale and min must be contiguous float16 [N, K / 32] (group 32)");
   const Path path = g_path;
-  A8Rows a = quantize_rows(x.data_ptr<float>(), M, K);
+  A8Rows& a = quantize_rows(x.data_ptr<float>(), M, K);
   const std::vector<int8_t>& xq = a.xq;
   const std::vector<float>&dx = a.dx, &sx = a.sx;
   if (path == Path::vnni512)
     for (int64_t m = 0; m < M; ++m) pair_order(a.xq.data() + m * K, groups);
-  auto y = torch::empty({M, N}, x.options());
+  auto y = out_or_new(out, M, N, x);
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
   const uint16_t* mp = reinterpret_cast<const uint16_t*>(mn.data_ptr<at::Half>());
@@ -313,7 +317,9 @@ std::string set_a8_path(const std::string& name) {
 }
 
 void register_int4_a8(pybind11::module& m) {
-  m.def("int4_a8_linear", &int4_a8_linear, "int4 group-32 weights x per-32-block int8 activations");
+  namespace py = pybind11;
+  m.def("int4_a8_linear", &int4_a8_linear, "int4 group-32 weights x per-32-block int8 activations", py::arg("x"),
+        py::arg("q"), py::arg("scale"), py::arg("mn"), py::arg("out") = py::none());
   m.def("a8_path", &a8_path, "the w4a8 code path in use: avx512vnni-512, avx512vnni, avx2 or scalar");
   m.def("set_a8_path", &set_a8_path, "force a w4a8 code path (for tests)");
 }

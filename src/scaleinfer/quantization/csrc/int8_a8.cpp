@@ -91,7 +91,7 @@ torch::Tensor int8_a8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor sca
               " (a multiple of 32)");
   TORCH_CHECK(scale.is_contiguous() && scale.numel() == N * groups && scale.scalar_type() == torch::kHalf,
               "scale must be contiguous float16 [N, K / 32]");
-  const A8Rows a = quantize_rows(x.data_ptr<float>(), M, K);
+  const A8Rows& a = quantize_rows(x.data_ptr<float>(), M, K);
   auto y = torch::empty({M, N}, x.options());
   const int8_t* qp = q.data_ptr<int8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());

@@ -15,18 +15,31 @@ void parallel_row_chunks(int64_t N, int64_t chunk, const F& fn) {
   for (int64_t c = 0; c < chunks; ++c) fn(c * chunk, std::min(N, c * chunk + chunk));
 }
 
+// `out` when one is given (checked: contiguous [M, N] of `like`'s dtype), else a new [M, N] tensor:
+// the kernels below write into a caller's buffer when asked (decode_step.cpp keeps one per tensor of a step).
+inline torch::Tensor out_or_new(const c10::optional<torch::Tensor>& out, int64_t M, int64_t N,
+                                const torch::Tensor& like) {
+  if (!out.has_value() || !out->defined()) return torch::empty({M, N}, like.options());
+  TORCH_CHECK(out->scalar_type() == like.scalar_type() && out->dim() == 2 && out->is_contiguous() &&
+                  out->size(0) == M && out->size(1) == N,
+              "out must be a contiguous [", M, ", ", N, "] tensor of the input's dtype");
+  return *out;
+}
+using OptTensor = c10::optional<torch::Tensor>;
+
 // lowbit_linear.cpp
-torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale);
+torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, OptTensor out = c10::nullopt);
 torch::Tensor int4_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor mn,
-                          int64_t group_size);
+                          int64_t group_size, OptTensor out = c10::nullopt);
 // int4_a8.cpp
-torch::Tensor int4_a8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor mn);
+torch::Tensor int4_a8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor mn,
+                             OptTensor out = c10::nullopt);
 // cpu_ops.cpp
-torch::Tensor f32_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
-std::vector<torch::Tensor> add_rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual,
-                                        torch::Tensor weight, double eps);
+torch::Tensor f32_linear(torch::Tensor x, torch::Tensor w, OptTensor bias, OptTensor out = c10::nullopt);
+std::vector<torch::Tensor> add_rms_norm(torch::Tensor x, OptTensor residual, torch::Tensor weight, double eps,
+                                        OptTensor out = c10::nullopt);
 void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
-torch::Tensor silu_and_mul(torch::Tensor gate_up);
+torch::Tensor silu_and_mul(torch::Tensor gate_up, OptTensor out = c10::nullopt);
 void kv_write(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots, torch::Tensor k, torch::Tensor v);
 void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                             torch::Tensor slots, torch::Tensor lens, double scale);

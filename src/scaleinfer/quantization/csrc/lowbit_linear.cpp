@@ -10,6 +10,8 @@
 // small fp32 buffer and multiplied with 4 input rows at a time (2x4 register tiles), which beats
 // fp32 BLAS up to M ~ 128-256 on small layers (callers switch to dequantized slices + BLAS above). Code paths: AVX-512, AVX2+FMA, scalar; chosen at run
 // time from the CPU's features (`isa()` says which).
+#include "kernels.h"
+
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -252,12 +254,12 @@ void check_x(const torch::Tensor& x, int64_t K) {
 
 }  // namespace
 
-torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale) {
+torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, OptTensor out) {
   TORCH_CHECK(q.scalar_type() == torch::kInt8 && q.dim() == 2 && q.is_contiguous(), "q must be int8 [N, K]");
   const int64_t N = q.size(0), K = q.size(1), M = x.size(0);
   check_x(x, K);
   TORCH_CHECK(scale.numel() == N && scale.scalar_type() == torch::kFloat32, "scale must be float32 [N]");
-  auto y = torch::empty({M, N}, x.options());
+  auto y = out_or_new(out, M, N, x);
   const float* xp = x.data_ptr<float>();
   const int8_t* qp = q.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
@@ -285,7 +287,7 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale)
 }
 
 torch::Tensor int4_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor mn,
-                          int64_t group_size) {
+                          int64_t group_size, OptTensor out) {
   TORCH_CHECK(q.scalar_type() == torch::kUInt8 && q.dim() == 2 && q.is_contiguous(), "q must be uint8 [N, K/2]");
   const int64_t N = q.size(0), K = q.size(1) * 2, M = x.size(0), G = group_size;
   check_x(x, K);
@@ -293,7 +295,7 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
   TORCH_CHECK(scale.is_contiguous() && mn.is_contiguous() && scale.numel() == N * (K / G) &&
               mn.numel() == N * (K / G), "scale and min must be contiguous float32 [N, K / group]");
   const int64_t num_groups = K / G;
-  auto y = torch::empty({M, N}, x.options());
+  auto y = out_or_new(out, M, N, x);
   const float* xp = x.data_ptr<float>();
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const float* sp = scale.data_ptr<float>();
@@ -382,8 +384,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_int4_a8(m);
   register_decode_step(m);
   register_int8_a8(m);
-  m.def("int8_linear", &int8_linear, "y = x (q * scale)^T, int8 weight per output channel");
-  m.def("int4_linear", &int4_linear, "y = x (q * scale + min)^T, group-wise int4 weight");
+  namespace py = pybind11;
+  m.def("int8_linear", &int8_linear, "y = x (q * scale)^T, int8 weight per output channel", py::arg("x"),
+        py::arg("q"), py::arg("scale"), py::arg("out") = py::none());
+  m.def("int4_linear", &int4_linear, "y = x (q * scale + min)^T, group-wise int4 weight", py::arg("x"),
+        py::arg("q"), py::arg("scale"), py::arg("mn"), py::arg("group_size"), py::arg("out") = py::none());
   m.def("int4_dequantize_out", &int4_dequantize_out, "group-wise int4 weight -> float32 [N, K] in out");
   m.def("int8_dequantize_out", &int8_dequantize_out, "per-channel int8 weight -> float32 [N, K] in out");
   m.def("isa", &isa, "the code path in use: avx512, avx2 or scalar");
