@@ -35,6 +35,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                         "auto (int8 on CPU)")
     g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
                    help="KV cache storage: auto (model dtype) or int8 (per-token, per-head scales)")
+    g.add_argument("--calibration", default=None, metavar="TEXT_FILE",
+                   help="int4 modes: GPTQ-round the weights on the model's activations over this text (slower "
+                        "load; `scaleinfer quantize --calibration` saves the result)")
     g.add_argument("--attention-pattern", default=None,
                    help="override every layer's attention: causal, window=W, sinks=S,window=W (bounded KV for "
                         "endless streams), window=W,global=0:64 (Longformer), block=64,local=4,stride=8")
@@ -61,7 +64,8 @@ def _make_llm(args):
                enable_prefix_caching=args.enable_prefix_caching,
                quantization=getattr(args, "quantization", "none"),
                kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
-               attention_pattern=getattr(args, "attention_pattern", None))
+               attention_pattern=getattr(args, "attention_pattern", None),
+               calibration=getattr(args, "calibration", None))
 
 
 def _make_params(args):
@@ -173,7 +177,8 @@ def cmd_quantize(args) -> int:
     if args.threads is not None:
         __import__("torch").set_num_threads(args.threads)
     start = time.perf_counter()
-    config = quantize_to_dir(args.model, args.quantization, args.output, overwrite=args.overwrite)
+    config = quantize_to_dir(args.model, args.quantization, args.output, overwrite=args.overwrite,
+                             calibration=args.calibration)
     print(f"wrote {args.output}: {config['quantization']['mode']}, {len(config['quantization']['layers'])} packed "
           f"linears, in {time.perf_counter() - start:.1f} s; load it with --model {args.output}")
     return 0
@@ -197,6 +202,15 @@ def cmd_serve(args) -> int:
                shutdown_timeout=args.shutdown_timeout, log_interval_s=args.log_interval)
 
 
+def _same_file(a: str, b: str) -> bool:
+    import os
+
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def cmd_eval_perplexity(args) -> int:
     import json
 
@@ -204,14 +218,24 @@ def cmd_eval_perplexity(args) -> int:
 
     with open(args.text, encoding="utf-8") as f:
         text = f.read()
+    if args.calibration and _same_file(args.calibration, args.text):
+        from scaleinfer.errors import ConfigError
+
+        raise ConfigError("--calibration is the --text being scored: calibrate on a different text, or the "
+                          "perplexity overstates the quantized model")
     start = time.perf_counter()
     llm = _make_llm(args)
     load_s = time.perf_counter() - start
     result = perplexity(llm, text, window=args.window, max_windows=args.max_windows, step=args.step)
-    record = {"step": args.step, "model": args.model, "text": args.text, "quantization": args.quantization,
+    from scaleinfer.weights.quantized import quantization_of
+
+    mode = quantization_of(llm.engine.checkpoint_path) or args.quantization   # a `scaleinfer quantize` dir's own
+    if args.calibration:
+        mode += f" (GPTQ on {args.calibration})"
+    record = {"step": args.step, "model": args.model, "text": args.text, "quantization": mode,
               "kv_cache_dtype": getattr(args, "kv_cache_dtype", "auto"), "load_s": load_s, **result.to_dict()}
     print(f"perplexity {result.perplexity:.4f} over {result.num_tokens} tokens ({result.num_windows} windows of "
-          f"{result.window}), {result.tokens_per_s:.0f} tok/s, quantization {args.quantization}")
+          f"{result.window}), {result.tokens_per_s:.0f} tok/s, quantization {mode}")
     if args.json:
         print(json.dumps(record))
     return 0
@@ -293,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(see --quantization of generate)")
     p.add_argument("--output", required=True, help="directory to write (new, empty, or an earlier quantize output)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty directory")
+    p.add_argument("--calibration", default=None, metavar="TEXT_FILE",
+                   help="int4 modes: round with GPTQ on the model's activations over this text (up to 32 "
+                        "windows of 512 tokens) instead of to nearest; use a text you will not evaluate on")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.set_defaults(fn=cmd_quantize)
 

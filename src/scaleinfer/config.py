@@ -117,6 +117,9 @@ class EngineConfig:
     quantization: str = "none"
     """Weight quantization applied after loading: none, int8, int4 (group 32; int4-g64, int4-g128),
     w8a8 (int8 weights and per-token int8 activations) or auto (int8 on CPU)."""
+    calibration: str | None = None
+    """A text file: int4 modes round their weights with GPTQ on the model's activations over it
+    (quantization/gptq.py; slower load) instead of to nearest. Use a text other than the one you evaluate on."""
     attention_pattern: str | None = None
     """Override every layer's attention pattern, e.g. "sinks=4,window=1020" for endless streams with
     bounded KV memory (see attention/patterns.py); None keeps the model's own (causal, or its windows)."""

@@ -38,10 +38,11 @@ class LLM:
         quantization: str = "none",
         kv_cache_dtype: str = "auto",
         attention_pattern: str | None = None,
+        calibration: str | None = None,
     ):
         config = EngineConfig(
             model=model, dtype=dtype, device=device, threads=threads, seed=seed, quantization=quantization,
-            attention_pattern=attention_pattern,
+            attention_pattern=attention_pattern, calibration=calibration,
             cache=CacheConfig(block_size=block_size, kv_cache_memory=parse_memory(kv_cache_memory),
                               enable_prefix_caching=enable_prefix_caching, kv_cache_dtype=kv_cache_dtype),
             scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,

@@ -19,6 +19,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def build_model(ckpt: Checkpoint, config: EngineConfig, attention_backend: str | None = None):
+    if ckpt.format == "scaleinfer-quantized" and config.calibration is not None:
+        raise ConfigError(f"{ckpt.path} is already quantized; calibrate when quantizing the original model")
     dtype = DTYPES[config.dtype]
     cls = get_model_class(ckpt.config.architecture)
     start = time.perf_counter()
@@ -34,6 +36,7 @@ def build_model(ckpt: Checkpoint, config: EngineConfig, attention_backend: str |
     from scaleinfer.quantization.base import resolve_mode, takes_packed_int4
 
     mode = resolve_mode(config.quantization, config.device)
+    windows = _calibration_windows(ckpt, config.calibration, mode) if config.calibration is not None else None
     # int4 group 32 (int4, w4a8) takes GGUF 4-bit weights as stored: exact, and no float round trip.
     loaded = model.load_weights(ckpt.tensors(direct_int4=ckpt.direct_int4 and takes_packed_int4(mode)))
     missing = _missing_params(model, loaded)
@@ -41,6 +44,18 @@ def build_model(ckpt: Checkpoint, config: EngineConfig, attention_backend: str |
         from scaleinfer.errors import WeightLoadError
 
         raise WeightLoadError(f"checkpoint {ckpt.path} lacks tensors: {', '.join(sorted(missing)[:5])}")
+    if windows is not None:  # GPTQ: the decoder linears come out as packed shards (quantization/gptq.py)
+        from scaleinfer.config import CacheConfig
+        from scaleinfer.quantization.base import decoder_method
+        from scaleinfer.quantization.gptq import gptq_quantize_model
+        from scaleinfer.runner.model_runner import ModelRunner
+
+        cache = CacheConfig()
+        blocks = -(-max(map(len, windows)) // cache.block_size) + 1
+        runner = ModelRunner(model, ckpt.config, cache, blocks, torch.float32, "cpu")
+        method = decoder_method(mode)
+        gptq_quantize_model(model, lambda ids: runner.compute_logits(ids, rows=torch.tensor([len(ids) - 1])),
+                            windows, method.group_size, method.half_scales)   # LM head for one row only
     if mode != "none":
         from scaleinfer.quantization import apply_quantization
 
@@ -52,6 +67,24 @@ def build_model(ckpt: Checkpoint, config: EngineConfig, attention_backend: str |
     model.to(config.device).eval()
     logger.debug("weights loaded in %.2f s", time.perf_counter() - start)
     return model
+
+
+def _calibration_windows(ckpt: Checkpoint, path: str, mode: str) -> list[list[int]]:
+    """Token windows of the calibration text file `path`, checked before any weight is loaded."""
+    from scaleinfer.quantization.base import calibrated_modes
+    from scaleinfer.quantization.gptq import calibration_windows
+
+    if mode not in calibrated_modes():
+        raise ConfigError(f"--calibration applies to --quantization {', '.join(calibrated_modes())}, not {mode}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read the calibration text {path!r}: {e}") from None
+    try:
+        return calibration_windows(ckpt.tokenizer, text)
+    except ValueError as e:
+        raise ConfigError(f"--calibration {path}: {e}") from None
 
 
 def _missing_params(model, loaded: set[str]) -> set[str]:
@@ -71,7 +104,8 @@ def _missing_params(model, loaded: set[str]) -> set[str]:
     return expected - loaded
 
 
-def quantize_to_dir(model: str, mode: str, output: str, *, overwrite: bool = False) -> dict:
+def quantize_to_dir(model: str, mode: str, output: str, *, overwrite: bool = False,
+                    calibration: str | None = None) -> dict:
     """`scaleinfer quantize`: open `model`, quantize it as the engine would, write `output`."""
     from scaleinfer.config import QUANTIZATION_MODES, EngineConfig
     from scaleinfer.quantization.base import resolve_mode
@@ -87,7 +121,7 @@ def quantize_to_dir(model: str, mode: str, output: str, *, overwrite: bool = Fal
     ckpt = open_checkpoint(model)
     if ckpt.format == FORMAT:
         raise ConfigError(f"{model!r} is already a quantized checkpoint; quantize the original model")
-    built = build_model(ckpt, EngineConfig(model=model, quantization=mode, device="cpu"))
-    config = save_quantized(built, ckpt, mode, output, source=model)
+    built = build_model(ckpt, EngineConfig(model=model, quantization=mode, device="cpu", calibration=calibration))
+    config = save_quantized(built, ckpt, mode, output, source=model, calibration=calibration)
     logger.info("quantized %s (%s) to %s in %.1f s", model, mode, output, time.perf_counter() - start)
     return config

@@ -57,16 +57,23 @@ def _table() -> dict[str, tuple[Callable[[], QuantMethod] | None, Callable[[], Q
     }
 
 
-def _adopts_packed(method) -> bool:
-    """Whether `method` takes GGUF 4-bit shards as they are (int4 group 32: Int4WeightOnly, W4A8)."""
+def takes_packed_int4(mode: str) -> bool:
+    """Whether the decoder linears of `mode` adopt GGUF Q4_0/Q4_1/Q4_K tensors without re-quantizing
+    (int4 group 32: Int4WeightOnly, W4A8; the loader then hands those tensors over packed)."""
+    factory = _table()[mode][0]
+    method = factory() if factory is not None else None
     return hasattr(method, "adopt_packed") and method.group_size == 32
 
 
-def takes_packed_int4(mode: str) -> bool:
-    """Whether the decoder linears of `mode` adopt GGUF Q4_0/Q4_1/Q4_K tensors without re-quantizing
-    (the loader then hands those tensors over packed)."""
+def calibrated_modes() -> list[str]:
+    """Modes whose decoder weights can be GPTQ-rounded on a calibration text (the int4 ones)."""
+    return [mode for mode, (factory, _) in _table().items() if factory is not None and hasattr(factory(), "adopt_packed")]
+
+
+def decoder_method(mode: str):
+    """A fresh method of `mode`'s decoder linears (its group size and scale storage), or None for `none`."""
     factory = _table()[mode][0]
-    return factory is not None and _adopts_packed(factory())
+    return factory() if factory is not None else None
 
 
 def resolve_mode(name: str, device: str = "cpu") -> str:
@@ -93,8 +100,8 @@ def apply_quantization(model: nn.Module, name: str, *, skip_lm_head: bool = Fals
         if factory is None or (is_head and skip_lm_head):
             continue
         method = factory()
-        if module.packed_shards and _adopts_packed(method):
-            method.adopt_packed(module)            # GGUF 4-bit weights, taken as stored
+        if module.packed_shards and hasattr(method, "adopt_packed"):
+            method.adopt_packed(module)            # GGUF 4-bit weights or GPTQ's results, taken as stored
         else:
             module.materialize_packed()
             method.process_weights_after_loading(module)

@@ -25,8 +25,10 @@ class SliceBuffer:
 
     def get(self, in_features: int) -> torch.Tensor:
         buf = self._buffers.get(in_features)
-        if buf is None:
-            buf = self._buffers[in_features] = torch.empty(ROWS_PER_SLICE, in_features)
+        # A buffer made under torch.inference_mode (the engine's steps) cannot be written outside it.
+        if buf is None or (buf.is_inference() and not torch.is_inference_mode_enabled()):
+            with torch.inference_mode(False):
+                buf = self._buffers[in_features] = torch.empty(ROWS_PER_SLICE, in_features)
         return buf
 
 

@@ -83,8 +83,22 @@ class PackedInt4:
         return dequantize_groupwise(self.qweight, self.scale, self.min)
 
 
+def fitting_group(in_features: int, group_size: int) -> int:
+    """`group_size`, or the largest multiple of 32 dividing both it and `in_features` (e.g. SmolLM2's 576
+    inputs at group 128 -> 64)."""
+    if in_features % 32:
+        raise ValueError(f"in_features {in_features} is not a multiple of 32, which int4 packing needs")
+    if in_features % group_size == 0:
+        return group_size
+    fitting = max(g for g in range(32, group_size, 32) if in_features % g == 0 and group_size % g == 0)
+    logger.debug("in_features %d: int4 group %d -> %d", in_features, group_size, fitting)
+    return fitting
+
+
 class Int4WeightOnly:
     name = "int4"
+    half_scales = False
+    """Whether group scales and mins are stored as float16 (W4A8); GPTQ rounds with them as stored."""
 
     def __init__(self, group_size: int = 32):
         if group_size % 32:
@@ -93,12 +107,7 @@ class Int4WeightOnly:
 
     def process_weights_after_loading(self, layer: Linear) -> None:
         w = dense_weight(layer)
-        if w.shape[1] % 32:
-            raise ValueError(f"in_features {w.shape[1]} is not a multiple of 32, which int4 packing needs")
-        if w.shape[1] % self.group_size:  # e.g. SmolLM2's 576 inputs at group 128: the largest group that fits
-            fitting = max(g for g in range(32, self.group_size, 32) if w.shape[1] % g == 0 and self.group_size % g == 0)
-            logger.debug("in_features %d: int4 group %d -> %d", w.shape[1], self.group_size, fitting)
-            self.group_size = fitting
+        self.group_size = fitting_group(w.shape[1], self.group_size)
         q, scale, mn = quantize_groupwise(w, self.group_size)
         drop_dense_weight(layer)
         layer.register_buffer("qweight", q)            # [out, in / 2] uint8
@@ -106,19 +115,20 @@ class Int4WeightOnly:
         layer.register_buffer("weight_min", mn)        # [out, in / G] float32
 
     def adopt_packed(self, layer: Linear) -> None:
-        """Install the layer's packed shards (`layer.packed_shards`, from a GGUF) without re-quantizing;
-        shards that came dense are quantized here. Each output row's groups are independent, so the
-        fused layer is the row-wise concatenation of its shards."""
-        if self.group_size != 32:
-            raise ValueError("packed GGUF shards are group-32; use --quantization int4")
+        """Install the layer's packed shards (`layer.packed_shards`: a GGUF's Q4 tensors, or GPTQ's results)
+        without re-quantizing; shards that came dense are quantized here. Each output row's groups are
+        independent, so the fused layer is the row-wise concatenation of its shards."""
+        self.group_size = fitting_group(layer.in_features, self.group_size)
         parts = []
         for shard, (start, stop) in enumerate(layer.shard_bounds()):
             packed = layer.packed_shards.get(shard)
             if packed is None:
-                packed = PackedInt4(*quantize_groupwise(dense_weight(layer)[start:stop], 32))
-            elif packed.shape != (stop - start, layer.in_features):
-                raise ValueError(f"packed shard {shard} of shape {packed.shape} does not fit rows {start}:{stop} "
-                                 f"x {layer.in_features}")
+                packed = PackedInt4(*quantize_groupwise(dense_weight(layer)[start:stop], self.group_size))
+            elif packed.shape != (stop - start, layer.in_features) or \
+                    packed.scale.shape[1] * self.group_size != layer.in_features:
+                raise ValueError(f"packed shard {shard} of shape {packed.shape} (groups of "
+                                 f"{layer.in_features // packed.scale.shape[1]}) does not fit rows {start}:{stop} "
+                                 f"x {layer.in_features} in groups of {self.group_size}")
             parts.append(packed)
         drop_dense_weight(layer)
         layer.packed_shards = {}
@@ -192,6 +202,7 @@ class W4A8(Int4WeightOnly):
     weights' are rounded to fp16 (relative error <= 2^-11 of a group's scale)."""
 
     name = "w4a8"
+    half_scales = True
 
     def __init__(self, group_size: int = 32):
         if group_size != 32:

@@ -74,13 +74,13 @@ class ModelRunner:
         return out
 
     def compute_logits(self, token_ids: list[int], block_ids: list[int] | None = None,
-                       num_cached: int = 0) -> torch.Tensor:
+                       num_cached: int = 0, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of every position of `token_ids`, a chunk that follows `num_cached` tokens already in
         the cache (evaluation helper), through the paged cache and the layers' attention patterns.
 
         `block_ids` are blocks the caller allocated for it (LLMEngine.compute_logits does); without
         them blocks [0, ceil(len / block_size)) are used, which is only safe on an idle engine with
-        prefix caching off.
+        prefix caching off. `rows`: the positions (within the chunk) to compute logits for; all by default.
         """
         from scaleinfer.attention.metadata import build_metadata
 
@@ -91,6 +91,6 @@ class ModelRunner:
         meta = build_metadata([n], [total], [block_ids], self.block_size, self.patterns)
         with torch.inference_mode():
             positions = torch.arange(num_cached, total, device=self.device)
-            rows = torch.arange(n, device=self.device)
+            rows = torch.arange(n) if rows is None else rows
             return self.model.forward(torch.tensor(token_ids, device=self.device), positions, self.kv_caches,
-                                      meta.to(self.device), rows)
+                                      meta.to(self.device), rows.to(self.device))

@@ -83,8 +83,9 @@ def prepare_output_dir(output: str, overwrite: bool) -> None:
         raise ConfigError(f"cannot write to --output {output!r}: {exc.strerror or exc}") from None
 
 
-def save_quantized(model, ckpt, mode: str, output: str, source: str = "") -> dict:
-    """Write `model` (built from `ckpt` and quantized with `mode`) to `output`; returns the config dict."""
+def save_quantized(model, ckpt, mode: str, output: str, source: str = "", calibration: str | None = None) -> dict:
+    """Write `model` (built from `ckpt` and quantized with `mode`) to `output`; returns the config dict.
+    `calibration`: the text file the int4 weights were GPTQ-rounded on (recorded, not needed to load)."""
     from safetensors.torch import save_file
 
     from scaleinfer.layers.linear import DenseLinearMethod, Linear
@@ -107,7 +108,8 @@ def save_quantized(model, ckpt, mode: str, output: str, source: str = "") -> dic
         "format": FORMAT,
         "version": VERSION,
         "model_config": dataclasses.asdict(ckpt.config),
-        "quantization": {"mode": mode, "layers": layers},
+        "quantization": {"mode": mode, "layers": layers,
+                         "rounding": "gptq" if calibration else "nearest", "calibration": calibration},
         "tied": tied,
         "source": {"model": source, "path": ckpt.path, "format": ckpt.format},
     }
@@ -135,6 +137,14 @@ def _save_tokenizer(tok, output: str) -> None:
 
 
 # ---- reading ------------------------------------------------------------------------------------
+def quantization_of(path: str) -> str | None:
+    """The mode of the `scaleinfer quantize` directory `path` ("int4", "int4 (GPTQ on FILE)"), else None."""
+    if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
+        return None
+    q = _read_config(path)["quantization"]
+    return f"{q['mode']} (GPTQ on {q['calibration']})" if q.get("rounding") == "gptq" else q["mode"]
+
+
 def _read_config(path: str) -> dict:
     try:
         with open(os.path.join(path, CONFIG_FILE), encoding="utf-8") as f:
