@@ -104,13 +104,15 @@ class Linear(nn.Module):
         """Output rows [start, stop) of each shard (one shard for a plain Linear)."""
         return [(0, self.out_features)]
 
-    def materialize_packed(self) -> None:
-        """Dequantize packed shards into the dense weight (for methods that cannot adopt them)."""
+    def materialize_packed(self, keep: bool = False) -> None:
+        """Dequantize packed shards into the dense weight (for methods that cannot adopt them); `keep` leaves
+        the shards in place too (GPTQ's forward passes need the dense weight, its methods adopt the shards)."""
         bounds = self.shard_bounds()
         for shard, packed in self.packed_shards.items():
             start, stop = bounds[shard]
             self.weight.data[start:stop].copy_(packed.dequantize())
-        self.packed_shards = {}
+        if not keep:
+            self.packed_shards = {}
 
     def load_shard(self, shard: int | None, name: str, tensor: torch.Tensor) -> None:
         """Copy a checkpoint tensor (`name` is "weight" or "bias") into this layer; a weight that is not a

@@ -72,11 +72,8 @@ def gptq_quantize_model(model, run_window: Callable[[list[int]], object], window
     from scaleinfer.quantization.int4 import PackedInt4, dequantize_groupwise, fitting_group
 
     linears = decoder_linears(model)
-    for layer in linears.values():  # dense weights for the forward passes (packed shards stay)
-        bounds = layer.shard_bounds()
-        for shard, packed in layer.packed_shards.items():
-            start, stop = bounds[shard]
-            layer.weight.data[start:stop].copy_(packed.dequantize())
+    for layer in linears.values():
+        layer.materialize_packed(keep=True)   # dense weights for the forward passes; packed shards stay
     layers = list(model.layers)
     calls: list[list] = [[None] * len(windows) for _ in layers]    # [layer][window] -> (args, kwargs)
     current = [0]
