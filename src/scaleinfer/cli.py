@@ -179,8 +179,10 @@ def cmd_quantize(args) -> int:
     start = time.perf_counter()
     config = quantize_to_dir(args.model, args.quantization, args.output, overwrite=args.overwrite,
                              calibration=args.calibration)
-    print(f"wrote {args.output}: {config['quantization']['mode']}, {len(config['quantization']['layers'])} packed "
-          f"linears, in {time.perf_counter() - start:.1f} s; load it with --model {args.output}")
+    layers = config["quantization"]["layers"].values()
+    packed = sum(spec["method"] != "rows" for spec in layers)   # a split layer's bands are counted, not it
+    print(f"wrote {args.output}: {config['quantization']['mode']}, {packed} packed linears, in "
+          f"{time.perf_counter() - start:.1f} s; load it with --model {args.output}")
     return 0
 
 

@@ -1,6 +1,7 @@
 """The lean decode loop (models/llama.py: _DecodePlan) runs the same kernels as the modules' forward:
 greedy tokens and their log-probabilities are bit-identical with it on and off, for batched decodes
-of different lengths (the batch shrinking as requests finish), in fp32 and the quantized modes, and under a sliding-window pattern."""
+of different lengths (the batch shrinking as requests finish), in fp32 and the quantized modes (w4a8: a
+fused QKV split into int4 q/k and int8 v with int4-g64), and under a sliding-window pattern."""
 from __future__ import annotations
 
 import pytest
@@ -25,7 +26,7 @@ def _run(llm: LLM, lean: bool):
     return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs]
 
 
-@pytest.mark.parametrize("mode", ["none", "int8", "w4a8"])
+@pytest.mark.parametrize("mode", ["none", "int8", "w4a8", "int4-g64"])
 def test_lean_decode_is_bit_identical(mode):
     llm = LLM("smollm2-135m-instruct", kv_cache_memory="64MiB", max_model_len=256, quantization=mode)
     calls = []
@@ -39,6 +40,13 @@ def test_lean_decode_is_bit_identical(mode):
         mp.setattr(_DecodePlan, "run", counting_run)
         lean = _run(llm, True)
     assert len(calls) >= 10                       # the decode steps went through the plan
+    plan = llm.engine.model._decode_plan
+    assert plan.program is not None and plan.max_rows >= 3   # ... and its C++ program
+    spec = plan.methods[0].decode_spec(plan.linears[0])
+    if mode == "int4-g64":  # re-rounded, so the fused QKV is split: int4 q/k, int8 v (quantization/mixed.py)
+        assert spec.kind == "split" and [p.kind for p in spec.parts] == ["int4", "int8"]
+    elif mode == "w4a8":    # SmolLM2's Q4_1 v is taken as stored: one int4 QKV
+        assert spec.kind == "w4a8"
     assert lean == _run(llm, False)
 
 

@@ -28,12 +28,15 @@ class LinearMethod(Protocol):
 class DecodeSpec(NamedTuple):
     """How the C++ decode step (quantization/csrc/decode_step.cpp) runs a linear exactly as `apply` does
     on CPU float32 inputs of up to `max_rows` rows: the kernel kind (dense, f32, int8, int4, w4a8), its
-    tensors, the bias and the int4 group size (f32: the rows up to which f32_linear is used). A method without `decode_spec` keeps the Python path."""
+    tensors, the bias and the int4 group size (f32: the rows up to which f32_linear is used). A method without `decode_spec` keeps the Python path.
+    Kind "split" (quantization/mixed.py: RowSplit) has no tensors of its own: its `parts` are the specs of
+    bands of output rows, side by side, and its bias is added after them."""
     kind: str
     tensors: list
     bias: "torch.Tensor | None"
     group: int = 0
     max_rows: int = 1 << 30
+    parts: tuple = ()
 
 
 F32_KERNEL_MAX_ROWS = 4
@@ -142,11 +145,16 @@ class MergedLinear(Linear):
     """Several projections of the same input fused into one matmul (QKV, gate+up).
 
     Shard i occupies output rows offsets[i]:offsets[i+1]; `split()` cuts the fused output back.
+    `shard_names` (e.g. "q", "k", "v") let quantization treat a shard on its own (quantization/mixed.py).
     """
 
-    def __init__(self, in_features: int, shard_sizes: list[int], bias: bool = False, dtype: torch.dtype = torch.float32):
+    def __init__(self, in_features: int, shard_sizes: list[int], bias: bool = False, dtype: torch.dtype = torch.float32,
+                 shard_names: tuple[str, ...] = ()):
         super().__init__(in_features, sum(shard_sizes), bias, dtype)
+        if shard_names and len(shard_names) != len(shard_sizes):
+            raise ValueError(f"{len(shard_names)} shard names for {len(shard_sizes)} shards")
         self.shard_sizes = list(shard_sizes)
+        self.shard_names = tuple(shard_names)
         self.offsets = [0]
         for size in shard_sizes:
             self.offsets.append(self.offsets[-1] + size)

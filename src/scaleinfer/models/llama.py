@@ -37,7 +37,8 @@ class LlamaAttention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.qkv_proj = MergedLinear(cfg.hidden_size, [q_size, kv_size, kv_size], cfg.attention_bias, dtype)
+        self.qkv_proj = MergedLinear(cfg.hidden_size, [q_size, kv_size, kv_size], cfg.attention_bias, dtype,
+                                     shard_names=("q", "k", "v"))
         self.o_proj = Linear(q_size, cfg.hidden_size, False, dtype)
         # Mistral's config sets a sliding window for every layer: attention and KV follow it.
         pattern = AttentionPattern.sliding_window(cfg.sliding_window) if cfg.sliding_window else CAUSAL
@@ -58,7 +59,8 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
         super().__init__()
-        self.gate_up_proj = MergedLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, False, dtype)
+        self.gate_up_proj = MergedLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, False, dtype,
+                                         shard_names=("gate", "up"))
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, False, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -78,6 +80,11 @@ class LlamaDecoderLayer(nn.Module):
         h = self.self_attn(h, cos, sin, kv_cache, meta)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
+
+
+def _program_linear(spec) -> tuple:
+    """A DecodeSpec as DecodeProgram.add_layer takes a linear: ([(kind, tensors, group), ...], bias)."""
+    return [(p.kind, p.tensors, p.group) for p in (spec.parts or (spec,))], spec.bias
 
 
 class _DecodePlan:
@@ -122,20 +129,17 @@ class _DecodePlan:
         """The C++ program for the layer loop and the most rows all its linears take, or (None, 0)."""
         if not hasattr(self.ops, "DecodeProgram"):
             return None, 0
-        specs = [getattr(m, "decode_spec", None) for m in self.methods]
-        if any(s is None for s in specs):
+        if not all(hasattr(m, "decode_spec") for m in self.methods):
             return None, 0
         program = self.ops.DecodeProgram(self.h, self.h_kv, self.d, self.eps)
         max_rows = 1 << 30
         for (w_in, qkv, o, w_post, gate_up, down, attn), (k_cache, v_cache), view in zip(
                 self.layers, self.caches, self.view_of):
-            s = [lin.quant_method.decode_spec(lin) for lin in (qkv, o, gate_up, down)]
-            if any(x.bias is not None for x in s[1:]):
+            specs = [lin.quant_method.decode_spec(lin) for lin in (qkv, o, gate_up, down)]
+            if any(s is None for s in specs):
                 return None, 0
-            max_rows = min([max_rows] + [x.max_rows for x in s])
-            program.add_layer(w_in, w_post, k_cache, v_cache, attn.scale, view,
-                              s[0].kind, s[0].tensors, s[0].bias, s[0].group, s[1].kind, s[1].tensors, s[1].group,
-                              s[2].kind, s[2].tensors, s[2].group, s[3].kind, s[3].tensors, s[3].group)
+            max_rows = min([max_rows] + [s.max_rows for s in specs])
+            program.add_layer(w_in, w_post, k_cache, v_cache, attn.scale, view, *map(_program_linear, specs))
         return program, max_rows
 
     def current(self, kv_caches) -> bool:

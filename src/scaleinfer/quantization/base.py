@@ -8,11 +8,12 @@ reference its fast path is tested against.
     mode     linears                                    lm_head
     none     dense fp32                                 dense fp32
     int8     int8 per output channel, weight-only       int8
-    int4     int4 group-wise asymmetric (group 32)      int8  (llama.cpp keeps the output layer at 8 bits too)
+    int4     int4 group-wise asymmetric (group 32);     int8  (llama.cpp keeps the output layer at 8 bits too)
+             attention v int8 (quantization/mixed.py)
     w8a8     int8 weights x per-token int8 activations  int8 weight-only (logits are computed for few rows)
     w4a8     int4 group 32 (fp16 scales) x int8         int8 per block of 32 (fp16 scales, Q8_0's
              activations per 32 (small inputs;          layout: a Q8_0 embedding as stored) x int8
-             prefill: int4 weight-only)                 activations per 32
+             prefill: int4 weight-only); v: int8        activations per 32
     auto     int8 on CPU (fastest mode within +1% perplexity, see README), none elsewhere
 """
 from __future__ import annotations
@@ -91,8 +92,9 @@ def apply_quantization(model: nn.Module, name: str, *, skip_lm_head: bool = Fals
     """
     mode = resolve_mode(name, device)
     linear_factory, head_factory = _table()[mode]
+    split_v = keeps_v_int8(mode)
     count = 0
-    for module_name, module in model.named_modules():
+    for module_name, module in list(model.named_modules()):
         if not isinstance(module, Linear):
             continue
         is_head = module_name.rpartition(".")[2] == "lm_head"
@@ -100,15 +102,34 @@ def apply_quantization(model: nn.Module, name: str, *, skip_lm_head: bool = Fals
         if factory is None or (is_head and skip_lm_head):
             continue
         method = factory()
-        if module.packed_shards and hasattr(method, "adopt_packed"):
-            method.adopt_packed(module)            # GGUF 4-bit weights or GPTQ's results, taken as stored
-        else:
-            module.materialize_packed()
-            method.process_weights_after_loading(module)
-        module.quant_method = method
+        if split_v and not is_head:
+            from scaleinfer.quantization.int8 import Int8WeightOnly
+            from scaleinfer.quantization.mixed import RowSplit, int8_bands
+
+            bands = int8_bands(module)
+            if bands is not None:
+                method = RowSplit([shards for shards, _ in bands],
+                                  [Int8WeightOnly() if wide else factory() for _, wide in bands])
+        install(module, method)
         count += 1
     logger.debug("quantization %s applied to %d linear layers", mode, count)
     return mode
+
+
+def keeps_v_int8(mode: str) -> bool:
+    """Whether `mode` stores the attention values of fused QKV layers at int8 (the int4 modes:
+    quantization/mixed.py)."""
+    return mode in calibrated_modes()
+
+
+def install(layer: Linear, method) -> None:
+    """Quantize `layer` (loaded, dense or with packed shards) with `method` and make it the layer's method."""
+    if layer.packed_shards and hasattr(method, "adopt_packed"):
+        method.adopt_packed(layer)            # GGUF 4-bit weights or GPTQ's results, taken as stored
+    else:
+        layer.materialize_packed()
+        method.process_weights_after_loading(layer)
+    layer.quant_method = method
 
 
 def drop_dense_weight(layer: Linear) -> None:

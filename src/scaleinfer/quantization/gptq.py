@@ -10,8 +10,8 @@ independent given H, so a fused QKV or gate/up layer is rounded shard by shard w
 The result is ordinary int4 group-wise weights (q in [0, 15], scale and min per group from the group's
 min/max), so `scaleinfer quantize --calibration FILE` writes a checkpoint that loads and runs exactly
 like an uncalibrated one. The calibration text must not be the evaluation text (the README's numbers
-calibrate Qwen on the English file and score the Chinese one). Qwen2.5-0.5B on hongloumeng: +9.9%
-perplexity rounding to nearest, +6.1% with this (README, Compression).
+calibrate Qwen on the English file and score the Chinese one). Qwen2.5-0.5B on hongloumeng (v at int8,
+quantization/mixed.py): +5.5% perplexity rounding to nearest, +2.4% with this (README, Compression).
 """
 from __future__ import annotations
 
@@ -65,11 +65,13 @@ def gptq_quantize_model(model, run_window: Callable[[list[int]], object], window
 
     Results are left as packed shards (`Linear.packed_shards`, int4.PackedInt4), which the int4 methods
     adopt as stored, like a GGUF Q4 tensor. Shards that arrived packed (exact GGUF Q4_0/Q4_1/Q4_K) are kept
-    as they are. `run_window(ids)` runs the model's forward over one window (the engine passes a
+    as they are; shards the int4 modes keep at int8 (mixed.INT8_SHARDS: attention v) are left dense, and
+    the later layers' statistics see them unrounded (int8 rounding is ~16x finer than int4's). `run_window(ids)` runs the model's forward over one window (the engine passes a
     ModelRunner's compute_logits); `model.layers` are then called directly with the arguments that forward
     gave them; a layer returns what the next one takes first.
     """
     from scaleinfer.quantization.int4 import PackedInt4, dequantize_groupwise, fitting_group
+    from scaleinfer.quantization.mixed import INT8_SHARDS, shard_name
 
     linears = decoder_linears(model)
     for layer in linears.values():
@@ -125,7 +127,7 @@ def gptq_quantize_model(model, run_window: Callable[[list[int]], object], window
             h = sums[name] / max(rows[name], 1)
             group = fitting_group(m.in_features, group_size)
             for shard, (lo, hi) in enumerate(m.shard_bounds()):
-                if shard in m.packed_shards:
+                if shard in m.packed_shards or shard_name(m, shard) in INT8_SHARDS:
                     continue
                 packed = PackedInt4(*gptq_int4(m.weight.data[lo:hi].float(), h, group, half_scales=half_scales))
                 m.weight.data[lo:hi].copy_(dequantize_groupwise(packed.qweight, packed.scale, packed.min))

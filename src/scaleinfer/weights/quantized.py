@@ -45,6 +45,8 @@ def _method_spec(method) -> dict:
     spec = {"method": method.name}
     if hasattr(method, "group_size"):
         spec["group_size"] = int(method.group_size)
+    if hasattr(method, "bands"):           # mixed.RowSplit: its bands are listed as layers of their own
+        spec["bands"] = method.bands
     return spec
 
 
@@ -53,6 +55,13 @@ def _make_method(spec: dict):
     from scaleinfer.quantization.int8 import W8A8, Int8WeightOnly, W8A8Block32
 
     name = spec.get("method")
+    if name == "rows":
+        from scaleinfer.quantization.mixed import RowSplit
+
+        try:
+            return RowSplit(spec.get("bands"))
+        except ValueError as exc:
+            raise WeightLoadError(f"quantized checkpoint: {exc}") from None
     if name == "int8":
         return Int8WeightOnly()
     if name == "w8a8":
@@ -219,13 +228,22 @@ def load_quantized(model, ckpt, config):
     except Exception as exc:  # truncated or corrupt file
         raise WeightLoadError(f"cannot read {os.path.join(ckpt.path, TENSOR_FILE)} ({exc}); re-run scaleinfer "
                               f"quantize") from None
-    modules = dict(model.named_modules())
-    for name, spec in cfg["quantization"]["layers"].items():
-        layer = modules.get(name)
+    for name, spec in cfg["quantization"]["layers"].items():   # a split layer comes before its bands
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError:
+            layer = None
         if not isinstance(layer, Linear):
             raise WeightLoadError(f"quantized checkpoint layer {name!r} has no Linear in {type(model).__name__}")
         method = _make_method(spec)
         drop_dense_weight(layer)
+        if hasattr(method, "attach"):       # RowSplit: empty bands, filled as the following layers
+            try:
+                method.attach(layer)
+            except (ValueError, TypeError) as exc:
+                raise WeightLoadError(f"quantized checkpoint layer {name!r}: {exc}") from None
+            layer.quant_method = method
+            continue
         for buf in _PACKED_BUFFERS:
             t = tensors.get(f"{name}.{buf}")
             if t is not None:

@@ -36,7 +36,7 @@ def written(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4", "w4a8"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "w4a8", "int4-g64"])
 def test_quantized_dir_equals_on_the_fly(written, monkeypatch, capsys, mode):
     out = written(mode)
     assert {"model.safetensors", checkpoint.CONFIG_FILE, "tokenizer.json", "tokenizer_config.json"} <= set(
@@ -58,7 +58,12 @@ def test_quantized_dir_equals_on_the_fly(written, monkeypatch, capsys, mode):
     head = loaded.engine.model.lm_head
     assert head.weight is None and head.qweight.dtype == torch.int8
     assert type(loaded.engine.model.layers[0].mlp.down_proj.quant_method).__name__ == {
-        "int8": "Int8WeightOnly", "int4": "Int4WeightOnly", "w4a8": "W4A8"}[mode]
+        "int8": "Int8WeightOnly", "int4": "Int4WeightOnly", "w4a8": "W4A8", "int4-g64": "Int4WeightOnly"}[mode]
+    qkv = loaded.engine.model.layers[0].self_attn.qkv_proj
+    if mode == "int4-g64":  # re-rounded: int4 q/k and int8 v, written as the split layer and its two bands
+        assert [type(p.quant_method).__name__ for p in qkv.parts] == ["Int4WeightOnly", "Int8WeightOnly"]
+        assert cfg["quantization"]["layers"]["layers.0.self_attn.qkv_proj"] == {"method": "rows",
+                                                                              "bands": [[0, 1], [2]]}
     ids = ref.tokenizer.encode(PROMPT + " a city that")
     assert loaded.tokenizer.encode(PROMPT) == ref.tokenizer.encode(PROMPT)
     assert loaded.tokenizer.eos_token_ids == ref.tokenizer.eos_token_ids
@@ -102,3 +107,11 @@ def test_loading_rejects_a_different_mode_and_a_broken_dir(written, tmp_path):
     (broken / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(WeightLoadError):
         _llm(str(broken))
+    for bands in ([[0], [2]], None):  # a split QKV whose bands do not cover its shards, or are missing
+        bad = tmp_path / f"bands-{bands is None}"
+        shutil.copytree(written("int4-g64"), bad)
+        cfg = json.loads((bad / checkpoint.CONFIG_FILE).read_text())
+        cfg["quantization"]["layers"]["layers.0.self_attn.qkv_proj"]["bands"] = bands
+        (bad / checkpoint.CONFIG_FILE).write_text(json.dumps(cfg))
+        with pytest.raises(WeightLoadError, match="bands"):
+            _llm(str(bad))

@@ -4,12 +4,15 @@
 // Python between the ~300 kernel calls of a step (module attribute lookups, views, method dispatch)
 // costs as much as a third of the step; here it is gone.
 //
-// Each linear is a spec filled from Python by its quantization method (`decode_spec`):
-//   dense  at::linear(x, w, b)                 (torch's own F.linear)
-//   f32    f32_linear(x, w, b) up to `group` rows, at::linear beyond (layers/linear.py: DenseLinearMethod)
-//   int8   int8_linear(x, q, scale) (+ b)
-//   int4   int4_linear(x, q, scale, min, group) (+ b)
-//   w4a8   int4_a8_linear(x, q, scale, min) (+ b)
+// Each linear is a spec filled from Python by its quantization method (`decode_spec`): one or more parts,
+// each a kernel over a band of the output columns, then the linear's bias:
+//   dense  at::linear(x, w)                    (torch's own F.linear)
+//   f32    f32_linear(x, w) up to `group` rows, at::linear beyond (layers/linear.py: DenseLinearMethod)
+//   int8   int8_linear(x, q, scale)
+//   int4   int4_linear(x, q, scale, min, group)
+//   w4a8   int4_a8_linear(x, q, scale, min)
+// A linear of several parts (quantization/mixed.py: RowSplit, e.g. int4 q/k and int8 v of a fused QKV)
+// runs each part into a workspace buffer and copies it into its columns.
 // Python only calls run() for row counts every spec takes (its max_rows).
 //
 // Every intermediate of a step (normed input, QKV, attention output, O, gate/up, SiLU product, down) is
@@ -25,12 +28,20 @@ namespace {
 
 enum class Kind { dense, f32, int8, int4, w4a8 };
 
-struct LinearSpec {
+struct Part {
   Kind kind;
   torch::Tensor a, b, c;  // dense: weight; int8: q, scale; int4 / w4a8: q, scale, min
-  c10::optional<torch::Tensor> bias;
   int64_t group;
 };
+
+struct LinearSpec {
+  std::vector<Part> parts;  // side by side along the output columns
+  c10::optional<torch::Tensor> bias;
+};
+
+// What Python passes per part: (kind, tensors, group); per linear: (parts, bias).
+using PartArg = std::tuple<std::string, std::vector<torch::Tensor>, int64_t>;
+using LinearArg = std::tuple<std::vector<PartArg>, c10::optional<torch::Tensor>>;
 
 struct LayerSpec {
   torch::Tensor w_in, w_post, k_cache, v_cache;
@@ -39,40 +50,80 @@ struct LayerSpec {
   int64_t view;  // which of run()'s attention views (one per attention pattern) this layer reads
 };
 
-LinearSpec make_spec(const std::string& kind, const std::vector<torch::Tensor>& t, c10::optional<torch::Tensor> bias,
-                     int64_t group) {
-  LinearSpec s;
-  s.kind = kind == "dense" ? Kind::dense : kind == "f32" ? Kind::f32 : kind == "int8" ? Kind::int8
+Part make_part(const PartArg& arg) {
+  const auto& [kind, t, group] = arg;
+  Part p;
+  p.kind = kind == "dense" ? Kind::dense : kind == "f32" ? Kind::f32 : kind == "int8" ? Kind::int8
            : kind == "int4" ? Kind::int4
            : kind == "w4a8" ? Kind::w4a8 : throw std::invalid_argument("unknown linear kind " + kind);
-  const size_t need = s.kind == Kind::dense || s.kind == Kind::f32 ? 1 : s.kind == Kind::int8 ? 2 : 3;
+  const size_t need = p.kind == Kind::dense || p.kind == Kind::f32 ? 1 : p.kind == Kind::int8 ? 2 : 3;
   TORCH_CHECK(t.size() == need, kind, " takes ", need, " tensors, got ", t.size());
-  s.a = t[0];
-  if (need > 1) s.b = t[1];
-  if (need > 2) s.c = t[2];
-  s.bias = bias;
-  s.group = group;
+  p.a = t[0];
+  if (need > 1) p.b = t[1];
+  if (need > 2) p.c = t[2];
+  p.group = group;
+  return p;
+}
+
+LinearSpec make_spec(const LinearArg& arg) {
+  LinearSpec s;
+  for (const PartArg& part : std::get<0>(arg)) s.parts.push_back(make_part(part));
+  TORCH_CHECK(!s.parts.empty(), "a linear needs at least one part");
+  s.bias = std::get<1>(arg);
   return s;
 }
 
-int64_t out_features(const LinearSpec& s) { return s.a.size(0); }  // weight [N, K] or packed q [N, K / 2]
+int64_t out_features(const Part& p) { return p.a.size(0); }  // weight [N, K] or packed q [N, K / 2]
 
-// y = the spec's linear of x, written into `out` ([rows of x, out_features] contiguous).
-torch::Tensor apply(const LinearSpec& s, const torch::Tensor& x, torch::Tensor& out) {
-  switch (s.kind) {
+int64_t out_features(const LinearSpec& s) {
+  int64_t n = 0;
+  for (const Part& p : s.parts) n += out_features(p);
+  return n;
+}
+
+// y = the part's kernel on x (+ bias), written into `out` ([rows of x, out_features] contiguous).
+void apply_part(const Part& p, const torch::Tensor& x, torch::Tensor& out, const c10::optional<torch::Tensor>& bias) {
+  switch (p.kind) {
     case Kind::dense:
-      return at::linear_out(out, x, s.a, s.bias);
+      at::linear_out(out, x, p.a, bias);
+      return;
     case Kind::f32:
-      return x.size(0) <= s.group ? f32_linear(x.contiguous(), s.a, s.bias, out) : at::linear_out(out, x, s.a, s.bias);
+      if (x.size(0) <= p.group) {
+        f32_linear(x.contiguous(), p.a, bias, out);
+      } else {
+        at::linear_out(out, x, p.a, bias);
+      }
+      return;
     case Kind::int8:
-      int8_linear(x.contiguous(), s.a, s.b, out);
+      int8_linear(x.contiguous(), p.a, p.b, out);
       break;
     case Kind::int4:
-      int4_linear(x.contiguous(), s.a, s.b, s.c, s.group, out);
+      int4_linear(x.contiguous(), p.a, p.b, p.c, p.group, out);
       break;
     case Kind::w4a8:
-      int4_a8_linear(x.contiguous(), s.a, s.b, s.c, out);
+      int4_a8_linear(x.contiguous(), p.a, p.b, p.c, out);
       break;
+  }
+  if (bias.has_value() && bias->defined()) out += *bias;
+}
+
+// Buffers for the parts of split linears, by width (parts run one after another: one buffer per width).
+using PartBuffers = std::map<int64_t, torch::Tensor>;
+
+// y = the spec's linear of x, written into `out` ([rows of x, out_features] contiguous).
+torch::Tensor apply(const LinearSpec& s, const torch::Tensor& x, torch::Tensor& out, PartBuffers& buffers) {
+  if (s.parts.size() == 1) {
+    apply_part(s.parts.front(), x, out, s.bias);
+    return out;
+  }
+  int64_t col = 0;
+  for (const Part& p : s.parts) {
+    const int64_t n = out_features(p);
+    auto it = buffers.find(n);
+    if (it == buffers.end()) it = buffers.emplace(n, torch::empty({x.size(0), n}, out.options())).first;
+    apply_part(p, x, it->second, c10::nullopt);
+    out.slice(1, col, col + n).copy_(it->second);
+    col += n;
   }
   if (s.bias.has_value() && s.bias->defined()) out += *s.bias;
   return out;
@@ -81,6 +132,7 @@ torch::Tensor apply(const LinearSpec& s, const torch::Tensor& x, torch::Tensor& 
 // The buffers of one step at a given row count.
 struct Workspace {
   torch::Tensor normed, qkv, attn, o, gate_up, act, down;
+  PartBuffers parts;
 };
 
 }  // namespace
@@ -89,13 +141,10 @@ class DecodeProgram {
  public:
   DecodeProgram(int64_t h, int64_t h_kv, int64_t d, double eps) : h_(h), h_kv_(h_kv), d_(d), eps_(eps) {}
 
-  // One decoder layer; each linear is (kind, tensors, bias, group).
+  // One decoder layer; each linear is ([(kind, tensors, group), ...], bias).
   void add_layer(torch::Tensor w_in, torch::Tensor w_post, torch::Tensor k_cache, torch::Tensor v_cache,
-                 double scale, int64_t view, const std::string& qkv_kind, std::vector<torch::Tensor> qkv,
-                 c10::optional<torch::Tensor> qkv_bias, int64_t qkv_group, const std::string& o_kind,
-                 std::vector<torch::Tensor> o, int64_t o_group, const std::string& gu_kind,
-                 std::vector<torch::Tensor> gu, int64_t gu_group, const std::string& down_kind,
-                 std::vector<torch::Tensor> down, int64_t down_group) {
+                 double scale, int64_t view, const LinearArg& qkv, const LinearArg& o, const LinearArg& gate_up,
+                 const LinearArg& down) {
     LayerSpec l;
     l.w_in = w_in;
     l.w_post = w_post;
@@ -103,10 +152,10 @@ class DecodeProgram {
     l.v_cache = v_cache;
     l.scale = scale;
     l.view = view;
-    l.qkv = make_spec(qkv_kind, qkv, qkv_bias, qkv_group);
-    l.o = make_spec(o_kind, o, c10::nullopt, o_group);
-    l.gate_up = make_spec(gu_kind, gu, c10::nullopt, gu_group);
-    l.down = make_spec(down_kind, down, c10::nullopt, down_group);
+    l.qkv = make_spec(qkv);
+    l.o = make_spec(o);
+    l.gate_up = make_spec(gate_up);
+    l.down = make_spec(down);
     layers_.push_back(std::move(l));
   }
 
@@ -123,16 +172,16 @@ class DecodeProgram {
     for (const LayerSpec& l : layers_) {
       TORCH_CHECK(l.view < static_cast<int64_t>(slot_mappings.size()), "missing attention view ", l.view);
       residual = add_rms_norm(x, residual, l.w_in, eps_, ws.normed)[1];
-      torch::Tensor qkv = apply(l.qkv, ws.normed, ws.qkv);
+      torch::Tensor qkv = apply(l.qkv, ws.normed, ws.qkv, ws.parts);
       rotary_(qkv.slice(1, 0, (h + hk) * d).view({n, h + hk, d}), cos, sin);
       kv_write(l.k_cache, l.v_cache, slot_mappings[l.view], qkv.slice(1, h * d, (h + hk) * d).view({n, hk, d}),
                qkv.slice(1, (h + hk) * d).view({n, hk, d}));
       paged_decode_attention(ws.attn, qkv.slice(1, 0, h * d).view({n, h, d}), l.k_cache, l.v_cache,
                              decode_slots[l.view], decode_lens[l.view], l.scale);
-      apply(l.o, ws.attn.view({n, h * d}), ws.o);
+      apply(l.o, ws.attn.view({n, h * d}), ws.o, ws.parts);
       residual = add_rms_norm(ws.o, residual, l.w_post, eps_, ws.normed)[1];
-      silu_and_mul(apply(l.gate_up, ws.normed, ws.gate_up), ws.act);
-      x = apply(l.down, ws.act, ws.down);
+      silu_and_mul(apply(l.gate_up, ws.normed, ws.gate_up, ws.parts), ws.act);
+      x = apply(l.down, ws.act, ws.down, ws.parts);
     }
     return {x, *residual};
   }
@@ -145,7 +194,7 @@ class DecodeProgram {
     auto buf = [&](int64_t cols) { return torch::empty({n, cols}, like.options()); };
     Workspace ws{buf(like.size(1)), buf(out_features(l.qkv)), torch::empty({n, h_, d_}, like.options()),
                  buf(out_features(l.o)), buf(out_features(l.gate_up)), buf(out_features(l.gate_up) / 2),
-                 buf(out_features(l.down))};
+                 buf(out_features(l.down)), {}};
     return workspaces_.emplace(n, std::move(ws)).first->second;
   }
 
