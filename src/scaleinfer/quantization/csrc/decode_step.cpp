@@ -12,7 +12,8 @@
 //   int4   int4_linear(x, q, scale, min, group)
 //   w4a8   int4_a8_linear(x, q, scale, min)
 // A linear of several parts (quantization/mixed.py: RowSplit, e.g. int4 q/k and int8 v of a fused QKV)
-// runs each part into a workspace buffer and copies it into its columns.
+// runs each part into a workspace buffer and copies it into its columns. A linear of one dense / f32 part
+// passes its bias to the kernel, as F.linear does (so the results stay bit-identical to the modules').
 // Python only calls run() for row counts every spec takes (its max_rows).
 //
 // Every intermediate of a step (normed input, QKV, attention output, O, gate/up, SiLU product, down) is
