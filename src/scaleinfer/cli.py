@@ -229,11 +229,10 @@ def cmd_eval_perplexity(args) -> int:
     llm = _make_llm(args)
     load_s = time.perf_counter() - start
     result = perplexity(llm, text, window=args.window, max_windows=args.max_windows, step=args.step)
-    from scaleinfer.weights.quantized import quantization_of
+    from scaleinfer.weights.quantized import mode_label, quantization_of
 
-    mode = quantization_of(llm.engine.checkpoint_path) or args.quantization   # a `scaleinfer quantize` dir's own
-    if args.calibration:
-        mode += f" (GPTQ on {args.calibration})"
+    # a `scaleinfer quantize` dir's own mode, else the one asked for (calibrated on the fly or not)
+    mode = quantization_of(llm.engine.checkpoint_path) or mode_label(args.quantization, args.calibration)
     record = {"step": args.step, "model": args.model, "text": args.text, "quantization": mode,
               "kv_cache_dtype": getattr(args, "kv_cache_dtype", "auto"), "load_s": load_s, **result.to_dict()}
     print(f"perplexity {result.perplexity:.4f} over {result.num_tokens} tokens ({result.num_windows} windows of "

@@ -65,13 +65,13 @@ def gptq_quantize_model(model, run_window: Callable[[list[int]], object], window
 
     Results are left as packed shards (`Linear.packed_shards`, int4.PackedInt4), which the int4 methods
     adopt as stored, like a GGUF Q4 tensor. Shards that arrived packed (exact GGUF Q4_0/Q4_1/Q4_K) are kept
-    as they are; shards the int4 modes keep at int8 (mixed.INT8_SHARDS: attention v) are left dense, and
+    as they are; shards the int4 modes keep at int8 (mixed.int8_shards: attention v) are left dense, and
     the later layers' statistics see them unrounded (int8 rounding is ~16x finer than int4's). `run_window(ids)` runs the model's forward over one window (the engine passes a
     ModelRunner's compute_logits); `model.layers` are then called directly with the arguments that forward
     gave them; a layer returns what the next one takes first.
     """
     from scaleinfer.quantization.int4 import PackedInt4, dequantize_groupwise, fitting_group
-    from scaleinfer.quantization.mixed import INT8_SHARDS, shard_name
+    from scaleinfer.quantization.mixed import int8_shards
 
     linears = decoder_linears(model)
     for layer in linears.values():
@@ -126,8 +126,9 @@ def gptq_quantize_model(model, run_window: Callable[[list[int]], object], window
         for name, m in mine.items():
             h = sums[name] / max(rows[name], 1)
             group = fitting_group(m.in_features, group_size)
+            skip = set(m.packed_shards) | int8_shards(m)
             for shard, (lo, hi) in enumerate(m.shard_bounds()):
-                if shard in m.packed_shards or shard_name(m, shard) in INT8_SHARDS:
+                if shard in skip:
                     continue
                 packed = PackedInt4(*gptq_int4(m.weight.data[lo:hi].float(), h, group, half_scales=half_scales))
                 m.weight.data[lo:hi].copy_(dequantize_groupwise(packed.qweight, packed.scale, packed.min))

@@ -21,26 +21,26 @@ Qwen's int4 perplexity on hongloumeng goes from +9.9% to +5.5% (nearest) and fro
 (README, Compression)."""
 
 
-def shard_name(layer: Linear, shard: int) -> str | None:
+def int8_shards(layer: Linear) -> set[int]:
+    """The shards of `layer` the int4 modes store at int8: those named in INT8_SHARDS, unless one arrived as a
+    4-bit tensor the int4 layout takes exactly (a GGUF Q4_0 / Q4_1 / Q4_K one: then int4 is the
+    checkpoint's own weights and costs nothing)."""
     names = getattr(layer, "shard_names", ())
-    return names[shard] if shard < len(names) else None
+    return {i for i, n in enumerate(names) if n in INT8_SHARDS and i not in layer.packed_shards}
 
 
 def int8_bands(layer: Linear) -> list[tuple[list[int], bool]] | None:
     """The layer's shards grouped into consecutive bands, each (shards, whether it goes to int8), or None
-    when none goes to int8 (the whole layer takes the mode's method). A shard goes to int8 when it is in
-    INT8_SHARDS and did not arrive as a 4-bit tensor the int4 layout takes exactly (a GGUF Q4_0 / Q4_1 /
-    Q4_K one: then int4 is the checkpoint's own weights and costs nothing)."""
-    names = getattr(layer, "shard_names", ())
-    wide = [n in INT8_SHARDS and i not in layer.packed_shards for i, n in enumerate(names)]
-    if not any(wide):
+    when none goes to int8 (`int8_shards`; the whole layer then takes the mode's method)."""
+    wide = int8_shards(layer)
+    if not wide:
         return None
     bands: list[tuple[list[int], bool]] = []
-    for i, w in enumerate(wide):
-        if bands and bands[-1][1] == w:
+    for i in range(len(layer.shard_bounds())):
+        if bands and bands[-1][1] == (i in wide):
             bands[-1][0].append(i)
         else:
-            bands.append(([i], w))
+            bands.append(([i], i in wide))
     return bands
 
 

@@ -151,7 +151,12 @@ def quantization_of(path: str) -> str | None:
     if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
         return None
     q = _read_config(path)["quantization"]
-    return f"{q['mode']} (GPTQ on {q['calibration']})" if q.get("rounding") == "gptq" else q["mode"]
+    return mode_label(q["mode"], q["calibration"] if q.get("rounding") == "gptq" else None)
+
+
+def mode_label(mode: str, calibration: str | None) -> str:
+    """How a quantized model is named in reports: "int4", or "int4 (GPTQ on FILE)" when calibrated."""
+    return f"{mode} (GPTQ on {calibration})" if calibration else mode
 
 
 def _read_config(path: str) -> dict:
