@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval_sub = p.add_subparsers(dest="eval_mode", metavar="{perplexity}", required=True)
     p = eval_sub.add_parser("perplexity", help="perplexity of a text file, non-overlapping windows")
     _engine_args(p)
-    p.add_argument("--text", required=True, help="UTF-8 text file, e.g. ../shared/data/shakespeare-en.txt")
+    p.add_argument("--text", required=True, help="UTF-8 text file, e.g. data/shakespeare-en.txt")
     p.add_argument("--window", type=int, default=512, help="tokens per window")
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
     p.add_argument("--step", type=int, default=None,

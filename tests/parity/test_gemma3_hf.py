@@ -23,7 +23,7 @@ PROMPTS = [
     "<start_of_turn>user\nWrite a haiku about the sea.<end_of_turn>\n<start_of_turn>model\n",
     "北京是中国的首都，也是",
 ]
-SHAKESPEARE = pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "data" / "shakespeare-en.txt"
+SHAKESPEARE = pathlib.Path(__file__).resolve().parents[2] / "data" / "shakespeare-en.txt"
 LONG = 700
 """Tokens of the long prompt: past Gemma-3-270m's 512-token window, so the local layers' window matters."""
 REAL_TOL = 2e-3
@@ -140,10 +140,7 @@ def real():
 
 
 def _long_ids(tok) -> list[int]:
-    if SHAKESPEARE.exists():
-        text = SHAKESPEARE.read_text(encoding="utf-8")[:20000]
-    else:  # a checkout without ../shared: any long English text will do
-        text = "It was the best of times, it was the worst of times, it was the age of wisdom. " * 60
+    text = SHAKESPEARE.read_text(encoding="utf-8")[:20000]
     ids = tok(text)["input_ids"]
     assert len(ids) >= LONG
     return ids[:LONG]

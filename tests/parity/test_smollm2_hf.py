@@ -32,14 +32,11 @@ def hf_model(llm):
     return model.eval()
 
 
-SHAKESPEARE = pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "data" / "shakespeare-en.txt"
+SHAKESPEARE = pathlib.Path(__file__).resolve().parents[2] / "data" / "shakespeare-en.txt"
 
 
 def long_prompt(llm, num_tokens=500) -> list[int]:
-    if SHAKESPEARE.exists():
-        text = SHAKESPEARE.read_text(encoding="utf-8")
-    else:  # a checkout without ../shared: any long English text will do
-        text = "It was the best of times, it was the worst of times, it was the age of wisdom. " * 60
+    text = SHAKESPEARE.read_text(encoding="utf-8")
     ids = llm.tokenizer.encode(text)
     assert len(ids) >= num_tokens
     return ids[:num_tokens]

@@ -1,4 +1,4 @@
-"""Import direction of ../shared/ARCHITECTURE.md: lower layers never import higher ones, and the
+"""Import direction of docs/ARCHITECTURE.md: lower layers never import higher ones, and the
 pure-Python layers (L0-L2) never import torch."""
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """`scaleinfer eval perplexity`: the quality gate for compression modes.
 
-Convention (../shared/data/README.md): tokenize the whole file with the model's tokenizer (a BOS is
+Convention (data/README.md): tokenize the whole file with the model's tokenizer (a BOS is
 put in front of each window only when the model requires one, and is never scored), cut the ids
 into non-overlapping windows of `window` tokens, run each window through the engine's model and paged
 KV cache (`ModelRunner.compute_logits`), and report exp(mean negative log-likelihood) over every

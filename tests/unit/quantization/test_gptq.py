@@ -4,6 +4,7 @@ than round-to-nearest's, it reduces to round-to-nearest when inputs are uncorrel
 from __future__ import annotations
 
 import json
+import pathlib
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from scaleinfer.quantization.gptq import gptq_int4, output_error
 from scaleinfer.quantization.int4 import dequantize_groupwise, quantize_groupwise, unpack_int4
 from scaleinfer.weights import quantized as checkpoint
 
-SHAKESPEARE = "../shared/data/shakespeare-en.txt"
+SHAKESPEARE = str(pathlib.Path(__file__).resolve().parents[3] / "data" / "shakespeare-en.txt")
 
 
 def _correlated(k: int, n_rows: int = 4096, seed: int = 0) -> torch.Tensor:
