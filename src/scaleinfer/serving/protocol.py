@@ -3,13 +3,15 @@
 Unknown fields are ignored, as OpenAI does. Fields we know but cannot honour (tools, logit_bias,
 echo, ...) are accepted here and refused with a clear 400 by openai.refuse_unsupported, so the
 message names the field instead of a schema error. Numeric bounds that SamplingParams checks
-again are stated here too, so the OpenAPI schema (and a fuzzer reading it) sees them.
+again are stated here too, so the OpenAPI schema (and a fuzzer reading it) sees them. Text with a lone
+UTF-16 surrogate (JSON "\\ud800", which no UTF-8 can carry) is refused before any field is read.
 """
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 MAX_SEED = 2**63 - 1
 
@@ -18,12 +20,49 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
+def _lone_surrogate(value: Any, path: str) -> str | None:
+    """Where the first lone surrogate in a JSON value is ("messages[0].content, character 3"), else None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return f"{path or 'a string'} (\\u{ord(value[exc.start]):04x} at character {exc.start})"
+        return None
+    if isinstance(value, dict):
+        items = [(k, f"{path}.{k}" if path else str(k)) for k in value]
+        for key, where in items:
+            found = _lone_surrogate(key, f"a key of {path or 'the body'}") or _lone_surrogate(value[key], where)
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            if isinstance(item, (str, list, dict)):
+                found = _lone_surrogate(item, f"{path}[{i}]")
+                if found:
+                    return found
+    return None
+
+
+class _Request(_Body):
+    """A whole request body: its text must be valid Unicode."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        found = _lone_surrogate(data, "")
+        if found:
+            raise PydanticCustomError("unicode", "{where} holds a lone UTF-16 surrogate, which is not text; send "
+                                                 "valid Unicode (escape pairs \\ud83d\\ude00 are fine)",
+                                      {"where": found})
+        return data
+
+
 class StreamOptions(_Body):
     include_usage: bool = False
     """Send one more chunk before [DONE] with empty choices and the request's token usage."""
 
 
-class _SamplingFields(_Body):
+class _SamplingFields(_Request):
     """Sampling fields shared by /v1/completions and /v1/chat/completions (OpenAI + vLLM extras)."""
 
     model: str | None = None
@@ -104,7 +143,7 @@ class ChatCompletionRequest(_SamplingFields):
     modalities: list[str] | None = None
 
 
-class TokenizeRequest(_Body):
+class TokenizeRequest(_Request):
     """POST /tokenize: either prompt or messages."""
 
     model: str | None = None
@@ -114,7 +153,7 @@ class TokenizeRequest(_Body):
     add_generation_prompt: bool = True
 
 
-class DetokenizeRequest(_Body):
+class DetokenizeRequest(_Request):
     """POST /detokenize."""
 
     model: str | None = None
