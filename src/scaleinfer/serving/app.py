@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 import torch
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
@@ -26,7 +27,8 @@ from scaleinfer.serving.generation import (Admission, APIError, ClientGone, Serv
                                            sse, throughput_log, unless_disconnected)
 from scaleinfer.serving.guard import Gate
 from scaleinfer.serving.metrics import CONTENT_TYPE, snapshot
-from scaleinfer.serving.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from scaleinfer.serving.protocol import (ERROR_RESPONSES, GENERATION_RESPONSES, ChatCompletionRequest, CompletionRequest,
+                                         DetokenizeRequest, TokenizeRequest)
 
 if TYPE_CHECKING:
     from scaleinfer.engine.async_engine import AsyncEngine
@@ -56,12 +58,26 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     docs = config.enable_docs
     app = FastAPI(title="scaleinfer", summary="OpenAI-compatible LLM server", lifespan=lifespan,
                   docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
-                  openapi_url="/openapi.json" if docs else None)
+                  openapi_url="/openapi.json" if docs else None, responses=ERROR_RESPONSES)
+    app.openapi = lambda: _openapi(app)
     app.state.server = state
     app.add_middleware(Gate, state=state)
     _add_error_handlers(app)
     _add_routes(app, state)
     return app
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema without its 422 validation responses: this server answers those 400."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+        for operations in schema["paths"].values():
+            for op in operations.values():
+                op["responses"].pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def _error(status: int, message: str, type: str = "invalid_request_error", code: str | None = None,
@@ -87,7 +103,9 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        return _error(exc.status_code, str(exc.detail), code=None if exc.status_code != 404 else "not_found")
+        response = _error(exc.status_code, str(exc.detail), code=None if exc.status_code != 404 else "not_found")
+        response.headers.update(exc.headers or {})  # e.g. Allow on a 405
+        return response
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
@@ -125,7 +143,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             raise EngineDeadError("the engine loop died; restart the server")
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
         if not state.engine.is_dead:
             state.metrics.update_engine(await state.engine.call(snapshot))
@@ -163,7 +181,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             raise RequestError(f"token id {bad} is outside the vocabulary [0, {state.vocab_size})")
         return {"prompt": state.tokenizer.decode(body.tokens)}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=GENERATION_RESPONSES)
     async def completions(body: CompletionRequest, request: Request):
         state.check_model(body.model)
         oai.refuse_unsupported(body)
@@ -189,7 +207,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             admission.release_all()
         return oai.completion_body(head, outputs, num_top, state.token_text)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=GENERATION_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         state.check_model(body.model)
         oai.refuse_unsupported(body)

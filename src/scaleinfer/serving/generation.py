@@ -114,7 +114,7 @@ class ServerState:
         """Admitted sequences without a first token yet (see Admission)."""
         self.max_prompt_chars = self.max_model_len * self.tokenizer.max_token_chars
         """A longer text has more tokens than the context holds: refused before it is tokenized."""
-        self._pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="tokenize")
+        self._pool: ThreadPoolExecutor | None = None
         self.draining = False
         self._tasks: set[asyncio.Future] = set()
         self.created = int(time.time())
@@ -175,6 +175,8 @@ class ServerState:
 
     async def off_loop(self, fn: Callable, *args):
         """fn(*args) on a tokenizer thread, so a long text never stalls the other connections."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="tokenize")
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -202,7 +204,10 @@ class ServerState:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Stop the tokenizer threads (a later request starts new ones)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def token_text(self, token_id: int) -> str:
         """A token's own text, for logprobs (cached: the same few thousand tokens come back)."""

@@ -1,5 +1,5 @@
-"""The ASGI gate every request passes before a route: request smuggling (Content-Length with
-Transfer-Encoding), the API key, the body size limit; and the response count by route and status.
+"""The ASGI gate every request passes before a route: the head size, request smuggling (Content-Length
+with Transfer-Encoding), the API key, the body size limit; and the response count by route and status.
 
 A pure ASGI middleware, so streams and disconnects pass through untouched. A refusal that leaves the
 body unread says `Connection: close`, so the server closes the connection instead of reading on.
@@ -40,6 +40,10 @@ class Gate:
 
     async def _checked(self, scope, receive, send):
         headers = _headers(scope)
+        head_limit = self.state.config.limits.max_header_bytes
+        if _head_size(scope) > head_limit:  # h11 bounds only a head still coming in; this bounds a whole one
+            return await _refuse(send, 431, f"the request head (line and headers) is over {head_limit} bytes "
+                                            f"(--max-header-bytes); send fewer or smaller headers", close=True)
         if b"transfer-encoding" in headers and b"content-length" in headers:
             return await _refuse(send, 400, "a request may not carry both Content-Length and Transfer-Encoding "
                                             "(RFC 9112 section 6.3); send one of them", close=True)
@@ -72,6 +76,12 @@ class Gate:
 def _headers(scope) -> dict[bytes, bytes]:
     """Header name -> value; a repeated name keeps its last value (names are lower-case in ASGI)."""
     return dict(scope["headers"])
+
+
+def _head_size(scope) -> int:
+    """Bytes of the request line and headers as sent (give or take the HTTP version)."""
+    line = len(scope["method"]) + len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") + 12
+    return line + sum(len(k) + len(v) + 4 for k, v in scope["headers"])
 
 
 def _too_large(size: int, limit: int, prefix: str = "") -> str:

@@ -17,7 +17,8 @@ MAX_SEED = 2**63 - 1
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
+    """strict: a field takes its JSON type only ("5" is no integer, 16.0 no max_tokens), as OpenAI."""
 
 
 def _lone_surrogate(value: Any, path: str) -> str | None:
@@ -158,3 +159,30 @@ class DetokenizeRequest(_Request):
 
     model: str | None = None
     tokens: list[int]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx / 5xx body: OpenAI's error object."""
+
+    error: ErrorDetail
+
+
+_ERROR_STATUSES = {400: "Bad request: invalid JSON, fields or values (the message names which)",
+                   401: "Missing or wrong API key (when the server has one)",
+                   404: "Unknown route or model", 405: "Method not allowed on this route",
+                   413: "Request body over --max-request-bytes", 429: "Too many sequences waiting (--max-waiting)",
+                   431: "Request head over --max-header-bytes", 503: "The engine died or the server is shutting down"}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text} for status, text in _ERROR_STATUSES.items()}
+"""The error responses every route may give, for the OpenAPI schema."""
+GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "JSON, or with stream=true server-sent events ('data: {chunk}' lines, then "
+                         "'data: [DONE]')", "content": {"application/json": {}, "text/event-stream": {}}}}
+"""The 200 of /v1/completions and /v1/chat/completions."""

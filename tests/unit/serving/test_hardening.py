@@ -132,6 +132,19 @@ def test_a_body_within_the_limit_is_served():
     assert status == 200 and json.loads(body)["choices"][0]["text"] == "ab"
 
 
+def test_a_head_over_the_limit_is_431_and_both_body_lengths_are_400():
+    app, _ = make_app(limits=ServerLimits(max_header_bytes=2000))
+    with TestClient(app) as c:
+        r = c.get("/v1/models", headers={"x-big": "y" * 3000})
+        assert_openai_error(r, 431)
+        assert r.headers["connection"] == "close"
+        assert c.get("/v1/models", headers={"x-small": "y" * 100}).status_code == 200
+    status, headers, body, calls = asyncio.run(_asgi_post(
+        app, [(b"content-length", b"5"), (b"transfer-encoding", b"chunked")], [b"0\r\n\r\n"]))
+    assert status == 400 and headers[b"connection"] == b"close" and calls == 0
+    assert "Transfer-Encoding" in json.loads(body)["error"]["message"]
+
+
 # ---- 2. admission ------------------------------------------------------------------------------
 def _run_held(app, engine, bodies: list[tuple[str, dict]], expect_quick: int):
     """Send the bodies at once while no request can get a first token; once `expect_quick` of them have
