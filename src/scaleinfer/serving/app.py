@@ -192,11 +192,11 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         admission = state.admit(len(raw), body.n)
         try:
             prompts = [state.check_prompt(p) if isinstance(p, list) else await state.encode_text(p) for p in raw]
+            head = oai.Header(_new_id("cmpl"), int(time.time()), state.config.served_model_name)
+            jobs = [(ids, state.params(body, ids), f"{head.id}-{i}") for i, ids in enumerate(prompts)]
         except BaseException:
             admission.release_all()
             raise
-        head = oai.Header(_new_id("cmpl"), int(time.time()), state.config.served_model_name)
-        jobs = [(ids, state.params(body, ids), f"{head.id}-{i}") for i, ids in enumerate(prompts)]
         num_top = body.logprobs or 0
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -256,3 +256,18 @@ def test_api_key_sources(tmp_path, monkeypatch):
     (tmp_path / "empty").write_text("\n")
     with pytest.raises(ConfigError, match="empty"):
         resolve_api_key(None, str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("route,body", [
+    ("/v1/completions", {"prompt": "x", "min_tokens": 20, "max_tokens": 2}),   # SamplingParams refuses it
+    ("/v1/completions", {"prompt": [[5], [999999]]}),                         # a bad token id, 2nd prompt
+    ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "BOOM"}]}),  # template fails
+    ("/v1/chat/completions", {"messages": MSGS, "min_tokens": 20, "max_tokens": 2}),
+])
+def test_a_request_refused_after_admission_gives_its_place_back(route, body):
+    app, _ = make_app(max_waiting=1)
+    with TestClient(app) as c:
+        for _ in range(3):
+            assert_openai_error(c.post(route, json=body), 400)
+        assert app.state.server.num_pending == 0
+        assert c.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}).status_code == 200
