@@ -99,7 +99,5 @@ def test_chinese_stream_equals_non_stream_without_replacement_chars(client, mode
 
 
 def test_tokenize_detokenize_round_trip(server, model_name, http):
-    import httpx
-
     ids = http.post(server.url + "/tokenize", json={"model": model_name, "prompt": "Hello, 世界"}).json()["tokens"]
     assert http.post(server.url + "/detokenize", json={"tokens": ids}).json()["prompt"] == "Hello, 世界"
