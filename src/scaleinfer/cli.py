@@ -197,11 +197,19 @@ def cmd_serve(args) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "huggingface_hub", "filelock", "uvicorn.error"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from scaleinfer.serving.server import run
+    from scaleinfer.config import parse_memory
+    from scaleinfer.serving.limits import ServerLimits
+    from scaleinfer.serving.server import resolve_api_key, run
 
+    limits = ServerLimits(max_request_bytes=parse_memory(args.max_request_bytes, "--max-request-bytes"),
+                          max_seqs_per_request=args.max_seqs_per_request, max_connections=args.max_connections,
+                          max_header_bytes=parse_memory(args.max_header_bytes, "--max-header-bytes"),
+                          header_timeout_s=args.header_timeout)
     return run(lambda: _make_llm(args).engine, model_arg=args.model, host=args.host, port=args.port,
-               served_model_name=args.served_model_name, api_key=args.api_key, max_waiting=args.max_waiting,
-               shutdown_timeout=args.shutdown_timeout, log_interval_s=args.log_interval)
+               served_model_name=args.served_model_name, api_key=resolve_api_key(args.api_key, args.api_key_file),
+               max_waiting=args.max_waiting, shutdown_timeout=args.shutdown_timeout,
+               log_interval_s=args.log_interval, limits=limits, enable_docs=not args.disable_docs,
+               ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -282,12 +290,32 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--host", default="127.0.0.1", help="address to bind")
     g.add_argument("--port", type=int, default=8000)
     g.add_argument("--served-model-name", default=None, help="name in /v1/models (default: --model)")
-    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    g.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every route but /health; visible in `ps`: "
+                        "prefer --api-key-file or the SCALEINFER_API_KEY environment variable")
+    g.add_argument("--api-key-file", default=None, metavar="FILE", help="read the API key from FILE's first line")
     g.add_argument("--max-waiting", type=int, default=None,
-                   help="most requests waiting for their first token; more get 429 (default: no limit)")
+                   help="most sequences (prompts x n) waiting for their first token; more get 429 "
+                        "(default: no limit)")
+    g.add_argument("--disable-docs", action="store_true", help="do not serve /docs, /redoc and /openapi.json")
+    g.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this PEM certificate (chain)")
+    g.add_argument("--ssl-keyfile", default=None, help="the PEM private key of --ssl-certfile")
     g.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds in-flight requests may finish after SIGTERM before they are aborted")
     g.add_argument("--log-interval", type=float, default=10.0, help="seconds between throughput log lines")
+    from scaleinfer.serving.limits import ServerLimits
+
+    g = p.add_argument_group("limits")
+    g.add_argument("--max-request-bytes", default=str(ServerLimits.max_request_bytes),
+                   help="largest request body, e.g. 4MiB; bigger gets 413 unread (default: %(default)s)")
+    g.add_argument("--max-seqs-per-request", type=int, default=ServerLimits.max_seqs_per_request,
+                   help="most sequences (prompts x n) in one request; more get 400 (default: %(default)s)")
+    g.add_argument("--max-connections", type=int, default=ServerLimits.max_connections,
+                   help="most open connections; one more gets 503 and is closed (default: %(default)s)")
+    g.add_argument("--max-header-bytes", default=str(ServerLimits.max_header_bytes),
+                   help="largest request head (line + headers); bigger gets 431 (default: %(default)s)")
+    g.add_argument("--header-timeout", type=float, default=ServerLimits.header_timeout_s,
+                   help="seconds a client may take to send a request head (default: %(default)s)")
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("eval", help="quality evaluation (perplexity)")

@@ -169,3 +169,12 @@ def allow_long_max_model_len() -> bool:
 def model_cache_dir() -> str:
     """Where pulled models are stored (SCALEINFER_CACHE, default ~/.cache/scaleinfer)."""
     return os.environ.get("SCALEINFER_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "scaleinfer"))
+
+
+API_KEY_ENV = "SCALEINFER_API_KEY"
+
+
+def api_key_from_env() -> str | None:
+    """SCALEINFER_API_KEY: the key `scaleinfer serve` requires when neither --api-key nor --api-key-file
+    is given (an environment variable stays out of `ps`, unlike a command-line flag)."""
+    return os.environ.get(API_KEY_ENV) or None

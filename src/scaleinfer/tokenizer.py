@@ -64,6 +64,7 @@ class Tokenizer:
                 eos.append(token_id)
         self._eos_token_ids = tuple(dict.fromkeys(eos))
         self._template = None
+        self._max_token_chars: int | None = None
 
     # ---- constructors --------------------------------------------------------------------------
     @classmethod
@@ -171,10 +172,21 @@ class Tokenizer:
     def all_special_ids(self) -> frozenset[int]:
         return self._special_ids
 
+    @property
+    def max_token_chars(self) -> int:
+        """Most characters one token can stand for (its longest vocabulary spelling, which has a
+        character per byte or more): a text of c characters has at least c / max_token_chars tokens."""
+        if self._max_token_chars is None:
+            self._max_token_chars = max(1, max(map(len, self.backend.get_vocab(with_added_tokens=True))))
+        return self._max_token_chars
+
     # ---- text <-> ids --------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of `text`; with add_special_tokens, BOS is prepended when the model asks for it."""
-        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        """Token ids of `text`; with add_special_tokens, BOS is prepended when the model asks for it.
+
+        encode_batch, not encode: the same ids, but it releases the GIL while it works (a long prompt
+        tokenized on a server's worker thread must not freeze its event loop); ~2 us more per call."""
+        ids = self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         if add_special_tokens and self.add_bos_token and self._bos_token_id is not None:
             if not ids or ids[0] != self._bos_token_id:
                 ids = [self._bos_token_id] + ids

@@ -44,31 +44,31 @@ def check_error(r: httpx.Response, status: int | None = None) -> dict:
     ("chat/completions", "just a string"),
     ("chat/completions", None),
 ])
-def test_malformed_requests_get_4xx(server, route, body):
-    check_error(httpx.post(f"{server.v1}/{route}", json=body), 400)
+def test_malformed_requests_get_4xx(server, route, body, http):
+    check_error(http.post(f"{server.v1}/{route}", json=body), 400)
 
 
-def test_invalid_json_and_wrong_content_type(server):
+def test_invalid_json_and_wrong_content_type(server, http):
     url = server.v1 + "/chat/completions"
-    check_error(httpx.post(url, content=b'{"messages": [', headers={"content-type": "application/json"}), 400)
-    check_error(httpx.post(url, content=b"\xff\xfe", headers={"content-type": "application/json"}), 400)
-    check_error(httpx.post(url, content=b'{"messages": []}', headers={"content-type": "text/plain"}), 400)
-    check_error(httpx.post(url, data={"messages": "x"}), 400)
-    check_error(httpx.post(url), 400)
+    check_error(http.post(url, content=b'{"messages": [', headers={"content-type": "application/json"}), 400)
+    check_error(http.post(url, content=b"\xff\xfe", headers={"content-type": "application/json"}), 400)
+    check_error(http.post(url, content=b'{"messages": []}', headers={"content-type": "text/plain"}), 400)
+    check_error(http.post(url, data={"messages": "x"}), 400)
+    check_error(http.post(url), 400)
 
 
-def test_unknown_model_is_404(server):
-    err = check_error(httpx.post(server.v1 + "/chat/completions", json={"model": "gpt-4o", "messages": MSGS}), 404)
+def test_unknown_model_is_404(server, http):
+    err = check_error(http.post(server.v1 + "/chat/completions", json={"model": "gpt-4o", "messages": MSGS}), 404)
     assert err["code"] == "model_not_found"
 
 
-def test_unknown_route_and_method(server):
-    check_error(httpx.get(server.v1 + "/engines"), 404)
-    check_error(httpx.put(server.v1 + "/completions", json={}), 405)
+def test_unknown_route_and_method(server, http):
+    check_error(http.get(server.v1 + "/engines"), 404)
+    check_error(http.put(server.v1 + "/completions", json={}), 405)
 
 
-def test_prompt_longer_than_the_context_is_400(server, model_name):
-    err = check_error(httpx.post(server.v1 + "/completions", json={"model": model_name,
+def test_prompt_longer_than_the_context_is_400(server, model_name, http):
+    err = check_error(http.post(server.v1 + "/completions", json={"model": model_name,
                                                                    "prompt": "hello " * 2000}), 400)
     assert "context" in err["message"]
 
@@ -128,11 +128,11 @@ def check_no_5xx(r: httpx.Response) -> None:
 
 @FUZZ
 @given(body=chat_body)
-def test_fuzz_chat(server, body):
-    check_no_5xx(httpx.post(server.v1 + "/chat/completions", json=body, timeout=120))
+def test_fuzz_chat(server, body, http):
+    check_no_5xx(http.post(server.v1 + "/chat/completions", json=body, timeout=120))
 
 
 @FUZZ
 @given(body=completion_body)
-def test_fuzz_completions(server, body):
-    check_no_5xx(httpx.post(server.v1 + "/completions", json=body, timeout=120))
+def test_fuzz_completions(server, body, http):
+    check_no_5xx(http.post(server.v1 + "/completions", json=body, timeout=120))

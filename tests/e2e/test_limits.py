@@ -1,5 +1,5 @@
-"""Limits and lifecycle on a server of its own: --api-key (401), --max-waiting (429), and a graceful
-SIGTERM that ends in-flight streams properly and exits 0."""
+"""Limits and lifecycle on a server of its own: the API key from SCALEINFER_API_KEY (401 on every route
+but /health), --max-waiting (429), and a graceful SIGTERM that ends in-flight streams properly and exits 0."""
 from __future__ import annotations
 
 import signal
@@ -16,20 +16,24 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 @pytest.fixture(scope="module")
 def limited(start_server):
-    with start_server("--api-key", KEY, "--max-num-seqs", "1", "--max-waiting", "1",
-                        "--shutdown-timeout", "1") as s:
+    with start_server("--max-num-seqs", "1", "--max-waiting", "1", "--shutdown-timeout", "1",
+                      env={"SCALEINFER_API_KEY": KEY}) as s:
+        s.headers = AUTH
         yield s
 
 
-def test_api_key(limited):
+def test_api_key(limited, http):
     import openai
 
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": KEY}):
-        r = httpx.post(limited.v1 + "/chat/completions", json=body, headers=headers)
+        r = http.post(limited.v1 + "/chat/completions", json=body, headers=headers)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-    assert httpx.post(limited.v1 + "/chat/completions", json=body, headers=AUTH).status_code == 200
-    assert httpx.get(limited.url + "/health").status_code == 200  # probes need no key
+    assert http.post(limited.v1 + "/chat/completions", json=body, headers=AUTH).status_code == 200
+    assert http.get(limited.url + "/health").status_code == 200  # probes need no key
+    for path in ("/metrics", "/docs", "/openapi.json"):
+        assert http.get(limited.url + path).status_code == 401, path
+        assert http.get(limited.url + path, headers=AUTH).status_code == 200, path
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=limited.v1, api_key="wrong", max_retries=0).models.list()
     assert openai.OpenAI(base_url=limited.v1, api_key=KEY).models.list().data
@@ -67,14 +71,14 @@ def wait_until(predicate, timeout_s: float = 60.0) -> None:
         time.sleep(0.05)
 
 
-def test_queue_full_is_429(limited):
+def test_queue_full_is_429(limited, http):
     running = Stream(limited.v1)
     running.start()
     wait_until(lambda: running.events >= 2)  # it holds the only running slot
     queued = Stream(limited.v1)
     queued.start()
     wait_until(lambda: limited.metric("scaleinfer_num_requests_waiting") == 1)
-    r = httpx.post(limited.v1 + "/completions", json={"prompt": "x", "max_tokens": 2}, headers=AUTH)
+    r = http.post(limited.v1 + "/completions", json={"prompt": "x", "max_tokens": 2}, headers=AUTH)
     assert r.status_code == 429, r.text
     assert r.json()["error"]["code"] == "rate_limit_exceeded" and r.headers.get("retry-after")
     running.stop.set()
@@ -83,11 +87,11 @@ def test_queue_full_is_429(limited):
     queued.join(30)
     wait_until(lambda: limited.metric("scaleinfer_num_requests_running") == 0
                and limited.metric("scaleinfer_num_requests_waiting") == 0, 10)
-    assert httpx.post(limited.v1 + "/completions", json={"prompt": "x", "max_tokens": 2},
+    assert http.post(limited.v1 + "/completions", json={"prompt": "x", "max_tokens": 2},
                       headers=AUTH).status_code == 200
 
 
-def test_sigterm_drains_and_exits_zero(limited):
+def test_sigterm_drains_and_exits_zero(limited, http):
     stream = Stream(limited.v1, max_tokens=400)
     stream.start()
     wait_until(lambda: stream.events >= 2)
@@ -97,5 +101,5 @@ def test_sigterm_drains_and_exits_zero(limited):
     assert stream.lines and stream.lines[-1] == "data: [DONE]"  # the stream was ended properly
     assert "shutting_down" in stream.lines[-2]
     with pytest.raises(httpx.TransportError):
-        httpx.get(limited.url + "/health", timeout=2)
+        http.get(limited.url + "/health", timeout=2)
     assert "What is" not in limited.log() and "Tell a very long story" not in limited.log()  # no prompts logged

@@ -98,8 +98,6 @@ def test_chinese_stream_equals_non_stream_without_replacement_chars(client, mode
     assert any("\u4e00" <= ch <= "\u9fff" for ch in whole), f"expected Chinese text, got {whole!r}"
 
 
-def test_tokenize_detokenize_round_trip(server, model_name):
-    import httpx
-
-    ids = httpx.post(server.url + "/tokenize", json={"model": model_name, "prompt": "Hello, 世界"}).json()["tokens"]
-    assert httpx.post(server.url + "/detokenize", json={"tokens": ids}).json()["prompt"] == "Hello, 世界"
+def test_tokenize_detokenize_round_trip(server, model_name, http):
+    ids = http.post(server.url + "/tokenize", json={"model": model_name, "prompt": "Hello, 世界"}).json()["tokens"]
+    assert http.post(server.url + "/detokenize", json={"tokens": ids}).json()["prompt"] == "Hello, 世界"

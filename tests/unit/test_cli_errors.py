@@ -108,3 +108,16 @@ def test_models_lists_the_catalog():
     proc = run_cli("models")
     assert proc.returncode == 0
     assert "smollm2-135m-instruct" in proc.stdout and "qwen2.5-coder-0.5b-instruct" in proc.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("--ssl-certfile", "/nonexistent/cert.pem"), "--ssl-keyfile"),
+    (("--ssl-certfile", "/nonexistent/cert.pem", "--ssl-keyfile", "/nonexistent/key.pem"), "cannot use"),
+    (("--api-key", "a", "--api-key-file", "/nonexistent/key"), "not both"),
+    (("--api-key-file", "/nonexistent/key"), "cannot read"),
+    (("--max-request-bytes", "lots"), "--max-request-bytes"),
+    (("--header-timeout", "0"), "--header-timeout"),
+])
+def test_bad_serve_security_flags_fail_before_loading(args, needle):
+    proc = run_cli("serve", "--port", "1", *args)
+    assert_clean_error(proc, needle)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import time
 import uuid
@@ -17,22 +16,24 @@ from typing import TYPE_CHECKING
 import torch
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
 from scaleinfer.errors import EngineDeadError, RequestError, ScaleInferError
 from scaleinfer.serving import openai as oai
-from scaleinfer.serving.generation import (APIError, ClientGone, ServerConfig, ServerState, error_body, sse,
-                                           throughput_log, unless_disconnected)
+from scaleinfer.serving.generation import (Admission, APIError, ClientGone, ServerConfig, ServerState, error_body,
+                                           sse, throughput_log, unless_disconnected)
+from scaleinfer.serving.guard import Gate
 from scaleinfer.serving.metrics import CONTENT_TYPE, snapshot
-from scaleinfer.serving.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from scaleinfer.serving.protocol import (ERROR_RESPONSES, GENERATION_RESPONSES, ChatCompletionRequest, CompletionRequest,
+                                         DetokenizeRequest, TokenizeRequest)
 
 if TYPE_CHECKING:
     from scaleinfer.engine.async_engine import AsyncEngine
 
 logger = logging.getLogger(__name__)
-_PROTECTED = ("/v1/", "/tokenize", "/detokenize")
 
 
 def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
@@ -41,58 +42,42 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         eng = engine.engine
-        logger.info("serving %s: dtype %s, KV cache %d tokens, threads %d, max %d running; http://%s:%d",
+        logger.info("serving %s: dtype %s, KV cache %d tokens, threads %d, max %d running; %s://%s:%d%s",
                     config.served_model_name, eng.config.dtype, eng.kv_capacity_tokens, torch.get_num_threads(),
-                    eng.config.scheduler.max_num_seqs, config.host, config.port)
+                    eng.config.scheduler.max_num_seqs, config.scheme, config.host, config.port,
+                    "" if config.api_key is None else " (API key required)")
         ticker = asyncio.ensure_future(throughput_log(state, config.log_interval_s))
         try:
             yield
         finally:
             ticker.cancel()
             engine.shutdown()
+            state.close()
             logger.info("engine stopped")
 
-    app = FastAPI(title="scaleinfer", summary="OpenAI-compatible LLM server", lifespan=lifespan)
+    docs = config.enable_docs
+    app = FastAPI(title="scaleinfer", summary="OpenAI-compatible LLM server", lifespan=lifespan,
+                  docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
+                  openapi_url="/openapi.json" if docs else None, responses=ERROR_RESPONSES)
+    app.openapi = lambda: _openapi(app)
     app.state.server = state
-    app.add_middleware(_Gate, state=state)
+    app.add_middleware(Gate, state=state)
     _add_error_handlers(app)
     _add_routes(app, state)
     return app
 
 
-class _Gate:
-    """Pure ASGI middleware (streams and disconnects pass through untouched): checks the API key and
-    counts responses by route and status."""
-
-    def __init__(self, app, state: ServerState):
-        self.app, self.state = app, state
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        status = 500
-
-        async def send_counted(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            key = self.state.config.api_key
-            if key is not None and scope["path"].startswith(_PROTECTED) and not _key_ok(scope, key):
-                response = JSONResponse(error_body("missing or wrong API key; send 'Authorization: Bearer <key>'",
-                                                   code="invalid_api_key"), status_code=401)
-                return await response(scope, receive, send_counted)
-            await self.app(scope, receive, send_counted)
-        finally:
-            self.state.metrics.record_http(scope["path"], status)
-
-
-def _key_ok(scope, key: str) -> bool:
-    headers = dict(scope["headers"])
-    scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema without its 422 validation responses: this server answers those 400."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+        for operations in schema["paths"].values():
+            for op in operations.values():
+                op["responses"].pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def _error(status: int, message: str, type: str = "invalid_request_error", code: str | None = None,
@@ -118,7 +103,9 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        return _error(exc.status_code, str(exc.detail), code=None if exc.status_code != 404 else "not_found")
+        response = _error(exc.status_code, str(exc.detail), code=None if exc.status_code != 404 else "not_found")
+        response.headers.update(exc.headers or {})  # e.g. Allow on a 405
+        return response
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
@@ -156,7 +143,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             raise EngineDeadError("the engine loop died; restart the server")
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
         if not state.engine.is_dead:
             state.metrics.update_engine(await state.engine.call(snapshot))
@@ -181,9 +168,9 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         if (body.prompt is None) == (body.messages is None):
             raise RequestError("send exactly one of prompt or messages")
         if body.messages is not None:
-            ids = state.encode_chat(oai.chat_messages(body.messages), body.add_generation_prompt, check=False)
+            ids = await state.encode_chat(oai.chat_messages(body.messages), body.add_generation_prompt, check=False)
         else:
-            ids = state.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            ids = await state.tokenize(body.prompt, body.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": state.max_model_len}
 
     @app.post("/detokenize")
@@ -194,48 +181,82 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             raise RequestError(f"token id {bad} is outside the vocabulary [0, {state.vocab_size})")
         return {"prompt": state.tokenizer.decode(body.tokens)}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=GENERATION_RESPONSES)
     async def completions(body: CompletionRequest, request: Request):
         state.check_model(body.model)
         oai.refuse_unsupported(body)
-        state.check_admission()
-        prompts = [state.check_prompt(p) if isinstance(p, list) else state.encode_text(p)
-                   for p in oai.completion_prompts(body)]
-        head = oai.Header(_new_id("cmpl"), int(time.time()), state.config.served_model_name)
-        jobs = [(ids, state.params(body, ids), f"{head.id}-{i}") for i, ids in enumerate(prompts)]
+        raw = oai.completion_prompts(body)
+        for p in raw:
+            if isinstance(p, str):
+                state.check_chars(len(p), "prompt")
+        admission = state.admit(len(raw), body.n)
+        try:
+            prompts = [state.check_prompt(p) if isinstance(p, list) else await state.encode_text(p) for p in raw]
+            head = oai.Header(_new_id("cmpl"), int(time.time()), state.config.served_model_name)
+            jobs = [(ids, state.params(body, ids), f"{head.id}-{i}") for i, ids in enumerate(prompts)]
+        except BaseException:
+            admission.release_all()
+            raise
         num_top = body.logprobs or 0
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _sse(_stream_completion(state, head, jobs, body.n, num_top, usage))
-        outputs = await unless_disconnected(request, state.collect(jobs))
+            return _sse(_stream_completion(state, head, jobs, body.n, num_top, usage, admission), admission)
+        try:
+            outputs = await unless_disconnected(request, state.collect(jobs, admission))
+        finally:
+            admission.release_all()
         return oai.completion_body(head, outputs, num_top, state.token_text)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=GENERATION_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         state.check_model(body.model)
         oai.refuse_unsupported(body)
-        state.check_admission()
-        ids = state.encode_chat(oai.chat_messages(body.messages), body.add_generation_prompt)
-        head = oai.Header(_new_id("chatcmpl"), int(time.time()), state.config.served_model_name)
-        job = (ids, state.params(body, ids), head.id)
+        messages = oai.chat_messages(body.messages)
+        state.check_chars(sum(len(m["content"]) for m in messages), "conversation")
+        admission = state.admit(1, body.n)
+        try:
+            ids = await state.encode_chat(messages, body.add_generation_prompt)
+            head = oai.Header(_new_id("chatcmpl"), int(time.time()), state.config.served_model_name)
+            job = (ids, state.params(body, ids), head.id)
+        except BaseException:
+            admission.release_all()
+            raise
         num_top = body.top_logprobs or 0
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _sse(_stream_chat(state, head, job, body.n, num_top, usage))
-        (output,) = await unless_disconnected(request, state.collect([job]))
+            return _sse(_stream_chat(state, head, job, body.n, num_top, usage, admission), admission)
+        try:
+            (output,) = await unless_disconnected(request, state.collect([job], admission))
+        finally:
+            admission.release_all()
         return oai.chat_body(head, output, num_top, state.token_text)
 
 
-def _sse(chunks) -> StreamingResponse:
-    return StreamingResponse(chunks, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+class _AdmittedStream(StreamingResponse):
+    """An SSE response that gives its request's admission back however it ends, even unstarted."""
+
+    def __init__(self, chunks, admission: Admission):
+        super().__init__(chunks, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.admission = admission
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.admission.release_all()
 
 
-async def _stream_completion(state: ServerState, head: oai.Header, jobs, n: int, num_top: int, usage: bool):
+def _sse(chunks, admission: Admission) -> StreamingResponse:
+    return _AdmittedStream(chunks, admission)
+
+
+async def _stream_completion(state: ServerState, head: oai.Header, jobs, n: int, num_top: int, usage: bool,
+                             admission: Admission):
     cursor = oai.StreamCursor()
     finals = [None] * len(jobs)
     try:
-        async with contextlib.aclosing(state.stream(jobs)) as outs:
+        async with contextlib.aclosing(state.stream(jobs, admission)) as outs:
             async for p, out in outs:
                 finals[p] = out
                 for delta in cursor.deltas(out, p * n):
@@ -248,13 +269,14 @@ async def _stream_completion(state: ServerState, head: oai.Header, jobs, n: int,
     yield sse("[DONE]")
 
 
-async def _stream_chat(state: ServerState, head: oai.Header, job, n: int, num_top: int, usage: bool):
+async def _stream_chat(state: ServerState, head: oai.Header, job, n: int, num_top: int, usage: bool,
+                       admission: Admission):
     cursor = oai.StreamCursor()
     final = None
     try:
         for i in range(n):
             yield sse(oai.chat_chunk(head, [oai.chat_role_choice(i)], usage))
-        async with contextlib.aclosing(state.stream([job])) as outs:
+        async with contextlib.aclosing(state.stream([job], admission)) as outs:
             async for _, final in outs:
                 for delta in cursor.deltas(final):
                     choice = oai.chat_chunk_choice(delta, final, num_top, state.token_text)

@@ -1,5 +1,6 @@
-"""Runs the routes' requests on the AsyncEngine: prompt checks, admission (--max-waiting), per-request
-metrics, merging several prompts' streams, SSE framing, and aborting when the client goes away.
+"""Runs the routes' requests on the AsyncEngine: prompt checks, tokenization on worker threads (never on
+the event loop), admission (--max-waiting, counted in sequences), per-request metrics, merging several
+prompts' streams, SSE framing, and aborting when the client goes away.
 
 app.py owns the routes; openai.py turns what this module yields into JSON.
 """
@@ -11,6 +12,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -19,6 +21,7 @@ from starlette.requests import Request
 from scaleinfer.errors import RequestError
 from scaleinfer.request import RequestOutput
 from scaleinfer.sampling_params import SamplingParams
+from scaleinfer.serving.limits import ServerLimits
 from scaleinfer.serving.metrics import ServerMetrics
 from scaleinfer.serving.openai import sampling_params
 
@@ -56,10 +59,15 @@ class ServerConfig:
     """Other names accepted in the `model` field (catalog name, checkpoint name)."""
     api_key: str | None = None
     max_waiting: int | None = None
-    """Most admitted requests without a first token (queued or in prefill); beyond it, 429."""
+    """Most admitted sequences (prompts x n) without a first token (queued or in prefill); beyond it, 429."""
     host: str = "127.0.0.1"
     port: int = 8000
+    scheme: str = "http"
+    """https when the server speaks TLS."""
     log_interval_s: float = 10.0
+    limits: ServerLimits = ServerLimits()
+    enable_docs: bool = True
+    """Serve /docs, /redoc and /openapi.json (--disable-docs turns them off)."""
 
 
 def error_body(message: str, type: str = "invalid_request_error", code: str | None = None,
@@ -69,6 +77,26 @@ def error_body(message: str, type: str = "invalid_request_error", code: str | No
 
 def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+TOKENIZER_THREADS = 4
+"""Worker threads that tokenize and render chat templates (the tokenizer releases the GIL)."""
+
+
+class Admission:
+    """The sequences one request holds in ServerState.num_pending until each job's first token."""
+
+    def __init__(self, state: ServerState, num_seqs: int):
+        self._state, self.held = state, num_seqs
+        state.num_pending += num_seqs
+
+    def release(self, num_seqs: int) -> None:
+        num_seqs = min(num_seqs, self.held)
+        self.held -= num_seqs
+        self._state.num_pending -= num_seqs
+
+    def release_all(self) -> None:
+        self.release(self.held)
 
 
 class ServerState:
@@ -83,6 +111,10 @@ class ServerState:
         self.kv_capacity_tokens: int = engine.engine.kv_capacity_tokens
         self.metrics = ServerMetrics(config.served_model_name)
         self.num_pending = 0
+        """Admitted sequences without a first token yet (see Admission)."""
+        self.max_prompt_chars = self.max_model_len * self.tokenizer.max_token_chars
+        """A longer text has more tokens than the context holds: refused before it is tokenized."""
+        self._pool: ThreadPoolExecutor | None = None
         self.draining = False
         self._tasks: set[asyncio.Future] = set()
         self.created = int(time.time())
@@ -96,13 +128,32 @@ class ServerState:
                             f"{self.config.served_model_name!r} (see GET /v1/models)", code="model_not_found",
                        param="model")
 
-    def check_admission(self) -> None:
+    def admit(self, num_prompts: int, n: int) -> Admission:
+        """Count a request's prompts x n sequences as waiting, or refuse it: 400 if it can never be
+        admitted, 429 if it does not fit now. No await in here: the check and the count are atomic."""
         if self.draining:
             raise ShuttingDown()
+        num_seqs = num_prompts * n
+        cap = self.config.limits.max_seqs_per_request
+        if num_seqs > cap:
+            raise APIError(400, f"this request asks for {num_seqs} sequences ({num_prompts} prompts x n={n}), more "
+                                f"than the {cap} one request may (--max-seqs-per-request); split it", param="n")
         limit = self.config.max_waiting
-        if limit is not None and self.num_pending >= limit:
-            raise APIError(429, f"the server is busy: {self.num_pending} requests are waiting (--max-waiting "
-                                f"{limit}); retry later", type="rate_limit_exceeded", code="rate_limit_exceeded")
+        if limit is not None and num_seqs > limit:
+            raise APIError(400, f"this request asks for {num_seqs} sequences ({num_prompts} prompts x n={n}), more "
+                                f"than this server lets wait at once (--max-waiting {limit}); split it", param="n")
+        if limit is not None and self.num_pending + num_seqs > limit:
+            raise APIError(429, f"the server is busy: {self.num_pending} sequences are waiting for their first "
+                                f"token (--max-waiting {limit}); retry later", type="rate_limit_exceeded",
+                           code="rate_limit_exceeded")
+        return Admission(self, num_seqs)
+
+    def check_chars(self, num_chars: int, what: str) -> None:
+        """Refuse a text that cannot fit the context whatever its tokens, before tokenizing it."""
+        if num_chars > self.max_prompt_chars:
+            raise RequestError(f"the {what} has {num_chars} characters: more tokens than the context of "
+                               f"{self.max_model_len} holds (a token here spans at most "
+                               f"{self.tokenizer.max_token_chars} characters); shorten it")
 
     def check_prompt(self, prompt_ids: list[int], what: str = "prompt") -> list[int]:
         n = len(prompt_ids)
@@ -122,17 +173,41 @@ class ServerState:
         """The SamplingParams of a completion or chat body for this prompt."""
         return sampling_params(body, len(prompt_ids), self.max_model_len, self.vocab_size)
 
-    def encode_text(self, text: str) -> list[int]:
-        return self.check_prompt(self.tokenizer.encode(text))
+    async def off_loop(self, fn: Callable, *args):
+        """fn(*args) on a tokenizer thread, so a long text never stalls the other connections."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="tokenize")
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
-    def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
-                    check: bool = True) -> list[int]:
+    async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+            return await self.off_loop(self.tokenizer.encode, text, add_special_tokens)
+        except UnicodeEncodeError as exc:  # the protocol refuses lone surrogates first; this is the backstop
+            raise RequestError(f"the text is not valid Unicode ({exc.reason}); send UTF-8 text") from None
+
+    async def encode_text(self, text: str) -> list[int]:
+        self.check_chars(len(text), "prompt")
+        return self.check_prompt(await self.tokenize(text))
+
+    async def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+                          check: bool = True) -> list[int]:
+        if check:
+            self.check_chars(sum(len(m["content"]) for m in messages), "conversation")
+        try:
+            text = await self.off_loop(self._render, messages, add_generation_prompt)
         except Exception as exc:  # noqa: BLE001 - a template that rejects these messages is a bad request
             raise RequestError(f"the model's chat template cannot render these messages: {exc}") from exc
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        ids = await self.tokenize(text, False)
         return self.check_prompt(ids, "conversation") if check else ids
+
+    def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+
+    def close(self) -> None:
+        """Stop the tokenizer threads (a later request starts new ones)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def token_text(self, token_id: int) -> str:
         """A token's own text, for logprobs (cached: the same few thousand tokens come back)."""
@@ -142,24 +217,23 @@ class ServerState:
         return text
 
     # ---- running requests ----------------------------------------------------------------------
-    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str
-                       ) -> AsyncIterator[RequestOutput]:
-        """engine.generate with admission bookkeeping and metrics."""
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
+                       admission: Admission) -> AsyncIterator[RequestOutput]:
+        """engine.generate with metrics; its n sequences leave `admission` at the first token (or the end)."""
         start = time.perf_counter()
         first = None
         last = None
-        self.num_pending += 1
         try:
             async with contextlib.aclosing(self.engine.generate(prompt_ids, params, request_id)) as outs:
                 async for out in outs:
                     if first is None and any(c.token_ids for c in out.outputs):
                         first = time.perf_counter()
-                        self.num_pending -= 1
+                        admission.release(params.n)
                     last = out
                     yield out
         finally:
             if first is None:
-                self.num_pending -= 1
+                admission.release(params.n)
             self._record(last, params, start, first)
 
     def _record(self, last: RequestOutput | None, params: SamplingParams, start: float, first: float | None):
@@ -173,15 +247,16 @@ class ServerState:
         self.metrics.record_finished(reasons, len(last.prompt_token_ids), num_out,
                                      None if first is None else first - start, tpot, end - start)
 
-    async def collect(self, jobs: list[tuple[list[int], SamplingParams, str]]) -> list[RequestOutput]:
+    async def collect(self, jobs: list[tuple[list[int], SamplingParams, str]], admission: Admission
+                      ) -> list[RequestOutput]:
         """The final outputs of several requests, in job order."""
         finals: list = [None] * len(jobs)
-        async with contextlib.aclosing(self.stream(jobs)) as outs:
+        async with contextlib.aclosing(self.stream(jobs, admission)) as outs:
             async for i, out in outs:
                 finals[i] = out
         return finals
 
-    async def stream(self, jobs: list[tuple[list[int], SamplingParams, str]]
+    async def stream(self, jobs: list[tuple[list[int], SamplingParams, str]], admission: Admission
                      ) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(job index, cumulative output) of several requests as they come; leaving early aborts all.
 
@@ -192,7 +267,7 @@ class ServerState:
 
         async def pump(i: int, job) -> None:
             try:
-                async with contextlib.aclosing(self.generate(*job)) as outs:
+                async with contextlib.aclosing(self.generate(*job, admission)) as outs:
                     async for out in outs:
                         queue.put_nowait((i, out))
             except asyncio.CancelledError:

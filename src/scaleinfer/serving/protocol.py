@@ -3,19 +3,59 @@
 Unknown fields are ignored, as OpenAI does. Fields we know but cannot honour (tools, logit_bias,
 echo, ...) are accepted here and refused with a clear 400 by openai.refuse_unsupported, so the
 message names the field instead of a schema error. Numeric bounds that SamplingParams checks
-again are stated here too, so the OpenAPI schema (and a fuzzer reading it) sees them.
+again are stated here too, so the OpenAPI schema (and a fuzzer reading it) sees them. Text with a lone
+UTF-16 surrogate (JSON "\\ud800", which no UTF-8 can carry) is refused before any field is read.
 """
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 MAX_SEED = 2**63 - 1
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
+    """strict: a field takes its JSON type only ("5" is no integer, 16.0 no max_tokens), as OpenAI."""
+
+
+def _lone_surrogate(value: Any, path: str) -> str | None:
+    """Where the first lone surrogate in a JSON value is ("messages[0].content, character 3"), else None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return f"{path or 'a string'} (\\u{ord(value[exc.start]):04x} at character {exc.start})"
+        return None
+    if isinstance(value, dict):
+        items = [(k, f"{path}.{k}" if path else str(k)) for k in value]
+        for key, where in items:
+            found = _lone_surrogate(key, f"a key of {path or 'the body'}") or _lone_surrogate(value[key], where)
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            if isinstance(item, (str, list, dict)):
+                found = _lone_surrogate(item, f"{path}[{i}]")
+                if found:
+                    return found
+    return None
+
+
+class _Request(_Body):
+    """A whole request body: its text must be valid Unicode."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        found = _lone_surrogate(data, "")
+        if found:
+            raise PydanticCustomError("unicode", "{where} holds a lone UTF-16 surrogate, which is not text; send "
+                                                 "valid Unicode (escape pairs \\ud83d\\ude00 are fine)",
+                                      {"where": found})
+        return data
 
 
 class StreamOptions(_Body):
@@ -23,7 +63,7 @@ class StreamOptions(_Body):
     """Send one more chunk before [DONE] with empty choices and the request's token usage."""
 
 
-class _SamplingFields(_Body):
+class _SamplingFields(_Request):
     """Sampling fields shared by /v1/completions and /v1/chat/completions (OpenAI + vLLM extras)."""
 
     model: str | None = None
@@ -104,7 +144,7 @@ class ChatCompletionRequest(_SamplingFields):
     modalities: list[str] | None = None
 
 
-class TokenizeRequest(_Body):
+class TokenizeRequest(_Request):
     """POST /tokenize: either prompt or messages."""
 
     model: str | None = None
@@ -114,8 +154,35 @@ class TokenizeRequest(_Body):
     add_generation_prompt: bool = True
 
 
-class DetokenizeRequest(_Body):
+class DetokenizeRequest(_Request):
     """POST /detokenize."""
 
     model: str | None = None
     tokens: list[int]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx / 5xx body: OpenAI's error object."""
+
+    error: ErrorDetail
+
+
+_ERROR_STATUSES = {400: "Bad request: invalid JSON, fields or values (the message names which)",
+                   401: "Missing or wrong API key (when the server has one)",
+                   404: "Unknown route or model", 405: "Method not allowed on this route",
+                   413: "Request body over --max-request-bytes", 429: "Too many sequences waiting (--max-waiting)",
+                   431: "Request head over --max-header-bytes", 503: "The engine died or the server is shutting down"}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text} for status, text in _ERROR_STATUSES.items()}
+"""The error responses every route may give, for the OpenAPI schema."""
+GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "JSON, or with stream=true server-sent events ('data: {chunk}' lines, then "
+                         "'data: [DONE]')", "content": {"application/json": {}, "text/event-stream": {}}}}
+"""The 200 of /v1/completions and /v1/chat/completions."""

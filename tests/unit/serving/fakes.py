@@ -1,12 +1,14 @@
 """A stand-in AsyncEngine and tokenizer for testing the HTTP layer without model weights.
 
-The fake tokenizer maps each UTF-8 byte b to token id b + 3 (0-2 are specials). The fake engine emits
+The fake tokenizer maps each UTF-8 byte b to token id b + 3 (0-2 are specials) and can be told to
+block on a text (a slow tokenization). The fake engine emits
 "abcdef..." one token per step as cumulative outputs, the way AsyncEngine.generate does, honouring n,
 max_tokens, stop strings and logprobs, and records which requests finished or were aborted.
 """
 from __future__ import annotations
 
 import asyncio
+import threading
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -19,8 +21,20 @@ VOCAB = 256 + OFFSET
 
 class FakeTokenizer:
     eos_token_ids = (0,)
+    max_token_chars = 1
+
+    def __init__(self):
+        self.calls = 0
+        self.hold: threading.Event | None = None
+        """When set, encoding a text that contains "SLOW" waits (up to 10 s) until the test sets it."""
+        self.holding = threading.Event()
+        self.hold_timed_out = False
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        self.calls += 1
+        if self.hold is not None and "SLOW" in text:
+            self.holding.set()
+            self.hold_timed_out = not self.hold.wait(10)
         return [b + OFFSET for b in text.encode("utf-8")]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
@@ -65,6 +79,8 @@ class FakeAsyncEngine:
         self.aborted: list[str] = []
         self.finished: list[str] = []
         self.seen: list[tuple[list[int], SamplingParams]] = []
+        self.hold_first: asyncio.Event | None = None
+        """When given, no request gets its first token before the test sets it (they all wait)."""
 
     async def generate(self, prompt, params: SamplingParams, request_id: str | None = None):
         self.seen.append((list(prompt), params))
@@ -73,6 +89,8 @@ class FakeAsyncEngine:
         finish: list[str | None] = [None] * params.n
         done = False
         try:
+            if self.hold_first is not None:
+                await self.hold_first.wait()
             for step in range(params.max_tokens):
                 await asyncio.sleep(self.step_delay)
                 for i in range(params.n):
