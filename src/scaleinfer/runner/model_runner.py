@@ -1,6 +1,9 @@
 """ModelRunner: owns the model, the KV cache tensors and the sampler; executes one scheduled step.
 
-    SchedulerOutput -> ForwardBatch -> model.forward -> logits -> Sampler -> ModelOutput
+    SchedulerOutput -> ForwardBatch -> decode program | model.forward -> logits -> Sampler -> ModelOutput
+
+A decode-only step that the decode program covers (runner/decode_program.py) runs through it; every
+other step, and every step with `lean_decode` off, through the model's own forward (the reference).
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from scaleinfer.attention.layer import layer_patterns
 from scaleinfer.config import CacheConfig, ModelConfig
 from scaleinfer.kv_cache.cache_tensors import allocate_kv_caches
 from scaleinfer.models.interface import CausalLM
+from scaleinfer.runner.decode_program import DecodePlan
 from scaleinfer.runner.forward_batch import build_forward_batch
 from scaleinfer.sampler import Sampler, SamplingMetadata
 from scaleinfer.scheduler import ModelOutput, SchedulerOutput
@@ -20,6 +24,10 @@ logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
+    lean_decode = True
+    """Run decode-only steps through the decode program where it covers them; False sends every step
+    through model.forward (tests compare the two)."""
+
     def __init__(self, model: CausalLM, model_config: ModelConfig, cache_config: CacheConfig,
                  num_blocks: int, dtype: torch.dtype, device: str = "cpu"):
         self.model = model
@@ -40,12 +48,14 @@ class ModelRunner:
         self.eos_token_ids = model_config.eos_token_ids
         self.patterns = layer_patterns(model)
         """The attention pattern of every layer, in order; metadata gets a view per distinct one."""
+        self.decode_plan: DecodePlan | None = None
+        """The decode program, built at the first decode-only step (None: not built, or not covered)."""
+        self._plan_built = False
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelOutput:
         batch = build_forward_batch(sched, self.block_size, self.patterns).to(self.device)
-        logits = self.model.forward(batch.input_ids, batch.positions, self.kv_caches, batch.meta,
-                                    batch.logits_indices)
+        logits = self._forward(batch.input_ids, batch.positions, batch.meta, batch.logits_indices)
         out = ModelOutput()
         if not batch.sample_requests:
             return out
@@ -92,5 +102,24 @@ class ModelRunner:
         with torch.inference_mode():
             positions = torch.arange(num_cached, total, device=self.device)
             rows = torch.arange(n) if rows is None else rows
-            return self.model.forward(torch.tensor(token_ids, device=self.device), positions, self.kv_caches,
-                                      meta.to(self.device), rows.to(self.device))
+            return self._forward(torch.tensor(token_ids, device=self.device), positions, meta.to(self.device),
+                                 rows.to(self.device))
+
+    def _forward(self, input_ids, positions, meta, logits_indices) -> torch.Tensor:
+        """Logits of `logits_indices`: through the decode program for a decode-only step it covers,
+        else through model.forward."""
+        if self.lean_decode and not meta.prefills and meta.num_decode_tokens == input_ids.shape[0]:
+            plan = self._current_plan()
+            if plan is not None:
+                logits = plan.run(input_ids, positions, self.kv_caches, meta, logits_indices)
+                if logits is not None:
+                    return logits
+        return self.model.forward(input_ids, positions, self.kv_caches, meta, logits_indices)
+
+    def _current_plan(self) -> DecodePlan | None:
+        """The decode program, rebuilt when a quantization method, KV cache or attention pattern it was
+        built with has been swapped since; a model it does not cover is not asked again."""
+        if not self._plan_built or (self.decode_plan is not None and not self.decode_plan.current(self.kv_caches)):
+            self.decode_plan = DecodePlan.build(self.model, self.kv_caches)
+            self._plan_built = True
+        return self.decode_plan
