@@ -122,27 +122,6 @@ class LlamaForCausalLM(nn.Module):
         return DecoderWeights(a.num_heads, a.num_kv_heads, a.head_dim, first.input_layernorm.eps, layers,
                               embed=self.embed_tokens, rope=self.rotary.lookup, head=self.compute_head)
 
-    @torch.no_grad()
-    def key_channel_scales(self, strength: float = 0.5) -> list[torch.Tensor]:
-        """Per layer, [num_kv_heads, head_dim] divisors for int8 keys (quantization/kv_int8.py), from the
-        weights alone: channel c of k = W_k (g * n) + b_k, with n the RMS-normalized input (unit RMS),
-        has magnitude about sqrt(b_c^2 + sum_j (W_cj g_j)^2); RoPE mixes channels i and i + D/2, so a
-        pair shares the root of their summed squares; the divisor is that to the power `strength`."""
-        out = []
-        for layer in self.layers:
-            a = layer.self_attn
-            h, h_kv, d = a.num_heads, a.num_kv_heads, a.head_dim
-            qkv = a.qkv_proj
-            w = qkv.weight if qkv.weight is not None else qkv.quant_method.dequantize(qkv)
-            w_k = w[h * d:(h + h_kv) * d].float() * layer.input_layernorm.weight.float()[None, :]
-            sq = (w_k * w_k).sum(dim=1)
-            if qkv.bias is not None:
-                sq = sq + qkv.bias[h * d:(h + h_kv) * d].float() ** 2
-            sq = sq.view(h_kv, d)
-            pair = (sq[:, :d // 2] + sq[:, d // 2:]).sqrt().clamp(min=1e-6)
-            out.append(torch.cat([pair, pair], dim=1) ** strength)
-        return out
-
     def compute_head(self, x, residual, logits_indices) -> torch.Tensor:
         # Only the rows that need logits go through the final norm and the LM head.
         x = x.index_select(0, logits_indices)

@@ -11,16 +11,32 @@ import logging
 
 import torch
 
+from scaleinfer.attention.kv_int8 import key_channel_scale
 from scaleinfer.attention.layer import layer_patterns
 from scaleinfer.config import CacheConfig, ModelConfig
 from scaleinfer.kv_cache.cache_tensors import allocate_kv_caches
-from scaleinfer.models.interface import CausalLM
+from scaleinfer.models.interface import CausalLM, DecoderWeights
 from scaleinfer.runner.decode_program import DecodePlan
 from scaleinfer.runner.forward_batch import build_forward_batch
 from scaleinfer.sampler import Sampler, SamplingMetadata
 from scaleinfer.scheduler import ModelOutput, SchedulerOutput
 
 logger = logging.getLogger(__name__)
+
+
+def int8_key_scales(weights: DecoderWeights) -> list[torch.Tensor]:
+    """Per layer, the int8 KV cache's key channel divisors (attention/kv_int8.py: key_channel_scale)
+    from the K rows of the fused QKV weight (dequantized if the method packed it), their bias and the
+    input norm weight. Only a Llama-shaped layer (no K norm) gives keys this formula describes."""
+    h, h_kv, d = weights.num_heads, weights.num_kv_heads, weights.head_dim
+    rows = slice(h * d, (h + h_kv) * d)
+    out = []
+    for layer in weights.layers:
+        qkv = layer.qkv
+        w = qkv.weight if qkv.weight is not None else qkv.quant_method.dequantize(qkv)
+        bias = qkv.bias[rows] if qkv.bias is not None else None
+        out.append(key_channel_scale(w[rows], bias, layer.input_norm, h_kv, d))
+    return out
 
 
 class ModelRunner:
@@ -41,9 +57,9 @@ class ModelRunner:
         self.block_size = cache_config.block_size
         self.kv_caches = allocate_kv_caches(model_config, num_blocks, self.block_size, dtype, device,
                                             cache_config.kv_cache_dtype)
-        if cache_config.kv_cache_dtype == "int8" and hasattr(model, "key_channel_scales"):
-            for (k_cache, _), c in zip(self.kv_caches, model.key_channel_scales()):
-                k_cache.channel_scale = c.to(self.device)   # quantization/kv_int8.py: per-channel key scales
+        if cache_config.kv_cache_dtype == "int8" and hasattr(model, "decode_layers"):
+            for (k_cache, _), c in zip(self.kv_caches, int8_key_scales(model.decode_layers())):
+                k_cache.channel_scale = c.to(self.device)   # attention/kv_int8.py: per-channel key scales
         self.sampler = Sampler()
         self.eos_token_ids = model_config.eos_token_ids
         self.patterns = layer_patterns(model)
