@@ -1,7 +1,7 @@
 """The runner's decode program on tiny random Llama / Qwen2 / Gemma 3 models: it takes the decode-only
 steps it covers with logits bit-identical to model.forward, is rebuilt when a quantization method is
-swapped, and leaves to model.forward what it does not cover (a family without decode_layers, int8 KV,
-prefill); with int8 KV the runner sets the key divisors of Llama-shaped layers only."""
+swapped, and leaves to model.forward what it does not cover (a family without decode_layers, another
+attention backend, prefill); with int8 KV the runner sets the key divisors of Llama-shaped layers only."""
 from __future__ import annotations
 
 import pytest
@@ -68,7 +68,7 @@ def test_plan_is_rebuilt_when_a_quantization_method_is_swapped():
     assert torch.equal(lean, _decode(runner, False))
 
 
-def test_gemma3_and_int8_kv_take_the_module_path():
+def test_gemma3_and_the_sdpa_int8kv_backend_take_the_module_path():
     gemma = _runner(*_tiny("gemma3", "sdpa-int8kv", sliding_window=4, hidden_activation="gelu_pytorch_tanh"), kv_cache_dtype="int8")
     _decode(gemma, True)
     assert gemma.decode_plan is None and all(k.channel_scale is None for k, _ in gemma.kv_caches)
