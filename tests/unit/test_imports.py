@@ -125,6 +125,13 @@ def test_nothing_imports_cli():
     assert not bad, "only `python -m scaleinfer` may import the CLI:\n" + "\n".join(bad)
 
 
+def test_kernels_import_only_config_and_errors():
+    """The C++ library and its loader (D0) sit below every package that calls them."""
+    bad = [f"{where}: {_name(src)} imports {imported}" for where, src, dst, imported in edges()
+           if src in ("kernels", "quantization.kernels") and dst not in ("config", "errors")]
+    assert not bad, "kernels may import only config and errors:\n" + "\n".join(bad)
+
+
 def strongly_connected(graph: dict[str, set[str]]) -> list[list[str]]:
     """Tarjan's algorithm: the components of more than one node (the cycles), each sorted."""
     index: dict[str, int] = {}
