@@ -40,7 +40,7 @@ def child(model: str, kv: str, path: str, threads: int) -> dict:
     llm = LLM(model, threads=threads, kv_cache_memory="64MiB", max_model_len=512, kv_cache_dtype=kv)
     m = llm.engine.model
     if path != "program":
-        m.lean_decode = False   # Gemma has no decode program; this turns SmolLM2's off
+        llm.engine.runner.lean_decode = False   # Gemma has no decode program; this turns SmolLM2's off
     if path == "compiled":
         for layer in m.layers:
             layer.forward = torch.compile(layer.forward, dynamic=True)

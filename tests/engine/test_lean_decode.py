@@ -1,4 +1,4 @@
-"""The lean decode loop (models/llama.py: _DecodePlan) runs the same kernels as the modules' forward:
+"""The decode program (runner/decode_program.py: DecodePlan) runs the same kernels as the modules' forward:
 greedy tokens and their log-probabilities are bit-identical with it on and off, for batched decodes
 of different lengths (the batch shrinking as requests finish), in fp32 and the quantized modes (w4a8: a
 fused QKV split into int4 q/k and int8 v with int4-g64), and under a sliding-window pattern."""
@@ -10,7 +10,7 @@ import torch
 
 from scaleinfer import LLM, SamplingParams
 from scaleinfer.layers.fused import fused_ops
-from scaleinfer.models.llama import _DecodePlan
+from scaleinfer.runner.decode_program import DecodePlan
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(fused_ops(torch.zeros(1)) is None, reason="CPU kernels not built (no compiler)")]
@@ -19,7 +19,7 @@ PROMPTS = ["The capital of France is", "List three colours:", "def fib(n):\n   "
 
 
 def _run(llm: LLM, lean: bool):
-    llm.engine.model.lean_decode = lean
+    llm.engine.runner.lean_decode = lean
     # different lengths: the decode batch shrinks 3 -> 2 -> 1 (the program's buffers per row count)
     params = [SamplingParams(temperature=0, max_tokens=n, logprobs=2, ignore_eos=True) for n in (12, 5, 8)]
     outs = llm.generate(PROMPTS, params)
@@ -30,17 +30,17 @@ def _run(llm: LLM, lean: bool):
 def test_lean_decode_is_bit_identical(mode):
     llm = LLM("smollm2-135m-instruct", kv_cache_memory="64MiB", max_model_len=256, quantization=mode)
     calls = []
-    plan_run = _DecodePlan.run
+    plan_run = DecodePlan.run
 
     def counting_run(self, *args):
         calls.append(1)
         return plan_run(self, *args)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(_DecodePlan, "run", counting_run)
+        mp.setattr(DecodePlan, "run", counting_run)
         lean = _run(llm, True)
     assert len(calls) >= 10                       # the decode steps went through the plan
-    plan = llm.engine.model._decode_plan
+    plan = llm.engine.runner.decode_plan
     assert plan.program is not None and plan.max_rows >= 3   # ... and its C++ program
     spec = plan.methods[0].decode_spec(plan.linears[0])
     if mode == "int4-g64":  # re-rounded, so the fused QKV is split: int4 q/k, int8 v (quantization/mixed.py)

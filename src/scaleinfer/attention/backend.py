@@ -30,7 +30,7 @@ class AttentionBackend(Protocol):
 
 def get_backend(name: str) -> AttentionBackend:
     from scaleinfer.attention.sdpa import CpuPagedBackend, SdpaBackend
-    from scaleinfer.quantization.kv_int8 import Int8KVSdpaBackend
+    from scaleinfer.attention.kv_int8 import Int8KVSdpaBackend
 
     backends = {"sdpa": SdpaBackend, "cpu": CpuPagedBackend, "sdpa-int8kv": Int8KVSdpaBackend}
     if name not in backends:

@@ -15,7 +15,7 @@ from scaleinfer.errors import ConfigError
 def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
     """K + V bytes of one token over all layers."""
     if kv_cache_dtype == "int8":
-        from scaleinfer.quantization.kv_int8 import bytes_per_token as int8_bytes_per_token
+        from scaleinfer.attention.kv_int8 import bytes_per_token as int8_bytes_per_token
 
         return int8_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -36,10 +36,10 @@ def num_blocks_for_budget(cfg: ModelConfig, cache: CacheConfig, dtype: torch.dty
 def allocate_kv_caches(cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
                        device: str | torch.device = "cpu", kv_cache_dtype: str = "auto"
                        ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer (K, V): tensors of `dtype`, or quantization.kv_int8.Int8KV pairs for kv_cache_dtype int8."""
+    """Per layer (K, V): tensors of `dtype`, or attention.kv_int8.Int8KV pairs for kv_cache_dtype int8."""
     shape = (num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
     if kv_cache_dtype == "int8":
-        from scaleinfer.quantization.kv_int8 import Int8KV
+        from scaleinfer.attention.kv_int8 import Int8KV
 
         return [(Int8KV.empty(*shape, device=device), Int8KV.empty(*shape, device=device))
                 for _ in range(cfg.num_layers)]

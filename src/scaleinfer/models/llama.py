@@ -21,6 +21,7 @@ from scaleinfer.layers.activation import silu_and_mul
 from scaleinfer.layers.linear import Linear, MergedLinear
 from scaleinfer.layers.norm import RMSNorm
 from scaleinfer.layers.rotary import RotaryEmbedding, apply_rotary_
+from scaleinfer.models.interface import DecoderLayerWeights, DecoderWeights
 
 # checkpoint projection name -> (fused module name, shard index)
 _STACKED = {
@@ -82,104 +83,6 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(h), residual
 
 
-def _program_linear(spec) -> tuple:
-    """A DecodeSpec as DecodeProgram.add_layer takes a linear: ([(kind, tensors, group), ...], bias)."""
-    return [(p.kind, p.tensors, p.group) for p in (spec.parts or (spec,))], spec.bias
-
-
-class _DecodePlan:
-    """A decode-only step of the Llama family as a flat loop over the fused CPU kernels (layers/fused.py,
-    quantization/csrc/): the same kernels, in the same order, as the modules' forward (so the logits
-    are bit-identical, tested), minus the nn.Module dispatch, shape checks and views that cost as much
-    as the matmuls of a 135M model at batch 1. Where every linear's method gives a `decode_spec`, the
-    whole layer loop runs in one C++ call (csrc/decode_step.cpp: DecodeProgram); otherwise, or for more
-    rows than a spec takes, it runs from Python. Built once per model and KV cache; it re-checks the
-    quantization methods, so a method swapped in later is used as is. A step it does not cover
-    (prefill, int8 KV, sink shifts, another dtype or device) takes the module path."""
-
-    def __init__(self, ops, layers, dims, caches):
-        self.ops, self.layers = ops, layers
-        self.h, self.h_kv, self.d, self.eps = dims
-        self.caches = caches
-        self.layer_patterns = [layer[6].pattern for layer in layers]
-        self.patterns = list(dict.fromkeys(self.layer_patterns))  # one attention view per distinct pattern
-        self.view_of = [self.patterns.index(p) for p in self.layer_patterns]
-        self.linears = [layer[i] for layer in layers for i in (1, 2, 4, 5)]  # qkv, o, gate_up, down
-        self.methods = [lin.quant_method for lin in self.linears]  # what the plan was built with
-        self.program, self.max_rows = self._compile()
-
-    @classmethod
-    def build(cls, model, kv_caches) -> "_DecodePlan | bool":
-        from scaleinfer.attention.sdpa import CpuPagedBackend
-        from scaleinfer.layers.fused import fused_ops
-
-        first = model.layers[0]
-        ops = fused_ops(model.norm.weight)
-        if ops is None or not isinstance(first.self_attn.attn.backend, CpuPagedBackend) \
-                or not all(isinstance(c[0], torch.Tensor) and c[0].dtype == torch.float32 for c in kv_caches):
-            return False
-        layers = [(layer.input_layernorm.weight, layer.self_attn.qkv_proj, layer.self_attn.o_proj,
-                   layer.post_attention_layernorm.weight, layer.mlp.gate_up_proj, layer.mlp.down_proj,
-                   layer.self_attn.attn) for layer in model.layers]
-        a = first.self_attn
-        return cls(ops, layers, (a.num_heads, a.num_kv_heads, a.head_dim, first.input_layernorm.eps),
-                   [tuple(c) for c in kv_caches])
-
-    def _compile(self):
-        """The C++ program for the layer loop and the most rows all its linears take, or (None, 0)."""
-        if not hasattr(self.ops, "DecodeProgram"):
-            return None, 0
-        if not all(hasattr(m, "decode_spec") for m in self.methods):
-            return None, 0
-        program = self.ops.DecodeProgram(self.h, self.h_kv, self.d, self.eps)
-        max_rows = 1 << 30
-        for (w_in, qkv, o, w_post, gate_up, down, attn), (k_cache, v_cache), view in zip(
-                self.layers, self.caches, self.view_of):
-            specs = [lin.quant_method.decode_spec(lin) for lin in (qkv, o, gate_up, down)]
-            if any(s is None for s in specs):
-                return None, 0
-            max_rows = min([max_rows] + [s.max_rows for s in specs])
-            program.add_layer(w_in, w_post, k_cache, v_cache, attn.scale, view, *map(_program_linear, specs))
-        return program, max_rows
-
-    def current(self, kv_caches) -> bool:
-        """Whether this plan was built for these caches and the layers' present methods and patterns."""
-        return len(kv_caches) == len(self.caches) and all(
-            c[0] is k and c[1] is v for c, (k, v) in zip(kv_caches, self.caches)) and \
-            all(lin.quant_method is m for lin, m in zip(self.linears, self.methods)) and \
-            all(layer[6].pattern is p for layer, p in zip(self.layers, self.layer_patterns))
-
-    def run(self, model, input_ids, positions, kv_caches, meta: AttentionMetadata, logits_indices):
-        views = [meta.for_pattern(p) for p in self.patterns]
-        if any(v.decode_sink_shift is not None or v.decode_lens is None for v in views):
-            return None
-        x = model.embed_tokens(input_ids)
-        n = x.shape[0]
-        cos, sin = model.rotary.lookup(positions, x.dtype)
-        if self.program is not None and n <= self.max_rows:
-            x, residual = self.program.run(x, cos, sin, [v.slot_mapping for v in views],
-                                           [v.decode_slots for v in views], [v.decode_lens for v in views])
-            return model.compute_head(x, residual, logits_indices)
-        ops, h, h_kv, d, eps = self.ops, self.h, self.h_kv, self.d, self.eps
-        out = torch.empty(n, h, d)
-        residual = None
-        for (w_in, qkv_proj, o_proj, w_post, gate_up_proj, down_proj, attn), (k_cache, v_cache), i in zip(
-                self.layers, kv_caches, self.view_of):
-            m = views[i]
-            x, residual = ops.add_rms_norm(x, residual, w_in, eps)
-            qkv = qkv_proj.quant_method.apply(qkv_proj, x)
-            ops.rotary_(qkv[:, :(h + h_kv) * d].view(n, h + h_kv, d), cos, sin)
-            ops.kv_write(k_cache, v_cache, m.slot_mapping, qkv[:, h * d:(h + h_kv) * d].view(n, h_kv, d),
-                         qkv[:, (h + h_kv) * d:].view(n, h_kv, d))
-            ops.paged_decode_attention(out, qkv[:, :h * d].view(n, h, d), k_cache, v_cache, m.decode_slots,
-                                       m.decode_lens, attn.scale)
-            x = o_proj.quant_method.apply(o_proj, out.view(n, h * d))
-            x, residual = ops.add_rms_norm(x, residual, w_post, eps)
-            x = down_proj.quant_method.apply(down_proj, ops.silu_and_mul(
-                gate_up_proj.quant_method.apply(gate_up_proj, x)))
-        return model.compute_head(x, residual, logits_indices)
-
-
 class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend, dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -199,20 +102,8 @@ class LlamaForCausalLM(nn.Module):
         else:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False, dtype)
 
-    lean_decode = True
-    """Run decode-only steps through _DecodePlan (same kernels, no per-module Python); tests switch it off
-    to compare."""
-    _decode_plan = None
-
     @torch.inference_mode()
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata, logits_indices) -> torch.Tensor:
-        if self.lean_decode and not meta.prefills and meta.num_decode_tokens == input_ids.shape[0]:
-            if self._decode_plan is None or (self._decode_plan and not self._decode_plan.current(kv_caches)):
-                self._decode_plan = _DecodePlan.build(self, kv_caches)
-            if self._decode_plan:
-                logits = self._decode_plan.run(self, input_ids, positions, kv_caches, meta, logits_indices)
-                if logits is not None:
-                    return logits
         x = self.embed_tokens(input_ids)  # [num_tokens, hidden]
         cos, sin = self.rotary.lookup(positions, x.dtype)
         residual = None
@@ -220,26 +111,16 @@ class LlamaForCausalLM(nn.Module):
             x, residual = layer(x, residual, cos, sin, kv_cache, meta)
         return self.compute_head(x, residual, logits_indices)
 
-    @torch.no_grad()
-    def key_channel_scales(self, strength: float = 0.5) -> list[torch.Tensor]:
-        """Per layer, [num_kv_heads, head_dim] divisors for int8 keys (quantization/kv_int8.py), from the
-        weights alone: channel c of k = W_k (g * n) + b_k, with n the RMS-normalized input (unit RMS),
-        has magnitude about sqrt(b_c^2 + sum_j (W_cj g_j)^2); RoPE mixes channels i and i + D/2, so a
-        pair shares the root of their summed squares; the divisor is that to the power `strength`."""
-        out = []
-        for layer in self.layers:
-            a = layer.self_attn
-            h, h_kv, d = a.num_heads, a.num_kv_heads, a.head_dim
-            qkv = a.qkv_proj
-            w = qkv.weight if qkv.weight is not None else qkv.quant_method.dequantize(qkv)
-            w_k = w[h * d:(h + h_kv) * d].float() * layer.input_layernorm.weight.float()[None, :]
-            sq = (w_k * w_k).sum(dim=1)
-            if qkv.bias is not None:
-                sq = sq + qkv.bias[h * d:(h + h_kv) * d].float() ** 2
-            sq = sq.view(h_kv, d)
-            pair = (sq[:, :d // 2] + sq[:, d // 2:]).sqrt().clamp(min=1e-6)
-            out.append(torch.cat([pair, pair], dim=1) ** strength)
-        return out
+    def decode_layers(self) -> DecoderWeights:
+        """The layers as typed weights (models/interface.py) for the runner's decode program."""
+        first = self.layers[0]
+        a = first.self_attn
+        layers = tuple(DecoderLayerWeights(
+            input_norm=layer.input_layernorm.weight, qkv=layer.self_attn.qkv_proj, o=layer.self_attn.o_proj,
+            post_norm=layer.post_attention_layernorm.weight, gate_up=layer.mlp.gate_up_proj,
+            down=layer.mlp.down_proj, attn=layer.self_attn.attn) for layer in self.layers)
+        return DecoderWeights(a.num_heads, a.num_kv_heads, a.head_dim, first.input_layernorm.eps, layers,
+                              embed=self.embed_tokens, rope=self.rotary.lookup, head=self.compute_head)
 
     def compute_head(self, x, residual, logits_indices) -> torch.Tensor:
         # Only the rows that need logits go through the final norm and the LM head.

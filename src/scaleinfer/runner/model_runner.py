@@ -1,6 +1,9 @@
 """ModelRunner: owns the model, the KV cache tensors and the sampler; executes one scheduled step.
 
-    SchedulerOutput -> ForwardBatch -> model.forward -> logits -> Sampler -> ModelOutput
+    SchedulerOutput -> ForwardBatch -> decode program | model.forward -> logits -> Sampler -> ModelOutput
+
+A decode-only step that the decode program covers (runner/decode_program.py) runs through it; every
+other step, and every step with `lean_decode` off, through the model's own forward (the reference).
 """
 from __future__ import annotations
 
@@ -8,10 +11,12 @@ import logging
 
 import torch
 
+from scaleinfer.attention.kv_int8 import key_channel_scale
 from scaleinfer.attention.layer import layer_patterns
 from scaleinfer.config import CacheConfig, ModelConfig
 from scaleinfer.kv_cache.cache_tensors import allocate_kv_caches
-from scaleinfer.models.interface import CausalLM
+from scaleinfer.models.interface import CausalLM, DecoderWeights
+from scaleinfer.runner.decode_program import DecodePlan
 from scaleinfer.runner.forward_batch import build_forward_batch
 from scaleinfer.sampler import Sampler, SamplingMetadata
 from scaleinfer.scheduler import ModelOutput, SchedulerOutput
@@ -19,7 +24,26 @@ from scaleinfer.scheduler import ModelOutput, SchedulerOutput
 logger = logging.getLogger(__name__)
 
 
+def int8_key_scales(weights: DecoderWeights) -> list[torch.Tensor]:
+    """Per layer, the int8 KV cache's key channel divisors (attention/kv_int8.py: key_channel_scale)
+    from the K rows of the fused QKV weight (dequantized if the method packed it), their bias and the
+    input norm weight. Only a Llama-shaped layer (no K norm) gives keys this formula describes."""
+    h, h_kv, d = weights.num_heads, weights.num_kv_heads, weights.head_dim
+    rows = slice(h * d, (h + h_kv) * d)
+    out = []
+    for layer in weights.layers:
+        qkv = layer.qkv
+        w = qkv.weight if qkv.weight is not None else qkv.quant_method.dequantize(qkv)
+        bias = qkv.bias[rows] if qkv.bias is not None else None
+        out.append(key_channel_scale(w[rows], bias, layer.input_norm, h_kv, d))
+    return out
+
+
 class ModelRunner:
+    lean_decode = True
+    """Run decode-only steps through the decode program where it covers them; False sends every step
+    through model.forward (tests compare the two)."""
+
     def __init__(self, model: CausalLM, model_config: ModelConfig, cache_config: CacheConfig,
                  num_blocks: int, dtype: torch.dtype, device: str = "cpu"):
         self.model = model
@@ -33,19 +57,21 @@ class ModelRunner:
         self.block_size = cache_config.block_size
         self.kv_caches = allocate_kv_caches(model_config, num_blocks, self.block_size, dtype, device,
                                             cache_config.kv_cache_dtype)
-        if cache_config.kv_cache_dtype == "int8" and hasattr(model, "key_channel_scales"):
-            for (k_cache, _), c in zip(self.kv_caches, model.key_channel_scales()):
-                k_cache.channel_scale = c.to(self.device)   # quantization/kv_int8.py: per-channel key scales
+        if cache_config.kv_cache_dtype == "int8" and hasattr(model, "decode_layers"):
+            for (k_cache, _), c in zip(self.kv_caches, int8_key_scales(model.decode_layers())):
+                k_cache.channel_scale = c.to(self.device)   # attention/kv_int8.py: per-channel key scales
         self.sampler = Sampler()
         self.eos_token_ids = model_config.eos_token_ids
         self.patterns = layer_patterns(model)
         """The attention pattern of every layer, in order; metadata gets a view per distinct one."""
+        self.decode_plan: DecodePlan | None = None
+        """The decode program, built at the first decode-only step (None: not built, or not covered)."""
+        self._plan_built = False
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelOutput:
         batch = build_forward_batch(sched, self.block_size, self.patterns).to(self.device)
-        logits = self.model.forward(batch.input_ids, batch.positions, self.kv_caches, batch.meta,
-                                    batch.logits_indices)
+        logits = self._forward(batch.input_ids, batch.positions, batch.meta, batch.logits_indices)
         out = ModelOutput()
         if not batch.sample_requests:
             return out
@@ -92,5 +118,24 @@ class ModelRunner:
         with torch.inference_mode():
             positions = torch.arange(num_cached, total, device=self.device)
             rows = torch.arange(n) if rows is None else rows
-            return self.model.forward(torch.tensor(token_ids, device=self.device), positions, self.kv_caches,
-                                      meta.to(self.device), rows.to(self.device))
+            return self._forward(torch.tensor(token_ids, device=self.device), positions, meta.to(self.device),
+                                 rows.to(self.device))
+
+    def _forward(self, input_ids, positions, meta, logits_indices) -> torch.Tensor:
+        """Logits of `logits_indices`: through the decode program for a decode-only step it covers,
+        else through model.forward."""
+        if self.lean_decode and not meta.prefills and meta.num_decode_tokens == input_ids.shape[0]:
+            plan = self._current_plan()
+            if plan is not None:
+                logits = plan.run(input_ids, positions, self.kv_caches, meta, logits_indices)
+                if logits is not None:
+                    return logits
+        return self.model.forward(input_ids, positions, self.kv_caches, meta, logits_indices)
+
+    def _current_plan(self) -> DecodePlan | None:
+        """The decode program, rebuilt when a quantization method, KV cache or attention pattern it was
+        built with has been swapped since; a model it does not cover is not asked again."""
+        if not self._plan_built or (self.decode_plan is not None and not self.decode_plan.current(self.kv_caches)):
+            self.decode_plan = DecodePlan.build(self.model, self.kv_caches)
+            self._plan_built = True
+        return self.decode_plan

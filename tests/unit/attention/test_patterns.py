@@ -12,7 +12,7 @@ from scaleinfer.attention.metadata import PREFILL_TILE, build_metadata
 from scaleinfer.attention.patterns import CAUSAL, AttentionPattern, parse_pattern, union_live_ranges
 from scaleinfer.attention.sdpa import SdpaBackend
 from scaleinfer.errors import ConfigError
-from scaleinfer.quantization.kv_int8 import Int8KVSdpaBackend
+from scaleinfer.attention.kv_int8 import Int8KVSdpaBackend
 
 PATTERNS = [
     CAUSAL,
@@ -109,7 +109,7 @@ def test_paged_step_with_pattern_matches_dense_mask(pattern, backend_cls, atol):
     k_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim)
     v_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim)
     if backend_cls is Int8KVSdpaBackend:
-        from scaleinfer.quantization.kv_int8 import Int8KV
+        from scaleinfer.attention.kv_int8 import Int8KV
         k_cache, v_cache = Int8KV.empty(num_blocks * block_size, kv_heads, head_dim), \
             Int8KV.empty(num_blocks * block_size, kv_heads, head_dim)
     free = list(range(num_blocks))
@@ -184,7 +184,7 @@ def test_cache_positions_match_streaming_llm_oracle(backend_cls, atol):
 
     num_blocks = 200
     if backend_cls is Int8KVSdpaBackend:
-        from scaleinfer.quantization.kv_int8 import Int8KV
+        from scaleinfer.attention.kv_int8 import Int8KV
         k_cache, v_cache = Int8KV.empty(num_blocks * block_size, kv_heads, head_dim), \
             Int8KV.empty(num_blocks * block_size, kv_heads, head_dim)
     else:

@@ -9,7 +9,8 @@ import torch
 
 from scaleinfer.attention.metadata import build_metadata
 from scaleinfer.attention.sdpa import SdpaBackend
-from scaleinfer.quantization.kv_int8 import Int8KV, Int8KVSdpaBackend, bytes_per_token, dequantize, quantize_per_head
+from scaleinfer.attention.kv_int8 import (Int8KV, Int8KVSdpaBackend, bytes_per_token, dequantize, key_channel_scale,
+                                         quantize_per_head)
 
 
 def _fake_quant(x: torch.Tensor) -> torch.Tensor:
@@ -106,16 +107,21 @@ def test_key_channel_scales_even_out_outlier_channels_at_any_rotation():
         assert err_smooth < err_plain / 2
 
 
-@pytest.mark.slow
-def test_engine_sets_key_channel_scales_from_the_weights():
-    from scaleinfer import LLM
-
-    llm = LLM("smollm2-135m-instruct", kv_cache_memory="16MiB", max_model_len=128, kv_cache_dtype="int8")
-    model, caches = llm.engine.runner.model, llm.engine.runner.kv_caches
-    scales = model.key_channel_scales()
-    assert len(scales) == len(caches)
-    for (k_cache, v_cache), c in zip(caches, scales):
-        assert k_cache.channel_scale is c or torch.equal(k_cache.channel_scale, c)
-        assert v_cache.channel_scale is None
-        assert c.shape == (model.config.num_kv_heads, model.config.head_dim) and bool((c > 0).all())
-        assert torch.equal(c[:, :c.shape[1] // 2], c[:, c.shape[1] // 2:])   # equal within RoPE pairs
+def test_key_channel_scale_is_the_pair_magnitude_of_each_k_channel():
+    """c = sqrt(b^2 + sum_j (W_cj g_j)^2), summed over the RoPE pair (c, c + D/2) before the root,
+    to the power `strength`; checked channel by channel against that formula."""
+    torch.manual_seed(0)
+    heads, d, hidden = 2, 8, 16
+    w, b, g = torch.randn(heads * d, hidden), torch.randn(heads * d), torch.rand(hidden) + 0.5
+    b[3] = 50.0                                    # an outlier bias (Qwen2's K bias)
+    c = key_channel_scale(w, b, g, heads, d, strength=0.5)
+    assert c.shape == (heads, d)
+    for head in range(heads):
+        for i in range(d // 2):
+            rows = [head * d + i, head * d + i + d // 2]
+            mag = sum(float(((w[r] * g) ** 2).sum() + b[r] ** 2) for r in rows) ** 0.5
+            assert float(c[head, i]) == pytest.approx(mag ** 0.5, rel=1e-5)
+            assert float(c[head, i + d // 2]) == float(c[head, i])
+    assert float(c[0, 3]) > 2 * float(c[0, 0])             # the outlier pair gets the larger divisor
+    assert torch.equal(key_channel_scale(w, None, g, heads, d, strength=1.0),
+                       key_channel_scale(w, torch.zeros(heads * d), g, heads, d, strength=1.0))

@@ -4,13 +4,15 @@ Per token and head, s = max|x| / 127 over head_dim and q = round(x / s): 1 byte 
 4 bytes per head-vector, i.e. (head_dim + 4) / (4 * head_dim) of fp32 (0.27x at head_dim 64) and
 about half of fp16.
 
-Keys can carry a fixed per-channel scale c [heads, head_dim] (`channel_scale`, set by the model, see
-models/llama.py: key_channel_scales): k is stored as quantize(k / c) and read back times c. Keys have
+Keys can carry a fixed per-channel scale c [heads, head_dim] (`channel_scale`, computed from the
+weights by `key_channel_scale`, set by the runner): k is stored as quantize(k / c) and read back times c. Keys have
 a few channels far larger than the rest in every token (Qwen2's K bias: KIVI, Liu et al. 2024, quantize
 keys per channel for this reason); one per-token scale then leaves the small channels with a handful of
 levels. Dividing by c ~ sqrt(channel magnitude) (SmoothQuant's migration strength 0.5) evens them out.
 c is equal on the two channels RoPE rotates together, so it holds at every position. Qwen2.5-0.5B,
-hongloumeng, 6 windows: fp32 KV 270.29, per-token int8 280.82 (+3.9%), with c 270.44 (+0.05%). Everything attention reads goes through the quantized copy, including a prompt's
+hongloumeng, 6 windows: fp32 KV 270.29, per-token int8 280.82 (+3.9%), with c 270.44 (+0.05%).
+
+Everything attention reads goes through the quantized copy, including a prompt's
 own K/V in the step that writes them, so what a later decode step sees is what every query saw
 (and perplexity measured in one prefill window shows the cost). Dequantized K/V then take the
 reference SDPA path (attention/sdpa.py), the oracle this backend is tested against.
@@ -63,6 +65,24 @@ def quantize_per_head(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (q.to(dtype) * scale.unsqueeze(-1).to(dtype))
+
+
+@torch.no_grad()
+def key_channel_scale(w_k: torch.Tensor, b_k: torch.Tensor | None, norm_weight: torch.Tensor,
+                      num_kv_heads: int, head_dim: int, strength: float = 0.5) -> torch.Tensor:
+    """[num_kv_heads, head_dim] divisor for one layer's int8 keys (`Int8KV.channel_scale`), from the
+    weights alone: w_k [num_kv_heads * head_dim, hidden] the K rows of the (dequantized) QKV weight,
+    b_k their bias, norm_weight the RMSNorm weight before it. Channel c of k = W_k (g * n) + b_k, with n
+    the RMS-normalized input (unit RMS), has magnitude about sqrt(b_c^2 + sum_j (W_cj g_j)^2); RoPE
+    mixes channels i and i + D/2, so a pair shares the root of their summed squares; the divisor is
+    that to the power `strength`."""
+    w = w_k.float() * norm_weight.float()[None, :]
+    sq = (w * w).sum(dim=1)
+    if b_k is not None:
+        sq = sq + b_k.float() ** 2
+    sq = sq.view(num_kv_heads, head_dim)
+    pair = (sq[:, :head_dim // 2] + sq[:, head_dim // 2:]).sqrt().clamp(min=1e-6)
+    return torch.cat([pair, pair], dim=1) ** strength
 
 
 def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int) -> int:

@@ -1,4 +1,5 @@
-"""Bad input on the command line: one line on stderr, exit code 2, no traceback."""
+"""The CLI as a user runs it (`python -m scaleinfer`, a process per test, the real default model): bad
+input gives one line on stderr, exit code 2, no traceback; generate and chat answer."""
 from __future__ import annotations
 
 import os
@@ -6,6 +7,8 @@ import subprocess
 import sys
 
 import pytest
+
+pytestmark = pytest.mark.slow
 
 
 def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:

@@ -1,0 +1,119 @@
+"""The decode program: a decode-only step of a Llama-shaped decoder as one flat loop over the CPU kernels.
+
+Built by the ModelRunner from the typed layer weights a family exposes (`model.decode_layers()`,
+models/interface.py: DecoderWeights). It runs the same kernels, in the same order, as the modules'
+forward (layers/fused.py, the C++ library), so the logits are bit-identical (tests/engine/
+test_lean_decode.py), minus the nn.Module dispatch, shape checks and views that cost as much as the
+matmuls of a 135M model at batch 1. Where every linear's method gives a `decode_spec`, the whole layer
+loop is one C++ call (csrc/decode_step.cpp: DecodeProgram); otherwise, or for more rows than a spec
+takes, it loops in Python. The module path (`model.forward`) stays the reference and takes every step
+the program does not cover: prefill, a family without `decode_layers`, int8 KV, another dtype or
+device, another attention backend, sink shifts.
+"""
+from __future__ import annotations
+
+import torch
+
+from scaleinfer.attention.metadata import AttentionMetadata
+from scaleinfer.attention.sdpa import CpuPagedBackend
+from scaleinfer.layers.fused import fused_ops
+from scaleinfer.models.interface import DecoderWeights
+
+
+def _program_linear(spec) -> tuple:
+    """A DecodeSpec as DecodeProgram.add_layer takes a linear: ([(kind, tensors, group), ...], bias)."""
+    return [(p.kind, p.tensors, p.group) for p in (spec.parts or (spec,))], spec.bias
+
+
+class DecodePlan:
+    """The decode program for one model and one set of KV caches. `build` returns None where a step of
+    this model on these caches can never take it; `current` says whether the quantization methods,
+    caches and attention patterns it was built with are still the model's (the runner rebuilds
+    otherwise); `run` returns None for a step it does not cover (the runner then calls model.forward)."""
+
+    def __init__(self, ops, weights: DecoderWeights, caches):
+        self.ops, self.weights = ops, weights
+        self.layers = weights.layers
+        self.h, self.h_kv, self.d, self.eps = weights.num_heads, weights.num_kv_heads, weights.head_dim, weights.eps
+        self.caches = caches
+        self.layer_patterns = [layer.attn.pattern for layer in self.layers]
+        self.patterns = list(dict.fromkeys(self.layer_patterns))  # one attention view per distinct pattern
+        self.view_of = [self.patterns.index(p) for p in self.layer_patterns]
+        self.linears = [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        self.methods = [lin.quant_method for lin in self.linears]  # what the plan was built with
+        self.program, self.max_rows = self._compile()
+
+    @classmethod
+    def build(cls, model, kv_caches) -> "DecodePlan | None":
+        """The plan for `model` on `kv_caches`, or None: a family without `decode_layers`, no CPU
+        kernels for its dtype / device, another attention backend, or caches that are not float32."""
+        if not hasattr(model, "decode_layers"):
+            return None
+        weights: DecoderWeights = model.decode_layers()
+        ops = fused_ops(weights.layers[0].input_norm)
+        if ops is None or not isinstance(weights.layers[0].attn.backend, CpuPagedBackend) \
+                or not all(isinstance(c[0], torch.Tensor) and c[0].dtype == torch.float32 for c in kv_caches):
+            return None
+        return cls(ops, weights, [tuple(c) for c in kv_caches])
+
+    def _compile(self):
+        """The C++ program for the layer loop and the most rows all its linears take, or (None, 0)."""
+        if not hasattr(self.ops, "DecodeProgram"):
+            return None, 0
+        if not all(hasattr(m, "decode_spec") for m in self.methods):
+            return None, 0
+        program = self.ops.DecodeProgram(self.h, self.h_kv, self.d, self.eps)
+        max_rows = 1 << 30
+        for layer, (k_cache, v_cache), view in zip(self.layers, self.caches, self.view_of):
+            linears = (layer.qkv, layer.o, layer.gate_up, layer.down)
+            specs = [lin.quant_method.decode_spec(lin) for lin in linears]
+            if any(s is None for s in specs):
+                return None, 0
+            max_rows = min([max_rows] + [s.max_rows for s in specs])
+            program.add_layer(layer.input_norm, layer.post_norm, k_cache, v_cache, layer.attn.scale, view,
+                              *map(_program_linear, specs))
+        return program, max_rows
+
+    def current(self, kv_caches) -> bool:
+        """Whether this plan was built for these caches and the layers' present methods and patterns."""
+        return len(kv_caches) == len(self.caches) and all(
+            c[0] is k and c[1] is v for c, (k, v) in zip(kv_caches, self.caches)) and \
+            all(lin.quant_method is m for lin, m in zip(self.linears, self.methods)) and \
+            all(layer.attn.pattern is p for layer, p in zip(self.layers, self.layer_patterns))
+
+    def run(self, input_ids, positions, kv_caches, meta: AttentionMetadata, logits_indices):
+        """The logits of a decode-only step, or None where a view needs sink shifts or lacks decode lengths."""
+        views = [meta.for_pattern(p) for p in self.patterns]
+        if any(v.decode_sink_shift is not None or v.decode_lens is None for v in views):
+            return None
+        w = self.weights
+        x = w.embed(input_ids)
+        n = x.shape[0]
+        cos, sin = w.rope(positions, x.dtype)
+        if self.program is not None and n <= self.max_rows:
+            x, residual = self.program.run(x, cos, sin, [v.slot_mapping for v in views],
+                                           [v.decode_slots for v in views], [v.decode_lens for v in views])
+            return w.head(x, residual, logits_indices)
+        x, residual = self._loop(x, cos, sin, kv_caches, views)
+        return w.head(x, residual, logits_indices)
+
+    def _loop(self, x, cos, sin, kv_caches, views):
+        """The layer loop from Python, kernel by kernel (the program's steps, for what it does not take)."""
+        ops, h, h_kv, d, eps = self.ops, self.h, self.h_kv, self.d, self.eps
+        n = x.shape[0]
+        out = torch.empty(n, h, d)
+        residual = None
+        for layer, (k_cache, v_cache), i in zip(self.layers, kv_caches, self.view_of):
+            m = views[i]
+            x, residual = ops.add_rms_norm(x, residual, layer.input_norm, eps)
+            qkv = layer.qkv.quant_method.apply(layer.qkv, x)
+            ops.rotary_(qkv[:, :(h + h_kv) * d].view(n, h + h_kv, d), cos, sin)
+            ops.kv_write(k_cache, v_cache, m.slot_mapping, qkv[:, h * d:(h + h_kv) * d].view(n, h_kv, d),
+                         qkv[:, (h + h_kv) * d:].view(n, h_kv, d))
+            ops.paged_decode_attention(out, qkv[:, :h * d].view(n, h, d), k_cache, v_cache, m.decode_slots,
+                                       m.decode_lens, layer.attn.scale)
+            x = layer.o.quant_method.apply(layer.o, out.view(n, h * d))
+            x, residual = ops.add_rms_norm(x, residual, layer.post_norm, eps)
+            x = layer.down.quant_method.apply(layer.down, ops.silu_and_mul(
+                layer.gate_up.quant_method.apply(layer.gate_up, x)))
+        return x, residual
