@@ -1,4 +1,4 @@
-"""Build a ready-to-run model from a checkpoint: pick the family class, load weights, report time."""
+"""Build a ready-to-run model from a checkpoint: its family's class, the weights loaded, quantized, timed."""
 from __future__ import annotations
 
 import logging
@@ -10,7 +10,8 @@ from scaleinfer.attention.backend import get_backend
 from scaleinfer.config import EngineConfig
 from scaleinfer.errors import ConfigError
 from scaleinfer.layers.linear import Linear
-from scaleinfer.models import get_model_class
+from scaleinfer.models import registry
+from scaleinfer.weights.load_into import load_into
 from scaleinfer.weights.loader import Checkpoint
 
 logger = logging.getLogger(__name__)
@@ -22,13 +23,13 @@ def build_model(ckpt: Checkpoint, config: EngineConfig, attention_backend: str |
     if ckpt.format == "scaleinfer-quantized" and config.calibration is not None:
         raise ConfigError(f"{ckpt.path} is already quantized; calibrate when quantizing the original model")
     dtype = DTYPES[config.dtype]
-    cls = get_model_class(ckpt.config.architecture)
+    family = registry.family(ckpt.config.architecture)
     start = time.perf_counter()
     if config.cache.kv_cache_dtype == "int8":
         attention_backend = "sdpa-int8kv"
     elif attention_backend is None:  # fused kernels on CPU (they step aside for what they do not cover)
         attention_backend = "cpu" if config.device == "cpu" else "sdpa"
-    model = cls(ckpt.config, get_backend(attention_backend), dtype)
+    model = family.model_class(ckpt.config, get_backend(attention_backend), dtype)
     if ckpt.format == "scaleinfer-quantized":  # packed tensors go in as stored, no re-quantizing
         from scaleinfer.weights.quantized import load_quantized
 
@@ -38,12 +39,8 @@ def build_model(ckpt: Checkpoint, config: EngineConfig, attention_backend: str |
     mode = resolve_mode(config.quantization, config.device)
     windows = _calibration_windows(ckpt, config.calibration, mode) if config.calibration is not None else None
     # int4 group 32 (int4, w4a8) takes GGUF 4-bit weights as stored: exact, and no float round trip.
-    loaded = model.load_weights(ckpt.tensors(direct_int4=ckpt.direct_int4 and takes_packed_int4(mode)))
-    missing = _missing_params(model, loaded)
-    if missing:
-        from scaleinfer.errors import WeightLoadError
-
-        raise WeightLoadError(f"checkpoint {ckpt.path} lacks tensors: {', '.join(sorted(missing)[:5])}")
+    load_into(model, family, ckpt.tensors(direct_int4=ckpt.direct_int4 and takes_packed_int4(mode)),
+              ckpt.config.tie_word_embeddings, source=f"checkpoint {ckpt.path}")
     if windows is not None:  # GPTQ: the decoder linears come out as packed shards (quantization/gptq.py)
         from scaleinfer.config import CacheConfig
         from scaleinfer.quantization.base import decoder_method
@@ -85,23 +82,6 @@ def _calibration_windows(ckpt: Checkpoint, path: str, mode: str) -> list[list[in
         return calibration_windows(ckpt.tokenizer, text)
     except ValueError as e:
         raise ConfigError(f"--calibration {path}: {e}") from None
-
-
-def _missing_params(model, loaded: set[str]) -> set[str]:
-    """Checkpoint names the model expected but never received (fused shards count separately)."""
-    cfg = model.config
-    expected = {"model.embed_tokens.weight", "model.norm.weight"}
-    if not cfg.tie_word_embeddings:
-        expected.add("lm_head.weight")
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        expected |= {p + "input_layernorm.weight", p + "post_attention_layernorm.weight",
-                     p + "self_attn.o_proj.weight"}
-        expected |= {p + f"self_attn.{x}_proj.weight" for x in "qkv"}
-        expected |= {p + f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")}
-        if cfg.attention_bias:
-            expected |= {p + f"self_attn.{x}_proj.bias" for x in "qkv"}
-    return expected - loaded
 
 
 def quantize_to_dir(model: str, mode: str, output: str, *, overwrite: bool = False,

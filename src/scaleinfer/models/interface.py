@@ -1,7 +1,8 @@
-"""The protocol every causal LM family implements, so the runner never knows which family it runs."""
+"""The protocol every causal LM family implements, so the runner never knows which family it runs.
+
+Weights are loaded from outside (weights/load_into.py, driven by the family's entry in models/registry.py)."""
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Protocol
 
 import torch
@@ -18,5 +19,3 @@ class CausalLM(Protocol):
         meta: AttentionMetadata,
         logits_indices: torch.Tensor,  # [num_logits] rows of the flat batch that need logits
     ) -> torch.Tensor: ...  # [num_logits, vocab_size] float32
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]: ...

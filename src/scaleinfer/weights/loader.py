@@ -83,7 +83,7 @@ def _open_gguf(path: str) -> Checkpoint:
     gf = GGUFFile.open(path)
     config = gguf.read_model_config(gf)
     gguf.check_tensor_types(gf)
-    tokenizer = Tokenizer.from_gguf_fields(gguf.tokenizer_fields(gf))
+    tokenizer = gguf.read_tokenizer(gf)
     config = dataclasses.replace(config, eos_token_ids=tokenizer.eos_token_ids)
     return Checkpoint(config, tokenizer, path, "gguf", gguf.count_tensors(gf),
                       lambda direct_int4=False: gguf.iter_tensors(gf, config, direct_int4), direct_int4=True)
