@@ -28,11 +28,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of one step")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse KV blocks of shared prompt prefixes (default: on)")
-    g.add_argument("--quantization", default="none",
-                   choices=QUANTIZATION_MODES,
-                   help="weight quantization after loading: int8 / int4 weight-only, w8a8 (int8 weights and "
-                        "per-token int8 activations), w4a8 (int4 weights, int8 activations at decode), "
-                        "auto (int8 on CPU)")
+    from scaleinfer.quantization.table import cli_help
+
+    g.add_argument("--quantization", default="none", choices=QUANTIZATION_MODES, help=cli_help())
     g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
                    help="KV cache storage: auto (model dtype) or int8 (per-token, per-head scales)")
     g.add_argument("--calibration", default=None, metavar="TEXT_FILE",

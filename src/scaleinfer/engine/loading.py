@@ -12,7 +12,7 @@ from scaleinfer.errors import ConfigError
 from scaleinfer.layers.linear import Linear
 from scaleinfer.models import registry
 from scaleinfer.weights.load_into import load_into
-from scaleinfer.weights.loader import Checkpoint
+from scaleinfer.weights.checkpoint import Checkpoint
 
 logger = logging.getLogger(__name__)
 

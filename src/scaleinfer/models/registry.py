@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from scaleinfer.config import ModelConfig
 from scaleinfer.errors import UnsupportedModelError
-from scaleinfer.models import gguf_config, hf_config
+import scaleinfer.models.gguf_config as gguf
+import scaleinfer.models.hf_config as hf
 from scaleinfer.models.gemma3 import Gemma3ForCausalLM
 from scaleinfer.models.gguf_config import GGUFMetadata
 from scaleinfer.models.llama import LlamaForCausalLM
@@ -69,14 +70,14 @@ class Family:
 
 
 FAMILIES = (
-    Family("llama", LlamaForCausalLM, ("LlamaForCausalLM", "MistralForCausalLM"), hf_config.read_llama,
-           "llama", gguf_config.read_llama_cpp, gguf_config.LAYER_NAMES, gguf_permuted_qk=True,
+    Family("llama", LlamaForCausalLM, ("LlamaForCausalLM", "MistralForCausalLM"), hf.read_llama,
+           "llama", gguf.read_llama_cpp, gguf.LAYER_NAMES, gguf_permuted_qk=True,
            gguf_norm_plus_one=False, packed=LLAMA_PACKED),
-    Family("qwen2", Qwen2ForCausalLM, ("Qwen2ForCausalLM",), hf_config.read_qwen2,
-           "qwen2", gguf_config.read_llama_cpp, gguf_config.LAYER_NAMES, gguf_permuted_qk=False,
+    Family("qwen2", Qwen2ForCausalLM, ("Qwen2ForCausalLM",), hf.read_qwen2,
+           "qwen2", gguf.read_llama_cpp, gguf.LAYER_NAMES, gguf_permuted_qk=False,
            gguf_norm_plus_one=False, packed=LLAMA_PACKED),
     Family("gemma3", Gemma3ForCausalLM, ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"),
-           hf_config.read_gemma3, "gemma3", gguf_config.read_gemma3, gguf_config.GEMMA3_LAYER_NAMES,
+           hf.read_gemma3, "gemma3", gguf.read_gemma3, gguf.GEMMA3_LAYER_NAMES,
            gguf_permuted_qk=False, gguf_norm_plus_one=True, packed=LLAMA_PACKED, norm_offset=1.0,
            checkpoint_prefixes=(("model.language_model.", "model."), ("language_model.model.", "model."),
                                 ("language_model.lm_head.", "lm_head.")),
