@@ -10,8 +10,11 @@ from dataclasses import dataclass, field
 from scaleinfer.errors import ConfigError
 
 
+DEFAULT_MODEL = "smollm2-135m-instruct"
+"""The model used when none is named: a catalog name (catalog.py). LLM(), the CLI and EngineConfig read it here."""
+
 QUANTIZATION_MODES = ("none", "int8", "int4", "int4-g64", "int4-g128", "w8a8", "w4a8", "auto")
-"""Values of --quantization (the methods live in scaleinfer.quantization)."""
+"""Values of --quantization, in the order of quantization/table.py (which holds the methods and help)."""
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,7 @@ class ParallelConfig:
 class EngineConfig:
     """Everything the engine needs, built by LLM(...) or the CLI."""
 
-    model: str = "smollm2-135m-instruct"
+    model: str = DEFAULT_MODEL
     """Catalog name, local GGUF file, local HF directory, or hub id."""
     dtype: str = "float32"
     """Compute dtype: float32 (CPU default), bfloat16 or float16."""
@@ -137,6 +140,14 @@ class EngineConfig:
                               f"got {self.quantization!r}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {self.threads}")
+
+
+def format_memory(num_bytes: int) -> str:
+    """A byte count the way parse_memory reads it back, e.g. 1 << 30 -> "1GiB" (CLI defaults)."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if num_bytes % size == 0:
+            return f"{num_bytes // size}{unit}"
+    return str(num_bytes)
 
 
 def parse_memory(text: str | int, what: str = "--kv-cache-memory") -> int:
