@@ -1,6 +1,6 @@
 """Frozen configuration dataclasses for every stage; the only module that reads environment variables.
 
-Field docstrings (the string literal under each field) become CLI help, see cli.py.
+The defaults are written here once: LLM() and the CLI (cli.py) take theirs from these dataclasses.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ class ModelConfig:
     """The architecture of a decoder-only transformer, read once per family from its checkpoint."""
 
     architecture: str
-    """Family name as in models.ARCHITECTURES, e.g. "llama" or "qwen2"."""
+    """Family name as in models/registry.py, e.g. "llama" or "qwen2"."""
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -98,14 +98,6 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
-class ParallelConfig:
-    """Distributed layout (tensor / pipeline parallel); world size 1 on a single process."""
-
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-
-
-@dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine needs, built by LLM(...) or the CLI."""
 
@@ -117,6 +109,8 @@ class EngineConfig:
     threads: int | None = None
     """torch intra-op threads; None keeps torch's default (all cores)."""
     seed: int = 0
+    """Seeds the sampling of requests that bring no seed of their own (as vLLM's seed): engines built with
+    the same seed and given the same requests in the same order sample the same tokens."""
     quantization: str = "none"
     """Weight quantization applied after loading: none, int8, int4 (group 32; int4-g64, int4-g128),
     w8a8 (int8 weights and per-token int8 activations) or auto (int8 on CPU)."""
@@ -128,7 +122,6 @@ class EngineConfig:
     bounded KV memory (see attention/patterns.py); None keeps the model's own (causal, or its windows)."""
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):

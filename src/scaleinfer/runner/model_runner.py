@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 class ModelRunner:
     def __init__(self, model: CausalLM, model_config: ModelConfig, cache_config: CacheConfig,
-                 num_blocks: int, dtype: torch.dtype, device: str = "cpu"):
+                 num_blocks: int, dtype: torch.dtype, device: str = "cpu", seed: int = 0):
         self.model = model
         self.device = torch.device(device)
         if self.device.type == "cuda":
@@ -36,8 +36,7 @@ class ModelRunner:
         if cache_config.kv_cache_dtype == "int8" and hasattr(model, "key_channel_scales"):
             for (k_cache, _), c in zip(self.kv_caches, model.key_channel_scales()):
                 k_cache.channel_scale = c.to(self.device)   # quantization/kv_int8.py: per-channel key scales
-        self.sampler = Sampler()
-        self.eos_token_ids = model_config.eos_token_ids
+        self.sampler = Sampler(seed)   # draws for requests without a seed of their own (EngineConfig.seed)
         self.patterns = layer_patterns(model)
         """The attention pattern of every layer, in order; metadata gets a view per distinct one."""
 
