@@ -141,7 +141,7 @@ def cmd_demo(args) -> int:
     start = time.perf_counter()
     llm = _make_llm(args)
     eng = llm.engine
-    print(f"model {args.model}: loaded in {time.perf_counter() - start:.1f} s, "
+    print(f"model {args.model} (quantization {args.quantization}): loaded in {time.perf_counter() - start:.1f} s, "
           f"KV cache {eng.kv_capacity_tokens} tokens, threads {__import__('torch').get_num_threads()}")
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
     prompt = "The three most important inventions of the 20th century are"

@@ -111,9 +111,10 @@ class EngineConfig:
     seed: int = 0
     """Seeds the sampling of requests that bring no seed of their own (as vLLM's seed): engines built with
     the same seed and given the same requests in the same order sample the same tokens."""
-    quantization: str = "none"
-    """Weight quantization applied after loading: none, int8, int4 (group 32; int4-g64, int4-g128),
-    w8a8 (int8 weights and per-token int8 activations) or auto (int8 on CPU)."""
+    quantization: str = "auto"
+    """Weight quantization applied after loading: auto (each GGUF tensor as stored, in our fastest kernels:
+    Q4 types as w4a8, Q5-Q8 as w8a8, float as none; HF checkpoints and GPUs: none), none, int8, int4
+    (group 32; int4-g64, int4-g128), w8a8 (int8 weights and per-token int8 activations) or w4a8."""
     calibration: str | None = None
     """A text file: int4 modes round their weights with GPTQ on the model's activations over it
     (quantization/gptq.py; slower load) instead of to nearest. Use a text other than the one you evaluate on."""

@@ -11,7 +11,7 @@ from scaleinfer.config import EngineConfig
 from scaleinfer.errors import ConfigError
 from scaleinfer.layers.linear import Linear
 from scaleinfer.models import registry
-from scaleinfer.weights.load_into import load_into
+from scaleinfer.weights.load_into import linear_types, load_into
 from scaleinfer.weights.checkpoint import Checkpoint
 
 logger = logging.getLogger(__name__)
@@ -36,24 +36,18 @@ def build_model(ckpt: Checkpoint, config: EngineConfig, attention_backend: str |
         return load_quantized(model, ckpt, config)
     from scaleinfer.quantization.base import resolve_mode, takes_packed_int4
 
-    mode = resolve_mode(config.quantization, config.device)
+    mode = resolve_mode(config.quantization, config.device, stored=bool(ckpt.stored_types))
     windows = _calibration_windows(ckpt, config.calibration, mode) if config.calibration is not None else None
-    # int4 group 32 (int4, w4a8) takes GGUF 4-bit weights as stored: exact, and no float round trip.
-    load_into(model, family, ckpt.tensors(direct_int4=ckpt.direct_int4 and takes_packed_int4(mode)),
-              ckpt.config.tie_word_embeddings, source=f"checkpoint {ckpt.path}")
-    if windows is not None:  # GPTQ: the decoder linears come out as packed shards (quantization/gptq.py)
-        from scaleinfer.config import CacheConfig
-        from scaleinfer.quantization.base import decoder_method
-        from scaleinfer.quantization.gptq import gptq_quantize_model
-        from scaleinfer.runner.model_runner import ModelRunner
+    # int4 group 32 (int4, w4a8, auto) takes GGUF 4-bit weights as stored: exact, and no float round trip.
+    placed = load_into(model, family, ckpt.tensors(direct_int4=ckpt.direct_int4 and takes_packed_int4(mode)),
+                       ckpt.config.tie_word_embeddings, source=f"checkpoint {ckpt.path}")
+    if windows is not None:
+        _gptq(model, ckpt, mode, windows)
+    if mode == "auto":   # each linear by how the checkpoint stored it (quantization/auto.py)
+        from scaleinfer.quantization.auto import apply_auto
 
-        cache = CacheConfig()
-        blocks = -(-max(map(len, windows)) // cache.block_size) + 1
-        runner = ModelRunner(model, ckpt.config, cache, blocks, torch.float32, "cpu")
-        method = decoder_method(mode)
-        gptq_quantize_model(model, lambda ids: runner.compute_logits(ids, rows=torch.tensor([len(ids) - 1])),
-                            windows, method.group_size, method.half_scales)   # LM head for one row only
-    if mode != "none":
+        apply_auto(model, linear_types(placed, ckpt.stored_types, ckpt.config.tie_word_embeddings))
+    elif mode != "none":
         from scaleinfer.quantization import apply_quantization
 
         apply_quantization(model, mode, device=config.device)
@@ -64,6 +58,21 @@ def build_model(ckpt: Checkpoint, config: EngineConfig, attention_backend: str |
     model.to(config.device).eval()
     logger.debug("weights loaded in %.2f s", time.perf_counter() - start)
     return model
+
+
+def _gptq(model, ckpt: Checkpoint, mode: str, windows: list[list[int]]) -> None:
+    """GPTQ-round the decoder linears on `windows`: they come out as packed shards (quantization/gptq.py)."""
+    from scaleinfer.config import CacheConfig
+    from scaleinfer.quantization.base import decoder_method
+    from scaleinfer.quantization.gptq import gptq_quantize_model
+    from scaleinfer.runner.model_runner import ModelRunner
+
+    cache = CacheConfig()
+    blocks = -(-max(map(len, windows)) // cache.block_size) + 1
+    runner = ModelRunner(model, ckpt.config, cache, blocks, torch.float32, "cpu")
+    method = decoder_method(mode)
+    gptq_quantize_model(model, lambda ids: runner.compute_logits(ids, rows=torch.tensor([len(ids) - 1])),
+                        windows, method.group_size, method.half_scales)   # LM head for one row only
 
 
 def _calibration_windows(ckpt: Checkpoint, path: str, mode: str) -> list[list[int]]:
@@ -93,9 +102,9 @@ def quantize_to_dir(model: str, mode: str, output: str, *, overwrite: bool = Fal
     from scaleinfer.weights.quantized import FORMAT, prepare_output_dir, save_quantized
 
     mode = resolve_mode(mode, "cpu")
-    if mode == "none":
+    if mode in ("none", "auto"):
         choices = ", ".join(m for m in QUANTIZATION_MODES if m not in ("none", "auto"))
-        raise ConfigError(f"--quantization none writes nothing; choose one of {choices}")
+        raise ConfigError(f"--quantization {mode} writes nothing new; choose one of {choices}")
     prepare_output_dir(output, overwrite)
     start = time.perf_counter()
     ckpt = open_checkpoint(model)

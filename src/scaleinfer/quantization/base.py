@@ -52,11 +52,13 @@ def decoder_method(mode: str):
     return factory() if factory is not None else None
 
 
-def resolve_mode(name: str, device: str = "cpu") -> str:
+def resolve_mode(name: str, device: str = "cpu", stored: bool = True) -> str:
+    """The mode to apply: `name`, except that auto is none off the CPU (our low-bit kernels are CPU kernels)
+    or when the checkpoint stores no quantized tensors (`stored` False: HF safetensors)."""
     if name not in QUANTIZATION_MODES:
         raise ConfigError(f"unknown quantization {name!r}; choose one of {', '.join(QUANTIZATION_MODES)}")
-    if name == "auto":
-        return "int8" if device == "cpu" else "none"
+    if name == "auto" and (device != "cpu" or not stored):
+        return "none"
     return name
 
 
@@ -66,6 +68,8 @@ def apply_quantization(model: nn.Module, name: str, *, skip_lm_head: bool = Fals
     The LM head is found as the module named `lm_head`; `skip_lm_head` keeps it dense.
     """
     mode = resolve_mode(name, device)
+    if mode == "auto":
+        raise ConfigError("quantization auto follows the checkpoint's stored types: use quantization.auto.apply_auto")
     linear_factory, head_factory = MODES[mode].linear, MODES[mode].head
     split_v = keeps_v_int8(mode)
     count = 0

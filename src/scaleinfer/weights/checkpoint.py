@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
@@ -30,6 +30,8 @@ class Checkpoint:
     _tensors: Callable[..., Iterator[tuple[str, torch.Tensor]]]
     direct_int4: bool = False
     """Whether tensors(direct_int4=True) can hand over 4-bit weights packed (GGUF Q4_0/Q4_1/Q4_K)."""
+    stored_types: dict[str, str] = field(default_factory=dict)
+    """HF name -> GGML type name of each tensor as the file stores it (GGUF only; `--quantization auto`)."""
 
     def tensors(self, direct_int4: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         """HF-named float32 tensors, one at a time, with a progress bar on a terminal. With `direct_int4`

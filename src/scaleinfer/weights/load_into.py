@@ -105,3 +105,17 @@ def load_into(model: nn.Module, family: Family, weights: Iterable[tuple[str, tor
         raise WeightLoadError(f"{source} lacks tensors: {', '.join(names[:5])}"
                               + (f" and {len(names) - 5} more" if len(names) > 5 else ""))
     return placed
+
+
+def linear_types(placed: dict[str, Placement], stored_types: dict[str, str],
+                 tie_word_embeddings: bool) -> dict[str, dict[int, str]]:
+    """Module name -> shard -> stored type of each linear weight (`--quantization auto`), from load_into's
+    placements and the checkpoint's stored types; a tied LM head is stored as the embedding."""
+    out: dict[str, dict[int, str]] = {}
+    for name, place in placed.items():
+        if place.param == "weight" and name in stored_types:
+            out.setdefault(place.module, {})[place.shard or 0] = stored_types[name]
+    embedding = stored_types.get("model.embed_tokens.weight")
+    if tie_word_embeddings and embedding is not None:
+        out["lm_head"] = {0: embedding}
+    return out

@@ -53,7 +53,8 @@ def _open_gguf(path: str) -> Checkpoint:
     tokenizer = gguf.read_tokenizer(gf)
     config = dataclasses.replace(config, eos_token_ids=tokenizer.eos_token_ids)
     return Checkpoint(config, tokenizer, path, "gguf", gguf.count_tensors(gf),
-                      lambda direct_int4=False: gguf.iter_tensors(gf, config, direct_int4), direct_int4=True)
+                      lambda direct_int4=False: gguf.iter_tensors(gf, config, direct_int4), direct_int4=True,
+                      stored_types=gguf.stored_types(gf))
 
 
 def _open_hf_dir(path: str) -> Checkpoint:
