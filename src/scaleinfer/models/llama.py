@@ -2,7 +2,8 @@
 
 References: Touvron et al. 2023 (Llama), HF transformers `modeling_llama.py` (the parity oracle).
 Q/K/V and gate/up are fused into single matmuls; the checkpoint's separate tensors are loaded into
-shards of the fused weights (models/registry.py: LLAMA_PACKED, weights/load_into.py). Qwen2 is this model with Q/K/V biases (qwen2.py).
+shards of the fused weights (models/registry.py: LLAMA_PACKED; weights/load_into.py). Qwen2 is this
+model with Q/K/V biases (qwen2.py).
 """
 from __future__ import annotations
 
