@@ -17,6 +17,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from scaleinfer import config
 from scaleinfer.config import model_cache_dir
 from scaleinfer.errors import WeightLoadError
 
@@ -72,7 +73,7 @@ CATALOG: dict[str, CatalogEntry] = {e.name: e for e in [
         size=253_113_024,
     ),
 ]}
-DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_MODEL = config.DEFAULT_MODEL
 
 
 def names() -> list[str]:

@@ -9,30 +9,34 @@ import logging
 import sys
 import time
 
-from scaleinfer.config import QUANTIZATION_MODES
+from scaleinfer.config import (DEFAULT_MODEL, QUANTIZATION_MODES, CacheConfig, EngineConfig, SchedulerConfig,
+                               format_memory)
 from scaleinfer.errors import ScaleInferError
-
-DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
-    g.add_argument("--model", default=DEFAULT_MODEL,
-                   help="catalog name (see `scaleinfer models`), a .gguf file, an HF directory or hub id")
-    g.add_argument("--max-model-len", type=int, default=2048, help="longest prompt + output in tokens")
-    g.add_argument("--kv-cache-memory", default="1GiB", help="memory for the paged KV cache, e.g. 512MiB")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    g.add_argument("--device", default="cpu", help="cpu or cuda")
-    g.add_argument("--max-num-seqs", type=int, default=64, help="most requests running at once")
-    g.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of one step")
-    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
-                   help="reuse KV blocks of shared prompt prefixes (default: on)")
-    g.add_argument("--quantization", default="none",
-                   choices=QUANTIZATION_MODES,
-                   help="weight quantization after loading: int8 / int4 weight-only, w8a8 (int8 weights and "
-                        "per-token int8 activations), w4a8 (int4 weights, int8 activations at decode), "
-                        "auto (int8 on CPU)")
+    g.add_argument("--model", default=DEFAULT_MODEL, help="catalog name (see `scaleinfer models`), a .gguf file, "
+                                                          "an HF directory or hub id (default: %(default)s)")
+    g.add_argument("--max-model-len", type=int, default=SchedulerConfig.max_model_len,
+                   help="longest prompt + output in tokens (default: %(default)s)")
+    g.add_argument("--kv-cache-memory", default=format_memory(CacheConfig.kv_cache_memory),
+                   help="memory for the paged KV cache, e.g. 512MiB (default: %(default)s)")
+    g.add_argument("--dtype", default=EngineConfig.dtype, choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype (default: %(default)s)")
+    g.add_argument("--threads", type=int, default=EngineConfig.threads, help="CPU threads (default: all cores)")
+    g.add_argument("--device", default=EngineConfig.device, help="cpu or cuda (default: %(default)s)")
+    g.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs,
+                   help="most requests running at once (default: %(default)s)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=SchedulerConfig.max_num_batched_tokens,
+                   help="token budget of one step (default: %(default)s)")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=CacheConfig.enable_prefix_caching,
+                   help="reuse KV blocks of shared prompt prefixes (default: %(default)s)")
+    from scaleinfer.quantization.table import cli_help
+
+    g.add_argument("--quantization", default=EngineConfig.quantization, choices=QUANTIZATION_MODES,
+                   help=cli_help() + " (default: %(default)s)")
     g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
                    help="KV cache storage: auto (model dtype) or int8 (per-token, per-head scales)")
     g.add_argument("--calibration", default=None, metavar="TEXT_FILE",
@@ -62,10 +66,9 @@ def _make_llm(args):
                kv_cache_memory=args.kv_cache_memory, threads=args.threads, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens,
                enable_prefix_caching=args.enable_prefix_caching,
-               quantization=getattr(args, "quantization", "none"),
+               quantization=args.quantization,
                kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
-               attention_pattern=getattr(args, "attention_pattern", None),
-               calibration=getattr(args, "calibration", None))
+               attention_pattern=args.attention_pattern, calibration=args.calibration)
 
 
 def _make_params(args):
@@ -138,7 +141,7 @@ def cmd_demo(args) -> int:
     start = time.perf_counter()
     llm = _make_llm(args)
     eng = llm.engine
-    print(f"model {args.model}: loaded in {time.perf_counter() - start:.1f} s, "
+    print(f"model {args.model} (quantization {args.quantization}): loaded in {time.perf_counter() - start:.1f} s, "
           f"KV cache {eng.kv_capacity_tokens} tokens, threads {__import__('torch').get_num_threads()}")
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
     prompt = "The three most important inventions of the 20th century are"

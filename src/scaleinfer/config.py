@@ -1,6 +1,6 @@
 """Frozen configuration dataclasses for every stage; the only module that reads environment variables.
 
-Field docstrings (the string literal under each field) become CLI help, see cli.py.
+The defaults are written here once: LLM() and the CLI (cli.py) take theirs from these dataclasses.
 """
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ from dataclasses import dataclass, field
 from scaleinfer.errors import ConfigError
 
 
+DEFAULT_MODEL = "smollm2-135m-instruct"
+"""The model used when none is named: a catalog name (catalog.py). LLM(), the CLI and EngineConfig read it here."""
+
 QUANTIZATION_MODES = ("none", "int8", "int4", "int4-g64", "int4-g128", "w8a8", "w4a8", "auto")
-"""Values of --quantization (the methods live in scaleinfer.quantization)."""
+"""Values of --quantization, in the order of quantization/table.py (which holds the methods and help)."""
 
 
 @dataclass(frozen=True)
@@ -19,7 +22,7 @@ class ModelConfig:
     """The architecture of a decoder-only transformer, read once per family from its checkpoint."""
 
     architecture: str
-    """Family name as in models.ARCHITECTURES, e.g. "llama" or "qwen2"."""
+    """Family name as in models/registry.py, e.g. "llama" or "qwen2"."""
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -95,18 +98,10 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
-class ParallelConfig:
-    """Distributed layout (tensor / pipeline parallel); world size 1 on a single process."""
-
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-
-
-@dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine needs, built by LLM(...) or the CLI."""
 
-    model: str = "smollm2-135m-instruct"
+    model: str = DEFAULT_MODEL
     """Catalog name, local GGUF file, local HF directory, or hub id."""
     dtype: str = "float32"
     """Compute dtype: float32 (CPU default), bfloat16 or float16."""
@@ -114,9 +109,12 @@ class EngineConfig:
     threads: int | None = None
     """torch intra-op threads; None keeps torch's default (all cores)."""
     seed: int = 0
-    quantization: str = "none"
-    """Weight quantization applied after loading: none, int8, int4 (group 32; int4-g64, int4-g128),
-    w8a8 (int8 weights and per-token int8 activations) or auto (int8 on CPU)."""
+    """Seeds the sampling of requests that bring no seed of their own (as vLLM's seed): engines built with
+    the same seed and given the same requests in the same order sample the same tokens."""
+    quantization: str = "auto"
+    """Weight quantization applied after loading: auto (each GGUF tensor as stored, in our fastest kernels:
+    Q4 types as w4a8, Q5-Q8 as w8a8, float as none; HF checkpoints and GPUs: none), none, int8, int4
+    (group 32; int4-g64, int4-g128), w8a8 (int8 weights and per-token int8 activations) or w4a8."""
     calibration: str | None = None
     """A text file: int4 modes round their weights with GPTQ on the model's activations over it
     (quantization/gptq.py; slower load) instead of to nearest. Use a text other than the one you evaluate on."""
@@ -125,7 +123,6 @@ class EngineConfig:
     bounded KV memory (see attention/patterns.py); None keeps the model's own (causal, or its windows)."""
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):
@@ -137,6 +134,14 @@ class EngineConfig:
                               f"got {self.quantization!r}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {self.threads}")
+
+
+def format_memory(num_bytes: int) -> str:
+    """A byte count the way parse_memory reads it back, e.g. 1 << 30 -> "1GiB" (CLI defaults)."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if num_bytes % size == 0:
+            return f"{num_bytes // size}{unit}"
+    return str(num_bytes)
 
 
 def parse_memory(text: str | int, what: str = "--kv-cache-memory") -> int:

@@ -5,7 +5,7 @@ from collections.abc import Iterator, Sequence
 
 from tqdm import tqdm
 
-from scaleinfer.config import CacheConfig, EngineConfig, SchedulerConfig, parse_memory
+from scaleinfer.config import DEFAULT_MODEL, CacheConfig, EngineConfig, SchedulerConfig, parse_memory
 from scaleinfer.engine.engine import LLMEngine
 from scaleinfer.request import RequestOutput
 from scaleinfer.sampling_params import SamplingParams
@@ -23,23 +23,25 @@ class LLM:
 
     def __init__(
         self,
-        model: str = "smollm2-135m-instruct",
+        model: str = DEFAULT_MODEL,
         *,
-        dtype: str = "float32",
-        device: str = "cpu",
-        max_model_len: int = 2048,
-        kv_cache_memory: int | str = "1GiB",
-        block_size: int = 16,
-        max_num_batched_tokens: int = 512,
-        max_num_seqs: int = 64,
-        enable_prefix_caching: bool = True,
-        threads: int | None = None,
-        seed: int = 0,
-        quantization: str = "none",
-        kv_cache_dtype: str = "auto",
-        attention_pattern: str | None = None,
-        calibration: str | None = None,
+        dtype: str = EngineConfig.dtype,
+        device: str = EngineConfig.device,
+        max_model_len: int = SchedulerConfig.max_model_len,
+        kv_cache_memory: int | str = CacheConfig.kv_cache_memory,
+        block_size: int = CacheConfig.block_size,
+        max_num_batched_tokens: int = SchedulerConfig.max_num_batched_tokens,
+        max_num_seqs: int = SchedulerConfig.max_num_seqs,
+        enable_prefix_caching: bool = CacheConfig.enable_prefix_caching,
+        threads: int | None = EngineConfig.threads,
+        seed: int = EngineConfig.seed,
+        quantization: str = EngineConfig.quantization,
+        kv_cache_dtype: str = CacheConfig.kv_cache_dtype,
+        attention_pattern: str | None = EngineConfig.attention_pattern,
+        calibration: str | None = EngineConfig.calibration,
     ):
+        """Every default is the config dataclasses' own (config.py); a memory size may be a string
+        such as "512MiB"."""
         config = EngineConfig(
             model=model, dtype=dtype, device=device, threads=threads, seed=seed, quantization=quantization,
             attention_pattern=attention_pattern, calibration=calibration,

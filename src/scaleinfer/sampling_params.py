@@ -58,10 +58,6 @@ class SamplingParams:
     def stop_strings(self) -> list[str]:
         return self._stop
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
     def _validate(self) -> None:
         def bad(name: str, value: object, want: str) -> RequestError:
             return RequestError(f"invalid sampling parameter {name}={value!r}: {want}")

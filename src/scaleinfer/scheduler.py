@@ -43,10 +43,6 @@ class SchedulerOutput:
     preempted: list[Request] = field(default_factory=list)
 
     @property
-    def total_num_tokens(self) -> int:
-        return sum(self.num_scheduled_tokens)
-
-    @property
     def is_empty(self) -> bool:
         return not self.requests
 

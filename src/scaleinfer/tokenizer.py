@@ -68,10 +68,11 @@ class Tokenizer:
 
     # ---- constructors --------------------------------------------------------------------------
     @classmethod
-    def from_gguf_fields(cls, fields: Mapping) -> "Tokenizer":
+    def from_gguf_fields(cls, fields: Mapping, spelling: str = "llama") -> "Tokenizer":
         """The tokenizer a GGUF's tokenizer.* metadata describes (see weights.gguf.tokenizer_fields):
         byte-level BPE ("gpt2": Llama 3, SmolLM2, Qwen2) or SentencePiece BPE ("llama": Gemma, Llama 2,
-        Mistral)."""
+        Mistral). `spelling` says how a SentencePiece vocabulary is written: "llama" or "gemma" (the model
+        family's tokenizer_kind, models/registry.py; see _sentencepiece_backend)."""
         from tokenizers import AddedToken
 
         kind = fields.get("tokenizer.ggml.model")
@@ -87,7 +88,7 @@ class Tokenizer:
             if kind == "gpt2":
                 backend, vocab = _byte_level_backend(fields, tokens, pre), tokens
             else:
-                backend, vocab = _sentencepiece_backend(fields, tokens)
+                backend, vocab = _sentencepiece_backend(fields, tokens, spelling == "gemma")
         except Exception as exc:  # the Rust side raises a plain Exception, e.g. a merge of unknown tokens
             raise WeightLoadError(f"cannot build the tokenizer from the GGUF metadata ({exc}); the file is "
                                   f"corrupt") from None
@@ -245,10 +246,9 @@ def _byte_level_backend(fields: Mapping, tokens: list[str], pre: str):
 
 
 _SPACE = "\u2581"  # SentencePiece's visible space
-_GEMMA_ARCHS = ("gemma", "gemma2", "gemma3")
 
 
-def _sentencepiece_backend(fields: Mapping, tokens: list[str]):
+def _sentencepiece_backend(fields: Mapping, tokens: list[str], gemma: bool):
     """SentencePiece BPE from a GGUF vocabulary: spaces become "\u2581", text outside the vocabulary
     falls back to <0xNN> byte tokens, and merges (absent from such files) are recovered from the
     vocabulary. Returns the backend and the vocabulary as the backend spells it.
@@ -260,7 +260,6 @@ def _sentencepiece_backend(fields: Mapping, tokens: list[str]):
     from tokenizers import decoders, models, normalizers, pre_tokenizers
     from tokenizers import Tokenizer as Backend
 
-    gemma = fields.get("general.architecture") in _GEMMA_ARCHS
     if gemma:
         vocab = [_SPACE * len(t) if " " in t and not t.strip() else t for t in tokens]
         priority = [-i for i in range(len(vocab))]

@@ -26,7 +26,7 @@ def greedy(n):
 @pytest.fixture(scope="module")
 def reference():
     """Each prompt alone, unchunked, roomy cache."""
-    llm = LLM("smollm2-135m-instruct", max_num_batched_tokens=2048, kv_cache_memory="128MiB")
+    llm = LLM("smollm2-135m-instruct", quantization="none", max_num_batched_tokens=2048, kv_cache_memory="128MiB")
     outs = [llm.generate([p], greedy(n))[0].outputs[0].token_ids for p, n in zip(PROMPTS, MAX_TOKENS)]
     return llm, outs
 
@@ -40,7 +40,7 @@ def test_mixed_batch_equals_alone(reference):
 
 def test_chunked_prefill_equals_unchunked(reference):
     _, alone = reference
-    llm = LLM("smollm2-135m-instruct", max_num_batched_tokens=7, kv_cache_memory="128MiB")
+    llm = LLM("smollm2-135m-instruct", quantization="none", max_num_batched_tokens=7, kv_cache_memory="128MiB")
     outs = llm.generate(PROMPTS, [greedy(n) for n in MAX_TOKENS])
     assert [o.outputs[0].token_ids for o in outs] == alone
 
@@ -48,7 +48,7 @@ def test_chunked_prefill_equals_unchunked(reference):
 def test_tiny_kv_budget_preempts_and_completes(reference):
     _, alone = reference
     # 6 blocks of 16 tokens: fewer slots than the six requests need together.
-    llm = LLM("smollm2-135m-instruct", kv_cache_memory=6 * 16 * 46080, block_size=16)
+    llm = LLM("smollm2-135m-instruct", quantization="none", kv_cache_memory=6 * 16 * 46080, block_size=16)
     assert llm.engine.num_kv_blocks == 6
     outs = llm.generate(PROMPTS, [greedy(n) for n in MAX_TOKENS])
     assert llm.engine.scheduler.num_preemptions > 0
@@ -58,7 +58,8 @@ def test_tiny_kv_budget_preempts_and_completes(reference):
 
 def test_prefix_caching_keeps_outputs(reference):
     _, alone = reference
-    llm = LLM("smollm2-135m-instruct", kv_cache_memory="128MiB", enable_prefix_caching=True, block_size=4)
+    llm = LLM("smollm2-135m-instruct", quantization="none",
+              kv_cache_memory="128MiB", enable_prefix_caching=True, block_size=4)
     first = llm.generate(PROMPTS, [greedy(n) for n in MAX_TOKENS])
     again = llm.generate(PROMPTS, [greedy(n) for n in MAX_TOKENS])
     assert [o.outputs[0].token_ids for o in first] == alone
@@ -75,7 +76,8 @@ def test_seeded_sampling_independent_of_batch(reference):
 
 def test_prefix_cache_hits_and_compute_logits_leaves_it_intact(reference):
     _, alone = reference
-    llm = LLM("smollm2-135m-instruct", kv_cache_memory="128MiB", enable_prefix_caching=True, block_size=4)
+    llm = LLM("smollm2-135m-instruct", quantization="none",
+              kv_cache_memory="128MiB", enable_prefix_caching=True, block_size=4)
     first = llm.generate(PROMPTS[4], greedy(MAX_TOKENS[4]))[0]
     ids = llm.tokenizer.encode(PROMPTS[4])
     logits = llm.engine.compute_logits(ids)  # must not overwrite the cached prefix blocks

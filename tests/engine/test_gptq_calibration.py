@@ -23,7 +23,7 @@ def test_statistics_are_the_inputs_second_moment(monkeypatch, tmp_path):
     RMSNorm(embedding) (computed here by hand); the LM head is not GPTQ's."""
     from scaleinfer.quantization import gptq as module
 
-    llm = LLM("smollm2-135m-instruct", kv_cache_memory="32MiB", max_model_len=600)
+    llm = LLM("smollm2-135m-instruct", quantization="none", kv_cache_memory="32MiB", max_model_len=600)
     model = llm.engine.model
     text = open(SHAKESPEARE, encoding="utf-8").read()[:3000]
     ids = module.calibration_windows(llm.tokenizer, text, max_windows=1)[0]
@@ -85,7 +85,7 @@ def test_calibrated_checkpoint_beats_nearest_on_held_out_text(tmp_path):
         llm = LLM(model, kv_cache_memory="32MiB", max_model_len=512, **kw)
         return perplexity(llm, held_out, window=256, max_windows=6).perplexity
 
-    fp32 = ppl("smollm2-135m-instruct")
+    fp32 = ppl("smollm2-135m-instruct", quantization="none")
     nearest = ppl("smollm2-135m-instruct", quantization="int4-g64")
     calibrated = ppl(str(out))
     assert fp32 < calibrated < nearest, (fp32, calibrated, nearest)

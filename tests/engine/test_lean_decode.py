@@ -51,5 +51,6 @@ def test_lean_decode_is_bit_identical(mode):
 
 
 def test_lean_decode_under_a_sliding_window():
-    llm = LLM("smollm2-135m-instruct", kv_cache_memory="64MiB", max_model_len=256, attention_pattern="window=8")
+    llm = LLM("smollm2-135m-instruct", quantization="none",
+              kv_cache_memory="64MiB", max_model_len=256, attention_pattern="window=8")
     assert _run(llm, True) == _run(llm, False)

@@ -14,7 +14,7 @@ def test_decode_path_scoring_equals_window_scoring_on_the_real_model():
     scores the same text as one prefill per window, up to float summation order."""
     from scaleinfer import LLM
 
-    llm = LLM("smollm2-135m-instruct", kv_cache_memory="64MiB", max_model_len=256)
+    llm = LLM("smollm2-135m-instruct", quantization="none", kv_cache_memory="64MiB", max_model_len=256)
     text = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. " * 3
     whole = perplexity(llm, text, window=48, max_windows=2)
     stepped = perplexity(llm, text, window=48, max_windows=2, step=1)

@@ -23,8 +23,9 @@ def test_greedy_completion_knows_paris(mode):
 
 
 def test_int8_kv_cache_greedy_and_capacity():
-    fp32 = LLM("smollm2-135m-instruct", kv_cache_memory="64MiB", max_model_len=256)
-    int8 = LLM("smollm2-135m-instruct", kv_cache_memory="64MiB", max_model_len=256, kv_cache_dtype="int8")
+    fp32 = LLM("smollm2-135m-instruct", quantization="none", kv_cache_memory="64MiB", max_model_len=256)
+    int8 = LLM("smollm2-135m-instruct", quantization="none",
+               kv_cache_memory="64MiB", max_model_len=256, kv_cache_dtype="int8")
     assert int8.engine.kv_capacity_tokens >= 3.5 * fp32.engine.kv_capacity_tokens
     params = SamplingParams(temperature=0, max_tokens=8)
     out = int8.generate("The capital of France is", params)[0]
@@ -45,7 +46,7 @@ def test_int4_takes_gguf_4bit_tensors_exactly(model, mode):
 
     ckpt = open_checkpoint(model)
     direct = {t.name for t in GGUFFile.open(ckpt.path).tensors if t.type_name in ("Q4_0", "Q4_1", "Q4_K")}
-    dense = dict(build_model(ckpt, EngineConfig(model=model)).named_modules())
+    dense = dict(build_model(ckpt, EngineConfig(model=model, quantization="none")).named_modules())
     int4 = build_model(open_checkpoint(model), EngineConfig(model=model, quantization=mode))
     exact = 0
     for name, layer in int4.named_modules():

@@ -32,7 +32,8 @@ def tiny_mistral(tmp_path_factory, smollm2_gguf_path):
 
 def test_mistral_window_matches_hf(tiny_mistral):
     path, hf_model = tiny_mistral
-    llm = LLM(path, kv_cache_memory="64MiB", max_model_len=512, block_size=4, max_num_batched_tokens=16)
+    llm = LLM(path, quantization="none",
+              kv_cache_memory="64MiB", max_model_len=512, block_size=4, max_num_batched_tokens=16)
     assert set(llm.engine.attention_patterns) == {AttentionPattern.sliding_window(8)}
     torch.manual_seed(1)
     for n in (5, 40, 77):
@@ -51,8 +52,8 @@ def test_mistral_window_matches_hf(tiny_mistral):
 def test_window_matters_and_blocks_are_freed(tiny_mistral):
     """The window changes the result (the test above can fail) and decoding drops old blocks."""
     path, hf_model = tiny_mistral
-    llm = LLM(path, kv_cache_memory="64MiB", max_model_len=512, block_size=4)
-    dense = LLM(path, kv_cache_memory="64MiB", max_model_len=512, attention_pattern="causal")
+    llm = LLM(path, quantization="none", kv_cache_memory="64MiB", max_model_len=512, block_size=4)
+    dense = LLM(path, quantization="none", kv_cache_memory="64MiB", max_model_len=512, attention_pattern="causal")
     ids = torch.randint(0, 49152, (60,), generator=torch.Generator().manual_seed(2)).tolist()
     assert (llm.engine.compute_logits(ids) - dense.engine.compute_logits(ids)).abs().max().item() > 1e-2
     engine = llm.engine

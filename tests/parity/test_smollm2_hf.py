@@ -21,7 +21,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM("smollm2-135m-instruct", max_model_len=2048, kv_cache_memory="256MiB")
+    return LLM("smollm2-135m-instruct", quantization="none", max_model_len=2048, kv_cache_memory="256MiB")
 
 
 @pytest.fixture(scope="module")

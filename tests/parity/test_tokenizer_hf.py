@@ -40,7 +40,7 @@ def catalog_pair(name: str):
     if not catalog.CATALOG[name].installed:
         pytest.skip(f"{name} is not installed (scaleinfer pull {name})")
     path = catalog.resolve(name)
-    return Tokenizer.from_gguf_fields(gguf.tokenizer_fields(GGUFFile.open(path))), hf_tokenizer(path)
+    return gguf.read_tokenizer(GGUFFile.open(path)), hf_tokenizer(path)
 
 
 @pytest.fixture(scope="module")

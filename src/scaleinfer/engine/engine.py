@@ -18,8 +18,7 @@ from scaleinfer.config import ALLOW_LONG_ENV, EngineConfig, allow_long_max_model
 from scaleinfer.engine.loading import DTYPES, build_model
 from scaleinfer.errors import RequestError
 from scaleinfer.kv_cache.cache_tensors import bytes_per_token, num_blocks_for_budget
-from scaleinfer.request import (CompletionOutput, FinishReason, Request, RequestMetrics, RequestOutput,
-                                RequestStatus)
+from scaleinfer.request import CompletionOutput, FinishReason, Request, RequestMetrics, RequestOutput
 from scaleinfer.runner.model_runner import ModelRunner
 from scaleinfer.sampling_params import SamplingParams
 from scaleinfer.scheduler import Scheduler
@@ -105,7 +104,8 @@ class LLMEngine:
 
             sched_cfg = replace(sched_cfg, max_model_len=self.max_model_len)
         self.scheduler = Scheduler(sched_cfg, config.cache, num_blocks, self.attention_patterns)
-        self.runner = ModelRunner(self.model, self.model_config, config.cache, num_blocks, dtype, config.device)
+        self.runner = ModelRunner(self.model, self.model_config, config.cache, num_blocks, dtype, config.device,
+                                  seed=config.seed)
         self.num_kv_blocks = num_blocks
         self.kv_capacity_tokens = num_blocks * config.cache.block_size
         self.kv_bytes_per_token = bytes_per_token(self.model_config, dtype, config.cache.kv_cache_dtype)
@@ -314,6 +314,3 @@ class LLMEngine:
     def kv_cache_usage(self) -> float:
         return self.scheduler.block_manager.usage
 
-    def is_running(self, request_id: str) -> bool:
-        return request_id in self._parents and any(
-            c.request.status == RequestStatus.RUNNING for c in self._parents[request_id].children)

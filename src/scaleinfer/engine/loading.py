@@ -1,4 +1,4 @@
-"""Build a ready-to-run model from a checkpoint: pick the family class, load weights, report time."""
+"""Build a ready-to-run model from a checkpoint: its family's class, the weights loaded, quantized, timed."""
 from __future__ import annotations
 
 import logging
@@ -10,8 +10,9 @@ from scaleinfer.attention.backend import get_backend
 from scaleinfer.config import EngineConfig
 from scaleinfer.errors import ConfigError
 from scaleinfer.layers.linear import Linear
-from scaleinfer.models import get_model_class
-from scaleinfer.weights.loader import Checkpoint
+from scaleinfer.models import registry
+from scaleinfer.weights.load_into import linear_types, load_into
+from scaleinfer.weights.checkpoint import Checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -22,41 +23,31 @@ def build_model(ckpt: Checkpoint, config: EngineConfig, attention_backend: str |
     if ckpt.format == "scaleinfer-quantized" and config.calibration is not None:
         raise ConfigError(f"{ckpt.path} is already quantized; calibrate when quantizing the original model")
     dtype = DTYPES[config.dtype]
-    cls = get_model_class(ckpt.config.architecture)
+    family = registry.family(ckpt.config.architecture)
     start = time.perf_counter()
     if config.cache.kv_cache_dtype == "int8":
         attention_backend = "sdpa-int8kv"
     elif attention_backend is None:  # fused kernels on CPU (they step aside for what they do not cover)
         attention_backend = "cpu" if config.device == "cpu" else "sdpa"
-    model = cls(ckpt.config, get_backend(attention_backend), dtype)
+    model = family.model_class(ckpt.config, get_backend(attention_backend), dtype)
     if ckpt.format == "scaleinfer-quantized":  # packed tensors go in as stored, no re-quantizing
         from scaleinfer.weights.quantized import load_quantized
 
         return load_quantized(model, ckpt, config)
     from scaleinfer.quantization.base import resolve_mode, takes_packed_int4
 
-    mode = resolve_mode(config.quantization, config.device)
+    mode = resolve_mode(config.quantization, config.device, stored=bool(ckpt.stored_types))
     windows = _calibration_windows(ckpt, config.calibration, mode) if config.calibration is not None else None
-    # int4 group 32 (int4, w4a8) takes GGUF 4-bit weights as stored: exact, and no float round trip.
-    loaded = model.load_weights(ckpt.tensors(direct_int4=ckpt.direct_int4 and takes_packed_int4(mode)))
-    missing = _missing_params(model, loaded)
-    if missing:
-        from scaleinfer.errors import WeightLoadError
+    # int4 group 32 (int4, w4a8, auto) takes GGUF 4-bit weights as stored: exact, and no float round trip.
+    placed = load_into(model, family, ckpt.tensors(direct_int4=ckpt.direct_int4 and takes_packed_int4(mode)),
+                       ckpt.config.tie_word_embeddings, source=f"checkpoint {ckpt.path}")
+    if windows is not None:
+        _gptq(model, ckpt, mode, windows)
+    if mode == "auto":   # each linear by how the checkpoint stored it (quantization/auto.py)
+        from scaleinfer.quantization.auto import apply_auto
 
-        raise WeightLoadError(f"checkpoint {ckpt.path} lacks tensors: {', '.join(sorted(missing)[:5])}")
-    if windows is not None:  # GPTQ: the decoder linears come out as packed shards (quantization/gptq.py)
-        from scaleinfer.config import CacheConfig
-        from scaleinfer.quantization.base import decoder_method
-        from scaleinfer.quantization.gptq import gptq_quantize_model
-        from scaleinfer.runner.model_runner import ModelRunner
-
-        cache = CacheConfig()
-        blocks = -(-max(map(len, windows)) // cache.block_size) + 1
-        runner = ModelRunner(model, ckpt.config, cache, blocks, torch.float32, "cpu")
-        method = decoder_method(mode)
-        gptq_quantize_model(model, lambda ids: runner.compute_logits(ids, rows=torch.tensor([len(ids) - 1])),
-                            windows, method.group_size, method.half_scales)   # LM head for one row only
-    if mode != "none":
+        apply_auto(model, linear_types(placed, ckpt.stored_types, ckpt.config.tie_word_embeddings))
+    elif mode != "none":
         from scaleinfer.quantization import apply_quantization
 
         apply_quantization(model, mode, device=config.device)
@@ -67,6 +58,21 @@ def build_model(ckpt: Checkpoint, config: EngineConfig, attention_backend: str |
     model.to(config.device).eval()
     logger.debug("weights loaded in %.2f s", time.perf_counter() - start)
     return model
+
+
+def _gptq(model, ckpt: Checkpoint, mode: str, windows: list[list[int]]) -> None:
+    """GPTQ-round the decoder linears on `windows`: they come out as packed shards (quantization/gptq.py)."""
+    from scaleinfer.config import CacheConfig
+    from scaleinfer.quantization.base import decoder_method
+    from scaleinfer.quantization.gptq import gptq_quantize_model
+    from scaleinfer.runner.model_runner import ModelRunner
+
+    cache = CacheConfig()
+    blocks = -(-max(map(len, windows)) // cache.block_size) + 1
+    runner = ModelRunner(model, ckpt.config, cache, blocks, torch.float32, "cpu")
+    method = decoder_method(mode)
+    gptq_quantize_model(model, lambda ids: runner.compute_logits(ids, rows=torch.tensor([len(ids) - 1])),
+                        windows, method.group_size, method.half_scales)   # LM head for one row only
 
 
 def _calibration_windows(ckpt: Checkpoint, path: str, mode: str) -> list[list[int]]:
@@ -87,23 +93,6 @@ def _calibration_windows(ckpt: Checkpoint, path: str, mode: str) -> list[list[in
         raise ConfigError(f"--calibration {path}: {e}") from None
 
 
-def _missing_params(model, loaded: set[str]) -> set[str]:
-    """Checkpoint names the model expected but never received (fused shards count separately)."""
-    cfg = model.config
-    expected = {"model.embed_tokens.weight", "model.norm.weight"}
-    if not cfg.tie_word_embeddings:
-        expected.add("lm_head.weight")
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        expected |= {p + "input_layernorm.weight", p + "post_attention_layernorm.weight",
-                     p + "self_attn.o_proj.weight"}
-        expected |= {p + f"self_attn.{x}_proj.weight" for x in "qkv"}
-        expected |= {p + f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")}
-        if cfg.attention_bias:
-            expected |= {p + f"self_attn.{x}_proj.bias" for x in "qkv"}
-    return expected - loaded
-
-
 def quantize_to_dir(model: str, mode: str, output: str, *, overwrite: bool = False,
                     calibration: str | None = None) -> dict:
     """`scaleinfer quantize`: open `model`, quantize it as the engine would, write `output`."""
@@ -113,9 +102,9 @@ def quantize_to_dir(model: str, mode: str, output: str, *, overwrite: bool = Fal
     from scaleinfer.weights.quantized import FORMAT, prepare_output_dir, save_quantized
 
     mode = resolve_mode(mode, "cpu")
-    if mode == "none":
+    if mode in ("none", "auto"):
         choices = ", ".join(m for m in QUANTIZATION_MODES if m not in ("none", "auto"))
-        raise ConfigError(f"--quantization none writes nothing; choose one of {choices}")
+        raise ConfigError(f"--quantization {mode} writes nothing new; choose one of {choices}")
     prepare_output_dir(output, overwrite)
     start = time.perf_counter()
     ckpt = open_checkpoint(model)

@@ -144,7 +144,7 @@ class Linear(nn.Module):
 class MergedLinear(Linear):
     """Several projections of the same input fused into one matmul (QKV, gate+up).
 
-    Shard i occupies output rows offsets[i]:offsets[i+1]; `split()` cuts the fused output back.
+    Shard i occupies output rows offsets[i]:offsets[i+1].
     `shard_names` (e.g. "q", "k", "v") let quantization treat a shard on its own (quantization/mixed.py).
     """
 
@@ -172,6 +172,3 @@ class MergedLinear(Linear):
         if tuple(tensor.shape) != tuple(rows.shape):
             raise ValueError(f"shape {tuple(tensor.shape)} does not fit shard {shard} of shape {tuple(rows.shape)}")
         rows.copy_(tensor)
-
-    def split(self, y: torch.Tensor) -> list[torch.Tensor]:
-        return list(y.split(self.shard_sizes, dim=-1))

@@ -1,23 +1,12 @@
-"""ARCHITECTURES: family name -> model class. Adding a family is a file plus one line here."""
+"""The model families; models/registry.py holds one entry per family (adding one: a file plus an entry)."""
 from __future__ import annotations
 
-from scaleinfer.errors import UnsupportedModelError
-from scaleinfer.models.gemma3 import Gemma3ForCausalLM
-from scaleinfer.models.llama import LlamaForCausalLM
-from scaleinfer.models.qwen2 import Qwen2ForCausalLM
-
-ARCHITECTURES = {
-    "gemma3": Gemma3ForCausalLM,
-    "llama": LlamaForCausalLM,
-    "mistral": LlamaForCausalLM,
-    "qwen2": Qwen2ForCausalLM,
-}
+from scaleinfer.models.registry import FAMILIES, Family, family
 
 
 def get_model_class(architecture: str):
-    try:
-        return ARCHITECTURES[architecture]
-    except KeyError:
-        raise UnsupportedModelError(
-            f"architecture {architecture!r} is not supported; supported: {', '.join(sorted(ARCHITECTURES))}"
-        ) from None
+    """The model class of ModelConfig.architecture `architecture`."""
+    return family(architecture).model_class
+
+
+__all__ = ["FAMILIES", "Family", "family", "get_model_class"]

@@ -4,7 +4,7 @@ Reference: Gemma Team 2025 (Gemma 3 technical report), HF transformers `modeling
 oracle). Differences from Llama (llama.py):
 - embeddings are scaled by sqrt(hidden_size) (the scale cast to the compute dtype first, as HF does);
 - RMSNorm multiplies by (1 + w), computed in float32; checkpoints (HF naming) store the zero-centred w,
-  `load_weights` folds the +1 in once so the forward is a plain F.rms_norm;
+  the loader folds the +1 in once (registry norm_offset) so the forward is a plain F.rms_norm;
 - four norms per layer: h = x + post_attn_norm(attn(input_norm(x))); out = h + post_ffw_norm(mlp(pre_ffw_norm(h)));
 - q_norm / k_norm (RMSNorm over head_dim) before RoPE; attention scale query_pre_attn_scalar ** -0.5;
 - GeGLU MLP (gelu, tanh approximation);
@@ -15,8 +15,6 @@ oracle). Differences from Llama (llama.py):
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,15 +24,12 @@ from scaleinfer.attention.layer import Attention
 from scaleinfer.attention.metadata import AttentionMetadata
 from scaleinfer.attention.patterns import CAUSAL, AttentionPattern
 from scaleinfer.config import ModelConfig
-from scaleinfer.errors import ConfigError, UnsupportedModelError, WeightLoadError
+from scaleinfer.errors import ConfigError, UnsupportedModelError
 from scaleinfer.layers.linear import Linear, MergedLinear
 from scaleinfer.layers.rotary import RotaryEmbedding, apply_rotary
-from scaleinfer.models.llama import _STACKED
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 _ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_tanh", "gelu")  # Gemma checkpoints name the tanh GELU all these ways
-_OWN_NORMS = ("pre_feedforward_layernorm", "post_feedforward_layernorm", "self_attn.q_norm", "self_attn.k_norm")
-"""Per-layer tensors Gemma has beyond Llama's (the engine's generic completeness check knows only Llama's)."""
 
 
 def default_layer_types(num_layers: int, pattern: int = 6) -> tuple[str, ...]:
@@ -51,7 +46,8 @@ def gelu_tanh_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 class GemmaRMSNorm(nn.Module):
     """RMSNorm with the (1 + w) scale in float32, output cast back to the input dtype (HF Gemma3RMSNorm).
 
-    `weight` holds 1 + w (float32 whatever the model dtype); fill it with `load(w)`.
+    `weight` holds 1 + w (float32 whatever the model dtype); the loader adds the 1 (the family's
+    norm_offset, models/registry.py).
     """
 
     def __init__(self, dim: int, eps: float):
@@ -59,9 +55,6 @@ class GemmaRMSNorm(nn.Module):
         self.eps = eps
         self.normalized_shape = (dim,)
         self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32), requires_grad=False)
-
-    def load(self, w: torch.Tensor) -> None:
-        self.weight.data.copy_(1.0 + w.float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x.float(), self.normalized_shape, self.weight, self.eps).to(x.dtype)
@@ -174,45 +167,3 @@ class Gemma3ForCausalLM(nn.Module):
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Copy HF-named checkpoint tensors (norm weights zero-centred, as HF stores them) into the
-        (fused) parameters; returns the names loaded."""
-        modules = dict(self.named_modules())
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            # Gemma3ForConditionalGeneration checkpoints: keep the language model, drop the vision parts.
-            if name.startswith(("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
-                                "model.multi_modal_projector.")) or name.endswith("rotary_emb.inv_freq"):
-                continue
-            for prefix in ("model.language_model.", "language_model.model."):
-                if name.startswith(prefix):
-                    name = "model." + name.removeprefix(prefix)
-            if name == "language_model.lm_head.weight":
-                name = "lm_head.weight"
-            if name == "lm_head.weight" and self.config.tie_word_embeddings:
-                continue
-            path = name.removeprefix("model.")
-            module_path, _, param = path.rpartition(".")
-            owner, _, leaf = module_path.rpartition(".")
-            shard = None
-            if leaf in _STACKED:
-                fused, shard = _STACKED[leaf]
-                module_path = f"{owner}.{fused}"
-            module = modules.get(module_path)
-            if module is None:
-                raise KeyError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
-            if isinstance(module, Linear):
-                module.load_shard(shard, param, tensor)
-            elif isinstance(module, GemmaRMSNorm):
-                if tuple(tensor.shape) != tuple(module.weight.shape):
-                    raise ValueError(f"shape {tuple(tensor.shape)} of {name} does not fit {tuple(module.weight.shape)}")
-                module.load(tensor)
-            else:
-                getattr(module, param).data.copy_(tensor)
-            loaded.add(name)
-        missing = [f"model.layers.{i}.{n}.weight" for i in range(self.config.num_layers) for n in _OWN_NORMS
-                   if f"model.layers.{i}.{n}.weight" not in loaded]
-        if missing and loaded:
-            raise WeightLoadError(f"Gemma 3 checkpoint lacks tensors: {', '.join(missing[:5])}")
-        return loaded

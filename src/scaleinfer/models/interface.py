@@ -1,8 +1,10 @@
 """The protocol every causal LM family implements, so the runner never knows which family it runs,
-and the typed per-layer weights a family exposes for the runner's decode program."""
+and the typed per-layer weights a family exposes for the runner's decode program.
+
+Weights are loaded from outside (weights/load_into.py, driven by the family's entry in models/registry.py)."""
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -22,8 +24,6 @@ class CausalLM(Protocol):
         meta: AttentionMetadata,
         logits_indices: torch.Tensor,  # [num_logits] rows of the flat batch that need logits
     ) -> torch.Tensor: ...  # [num_logits, vocab_size] float32
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]: ...
 
 
 @dataclass(frozen=True)

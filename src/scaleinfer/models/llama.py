@@ -2,11 +2,10 @@
 
 References: Touvron et al. 2023 (Llama), HF transformers `modeling_llama.py` (the parity oracle).
 Q/K/V and gate/up are fused into single matmuls; the checkpoint's separate tensors are loaded into
-shards of the fused weights (see `_STACKED`). Qwen2 is this model with Q/K/V biases (qwen2.py).
+shards of the fused weights (models/registry.py: LLAMA_PACKED; weights/load_into.py). Qwen2 is this
+model with Q/K/V biases (qwen2.py).
 """
 from __future__ import annotations
-
-from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -22,16 +21,6 @@ from scaleinfer.layers.linear import Linear, MergedLinear
 from scaleinfer.layers.norm import RMSNorm
 from scaleinfer.layers.rotary import RotaryEmbedding, apply_rotary_
 from scaleinfer.models.interface import DecoderLayerWeights, DecoderWeights
-
-# checkpoint projection name -> (fused module name, shard index)
-_STACKED = {
-    "q_proj": ("qkv_proj", 0),
-    "k_proj": ("qkv_proj", 1),
-    "v_proj": ("qkv_proj", 2),
-    "gate_proj": ("gate_up_proj", 0),
-    "up_proj": ("gate_up_proj", 1),
-}
-
 
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend, dtype: torch.dtype):
@@ -128,29 +117,3 @@ class LlamaForCausalLM(nn.Module):
         residual = residual.index_select(0, logits_indices)
         x, _ = self.norm(x, residual)
         return self.lm_head(x).float()
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Copy HF-named checkpoint tensors into the (fused) parameters; returns the names loaded."""
-        modules = dict(self.named_modules())
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            if name.endswith("rotary_emb.inv_freq"):
-                continue
-            if name == "lm_head.weight" and self.config.tie_word_embeddings:
-                continue
-            path = name.removeprefix("model.")
-            module_path, _, param = path.rpartition(".")
-            owner, _, leaf = module_path.rpartition(".")
-            shard = None
-            if leaf in _STACKED:
-                fused, shard = _STACKED[leaf]
-                module_path = f"{owner}.{fused}"
-            module = modules.get(module_path)
-            if module is None:
-                raise KeyError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
-            if isinstance(module, Linear):
-                module.load_shard(shard, param, tensor)
-            else:
-                getattr(module, param).data.copy_(tensor)
-            loaded.add(name)
-        return loaded

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from scaleinfer.layers.linear import DecodeSpec, Linear
-from scaleinfer.quantization.base import dense_weight, drop_dense_weight
+from scaleinfer.quantization.layer_ops import dense_weight, drop_dense_weight
 from scaleinfer.quantization.dense_chunks import sliced_linear
 from scaleinfer.quantization.kernels import lowbit_ops
 

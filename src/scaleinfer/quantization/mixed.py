@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from scaleinfer.layers.linear import DecodeSpec, Linear, MergedLinear
+from scaleinfer.quantization.layer_ops import drop_dense_weight, install
 
 INT8_SHARDS = ("v",)
 """Shards the int4 modes store as int8 per output channel (weight-only) instead of int4 (unless stored in
@@ -68,10 +69,8 @@ class RowSplit:
 
     def process_weights_after_loading(self, layer: Linear) -> None:
         """Cut the dense weight and the packed shards (GGUF Q4 tensors, GPTQ's results) into the bands and
-        install each band's method (`quantization.base.install`: packed shards are adopted where the method
+        install each band's method (`layer_ops.install`: packed shards are adopted where the method
         can); then drop the layer's own weight."""
-        from scaleinfer.quantization.base import drop_dense_weight, install
-
         bounds = layer.shard_bounds()
         parts = []
         for shards, method in zip(self.bands, self.methods):

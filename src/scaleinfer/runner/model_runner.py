@@ -45,7 +45,7 @@ class ModelRunner:
     through model.forward (tests compare the two)."""
 
     def __init__(self, model: CausalLM, model_config: ModelConfig, cache_config: CacheConfig,
-                 num_blocks: int, dtype: torch.dtype, device: str = "cpu"):
+                 num_blocks: int, dtype: torch.dtype, device: str = "cpu", seed: int = 0):
         self.model = model
         self.device = torch.device(device)
         if self.device.type == "cuda":
@@ -60,8 +60,7 @@ class ModelRunner:
         if cache_config.kv_cache_dtype == "int8" and hasattr(model, "decode_layers"):
             for (k_cache, _), c in zip(self.kv_caches, int8_key_scales(model.decode_layers())):
                 k_cache.channel_scale = c.to(self.device)   # attention/kv_int8.py: per-channel key scales
-        self.sampler = Sampler()
-        self.eos_token_ids = model_config.eos_token_ids
+        self.sampler = Sampler(seed)   # draws for requests without a seed of their own (EngineConfig.seed)
         self.patterns = layer_patterns(model)
         """The attention pattern of every layer, in order; metadata gets a view per distinct one."""
         self.decode_plan: DecodePlan | None = None

@@ -4,12 +4,11 @@ Fed by weights/gguf_file.py (the parsed, memory-mapped container); feeds weights
 Tensors are dequantized one at a time with the `gguf` package's own `gguf.quants.dequantize`, so
 peak memory stays near the size of the model in float32 plus one tensor.
 
-llama.cpp's converter permutes the rows of Q and K for the "llama" architecture (it stores each
-head's RoPE pairs interleaved, GPT-J style); `unpermute_qk` restores HF's rotate-half layout so
-the same model code serves GGUF and safetensors. Qwen2 and Gemma 3 files are written unpermuted.
-
-Gemma 3 names its norms differently (`ffn_norm` is the pre-feedforward norm, plus post_attention_norm,
-post_ffw_norm, attn_q_norm, attn_k_norm), and llama.cpp's converter stored every Gemma norm weight as
+What differs per family (the metadata reader, the tensor-name map, whether llama.cpp's converter
+permuted the Q/K rows, whether it stored norm weights as w + 1) is the family's entry in
+models/registry.py. llama.cpp permutes the rows of Q and K for the "llama" architecture (it stores
+each head's RoPE pairs interleaved, GPT-J style); `unpermute_qk` restores HF's rotate-half layout so
+the same model code serves GGUF and safetensors. Gemma 3's converter stored every norm weight as
 w + 1; `iter_tensors` subtracts the 1 so the tensors are HF's (as HF's Gemma2TensorProcessor does).
 """
 from __future__ import annotations
@@ -23,145 +22,46 @@ import torch
 
 from scaleinfer.config import ModelConfig
 from scaleinfer.errors import UnsupportedModelError, WeightLoadError
+from scaleinfer.models.gguf_config import GLOBAL_NAMES, GGUFMetadata
+from scaleinfer.models import registry
+from scaleinfer.models.registry import Family, gguf_family
+from scaleinfer.tokenizer import Tokenizer
 from scaleinfer.weights.gguf_file import GGUFFile, TensorInfo
 
 logger = logging.getLogger(__name__)
 
-PERMUTED_QK = {"llama": True, "qwen2": False, "gemma3": False}
-"""Supported `general.architecture` values -> whether llama.cpp permuted their Q/K rows.
-"llama" covers Llama 1-3, SmolLM/SmolLM2, Mistral and TinyLlama; "qwen2" covers Qwen2 and Qwen2.5;
-"gemma3" covers the Gemma 3 text models."""
-SUPPORTED_ARCHITECTURES = tuple(PERMUTED_QK)
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
                    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
 """GGML tensor types we dequantize (all through gguf.quants)."""
 
-_LAYER_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.bias": "self_attn.v_proj.bias",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-}
-_GEMMA3_LAYER_NAMES = {
-    **_LAYER_NAMES,
-    "post_attention_norm.weight": "post_attention_layernorm.weight",
-    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
-    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
-    "attn_q_norm.weight": "self_attn.q_norm.weight",
-    "attn_k_norm.weight": "self_attn.k_norm.weight",
-}
-_ARCH_LAYER_NAMES = {"gemma3": _GEMMA3_LAYER_NAMES}
-"""Per-architecture layer tensor names where they differ from llama's."""
-_NORM_PLUS_ONE = ("gemma3",)
-"""Architectures whose norm weights llama.cpp stored as w + 1."""
-_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-                 "output.weight": "lm_head.weight"}
-
-
-def hf_name(gguf_name: str, arch: str | None = None) -> str | None:
-    """The HF parameter name of a GGUF tensor of `general.architecture` arch, or None for tensors we
-    do not load (e.g. rope_freqs)."""
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
+def hf_name(gguf_name: str, family: Family) -> str | None:
+    """The HF parameter name of a GGUF tensor of `family`, or None for tensors we do not load (e.g. rope_freqs)."""
+    if gguf_name in GLOBAL_NAMES:
+        return GLOBAL_NAMES[gguf_name]
     if gguf_name.startswith("blk."):
         _, index, rest = gguf_name.split(".", 2)
-        names = _ARCH_LAYER_NAMES.get(arch, _LAYER_NAMES)
-        if rest in names:
-            return f"model.layers.{index}.{names[rest]}"
+        if rest in family.gguf_layer_names:
+            return f"model.layers.{index}.{family.gguf_layer_names[rest]}"
     return None
+
+
+def file_family(gf: GGUFFile) -> Family:
+    """The model family of a GGUF file (its general.architecture)."""
+    return gguf_family(gf.get("general.architecture"), gf.path)
 
 
 # ---- metadata -> ModelConfig ----------------------------------------------------------------------
 def read_model_config(gf: GGUFFile) -> ModelConfig:
-    """The ModelConfig of a "llama", "qwen2" or "gemma3" GGUF; all use the same llama.cpp keys (Gemma 3
-    adds its local/global layout, see `_gemma3_fields`)."""
-    arch = gf.get("general.architecture")
-    if arch not in PERMUTED_QK:
-        raise UnsupportedModelError(f"GGUF architecture {arch!r} in {gf.path} is not supported; supported: "
-                                    f"{', '.join(SUPPORTED_ARCHITECTURES)}")
-
-    def key(name: str, default=None, required: bool = True):
-        value = gf.get(f"{arch}.{name}", default)
-        if value is None and required:
-            raise WeightLoadError(f"{gf.path} lacks the GGUF metadata key {arch}.{name}; the file is "
-                                  f"incomplete or not a model")
-        return value
-
+    """The ModelConfig of a GGUF, by its family's reader (models/gguf_config.py)."""
+    family = file_family(gf)
     tensors = {t.name: t for t in gf.tensors}
-    if "token_embd.weight" not in tensors:
-        raise WeightLoadError(f"{gf.path} has no token_embd.weight tensor; the file is incomplete or not a model")
-    hidden_size = int(key("embedding_length"))
-    num_heads = int(key("attention.head_count"))
-    head_dim = int(key("attention.key_length", None, False) or key("rope.dimension_count", None, False)
-                   or hidden_size // num_heads)
-    rope_theta = float(key("rope.freq_base", 10000.0))
-    eos = gf.get("tokenizer.ggml.eos_token_id")
-    bos = gf.get("tokenizer.ggml.bos_token_id")
-    num_layers = int(key("block_count"))
-    extra = _gemma3_fields(gf, arch, num_layers, hidden_size, num_heads, head_dim) if arch == "gemma3" else {}
-    return ModelConfig(
-        architecture=arch,
-        # The embedding's rows, not the token list: a padded vocabulary still needs a logit per row.
-        vocab_size=tensors["token_embd.weight"].shape[0],
-        hidden_size=hidden_size,
-        intermediate_size=int(key("feed_forward_length")),
-        num_layers=num_layers,
-        num_heads=num_heads,
-        num_kv_heads=int(key("attention.head_count_kv", num_heads)),
-        head_dim=head_dim,
-        max_position_embeddings=int(key("context_length")),
-        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon")),
-        rope_theta=rope_theta,
-        rope_scaling=_rope_scaling(gf, arch, tensors, head_dim, rope_theta),
-        tie_word_embeddings="output.weight" not in tensors,
-        attention_bias="blk.0.attn_q.bias" in tensors,
-        bos_token_id=int(bos) if bos is not None else None,
-        eos_token_ids=(int(eos),) if eos is not None else (),
-        name=str(gf.get("general.name") or ""),
-        **extra,
-    )
 
+    def rope_scaling(head_dim: int, theta: float) -> dict | None:
+        return _rope_scaling(gf, family.gguf_architecture, tensors, head_dim, theta)
 
-def _gemma3_fields(gf: GGUFFile, arch: str, num_layers: int, hidden_size: int, num_heads: int,
-                   head_dim: int) -> dict:
-    """Gemma 3's ModelConfig fields, read the way llama.cpp reads them (src/llama-model.cpp)."""
-    window = gf.get(f"{arch}.attention.sliding_window")
-    if not window:
-        raise WeightLoadError(f"{gf.path} lacks the GGUF metadata key {arch}.attention.sliding_window; the "
-                              f"file is incomplete")
-    if gf.get(f"{arch}.attn_logit_softcapping"):
-        raise UnsupportedModelError(f"{gf.path} sets attention logit soft-capping, which is not supported")
-    # Every `pattern`-th layer is global; newer files may store the per-layer flags (True = sliding).
-    pattern = gf.get(f"{arch}.attention.sliding_window_pattern", 6)
-    if isinstance(pattern, (list, tuple)):
-        if len(pattern) != num_layers:
-            raise WeightLoadError(f"{gf.path}: {arch}.attention.sliding_window_pattern has {len(pattern)} "
-                                  f"entries for {num_layers} layers")
-        layer_types = tuple("sliding_attention" if p else "full_attention" for p in pattern)
-    else:
-        pattern = int(pattern)
-        layer_types = tuple("full_attention" if pattern and (i + 1) % pattern == 0 else "sliding_attention"
-                            for i in range(num_layers))
-    # llama.cpp: 27B (62 layers) scales queries by (hidden / heads) ** -0.5, the others by head_dim ** -0.5;
-    # the SWA layers' RoPE base is 10000 unless the file says otherwise.
-    scalar = hidden_size // num_heads if num_layers == 62 else head_dim
-    softcap = gf.get(f"{arch}.final_logit_softcapping")
-    return {
-        "sliding_window": int(window),
-        "layer_types": layer_types,
-        "query_pre_attn_scalar": float(scalar),
-        "rope_local_theta": float(gf.get(f"{arch}.rope.freq_base_swa") or 10000.0),
-        "final_logit_softcapping": float(softcap) if softcap else None,
-        "hidden_activation": "gelu_pytorch_tanh",
-    }
+    meta = GGUFMetadata(gf.path, family.gguf_architecture, gf.metadata,
+                        {name: tuple(t.shape) for name, t in tensors.items()}, rope_scaling)
+    return family.read_gguf_config(meta)
 
 
 def _rope_scaling(gf: GGUFFile, arch: str, tensors: dict[str, TensorInfo], head_dim: int,
@@ -214,9 +114,9 @@ def _llama3_scaling_from_factors(factors: np.ndarray, head_dim: int, theta: floa
 # ---- tensors ----------------------------------------------------------------------------------------
 def check_tensor_types(gf: GGUFFile) -> None:
     """Fail before loading anything if a tensor we need has a type we cannot dequantize."""
-    arch = gf.get("general.architecture")
+    family = file_family(gf)
     for info in gf.tensors:
-        if hf_name(info.name, arch) is not None and info.type_name not in SUPPORTED_TYPES:
+        if hf_name(info.name, family) is not None and info.type_name not in SUPPORTED_TYPES:
             raise UnsupportedModelError(f"tensor {info.name} in {gf.path} has GGML type {info.type_name}, which "
                                         f"is not supported; supported: {', '.join(SUPPORTED_TYPES)}")
 
@@ -305,10 +205,10 @@ def iter_tensors(gf: GGUFFile, config: ModelConfig, direct_int4: bool = False) -
     (their exact int4 group-32 form, never expanded to float) instead of a float tensor."""
     from scaleinfer.quantization.int4 import PackedInt4
 
-    permuted = PERMUTED_QK[config.architecture]
-    norm_plus_one = config.architecture in _NORM_PLUS_ONE
+    family = registry.family(config.architecture)
+    permuted, norm_plus_one = family.gguf_permuted_qk, family.gguf_norm_plus_one
     for info in gf.tensors:
-        name = hf_name(info.name, config.architecture)
+        name = hf_name(info.name, family)
         if name is None:
             logger.debug("skipping GGUF tensor %s", info.name)
             continue
@@ -340,11 +240,21 @@ def iter_tensors(gf: GGUFFile, config: ModelConfig, direct_int4: bool = False) -
 
 def count_tensors(gf: GGUFFile) -> int:
     """How many tensors iter_tensors yields (for the progress bar)."""
-    arch = gf.get("general.architecture")
-    return sum(hf_name(info.name, arch) is not None for info in gf.tensors)
+    family = file_family(gf)
+    return sum(hf_name(info.name, family) is not None for info in gf.tensors)
+
+
+def stored_types(gf: GGUFFile) -> dict[str, str]:
+    """HF name -> GGML type name (e.g. "Q4_K") of every tensor iter_tensors yields: how the file stores it."""
+    family = file_family(gf)
+    return {name: info.type_name for info in gf.tensors if (name := hf_name(info.name, family)) is not None}
 
 
 def tokenizer_fields(gf: GGUFFile) -> dict:
-    """Every tokenizer.* metadata field and general.architecture (some vocabularies are read per model
-    family), as plain Python values: the input of Tokenizer.from_gguf_fields."""
-    return {k: v for k, v in gf.metadata.items() if k.startswith("tokenizer.") or k == "general.architecture"}
+    """Every tokenizer.* metadata field, as plain Python values: the input of Tokenizer.from_gguf_fields."""
+    return {k: v for k, v in gf.metadata.items() if k.startswith("tokenizer.")}
+
+
+def read_tokenizer(gf: GGUFFile) -> Tokenizer:
+    """The file's tokenizer, its SentencePiece vocabulary read the way its family spells it."""
+    return Tokenizer.from_gguf_fields(tokenizer_fields(gf), file_family(gf).tokenizer_kind)

@@ -1,4 +1,4 @@
-"""open_checkpoint(): a catalog name, a .gguf file, an HF directory or a hub id -> Checkpoint.
+"""open_checkpoint(): a catalog name, a .gguf file, an HF directory or a hub id -> Checkpoint (checkpoint.py).
 
 The engine calls this once; the Checkpoint's config and tokenizer are ready at once, its tensors
 stream on demand (dequantized one at a time) so the model can be filled without a second copy.
@@ -8,48 +8,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import sys
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
-import torch
-from tqdm import tqdm
-
-from scaleinfer.config import ModelConfig
 from scaleinfer.errors import WeightLoadError
 from scaleinfer.tokenizer import Tokenizer
+from scaleinfer.weights import quantized
+from scaleinfer.weights.checkpoint import Checkpoint
 
 logger = logging.getLogger(__name__)
 
 HUB_TIMEOUT_S = 10.0
 """Seconds to wait for the Hugging Face hub before telling the user it is unreachable."""
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt"]
-
-
-@dataclass
-class Checkpoint:
-    """A model on disk: its architecture, its tokenizer, and its weights as HF-named tensors."""
-
-    config: ModelConfig
-    tokenizer: Tokenizer
-    path: str
-    """The .gguf file or the HF model directory."""
-    format: str
-    """"gguf", "safetensors" or "scaleinfer-quantized" (a `scaleinfer quantize` directory)."""
-    num_tensors: int
-    _tensors: Callable[..., Iterator[tuple[str, torch.Tensor]]]
-    direct_int4: bool = False
-    """Whether tensors(direct_int4=True) can hand over 4-bit weights packed (GGUF Q4_0/Q4_1/Q4_K)."""
-
-    def tensors(self, direct_int4: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-        """HF-named float32 tensors, one at a time, with a progress bar on a terminal. With `direct_int4`
-        (only where the checkpoint supports it) some decoder linear weights come as PackedInt4."""
-        bar = tqdm(total=self.num_tensors, desc=f"loading {os.path.basename(os.path.normpath(self.path))}",
-                   unit="tensor", disable=not sys.stderr.isatty(), leave=False)
-        with bar:
-            for item in (self._tensors(direct_int4=True) if direct_int4 else self._tensors()):
-                bar.update(1)
-                yield item
 
 
 def open_checkpoint(model: str) -> Checkpoint:
@@ -61,8 +30,6 @@ def open_checkpoint(model: str) -> Checkpoint:
     if model.endswith(".gguf") or os.path.isfile(model):
         return _open_gguf(model)
     if os.path.isdir(model):
-        from scaleinfer.weights import quantized
-
         if quantized.is_quantized_dir(model):  # written by `scaleinfer quantize`
             return quantized.open_quantized_dir(model)
         if not os.path.isfile(os.path.join(model, "config.json")):
@@ -83,10 +50,11 @@ def _open_gguf(path: str) -> Checkpoint:
     gf = GGUFFile.open(path)
     config = gguf.read_model_config(gf)
     gguf.check_tensor_types(gf)
-    tokenizer = Tokenizer.from_gguf_fields(gguf.tokenizer_fields(gf))
+    tokenizer = gguf.read_tokenizer(gf)
     config = dataclasses.replace(config, eos_token_ids=tokenizer.eos_token_ids)
     return Checkpoint(config, tokenizer, path, "gguf", gguf.count_tensors(gf),
-                      lambda direct_int4=False: gguf.iter_tensors(gf, config, direct_int4), direct_int4=True)
+                      lambda direct_int4=False: gguf.iter_tensors(gf, config, direct_int4), direct_int4=True,
+                      stored_types=gguf.stored_types(gf))
 
 
 def _open_hf_dir(path: str) -> Checkpoint:

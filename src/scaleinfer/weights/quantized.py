@@ -26,6 +26,7 @@ import typing
 import torch
 
 from scaleinfer.errors import ConfigError, WeightLoadError
+from scaleinfer.weights.checkpoint import Checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -51,29 +52,20 @@ def _method_spec(method) -> dict:
 
 
 def _make_method(spec: dict):
-    from scaleinfer.quantization.int4 import W4A8, Int4WeightOnly
-    from scaleinfer.quantization.int8 import W8A8, Int8WeightOnly, W8A8Block32
+    """The method a checkpoint's layer spec names (quantization/table.py: METHODS), with its parameters."""
+    from scaleinfer.quantization.table import METHODS
 
     name = spec.get("method")
-    if name == "rows":
-        from scaleinfer.quantization.mixed import RowSplit
-
-        try:
-            return RowSplit(spec.get("bands"))
-        except ValueError as exc:
-            raise WeightLoadError(f"quantized checkpoint: {exc}") from None
-    if name == "int8":
-        return Int8WeightOnly()
-    if name == "w8a8":
-        return W8A8()
-    if name == "int4":
-        return Int4WeightOnly(group_size=int(spec["group_size"]))
-    if name == "w4a8":
-        return W4A8()
-    if name == "w8a8-g32":
-        return W8A8Block32()
-    raise WeightLoadError(f"quantized checkpoint lists an unknown method {name!r}; it was written by a newer "
-                          f"scaleinfer")
+    cls = METHODS.get(name)
+    if cls is None:
+        raise WeightLoadError(f"quantized checkpoint lists an unknown method {name!r}; it was written by a newer "
+                              f"scaleinfer")
+    try:
+        if "bands" in spec:                    # mixed.RowSplit
+            return cls(spec["bands"])
+        return cls(group_size=int(spec["group_size"])) if "group_size" in spec else cls()
+    except (ValueError, TypeError) as exc:
+        raise WeightLoadError(f"quantized checkpoint: {exc}") from None
 
 
 def prepare_output_dir(output: str, overwrite: bool) -> None:
@@ -189,7 +181,6 @@ def _model_config(d: dict):
 def open_quantized_dir(path: str):
     """A Checkpoint (format FORMAT) for a `scaleinfer quantize` directory; build_model loads it with load_quantized."""
     from scaleinfer.tokenizer import Tokenizer
-    from scaleinfer.weights.loader import Checkpoint
 
     cfg = _read_config(path)
     config = _model_config(cfg["model_config"])
@@ -221,7 +212,7 @@ def load_quantized(model, ckpt, config):
     from safetensors.torch import load_file
 
     from scaleinfer.layers.linear import Linear
-    from scaleinfer.quantization.base import drop_dense_weight
+    from scaleinfer.quantization.layer_ops import drop_dense_weight
 
     cfg = _read_config(ckpt.path)
     mode = cfg["quantization"]["mode"]

@@ -55,7 +55,7 @@ def test_engine_adopts_gguf_int4_exactly(tmp_path, qtype):
     file's own 4-bit values, equal to the dense load of the same file; other modes still re-quantize."""
     path = str(tmp_path / "m.gguf")
     write_tiny_gguf(path, qtype=qtype, hidden=64, ffn=128)
-    dense = build_model(open_checkpoint(path), EngineConfig(model=path))
+    dense = build_model(open_checkpoint(path), EngineConfig(model=path, quantization="none"))
     int4 = build_model(open_checkpoint(path), EngineConfig(model=path, quantization="int4"))
     dense_linears = {n: m for n, m in dense.named_modules() if isinstance(m, Linear)}
     checked = 0
