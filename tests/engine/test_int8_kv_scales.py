@@ -15,7 +15,8 @@ def test_engine_sets_key_channel_scales_from_the_weights():
     its input norm weight; values stay None."""
     from scaleinfer import LLM
 
-    llm = LLM("smollm2-135m-instruct", kv_cache_memory="16MiB", max_model_len=128, kv_cache_dtype="int8")
+    llm = LLM("smollm2-135m-instruct", quantization="none", kv_cache_memory="16MiB", max_model_len=128,
+              kv_cache_dtype="int8")
     model, caches = llm.engine.runner.model, llm.engine.runner.kv_caches
     cfg = model.config
     assert len(caches) == len(model.layers)
