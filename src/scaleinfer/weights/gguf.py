@@ -23,6 +23,8 @@ import torch
 
 from scaleinfer.config import ModelConfig
 from scaleinfer.errors import UnsupportedModelError, WeightLoadError
+from scaleinfer.weights.gguf_checks import (MAX_CONTEXT, check_shapes, check_tokenizer_fields, meta_float,
+                                            meta_int, meta_str)
 from scaleinfer.weights.gguf_file import GGUFFile, TensorInfo
 
 logger = logging.getLogger(__name__)
@@ -84,81 +86,73 @@ def read_model_config(gf: GGUFFile) -> ModelConfig:
     """The ModelConfig of a "llama", "qwen2" or "gemma3" GGUF; all use the same llama.cpp keys (Gemma 3
     adds its local/global layout, see `_gemma3_fields`)."""
     arch = gf.get("general.architecture")
-    if arch not in PERMUTED_QK:
+    if not isinstance(arch, str) or arch not in PERMUTED_QK:
         raise UnsupportedModelError(f"GGUF architecture {arch!r} in {gf.path} is not supported; supported: "
                                     f"{', '.join(SUPPORTED_ARCHITECTURES)}")
-
-    def key(name: str, default=None, required: bool = True):
-        value = gf.get(f"{arch}.{name}", default)
-        if value is None and required:
-            raise WeightLoadError(f"{gf.path} lacks the GGUF metadata key {arch}.{name}; the file is "
-                                  f"incomplete or not a model")
-        return value
-
     tensors = {t.name: t for t in gf.tensors}
-    if "token_embd.weight" not in tensors:
-        raise WeightLoadError(f"{gf.path} has no token_embd.weight tensor; the file is incomplete or not a model")
-    hidden_size = int(key("embedding_length"))
-    num_heads = int(key("attention.head_count"))
-    head_dim = int(key("attention.key_length", None, False) or key("rope.dimension_count", None, False)
-                   or hidden_size // num_heads)
-    rope_theta = float(key("rope.freq_base", 10000.0))
-    eos = gf.get("tokenizer.ggml.eos_token_id")
-    bos = gf.get("tokenizer.ggml.bos_token_id")
-    num_layers = int(key("block_count"))
+    if "token_embd.weight" not in tensors or len(tensors["token_embd.weight"].shape) != 2:
+        raise WeightLoadError(f"{gf.path} has no two-dimensional token_embd.weight tensor; the file is incomplete "
+                              f"or not a model")
+    hidden_size = meta_int(gf, f"{arch}.embedding_length")
+    num_heads = meta_int(gf, f"{arch}.attention.head_count")
+    head_dim = (meta_int(gf, f"{arch}.attention.key_length", required=False)
+                or meta_int(gf, f"{arch}.rope.dimension_count", required=False) or hidden_size // num_heads)
+    rope_theta = meta_float(gf, f"{arch}.rope.freq_base", 10000.0, positive=True)
+    eos = meta_int(gf, "tokenizer.ggml.eos_token_id", required=False, low=0, high=(1 << 32) - 1)
+    bos = meta_int(gf, "tokenizer.ggml.bos_token_id", required=False, low=0, high=(1 << 32) - 1)
+    num_layers = meta_int(gf, f"{arch}.block_count", high=1 << 16)
     extra = _gemma3_fields(gf, arch, num_layers, hidden_size, num_heads, head_dim) if arch == "gemma3" else {}
-    return ModelConfig(
+    config = ModelConfig(
         architecture=arch,
         # The embedding's rows, not the token list: a padded vocabulary still needs a logit per row.
         vocab_size=tensors["token_embd.weight"].shape[0],
         hidden_size=hidden_size,
-        intermediate_size=int(key("feed_forward_length")),
+        intermediate_size=meta_int(gf, f"{arch}.feed_forward_length"),
         num_layers=num_layers,
         num_heads=num_heads,
-        num_kv_heads=int(key("attention.head_count_kv", num_heads)),
+        num_kv_heads=meta_int(gf, f"{arch}.attention.head_count_kv", num_heads),
         head_dim=head_dim,
-        max_position_embeddings=int(key("context_length")),
-        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon")),
+        max_position_embeddings=meta_int(gf, f"{arch}.context_length", high=MAX_CONTEXT),
+        rms_norm_eps=meta_float(gf, f"{arch}.attention.layer_norm_rms_epsilon", positive=True),
         rope_theta=rope_theta,
         rope_scaling=_rope_scaling(gf, arch, tensors, head_dim, rope_theta),
         tie_word_embeddings="output.weight" not in tensors,
         attention_bias="blk.0.attn_q.bias" in tensors,
-        bos_token_id=int(bos) if bos is not None else None,
-        eos_token_ids=(int(eos),) if eos is not None else (),
+        bos_token_id=bos,
+        eos_token_ids=(eos,) if eos is not None else (),
         name=str(gf.get("general.name") or ""),
         **extra,
     )
+    check_shapes(gf.path, tensors, config)
+    return config
 
 
 def _gemma3_fields(gf: GGUFFile, arch: str, num_layers: int, hidden_size: int, num_heads: int,
                    head_dim: int) -> dict:
     """Gemma 3's ModelConfig fields, read the way llama.cpp reads them (src/llama-model.cpp)."""
-    window = gf.get(f"{arch}.attention.sliding_window")
-    if not window:
-        raise WeightLoadError(f"{gf.path} lacks the GGUF metadata key {arch}.attention.sliding_window; the "
-                              f"file is incomplete")
+    window = meta_int(gf, f"{arch}.attention.sliding_window")
     if gf.get(f"{arch}.attn_logit_softcapping"):
         raise UnsupportedModelError(f"{gf.path} sets attention logit soft-capping, which is not supported")
     # Every `pattern`-th layer is global; newer files may store the per-layer flags (True = sliding).
     pattern = gf.get(f"{arch}.attention.sliding_window_pattern", 6)
     if isinstance(pattern, (list, tuple)):
-        if len(pattern) != num_layers:
+        if len(pattern) != num_layers or not all(isinstance(p, bool) for p in pattern):
             raise WeightLoadError(f"{gf.path}: {arch}.attention.sliding_window_pattern has {len(pattern)} "
                                   f"entries for {num_layers} layers")
         layer_types = tuple("sliding_attention" if p else "full_attention" for p in pattern)
     else:
-        pattern = int(pattern)
+        pattern = meta_int(gf, f"{arch}.attention.sliding_window_pattern", 6, low=0)
         layer_types = tuple("full_attention" if pattern and (i + 1) % pattern == 0 else "sliding_attention"
                             for i in range(num_layers))
     # llama.cpp: 27B (62 layers) scales queries by (hidden / heads) ** -0.5, the others by head_dim ** -0.5;
     # the SWA layers' RoPE base is 10000 unless the file says otherwise.
     scalar = hidden_size // num_heads if num_layers == 62 else head_dim
-    softcap = gf.get(f"{arch}.final_logit_softcapping")
+    softcap = meta_float(gf, f"{arch}.final_logit_softcapping", required=False)
     return {
-        "sliding_window": int(window),
+        "sliding_window": window,
         "layer_types": layer_types,
         "query_pre_attn_scalar": float(scalar),
-        "rope_local_theta": float(gf.get(f"{arch}.rope.freq_base_swa") or 10000.0),
+        "rope_local_theta": meta_float(gf, f"{arch}.rope.freq_base_swa", required=False, positive=True) or 10000.0,
         "final_logit_softcapping": float(softcap) if softcap else None,
         "hidden_activation": "gelu_pytorch_tanh",
     }
@@ -170,22 +164,24 @@ def _rope_scaling(gf: GGUFFile, arch: str, tensors: dict[str, TensorInfo], head_
     if "rope_freqs.weight" in tensors:
         return _llama3_scaling_from_factors(_dequantize(gf, tensors["rope_freqs.weight"]).reshape(-1),
                                             head_dim, theta, gf.path)
-    kind = gf.get(f"{arch}.rope.scaling.type")
-    factor = gf.get(f"{arch}.rope.scaling.factor") or gf.get(f"{arch}.rope.scale_linear")
+    kind = meta_str(gf, f"{arch}.rope.scaling.type")
+    factor = (meta_float(gf, f"{arch}.rope.scaling.factor", required=False, positive=True)
+              or meta_float(gf, f"{arch}.rope.scale_linear", required=False, positive=True))
     if kind is None and factor not in (None, 1.0):
         kind = "linear"  # older files: only rope.scale_linear
     if kind in (None, "none") or factor is None:
         return None
-    scaling = {"rope_type": kind, "factor": float(factor)}
-    original = gf.get(f"{arch}.rope.scaling.original_context_length")
+    scaling = {"rope_type": kind, "factor": factor}
+    original = meta_int(gf, f"{arch}.rope.scaling.original_context_length", required=False, low=0,
+                        high=MAX_CONTEXT)
     if original:
-        scaling["original_max_position_embeddings"] = int(original)
+        scaling["original_max_position_embeddings"] = original
     if kind == "yarn":  # optional; convert_hf_to_gguf writes them from HF's rope_scaling when present
         for gguf_key, hf_key in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow"),
                                  ("yarn_attn_factor", "attention_factor")):
-            value = gf.get(f"{arch}.rope.scaling.{gguf_key}")
+            value = meta_float(gf, f"{arch}.rope.scaling.{gguf_key}", required=False)
             if value is not None:
-                scaling[hf_key] = float(value)
+                scaling[hf_key] = value
     return scaling
 
 
@@ -202,6 +198,9 @@ def llama3_rope_factors(scaling: dict, head_dim: int, theta: float) -> np.ndarra
 
 def _llama3_scaling_from_factors(factors: np.ndarray, head_dim: int, theta: float, path: str) -> dict:
     """llama.cpp keeps only the computed factors; recover Llama 3's parameters and check they reproduce them."""
+    if factors.shape != (head_dim // 2,) or not np.isfinite(factors).all() or factors.min() <= 0:
+        raise UnsupportedModelError(f"{path} has a rope_freqs tensor of {factors.shape[0]} values that is not Llama "
+                                    f"3's standard rope scaling; this RoPE variant is not supported")
     scaling = {"rope_type": "llama3", "factor": float(factors.max()), "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
     if factors.shape != (head_dim // 2,) or not np.allclose(llama3_rope_factors(scaling, head_dim, theta),
@@ -347,4 +346,5 @@ def count_tensors(gf: GGUFFile) -> int:
 def tokenizer_fields(gf: GGUFFile) -> dict:
     """Every tokenizer.* metadata field and general.architecture (some vocabularies are read per model
     family), as plain Python values: the input of Tokenizer.from_gguf_fields."""
-    return {k: v for k, v in gf.metadata.items() if k.startswith("tokenizer.") or k == "general.architecture"}
+    return check_tokenizer_fields(gf.path, {k: v for k, v in gf.metadata.items()
+                                            if k.startswith("tokenizer.") or k == "general.architecture"})
