@@ -196,8 +196,8 @@ def format_table(limit: dict, rows: list[dict]) -> str:
             lines.append(f"{r['model']:30} {label:18} error: {r['error'][:80]}")
             continue
         gb_s = r["bytes_per_token"] * r["tok_s"] / 1e9
-        lines.append(f"{r['model']:30} {label:18} {r['bytes_per_token'] / 1e6:9.1f} "
-                     f"{'(' + format(r['lm_head_bytes'] / 1e6, '.0f') + ', ' + format(r['kv_bytes'] / 1e6, '.1f') + ')':>15} "
+        parts = f"({r['lm_head_bytes'] / 1e6:.0f}, {r['kv_bytes'] / 1e6:.1f})"
+        lines.append(f"{r['model']:30} {label:18} {r['bytes_per_token'] / 1e6:9.1f} {parts:>15} "
                      f"{r['tok_s']:7.2f} {gb_s:6.2f} {100 * gb_s / limit['best_gb_s']:7.0f}%")
     return "\n".join(lines)
 
