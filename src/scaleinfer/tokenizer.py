@@ -90,7 +90,8 @@ class Tokenizer:
             else:
                 backend, vocab = _sentencepiece_backend(fields, tokens, spelling == "gemma")
         except Exception as exc:  # the Rust side raises a plain Exception, e.g. a merge of unknown tokens
-            raise WeightLoadError(f"cannot build the tokenizer from the GGUF metadata ({exc}); the file is "
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise WeightLoadError(f"cannot build the tokenizer from the GGUF metadata ({first}); the file is "
                                   f"corrupt") from None
         # Control and user-defined tokens are matched whole in the text, never split (as llama.cpp does).
         # A user-defined token the vocabulary respelled (Gemma's runs of spaces) is left to the model.

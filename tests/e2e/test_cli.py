@@ -41,6 +41,24 @@ def test_truncated_gguf(tmp_path, smollm2_gguf_path):
     assert_clean_error(proc)
 
 
+def test_corrupt_full_size_gguf(tmp_path, smollm2_gguf_path):
+    """Issue 14: a whole file whose second vocabulary string claims 2**62 bytes gave a 41-line traceback."""
+    import shutil
+    import struct
+
+    bad = tmp_path / "corrupt.gguf"
+    shutil.copyfile(smollm2_gguf_path, bad)
+    with open(bad, "r+b") as f:
+        head = f.read(1 << 20)
+        key = head.index(b"tokenizer.ggml.tokens") + len(b"tokenizer.ggml.tokens")
+        first = key + 4 + 4 + 8  # value type, element type, count; then the first string
+        second = first + 8 + struct.unpack_from("<Q", head, first)[0]
+        f.seek(second)
+        f.write(struct.pack("<Q", 1 << 62))
+    proc = run_cli("generate", "hi", "--model", str(bad), "--max-tokens", "4")
+    assert_clean_error(proc, "not a valid GGUF", "claims 4611686018427387904 bytes")
+
+
 def test_not_a_gguf(tmp_path):
     bad = tmp_path / "garbage.gguf"
     bad.write_bytes(b"this is not a model" * 100)

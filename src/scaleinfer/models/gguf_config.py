@@ -6,6 +6,7 @@ same llama.cpp keys (`{arch}.embedding_length`, ...); Gemma 3 adds its local/glo
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -27,6 +28,10 @@ class GGUFMetadata:
     rope_scaling: Callable[[int, float], dict | None]
     """(head_dim, rope_theta) -> HF-style rope_scaling from the llama.cpp keys (or Llama 3's rope_freqs)."""
 
+    def get(self, key: str, default=None):
+        """The value of a full metadata key (as GGUFFile.get), for the typed readers below."""
+        return self.fields.get(key, default)
+
     def key(self, name: str, default=None, required: bool = True):
         """`{arch}.{name}`; a missing required key is a WeightLoadError naming it."""
         value = self.fields.get(f"{self.arch}.{name}", default)
@@ -34,6 +39,58 @@ class GGUFMetadata:
             raise WeightLoadError(f"{self.path} lacks the GGUF metadata key {self.arch}.{name}; the file is "
                                   f"incomplete or not a model")
         return value
+
+
+# ---- typed metadata reads: a corrupt field is a one-line error, never a huge allocation ----------------
+MAX_CONTEXT = 1 << 22
+"""Largest context_length accepted (4M positions; real models declare 2k-1M). The RoPE tables are
+built for the whole context, so a corrupt value must not reach them."""
+_MAX_ID = (1 << 32) - 1
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _corrupt(path: str, key: str, value, expected: str) -> WeightLoadError:
+    return WeightLoadError(f"{path}: GGUF metadata {key} is {_show(value)}, expected {expected}; the file is "
+                           f"corrupt or not a model")
+
+
+def meta_int(gf, key: str, default=None, *, required: bool = True, low: int = 1, high: int = 1 << 31) -> int | None:
+    """An integer metadata value in [low, high]; `default` when absent; an error when absent and required."""
+    value = gf.get(key, default)
+    if value is None:
+        if required:
+            raise WeightLoadError(f"{gf.path} lacks the GGUF metadata key {key}; the file is incomplete or not "
+                                  f"a model")
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise _corrupt(gf.path, key, value, f"an integer from {low} to {high}")
+    return value
+
+
+def meta_float(gf, key: str, default=None, *, required: bool = True, positive: bool = False) -> float | None:
+    """A finite number (int or float) as a float; `default` when absent."""
+    value = gf.get(key, default)
+    if value is None:
+        if required:
+            raise WeightLoadError(f"{gf.path} lacks the GGUF metadata key {key}; the file is incomplete or not "
+                                  f"a model")
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or (positive and value <= 0):
+        raise _corrupt(gf.path, key, value, "a finite positive number" if positive else "a finite number")
+    return float(value)
+
+
+def meta_str(gf, key: str) -> str | None:
+    value = gf.get(key)
+    if value is not None and not isinstance(value, str):
+        raise _corrupt(gf.path, key, value, "a string")
+    return value
+
 
 
 LAYER_NAMES = {
@@ -68,33 +125,35 @@ GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.w
 def read_llama_cpp(meta: GGUFMetadata) -> ModelConfig:
     """The ModelConfig from the llama.cpp keys every decoder family uses: "llama" (Llama 1-3, SmolLM/SmolLM2,
     Mistral, TinyLlama) and "qwen2" (Qwen2, Qwen2.5) files read nothing else."""
-    if "token_embd.weight" not in meta.tensor_shapes:
-        raise WeightLoadError(f"{meta.path} has no token_embd.weight tensor; the file is incomplete or not a model")
-    hidden_size = int(meta.key("embedding_length"))
-    num_heads = int(meta.key("attention.head_count"))
-    head_dim = int(meta.key("attention.key_length", None, False) or meta.key("rope.dimension_count", None, False)
-                   or hidden_size // num_heads)
-    rope_theta = float(meta.key("rope.freq_base", 10000.0))
-    eos = meta.fields.get("tokenizer.ggml.eos_token_id")
-    bos = meta.fields.get("tokenizer.ggml.bos_token_id")
+    if len(meta.tensor_shapes.get("token_embd.weight", ())) != 2:
+        raise WeightLoadError(f"{meta.path} has no two-dimensional token_embd.weight tensor; the file is incomplete "
+                              f"or not a model")
+    a = meta.arch
+    hidden_size = meta_int(meta, f"{a}.embedding_length")
+    num_heads = meta_int(meta, f"{a}.attention.head_count")
+    head_dim = (meta_int(meta, f"{a}.attention.key_length", required=False)
+                or meta_int(meta, f"{a}.rope.dimension_count", required=False) or hidden_size // num_heads)
+    rope_theta = meta_float(meta, f"{a}.rope.freq_base", 10000.0, positive=True)
+    eos = meta_int(meta, "tokenizer.ggml.eos_token_id", required=False, low=0, high=_MAX_ID)
+    bos = meta_int(meta, "tokenizer.ggml.bos_token_id", required=False, low=0, high=_MAX_ID)
     return ModelConfig(
         architecture=meta.arch,
         # The embedding's rows, not the token list: a padded vocabulary still needs a logit per row.
         vocab_size=meta.tensor_shapes["token_embd.weight"][0],
         hidden_size=hidden_size,
-        intermediate_size=int(meta.key("feed_forward_length")),
-        num_layers=int(meta.key("block_count")),
+        intermediate_size=meta_int(meta, f"{a}.feed_forward_length"),
+        num_layers=meta_int(meta, f"{a}.block_count", high=1 << 16),
         num_heads=num_heads,
-        num_kv_heads=int(meta.key("attention.head_count_kv", num_heads)),
+        num_kv_heads=meta_int(meta, f"{a}.attention.head_count_kv", num_heads),
         head_dim=head_dim,
-        max_position_embeddings=int(meta.key("context_length")),
-        rms_norm_eps=float(meta.key("attention.layer_norm_rms_epsilon")),
+        max_position_embeddings=meta_int(meta, f"{a}.context_length", high=MAX_CONTEXT),
+        rms_norm_eps=meta_float(meta, f"{a}.attention.layer_norm_rms_epsilon", positive=True),
         rope_theta=rope_theta,
         rope_scaling=meta.rope_scaling(head_dim, rope_theta),
         tie_word_embeddings="output.weight" not in meta.tensor_shapes,
         attention_bias="blk.0.attn_q.bias" in meta.tensor_shapes,
-        bos_token_id=int(bos) if bos is not None else None,
-        eos_token_ids=(int(eos),) if eos is not None else (),
+        bos_token_id=bos,
+        eos_token_ids=(eos,) if eos is not None else (),
         name=str(meta.fields.get("general.name") or ""),
     )
 
@@ -102,7 +161,7 @@ def read_llama_cpp(meta: GGUFMetadata) -> ModelConfig:
 def read_gemma3(meta: GGUFMetadata) -> ModelConfig:
     """Gemma 3's fields, read the way llama.cpp reads them (src/llama-model.cpp)."""
     base = read_llama_cpp(meta)
-    window = meta.key("attention.sliding_window", required=False)
+    window = meta_int(meta, f"{meta.arch}.attention.sliding_window", required=False)
     if not window:
         raise WeightLoadError(f"{meta.path} lacks the GGUF metadata key {meta.arch}.attention.sliding_window; the "
                               f"file is incomplete")
@@ -112,24 +171,24 @@ def read_gemma3(meta: GGUFMetadata) -> ModelConfig:
     # Every `pattern`-th layer is global; newer files may store the per-layer flags (True = sliding).
     pattern = meta.key("attention.sliding_window_pattern", 6)
     if isinstance(pattern, (list, tuple)):
-        if len(pattern) != num_layers:
+        if len(pattern) != num_layers or not all(isinstance(p, bool) for p in pattern):
             raise WeightLoadError(f"{meta.path}: {meta.arch}.attention.sliding_window_pattern has {len(pattern)} "
                                   f"entries for {num_layers} layers")
         layer_types = tuple("sliding_attention" if p else "full_attention" for p in pattern)
     else:
-        pattern = int(pattern)
+        pattern = meta_int(meta, f"{meta.arch}.attention.sliding_window_pattern", 6, low=0)
         layer_types = tuple("full_attention" if pattern and (i + 1) % pattern == 0 else "sliding_attention"
                             for i in range(num_layers))
     # llama.cpp: 27B (62 layers) scales queries by (hidden / heads) ** -0.5, the others by head_dim ** -0.5;
     # the SWA layers' RoPE base is 10000 unless the file says otherwise.
     scalar = base.hidden_size // base.num_heads if num_layers == 62 else base.head_dim
-    softcap = meta.key("final_logit_softcapping", required=False)
+    softcap = meta_float(meta, f"{meta.arch}.final_logit_softcapping", required=False)
     return dataclasses.replace(
         base,
-        sliding_window=int(window),
+        sliding_window=window,
         layer_types=layer_types,
         query_pre_attn_scalar=float(scalar),
-        rope_local_theta=float(meta.key("rope.freq_base_swa", required=False) or 10000.0),
+        rope_local_theta=meta_float(meta, f"{meta.arch}.rope.freq_base_swa", required=False, positive=True) or 10000.0,
         final_logit_softcapping=float(softcap) if softcap else None,
         hidden_activation="gelu_pytorch_tanh",
     )

@@ -26,6 +26,7 @@ from scaleinfer.models.gguf_config import GLOBAL_NAMES, GGUFMetadata
 from scaleinfer.models import registry
 from scaleinfer.models.registry import Family, gguf_family
 from scaleinfer.tokenizer import Tokenizer
+from scaleinfer.weights.gguf_checks import MAX_CONTEXT, check_shapes, check_tokenizer_fields, meta_float, meta_int, meta_str
 from scaleinfer.weights.gguf_file import GGUFFile, TensorInfo
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,9 @@ def read_model_config(gf: GGUFFile) -> ModelConfig:
 
     meta = GGUFMetadata(gf.path, family.gguf_architecture, gf.metadata,
                         {name: tuple(t.shape) for name, t in tensors.items()}, rope_scaling)
-    return family.read_gguf_config(meta)
+    config = family.read_gguf_config(meta)
+    check_shapes(gf.path, tensors, config)
+    return config
 
 
 def _rope_scaling(gf: GGUFFile, arch: str, tensors: dict[str, TensorInfo], head_dim: int,
@@ -70,22 +73,24 @@ def _rope_scaling(gf: GGUFFile, arch: str, tensors: dict[str, TensorInfo], head_
     if "rope_freqs.weight" in tensors:
         return _llama3_scaling_from_factors(_dequantize(gf, tensors["rope_freqs.weight"]).reshape(-1),
                                             head_dim, theta, gf.path)
-    kind = gf.get(f"{arch}.rope.scaling.type")
-    factor = gf.get(f"{arch}.rope.scaling.factor") or gf.get(f"{arch}.rope.scale_linear")
+    kind = meta_str(gf, f"{arch}.rope.scaling.type")
+    factor = (meta_float(gf, f"{arch}.rope.scaling.factor", required=False, positive=True)
+              or meta_float(gf, f"{arch}.rope.scale_linear", required=False, positive=True))
     if kind is None and factor not in (None, 1.0):
         kind = "linear"  # older files: only rope.scale_linear
     if kind in (None, "none") or factor is None:
         return None
-    scaling = {"rope_type": kind, "factor": float(factor)}
-    original = gf.get(f"{arch}.rope.scaling.original_context_length")
+    scaling = {"rope_type": kind, "factor": factor}
+    original = meta_int(gf, f"{arch}.rope.scaling.original_context_length", required=False, low=0,
+                        high=MAX_CONTEXT)
     if original:
-        scaling["original_max_position_embeddings"] = int(original)
+        scaling["original_max_position_embeddings"] = original
     if kind == "yarn":  # optional; convert_hf_to_gguf writes them from HF's rope_scaling when present
         for gguf_key, hf_key in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow"),
                                  ("yarn_attn_factor", "attention_factor")):
-            value = gf.get(f"{arch}.rope.scaling.{gguf_key}")
+            value = meta_float(gf, f"{arch}.rope.scaling.{gguf_key}", required=False)
             if value is not None:
-                scaling[hf_key] = float(value)
+                scaling[hf_key] = value
     return scaling
 
 
@@ -102,6 +107,9 @@ def llama3_rope_factors(scaling: dict, head_dim: int, theta: float) -> np.ndarra
 
 def _llama3_scaling_from_factors(factors: np.ndarray, head_dim: int, theta: float, path: str) -> dict:
     """llama.cpp keeps only the computed factors; recover Llama 3's parameters and check they reproduce them."""
+    if factors.shape != (head_dim // 2,) or not np.isfinite(factors).all() or factors.min() <= 0:
+        raise UnsupportedModelError(f"{path} has a rope_freqs tensor of {factors.shape[0]} values that is not Llama "
+                                    f"3's standard rope scaling; this RoPE variant is not supported")
     scaling = {"rope_type": "llama3", "factor": float(factors.max()), "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
     if factors.shape != (head_dim // 2,) or not np.allclose(llama3_rope_factors(scaling, head_dim, theta),
@@ -251,8 +259,9 @@ def stored_types(gf: GGUFFile) -> dict[str, str]:
 
 
 def tokenizer_fields(gf: GGUFFile) -> dict:
-    """Every tokenizer.* metadata field, as plain Python values: the input of Tokenizer.from_gguf_fields."""
-    return {k: v for k, v in gf.metadata.items() if k.startswith("tokenizer.")}
+    """Every tokenizer.* metadata field, type-checked, as plain Python values: the input of
+    Tokenizer.from_gguf_fields."""
+    return check_tokenizer_fields(gf.path, {k: v for k, v in gf.metadata.items() if k.startswith("tokenizer.")})
 
 
 def read_tokenizer(gf: GGUFFile) -> Tokenizer:
