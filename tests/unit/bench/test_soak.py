@@ -135,6 +135,7 @@ def test_summarize_rss_reports_start_end_and_slope():
     mib = report.MIB
     s = report.summarize_rss([(0, 100 * mib), (10, 200 * mib), (20, 201 * mib), (30, 202 * mib), (40, 203 * mib)], 10)
     assert (s["start_mib"], s["after_warmup_mib"], s["end_mib"], s["max_mib"]) == (100, 200, 203, 203)
+    assert s["post_warmup_samples"] == 4 and s["post_warmup_span_s"] == 30
     assert s["slope_mib_per_min"] == pytest.approx(6.0)
 
 
@@ -164,7 +165,7 @@ def _outcomes() -> list[Outcome]:
 def _summary(**changes) -> dict:
     s = report.summarize_requests(_outcomes(), 10.0)
     s |= {"kv": {"blocks": 100, "free_start": 100, "free_end": 100}, "server_5xx": 0, "server_exit_code": 0,
-          "rss": {"slope_mib_per_min": 0.5}}
+          "rss": {"slope_mib_per_min": 0.5, "post_warmup_span_s": 480.0}}
     return s | changes
 
 
@@ -191,7 +192,7 @@ def test_verdict_passes_a_clean_run():
     ({"valid_failed": 1}, "valid_ok"),
     ({"kv": {"blocks": 100, "free_start": 100, "free_end": 97}}, "kv_returned"),
     ({"kv": {"blocks": 100, "free_start": 100, "free_end": None}}, "kv_returned"),
-    ({"rss": {"slope_mib_per_min": 2.5}}, "rss_flat"),
+    ({"rss": {"slope_mib_per_min": 2.5, "post_warmup_span_s": 480.0}}, "rss_flat"),
     ({"server_exit_code": -9}, "clean_exit"),
 ])
 def test_verdict_fails_each_check(changes, failed):
@@ -202,6 +203,8 @@ def test_verdict_fails_each_check(changes, failed):
 def test_verdict_leaves_unjudged_checks_open():
     v = report.verdict(_summary(rss={"slope_mib_per_min": None}, server_exit_code=None), 2.0)
     assert v["passed"] and v["checks"]["rss_flat"] is None and v["checks"]["clean_exit"] is None
+    short = report.verdict(_summary(rss={"slope_mib_per_min": 50.0, "post_warmup_span_s": 20.0}), 2.0)
+    assert short["passed"] and short["checks"]["rss_flat"] is None  # 20 s tell nothing about a leak
 
 
 def test_metrics_parser_sums_over_labels():
@@ -221,3 +224,41 @@ def test_duration_flag_reads_units():
     for bad in ("ten", "0", "-5m", "m"):
         with pytest.raises(Exception, match="duration"):
             duration(bad)
+
+
+def _one_shot_server(answer: bytes, read_body: bool):
+    """A socket server on 127.0.0.1 that reads one request head (and the body, if read_body), sends
+    `answer` and closes; returns its URL."""
+    import socket
+    import threading
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+
+    def serve():
+        conn, _ = srv.accept()
+        with conn, srv:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            if read_body:
+                length = int(data.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+                while len(data.partition(b"\r\n\r\n")[2]) < length:
+                    data += conn.recv(1 << 20)
+            conn.sendall(answer)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return f"http://127.0.0.1:{srv.getsockname()[1]}/v1/completions"
+
+
+def test_raw_post_sees_a_413_sent_before_the_body_was_read():
+    from scaleinfer.bench.soak.client import _raw_post
+
+    body = b'{"prompt": "' + b"x" * (16 << 20) + b'"}'
+    url = _one_shot_server(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+                           read_body=False)
+    assert _raw_post(url, body, 30) == (413, "{}")
+    url = _one_shot_server(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\nConnection: close\r\n\r\n{\"a\":1}",
+                           read_body=True)
+    assert _raw_post(url, body, 30) == (200, '{"a":1}')

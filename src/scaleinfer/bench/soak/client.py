@@ -1,13 +1,18 @@
 """One soak request over HTTP: send a drawn SoakRequest, read (or cut) the answer, record an Outcome.
 
 A failed request is a data point, never an exception: transport errors land in Outcome.error.
+Oversized bodies go over a plain socket that watches for an answer while it uploads: a server may
+answer 413 and close before it has read the body, and httpx would report only the broken upload.
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import select
+import socket
 import time
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -110,16 +115,51 @@ async def _read_whole(client: httpx.AsyncClient, url: str, req: SoakRequest, out
     _take_usage(out, body)
 
 
+def _raw_post(url: str, body: bytes, timeout_s: float) -> tuple[int | None, str]:
+    """POST body to url on a fresh connection, stopping the upload as soon as the server answers;
+    returns (status or None, the start of the answer or the error)."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    head = (f"POST {parts.path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    data, sent, answer = memoryview(head + body), 0, b""
+    with socket.create_connection((host, port), timeout=timeout_s) as sock:
+        try:
+            while sent < len(data) and not select.select([sock], [], [], 0)[0]:
+                sent += sock.send(data[sent:sent + (1 << 16)])
+        except OSError:  # the server closed on us: its answer may still be in the socket
+            pass
+        try:
+            while chunk := sock.recv(1 << 16):
+                answer += chunk
+        except OSError as exc:
+            if not answer:
+                return None, f"{type(exc).__name__}: {exc} after sending {sent} of {len(data)} bytes"
+    if not answer.startswith(b"HTTP/1."):
+        return None, f"no HTTP answer after sending {sent} of {len(data)} bytes"
+    return int(answer.split(b" ", 2)[1]), answer.partition(b"\r\n\r\n")[2][:200].decode(errors="replace")
+
+
+async def _send_raw(url: str, req: SoakRequest, out: Outcome, timeout_s: float) -> None:
+    out.status, text = await asyncio.to_thread(_raw_post, url, req.body, timeout_s)
+    if out.status != 200:
+        out.error = text
+    else:
+        out.done = True
+
+
 async def send(client: httpx.AsyncClient, base_url: str, req: SoakRequest, run_start: float) -> Outcome:
     """Send one request; run_start (time.perf_counter() at the run's start) dates it."""
     t0 = time.perf_counter()
     out = Outcome(req.kind, req.endpoint, req.stream, t0 - run_start)
     try:
-        if req.stream:
+        if req.kind == "oversized_body":
+            await _send_raw(base_url + req.endpoint, req, out, client.timeout.read or 300.0)
+        elif req.stream:
             await _read_stream(client, base_url + req.endpoint, req, out, t0)
         else:
             await _read_whole(client, base_url + req.endpoint, req, out)
-    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+    except (httpx.HTTPError, json.JSONDecodeError, OSError) as exc:
         out.error = f"{type(exc).__name__}: {exc}"[:200]
     out.latency = time.perf_counter() - t0
     return out

@@ -11,6 +11,8 @@ from scaleinfer.bench.soak.client import Outcome
 from scaleinfer.bench.soak.mix import VALID
 
 MIB = 2**20
+MIN_RSS_SPAN_S = 60.0
+"""The RSS slope is judged only over at least this many seconds after warm-up (else: not judged)."""
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -40,8 +42,8 @@ def _status_key(o: Outcome) -> str:
 
 
 def _examples(outcomes: list[Outcome], limit: int = 8) -> list[str]:
-    return [f"{o.kind} {o.endpoint} stream={o.stream}: {_status_key(o)} {o.in_band_error or ''} {o.error}".strip()
-            for o in outcomes[:limit]]
+    return [f"{o.kind} {o.endpoint} stream={o.stream} at {o.start:.1f} s, {o.latency:.2f} s: {_status_key(o)} "
+            f"{o.in_band_error or ''} {o.error}".strip() for o in outcomes[:limit]]
 
 
 def summarize_requests(outcomes: list[Outcome], duration_s: float) -> dict:
@@ -85,9 +87,10 @@ def _ms(seconds: float | None) -> float | None:
 def summarize_rss(samples: list[tuple[float, int]], warmup_s: float) -> dict:
     if not samples:
         return {"samples": 0, "warmup_s": warmup_s, "slope_mib_per_min": None}
-    post = [rss for t, rss in samples if t >= warmup_s]
+    post = [(t, rss) for t, rss in samples if t >= warmup_s]
     return {"samples": len(samples), "warmup_s": warmup_s, "post_warmup_samples": len(post),
-            "start_mib": samples[0][1] / MIB, "after_warmup_mib": post[0] / MIB if post else None,
+            "post_warmup_span_s": post[-1][0] - post[0][0] if post else 0.0,
+            "start_mib": samples[0][1] / MIB, "after_warmup_mib": post[0][1] / MIB if post else None,
             "end_mib": samples[-1][1] / MIB, "max_mib": max(r for _, r in samples) / MIB,
             "slope_mib_per_min": rss_slope(samples, warmup_s),
             "series": [[round(t, 1), round(r / MIB, 1)] for t, r in samples]}
@@ -99,7 +102,8 @@ def verdict(summary: dict, max_rss_slope: float) -> dict:
     no_5xx: no 5xx status or in-band 5xx error seen by the clients nor counted by the server;
     malformed_4xx: every malformed request got a 4xx; valid_ok: every valid request that was not cut
     completed; kv_returned: free KV blocks at idle after the run == before; rss_flat: the RSS slope after
-    warm-up <= max_rss_slope MiB/min; clean_exit: the server exited 0 after SIGTERM.
+    warm-up <= max_rss_slope MiB/min (judged over >= MIN_RSS_SPAN_S); clean_exit: the server exited 0
+    after SIGTERM.
     """
     kv, rss = summary.get("kv") or {}, summary.get("rss") or {}
     slope = rss.get("slope_mib_per_min")
@@ -109,7 +113,8 @@ def verdict(summary: dict, max_rss_slope: float) -> dict:
         "malformed_4xx": summary["malformed_not_4xx"] == 0,
         "valid_ok": summary["valid_failed"] == 0,
         "kv_returned": None if kv.get("free_start") is None else kv.get("free_end") == kv["free_start"],
-        "rss_flat": None if slope is None else slope <= max_rss_slope,
+        "rss_flat": None if slope is None or rss.get("post_warmup_span_s", 0) < MIN_RSS_SPAN_S
+        else slope <= max_rss_slope,
         "clean_exit": None if summary.get("server_exit_code") is None else summary["server_exit_code"] == 0,
     }
     return {"checks": checks, "passed": all(v is not False for v in checks.values()),
