@@ -55,7 +55,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=DEFAULT_MODEL, help="model of the server started here")
     g.add_argument("--threads", type=int, default=None, help="the server's CPU threads (default: all cores)")
     g.add_argument("--max-model-len", type=int, default=None, help="the server's context (default: serve's)")
-    g.add_argument("--kv-cache-memory", default=None, help="the server's KV cache size (default: serve's)")
+    g.add_argument("--kv-cache-memory", default="256MiB",
+                   help="the server's KV cache size. Its pages count in RSS only once written, and blocks are "
+                        "handed out least recently used first, so RSS grows until the whole cache has been "
+                        "written: keep it small enough to be written during the warm-up (default: %(default)s)")
     g.add_argument("--max-num-seqs", type=int, default=None, help="the server's most running requests")
     g.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
                    help="one more argument for `scaleinfer serve` (repeatable, e.g. --serve-arg=--max-waiting=32)")
