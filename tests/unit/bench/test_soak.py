@@ -131,6 +131,12 @@ def test_rss_slope_is_the_least_squares_slope_after_warmup():
     assert report.rss_slope(samples, 599) is None  # too few samples after the warm-up
 
 
+def test_default_warmup_is_two_minutes_or_half_a_short_run():
+    assert report.default_warmup(600) == 120 and report.default_warmup(120) == 60
+    # a 2-minute run leaves 60 s after warm-up: its RSS slope is reported but not judged
+    assert report.MIN_RSS_SPAN_S > 120 - report.default_warmup(120)
+
+
 def test_summarize_rss_reports_start_end_and_slope():
     mib = report.MIB
     s = report.summarize_rss([(0, 100 * mib), (10, 200 * mib), (20, 201 * mib), (30, 202 * mib), (40, 203 * mib)], 10)
@@ -203,8 +209,8 @@ def test_verdict_fails_each_check(changes, failed):
 def test_verdict_leaves_unjudged_checks_open():
     v = report.verdict(_summary(rss={"slope_mib_per_min": None}, server_exit_code=None), 2.0)
     assert v["passed"] and v["checks"]["rss_flat"] is None and v["checks"]["clean_exit"] is None
-    short = report.verdict(_summary(rss={"slope_mib_per_min": 50.0, "post_warmup_span_s": 20.0}), 2.0)
-    assert short["passed"] and short["checks"]["rss_flat"] is None  # 20 s tell nothing about a leak
+    short = report.verdict(_summary(rss={"slope_mib_per_min": 50.0, "post_warmup_span_s": 60.0}), 2.0)
+    assert short["passed"] and short["checks"]["rss_flat"] is None  # 60 s tell nothing about a leak
 
 
 def test_metrics_parser_sums_over_labels():

@@ -11,7 +11,7 @@ from scaleinfer.bench.soak.client import Outcome
 from scaleinfer.bench.soak.mix import VALID
 
 MIB = 2**20
-MIN_RSS_SPAN_S = 60.0
+MIN_RSS_SPAN_S = 120.0
 """The RSS slope is judged only over at least this many seconds after warm-up (else: not judged)."""
 
 
@@ -21,6 +21,12 @@ def percentile(values: list[float], q: float) -> float | None:
         return None
     ordered = sorted(values)
     return ordered[max(0, min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+def default_warmup(duration_s: float) -> float:
+    """Seconds of RSS left out of the slope: the server's RSS climbs for about two minutes under load
+    (allocator pools, the KV cache's pages written the first time), so 120 s, or half of a short run."""
+    return 120.0 if duration_s >= 240 else duration_s / 2
 
 
 def rss_slope(samples: list[tuple[float, int]], warmup_s: float) -> float | None:

@@ -78,7 +78,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--request-timeout", type=float, default=300.0, help="seconds one request may take")
     g = p.add_argument_group("checks and output")
     g.add_argument("--warmup", type=duration, default=None,
-                   help="RSS samples before this are left out of the slope (default: a fifth of --duration, <= 120 s)")
+                   help="RSS samples before this are left out of the slope (default: 120 s, half of a run under 4 "
+                        "minutes); the slope is judged over >= 120 s after it")
     g.add_argument("--rss-interval", type=float, default=5.0, help="seconds between RSS samples")
     g.add_argument("--max-rss-slope", type=float, default=8.0,
                    help="fail above this RSS growth in MiB/min (a flat 10-minute run measured -6 on a busy 2-core "
@@ -168,7 +169,7 @@ async def soak(args, url: str, pid: int | None) -> dict:
     summary = report.summarize_requests(outcomes, load_s)
     before_counts, after_counts = http_status_counts(before), http_status_counts(after)
     delta = {k: v - before_counts.get(k, 0) for k, v in after_counts.items() if v - before_counts.get(k, 0)}
-    warmup = args.warmup if args.warmup is not None else min(120.0, args.duration / 5)
+    warmup = args.warmup if args.warmup is not None else report.default_warmup(args.duration)
     summary |= {"model": cfg.model, "max_model_len": cfg.max_model_len,
                 "kv": {"blocks": metric(after, "scaleinfer_kv_cache_blocks"), "free_start": free_start,
                        "free_end": metric(after, "scaleinfer_kv_cache_free_blocks")},
