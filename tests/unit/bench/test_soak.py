@@ -268,3 +268,17 @@ def test_raw_post_sees_a_413_sent_before_the_body_was_read():
     url = _one_shot_server(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\nConnection: close\r\n\r\n{\"a\":1}",
                            read_body=True)
     assert _raw_post(url, body, 30) == (200, '{"a":1}')
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--concurrency", "0"], "--concurrency must be >= 1"),
+    (["--disconnect-share", "1.5"], "--disconnect-share must be in [0, 1]"),
+    (["--server-pid", "1"], "--server-pid goes with --url"),
+    (["--url", "http://127.0.0.1:1", "--start-timeout", "0.5"], "is the server at --url running?"),
+])
+def test_bad_flags_are_one_line_and_exit_2(argv, message, capsys):
+    from scaleinfer.cli import main
+
+    assert main(["bench", "soak", "--no-save", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

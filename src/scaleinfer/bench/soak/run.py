@@ -183,7 +183,10 @@ def main(args) -> int:
     server = None
     if args.url:
         url = args.url.rstrip("/")
-        wait_ready(url, args.start_timeout)
+        try:
+            wait_ready(url, args.start_timeout)
+        except ServerError as exc:
+            raise ConfigError(f"{exc}; is the server at --url running?") from None
         pid = args.server_pid
     else:
         log_path = args.server_log or tempfile.NamedTemporaryFile(prefix="soak-server-", suffix=".log",
