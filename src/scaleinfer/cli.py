@@ -1,4 +1,5 @@
-"""The `scaleinfer` command: generate | chat | demo | serve | models | pull | quantize | bench [serve | long-context].
+"""The `scaleinfer` command: generate | chat | demo | serve | models | pull | quantize |
+bench [serve | long-context | soak].
 
 Every ScaleInferError becomes one line on stderr and exit code 2; no tracebacks for bad input.
 """
@@ -265,6 +266,12 @@ def cmd_bench_serve(args) -> int:
     return bench_serve_main(args)
 
 
+def cmd_bench_soak(args) -> int:
+    from scaleinfer.bench.soak.run import main as soak_main
+
+    return soak_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scaleinfer", description="Transformer inference that scales.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -370,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--llamacpp-python", default=None,
                    help="python of a venv with llama-cpp-python: also measure llama.cpp on the same GGUF")
     p.set_defaults(fn=cmd_bench)
-    bench_sub = p.add_subparsers(dest="bench_mode", metavar="{serve}")
+    bench_sub = p.add_subparsers(dest="bench_mode", metavar="{serve,long-context,soak}")
     from scaleinfer.bench.serve import add_arguments as add_bench_serve_arguments
 
     p = bench_sub.add_parser("serve", help="serving benchmark of any OpenAI-compatible endpoint "
@@ -383,6 +390,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "sequence length; perplexity of a long stream per pattern")
     add_long_context_arguments(p)
     p.set_defaults(fn=cmd_bench_long_context)
+    from scaleinfer.bench.soak.run import add_arguments as add_soak_arguments
+
+    p = bench_sub.add_parser("soak", help="minutes of mixed traffic (streams, disconnects, malformed requests) "
+                                          "against a real server: no 5xx, KV blocks back, flat RSS")
+    add_soak_arguments(p)
+    p.set_defaults(fn=cmd_bench_soak)
     return parser
 
 

@@ -106,7 +106,8 @@ class AsyncEngine:
                 self._deliver(request_id, dead)
             while not self._commands.empty():
                 _, fut = self._commands.get_nowait()
-                fut.set_exception(dead)
+                if fut.set_running_or_notify_cancel():
+                    fut.set_exception(dead)
 
     def _run_commands(self, block: bool) -> None:
         try:
@@ -114,10 +115,17 @@ class AsyncEngine:
         except queue.Empty:
             return
         while True:
+            # A caller that stopped waiting (its task was cancelled: a client went away) cancelled fut;
+            # the command still runs (an add is followed by its abort), only its result is dropped.
+            wanted = fut.set_running_or_notify_cancel()
             try:
-                fut.set_result(fn(self.engine))
+                result = fn(self.engine)
             except Exception as exc:  # noqa: BLE001 - handed back to the caller
-                fut.set_exception(exc)
+                if wanted:
+                    fut.set_exception(exc)
+            else:
+                if wanted:
+                    fut.set_result(result)
             try:
                 fn, fut = self._commands.get_nowait()
             except queue.Empty:
