@@ -9,7 +9,7 @@ import logging
 import sys
 import time
 
-from scaleinfer.config import QUANTIZATION_MODES
+from scaleinfer.config import KV_CACHE_DTYPES, QUANTIZATION_MODES
 from scaleinfer.errors import ScaleInferError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -33,8 +33,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="weight quantization after loading: int8 / int4 weight-only, w8a8 (int8 weights and "
                         "per-token int8 activations), w4a8 (int4 weights, int8 activations at decode), "
                         "auto (int8 on CPU)")
-    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
-                   help="KV cache storage: auto (model dtype) or int8 (per-token, per-head scales)")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="KV cache storage: auto (CPU: float16, bfloat16 for bfloat16 models; GPU: the model's "
+                        "dtype), float32, float16, bfloat16, or int8 (per-token, per-head scales)")
     g.add_argument("--calibration", default=None, metavar="TEXT_FILE",
                    help="int4 modes: GPTQ-round the weights on the model's activations over this text (slower "
                         "load; `scaleinfer quantize --calibration` saves the result)")

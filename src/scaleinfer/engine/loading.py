@@ -24,10 +24,8 @@ def build_model(ckpt: Checkpoint, config: EngineConfig, attention_backend: str |
     dtype = DTYPES[config.dtype]
     cls = get_model_class(ckpt.config.architecture)
     start = time.perf_counter()
-    if config.cache.kv_cache_dtype == "int8":
-        attention_backend = "sdpa-int8kv"
-    elif attention_backend is None:  # fused kernels on CPU (they step aside for what they do not cover)
-        attention_backend = "cpu" if config.device == "cpu" else "sdpa"
+    if attention_backend is None:  # fused kernels on CPU (they step aside for what they do not cover)
+        attention_backend = "cpu" if config.device == "cpu" else "sdpa"   # both take every KV cache dtype
     model = cls(ckpt.config, get_backend(attention_backend), dtype)
     if ckpt.format == "scaleinfer-quantized":  # packed tensors go in as stored, no re-quantizing
         from scaleinfer.weights.quantized import load_quantized

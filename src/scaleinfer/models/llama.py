@@ -16,6 +16,7 @@ from scaleinfer.attention.backend import AttentionBackend
 from scaleinfer.attention.layer import Attention
 from scaleinfer.attention.metadata import AttentionMetadata
 from scaleinfer.attention.patterns import CAUSAL, AttentionPattern
+from scaleinfer.attention.sdpa import kernel_kv_args
 from scaleinfer.config import ModelConfig
 from scaleinfer.layers.activation import silu_and_mul
 from scaleinfer.layers.linear import Linear, MergedLinear
@@ -93,14 +94,16 @@ class _DecodePlan:
     are bit-identical, tested), minus the nn.Module dispatch, shape checks and views that cost as much
     as the matmuls of a 135M model at batch 1. Where every linear's method gives a `decode_spec`, the
     whole layer loop runs in one C++ call (csrc/decode_step.cpp: DecodeProgram); otherwise, or for more
-    rows than a spec takes, it runs from Python. Built once per model and KV cache; it re-checks the
-    quantization methods, so a method swapped in later is used as is. A step it does not cover
-    (prefill, int8 KV, sink shifts, another dtype or device) takes the module path."""
+    rows than a spec takes, it runs from Python. Built once per model and KV cache (float32, float16,
+    bfloat16 or int8 K/V: attention/sdpa.py: kernel_kv_args); it re-checks the quantization methods, so a
+    method swapped in later is used as is. A step it does not cover (prefill, sink shifts, another dtype
+    or device) takes the module path."""
 
     def __init__(self, ops, layers, dims, caches):
         self.ops, self.layers = ops, layers
         self.h, self.h_kv, self.d, self.eps = dims
         self.caches = caches
+        self.kv = [kernel_kv_args(k, v) for k, v in caches]   # (k, v, k_scale, v_scale, k_chan, v_chan)
         self.layer_patterns = [layer[6].pattern for layer in layers]
         self.patterns = list(dict.fromkeys(self.layer_patterns))  # one attention view per distinct pattern
         self.view_of = [self.patterns.index(p) for p in self.layer_patterns]
@@ -116,7 +119,7 @@ class _DecodePlan:
         first = model.layers[0]
         ops = fused_ops(model.norm.weight)
         if ops is None or not isinstance(first.self_attn.attn.backend, CpuPagedBackend) \
-                or not all(isinstance(c[0], torch.Tensor) and c[0].dtype == torch.float32 for c in kv_caches):
+                or any(kernel_kv_args(*c) is None for c in kv_caches):
             return False
         layers = [(layer.input_layernorm.weight, layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                    layer.post_attention_layernorm.weight, layer.mlp.gate_up_proj, layer.mlp.down_proj,
@@ -133,13 +136,13 @@ class _DecodePlan:
             return None, 0
         program = self.ops.DecodeProgram(self.h, self.h_kv, self.d, self.eps)
         max_rows = 1 << 30
-        for (w_in, qkv, o, w_post, gate_up, down, attn), (k_cache, v_cache), view in zip(
-                self.layers, self.caches, self.view_of):
+        for (w_in, qkv, o, w_post, gate_up, down, attn), (k, v, *scales), view in zip(
+                self.layers, self.kv, self.view_of):
             specs = [lin.quant_method.decode_spec(lin) for lin in (qkv, o, gate_up, down)]
             if any(s is None for s in specs):
                 return None, 0
             max_rows = min([max_rows] + [s.max_rows for s in specs])
-            program.add_layer(w_in, w_post, k_cache, v_cache, attn.scale, view, *map(_program_linear, specs))
+            program.add_layer(w_in, w_post, k, v, attn.scale, view, *map(_program_linear, specs), *scales)
         return program, max_rows
 
     def current(self, kv_caches) -> bool:
@@ -163,16 +166,16 @@ class _DecodePlan:
         ops, h, h_kv, d, eps = self.ops, self.h, self.h_kv, self.d, self.eps
         out = torch.empty(n, h, d)
         residual = None
-        for (w_in, qkv_proj, o_proj, w_post, gate_up_proj, down_proj, attn), (k_cache, v_cache), i in zip(
-                self.layers, kv_caches, self.view_of):
+        for (w_in, qkv_proj, o_proj, w_post, gate_up_proj, down_proj, attn), (k_cache, v_cache, *scales), i in zip(
+                self.layers, self.kv, self.view_of):
             m = views[i]
             x, residual = ops.add_rms_norm(x, residual, w_in, eps)
             qkv = qkv_proj.quant_method.apply(qkv_proj, x)
             ops.rotary_(qkv[:, :(h + h_kv) * d].view(n, h + h_kv, d), cos, sin)
             ops.kv_write(k_cache, v_cache, m.slot_mapping, qkv[:, h * d:(h + h_kv) * d].view(n, h_kv, d),
-                         qkv[:, (h + h_kv) * d:].view(n, h_kv, d))
+                         qkv[:, (h + h_kv) * d:].view(n, h_kv, d), *scales)
             ops.paged_decode_attention(out, qkv[:, :h * d].view(n, h, d), k_cache, v_cache, m.decode_slots,
-                                       m.decode_lens, attn.scale)
+                                       m.decode_lens, attn.scale, *scales)
             x = o_proj.quant_method.apply(o_proj, out.view(n, h * d))
             x, residual = ops.add_rms_norm(x, residual, w_post, eps)
             x = down_proj.quant_method.apply(down_proj, ops.silu_and_mul(
