@@ -48,7 +48,7 @@ def build_model(ckpt: Checkpoint, config: EngineConfig, attention_backend: str |
         from scaleinfer.quantization.gptq import gptq_quantize_model
         from scaleinfer.runner.model_runner import ModelRunner
 
-        cache = CacheConfig()
+        cache = CacheConfig(kv_cache_dtype="float32")   # calibration statistics from unrounded K/V
         blocks = -(-max(map(len, windows)) // cache.block_size) + 1
         runner = ModelRunner(model, ckpt.config, cache, blocks, torch.float32, "cpu")
         method = decoder_method(mode)

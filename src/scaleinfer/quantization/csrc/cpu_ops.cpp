@@ -271,10 +271,17 @@ constexpr int64_t kBlock = 32;  // keys per block: their fp32 rows (8 KiB at D =
 
 // Scores of one block of n keys (rows kr[j]) for the G query heads at q [G, D], folded into the running
 // max m [G], sum l [G] and output o [G, D] (rescaled when the max grows); leaves e^(score - max) in p [G, kBlock].
-SI_CLONES void block_scores(const float* q, int64_t G, int64_t D, float sc, const float* const* kr, int64_t n,
-                            float* m, float* l, float* o, float* p) {
-  for (int64_t j = 0; j < n; ++j)
-    for (int64_t g = 0; g < G; ++g) p[g * kBlock + j] = dot(q + g * D, kr[j], D) * sc;
+// DC: D as a compile-time constant (64, 128) so each head's query and output stay in registers; 0: runtime D.
+template <int64_t DC>
+inline void block_scores_t(const float* q, int64_t G, int64_t Dr, float sc, const float* const* kr, int64_t n,
+                           float* m, float* l, float* o, float* p) {
+  const int64_t D = DC ? DC : Dr;
+  for (int64_t g = 0; g < G; ++g) {
+    float qg[DC ? DC : 1];
+    const float* qp = q + g * D;
+    if (DC) std::copy(qp, qp + D, qg);
+    for (int64_t j = 0; j < n; ++j) p[g * kBlock + j] = dot(DC ? qg : qp, kr[j], D) * sc;
+  }
   for (int64_t g = 0; g < G; ++g) {
     float* pg = p + g * kBlock;
     float mx = m[g];
@@ -297,10 +304,31 @@ SI_CLONES void block_scores(const float* q, int64_t G, int64_t D, float sc, cons
   }
 }
 
-// o [G, D] += p [G, kBlock] times the block's value rows vr[j].
+SI_CLONES void block_scores(const float* q, int64_t G, int64_t D, float sc, const float* const* kr, int64_t n,
+                            float* m, float* l, float* o, float* p) {
+  if (D == 64) return block_scores_t<64>(q, G, D, sc, kr, n, m, l, o, p);
+  if (D == 128) return block_scores_t<128>(q, G, D, sc, kr, n, m, l, o, p);
+  block_scores_t<0>(q, G, D, sc, kr, n, m, l, o, p);
+}
+
+// o [G, D] += p [G, kBlock] times the block's value rows vr[j] (a head's output in registers for DC > 0).
+template <int64_t DC>
+inline void block_values_t(int64_t G, int64_t Dr, const float* const* vr, int64_t n, const float* p, float* o) {
+  const int64_t D = DC ? DC : Dr;
+  for (int64_t g = 0; g < G; ++g) {
+    float acc[DC ? DC : 1];
+    float* og = o + g * D;
+    float* a = DC ? acc : og;
+    if (DC) std::copy(og, og + D, acc);
+    for (int64_t j = 0; j < n; ++j) axpy(p[g * kBlock + j], vr[j], a, D);
+    if (DC) std::copy(acc, acc + D, og);
+  }
+}
+
 SI_CLONES void block_values(int64_t G, int64_t D, const float* const* vr, int64_t n, const float* p, float* o) {
-  for (int64_t j = 0; j < n; ++j)
-    for (int64_t g = 0; g < G; ++g) axpy(p[g * kBlock + j], vr[j], o + g * D, D);
+  if (D == 64) return block_values_t<64>(G, D, vr, n, p, o);
+  if (D == 128) return block_values_t<128>(G, D, vr, n, p, o);
+  block_values_t<0>(G, D, vr, n, p, o);
 }
 
 // What one paged_decode_attention call reads.
