@@ -10,8 +10,8 @@ import logging
 import sys
 import time
 
-from scaleinfer.config import (DEFAULT_MODEL, QUANTIZATION_MODES, CacheConfig, EngineConfig, SchedulerConfig,
-                               format_memory)
+from scaleinfer.config import (DEFAULT_MODEL, KV_CACHE_DTYPES, QUANTIZATION_MODES, CacheConfig, EngineConfig,
+                               SchedulerConfig, format_memory)
 from scaleinfer.errors import ScaleInferError
 
 
@@ -38,8 +38,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 
     g.add_argument("--quantization", default=EngineConfig.quantization, choices=QUANTIZATION_MODES,
                    help=cli_help() + " (default: %(default)s)")
-    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
-                   help="KV cache storage: auto (model dtype) or int8 (per-token, per-head scales)")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="KV cache storage (default: %(default)s): auto (CPU: float16, bfloat16 for bfloat16 "
+                        "models; GPU: the model's "
+                        "dtype), float32, float16, bfloat16, or int8 (per-token, per-head scales)")
     g.add_argument("--calibration", default=None, metavar="TEXT_FILE",
                    help="int4 modes: GPTQ-round the weights on the model's activations over this text (slower "
                         "load; `scaleinfer quantize --calibration` saves the result)")

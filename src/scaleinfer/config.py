@@ -55,6 +55,9 @@ class ModelConfig:
     """Human-readable model name for logs and /v1/models."""
 
 
+KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16", "int8")
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     """The paged KV cache."""
@@ -66,15 +69,17 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     """Reuse full KV blocks of identical prompt prefixes across requests."""
     kv_cache_dtype: str = "auto"
-    """auto (the model's dtype) or int8 (per-token, per-head scales: ~0.27x the bytes of fp32)."""
+    """auto (on the CPU: float16 for float32 / float16 models, bfloat16 for bfloat16 ones; elsewhere the
+    model's dtype), float32, float16, bfloat16, or int8 (per-token, per-head scales: ~0.27x the bytes of fp32)."""
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ConfigError(f"block_size must be a power of two, got {self.block_size}")
         if self.kv_cache_memory <= 0:
             raise ConfigError(f"--kv-cache-memory must be positive, got {self.kv_cache_memory}")
-        if self.kv_cache_dtype not in ("auto", "int8"):
-            raise ConfigError(f"--kv-cache-dtype must be auto or int8, got {self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                              f"got {self.kv_cache_dtype!r}")
 
 
 @dataclass(frozen=True)

@@ -47,8 +47,8 @@ def test_chunked_prefill_equals_unchunked(reference):
 
 def test_tiny_kv_budget_preempts_and_completes(reference):
     _, alone = reference
-    # 6 blocks of 16 tokens: fewer slots than the six requests need together.
-    llm = LLM("smollm2-135m-instruct", quantization="none", kv_cache_memory=6 * 16 * 46080, block_size=16)
+    # 6 blocks of 16 tokens: fewer slots than the six requests need together (f16 KV: 23,040 bytes a token).
+    llm = LLM("smollm2-135m-instruct", quantization="none", kv_cache_memory=6 * 16 * 23040, block_size=16)
     assert llm.engine.num_kv_blocks == 6
     outs = llm.generate(PROMPTS, [greedy(n) for n in MAX_TOKENS])
     assert llm.engine.scheduler.num_preemptions > 0

@@ -58,7 +58,7 @@ class RowByRowOracle:
 
 def test_stream_past_trained_positions_matches_oracle(tiny_llama):
     llm = LLM(tiny_llama, attention_pattern=SPEC, max_model_len=1000, kv_cache_memory="16MiB", block_size=4,
-              max_num_batched_tokens=32)
+              max_num_batched_tokens=32, kv_cache_dtype="float32")   # an fp32 oracle
     engine = llm.engine
     assert engine.max_model_len == 1000  # past the model's 64 positions: distances stay <= 16
     ids = torch.randint(0, 49152, (300,), generator=torch.Generator().manual_seed(1)).tolist()

@@ -71,7 +71,8 @@ def tiny_gemma3_dir(tmp_path_factory):
 
 def test_tiny_random_gemma3_matches_hf(tiny_gemma3_dir):
     path, hf_model = tiny_gemma3_dir
-    llm = LLM(path, quantization="none", kv_cache_memory="16MiB", max_model_len=256, max_num_batched_tokens=16)
+    llm = LLM(path, quantization="none", kv_cache_memory="16MiB", max_model_len=256, max_num_batched_tokens=16,
+              kv_cache_dtype="float32")
     mc = llm.engine.model_config
     assert mc.architecture == "gemma3" and mc.sliding_window == 8
     assert mc.layer_types == tuple(hf_model.config.layer_types)
@@ -134,8 +135,7 @@ def real():
     path = catalog.resolve("gemma-3-270m")
     name_dir, name = os.path.dirname(path), os.path.basename(path)
     tok = transformers.AutoTokenizer.from_pretrained(name_dir, gguf_file=name)
-    llm = LLM(path, quantization="none",
-              max_model_len=1024, kv_cache_memory="128MiB")  # our own tokenizer, from the GGUF
+    llm = LLM(path, quantization="none", max_model_len=1024, kv_cache_memory="128MiB", kv_cache_dtype="float32")  # our own tokenizer, from the GGUF
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(name_dir, gguf_file=name, dtype=torch.float32)
     return llm, hf_model.eval(), tok
 

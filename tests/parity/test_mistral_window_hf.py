@@ -32,8 +32,8 @@ def tiny_mistral(tmp_path_factory, smollm2_gguf_path):
 
 def test_mistral_window_matches_hf(tiny_mistral):
     path, hf_model = tiny_mistral
-    llm = LLM(path, quantization="none",
-              kv_cache_memory="64MiB", max_model_len=512, block_size=4, max_num_batched_tokens=16)
+    llm = LLM(path, quantization="none", kv_cache_memory="64MiB", max_model_len=512, block_size=4, max_num_batched_tokens=16,
+              kv_cache_dtype="float32")
     assert set(llm.engine.attention_patterns) == {AttentionPattern.sliding_window(8)}
     torch.manual_seed(1)
     for n in (5, 40, 77):

@@ -46,7 +46,7 @@ def tiny_qwen2_dir(tmp_path_factory, smollm2_gguf_path):
 
 def test_tiny_random_qwen2_matches_hf(tiny_qwen2_dir):
     path, hf_model = tiny_qwen2_dir
-    llm = LLM(path, quantization="none", kv_cache_memory="64MiB", max_model_len=512)
+    llm = LLM(path, quantization="none", kv_cache_memory="64MiB", max_model_len=512, kv_cache_dtype="float32")
     assert llm.engine.model_config.architecture == "qwen2" and llm.engine.model_config.attention_bias
     prompts = [llm.tokenizer.encode(p) for p in PROMPTS]
     compare(llm, hf_model, prompts, 1e-4)
@@ -57,7 +57,8 @@ def test_real_qwen25_matches_hf():
 
     if not catalog.CATALOG["qwen2.5-coder-0.5b-instruct"].installed:
         pytest.skip("qwen2.5-coder-0.5b-instruct is not installed")
-    llm = LLM("qwen2.5-coder-0.5b-instruct", quantization="none", kv_cache_memory="128MiB", max_model_len=1024)
+    llm = LLM("qwen2.5-coder-0.5b-instruct", quantization="none", kv_cache_memory="128MiB", max_model_len=1024,
+              kv_cache_dtype="float32")
     path = llm.engine.checkpoint_path
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(
         os.path.dirname(path), gguf_file=os.path.basename(path), torch_dtype=torch.float32).eval()

@@ -21,7 +21,8 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM("smollm2-135m-instruct", quantization="none", max_model_len=2048, kv_cache_memory="256MiB")
+    return LLM("smollm2-135m-instruct", quantization="none", max_model_len=2048, kv_cache_memory="256MiB",
+               kv_cache_dtype="float32")  # fp32 parity: the default f16 KV rounds K/V
 
 
 @pytest.fixture(scope="module")

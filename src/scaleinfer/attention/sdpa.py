@@ -4,7 +4,10 @@ Decodes are batched into one SDPA call over K/V gathered through the block table
 attention is handled without copying K/V by folding each KV head's query group into the query
 axis. Prefill chunks (or, for a non-causal pattern, 256-query tiles of them) run one by one: a chunk
 with no cached context attends to its own K/V with `is_causal`, otherwise the gathered keys with a
-mask. Storage is a hook (`_write` / `_read`) so that the int8 KV cache reuses all of this.
+mask. Storage is a hook (`_write` / `_read`): a cache tensor of another dtype than the compute (float16
+K/V for a float32 model) is converted on write and read, and a quantized cache (attention/kv_int8.py:
+Int8KV, anything with write / read) quantizes on write and dequantizes on read. A fresh prefill attends
+to what was stored (rounded to the cache's dtype), so it sees exactly what later decodes will.
 
 StreamingLLM positions within the cache (patterns with positions=cache): a row with a sink shift
 sees the first `num_sinks` gathered keys `shift` positions nearer. RoPE makes a score depend only on
@@ -33,12 +36,20 @@ def rotate(x: torch.Tensor, shift: torch.Tensor, inv_freq: torch.Tensor) -> torc
 class SdpaBackend:
     # ---- storage hooks ---------------------------------------------------------------------------
     def _write(self, cache, slots: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Store the step's K or V; returns what a fresh prefill should attend to (x itself here)."""
-        cache.index_copy_(0, slots, x)
-        return x
+        """Store the step's K or V; returns what a fresh prefill should attend to (what was stored)."""
+        if not isinstance(cache, torch.Tensor):
+            return cache.write(slots, x)
+        if cache.dtype == x.dtype:
+            cache.index_copy_(0, slots, x)
+            return x
+        stored = x.to(cache.dtype)
+        cache.index_copy_(0, slots, stored)
+        return stored.to(x.dtype)
 
     def _read(self, cache, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return cache.index_select(0, slots)
+        if not isinstance(cache, torch.Tensor):
+            return cache.read(slots, dtype)
+        return cache.index_select(0, slots).to(dtype)
 
     def _write_kv(self, k_cache, v_cache, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         return self._write(k_cache, slots, k), self._write(v_cache, slots, v)
@@ -94,31 +105,52 @@ class SdpaBackend:
         out[:d] = od.reshape(d, num_heads, head_dim)
 
 
+_KERNEL_KV_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def kernel_kv_args(k_cache, v_cache) -> tuple | None:
+    """A layer's KV cache as the CPU kernels take it (cpu_ops.cpp: kv_write, paged_decode_attention):
+    (k, v, k_scale, v_scale, k_chan, v_chan), or None when they do not cover it. A tensor cache of
+    float32 / float16 / bfloat16 on the CPU passes as is; an int8 cache (attention/kv_int8.py: Int8KV)
+    passes its data, per-token scales and per-channel key scales."""
+    if isinstance(k_cache, torch.Tensor):
+        if k_cache.dtype not in _KERNEL_KV_DTYPES or k_cache.device.type != "cpu":
+            return None
+        return k_cache, v_cache, None, None, None, None
+    if k_cache.data.device.type != "cpu":
+        return None
+    return k_cache.data, v_cache.data, k_cache.scale, v_cache.scale, k_cache.channel_scale, v_cache.channel_scale
+
+
 class CpuPagedBackend(SdpaBackend):
     """The sdpa backend with decode attention and K/V writes in fused CPU kernels (quantization/csrc/
     cpu_ops.cpp): each decode query reads its keys straight through the slot table (no gathered copy),
-    and both caches are written in one call. Prefills, sink shifts and anything but float32 on the
-    CPU take the sdpa code, which is also the reference this backend is tested against."""
+    and both caches are written in one call; float16, bfloat16 and int8 caches are converted in the
+    kernels. Prefills, sink shifts and compute in anything but float32 on the CPU take the sdpa code,
+    which is also the reference this backend is tested against."""
 
     @staticmethod
-    def _ops(x: torch.Tensor, cache):
-        """The kernels, if x (heads contiguous) and the cache (a float32 tensor) suit them."""
-        if not isinstance(cache, torch.Tensor) or cache.dtype != torch.float32 or x.stride(1) != x.shape[2]:
-            return None
-        return fused_ops(x)
+    def _ops(x: torch.Tensor, k_cache, v_cache):
+        """(the kernels, the cache as they take it) if x (heads contiguous) and the cache suit them."""
+        kv = kernel_kv_args(k_cache, v_cache)
+        if kv is None or x.stride(1) != x.shape[2]:
+            return None, None
+        return fused_ops(x), kv
 
     def _write_kv(self, k_cache, v_cache, slots, k, v):
-        ops = self._ops(k, k_cache) if v.stride(1) == v.shape[2] else None
+        ops, kv = self._ops(k, k_cache, v_cache) if v.stride(1) == v.shape[2] else (None, None)
         if ops is None:
             return super()._write_kv(k_cache, v_cache, slots, k, v)
-        ops.kv_write(k_cache, v_cache, slots, k, v)
-        return k, v
+        ops.kv_write(kv[0], kv[1], slots, k, v, *kv[2:])
+        if kv[2] is None and kv[0].dtype == k.dtype:
+            return k, v
+        return self._read(k_cache, slots, k.dtype), self._read(v_cache, slots, v.dtype)  # what was stored
 
     def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float, rope, out) -> None:
-        ops = self._ops(q, k_cache)
+        ops, kv = self._ops(q, k_cache, v_cache)
         if ops is None or meta.decode_sink_shift is not None or meta.decode_lens is None:
             return super()._decode(q, k_cache, v_cache, meta, scale, rope, out)
-        ops.paged_decode_attention(out, q, k_cache, v_cache, meta.decode_slots, meta.decode_lens, scale)
+        ops.paged_decode_attention(out, q, kv[0], kv[1], meta.decode_slots, meta.decode_lens, scale, *kv[2:])
 
 
 def _shifted_sinks_attention(q, k, v, seq: PrefillSeq, num_sinks: int, scale: float, rope) -> torch.Tensor:

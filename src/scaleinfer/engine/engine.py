@@ -87,7 +87,7 @@ class LLMEngine:
         self.load_time = time.perf_counter() - start
 
         dtype = DTYPES[config.dtype]
-        num_blocks = num_blocks_for_budget(self.model_config, config.cache, dtype)
+        num_blocks = num_blocks_for_budget(self.model_config, config.cache, dtype, config.device)
         self.max_model_len = config.scheduler.max_model_len
         limit = position_limit(self.model_config)
         if not all(p.distance_bounded for p in self.attention_patterns) and self.max_model_len > limit:
@@ -108,7 +108,8 @@ class LLMEngine:
                                   seed=config.seed)
         self.num_kv_blocks = num_blocks
         self.kv_capacity_tokens = num_blocks * config.cache.block_size
-        self.kv_bytes_per_token = bytes_per_token(self.model_config, dtype, config.cache.kv_cache_dtype)
+        self.kv_bytes_per_token = bytes_per_token(self.model_config, dtype, config.cache.kv_cache_dtype,
+                                                 config.device)
         self.stats = EngineStats()
         self._parents: dict[str, _Parent] = {}
         self._parent_of: dict[str, str] = {}

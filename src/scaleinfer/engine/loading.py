@@ -25,10 +25,8 @@ def build_model(ckpt: Checkpoint, config: EngineConfig, attention_backend: str |
     dtype = DTYPES[config.dtype]
     family = registry.family(ckpt.config.architecture)
     start = time.perf_counter()
-    if config.cache.kv_cache_dtype == "int8":
-        attention_backend = "sdpa-int8kv"
-    elif attention_backend is None:  # fused kernels on CPU (they step aside for what they do not cover)
-        attention_backend = "cpu" if config.device == "cpu" else "sdpa"
+    if attention_backend is None:  # fused kernels on CPU (they step aside for what they do not cover)
+        attention_backend = "cpu" if config.device == "cpu" else "sdpa"   # both take every KV cache dtype
     model = family.model_class(ckpt.config, get_backend(attention_backend), dtype)
     if ckpt.format == "scaleinfer-quantized":  # packed tensors go in as stored, no re-quantizing
         from scaleinfer.weights.quantized import load_quantized
@@ -67,7 +65,7 @@ def _gptq(model, ckpt: Checkpoint, mode: str, windows: list[list[int]]) -> None:
     from scaleinfer.quantization.gptq import gptq_quantize_model
     from scaleinfer.runner.model_runner import ModelRunner
 
-    cache = CacheConfig()
+    cache = CacheConfig(kv_cache_dtype="float32")   # calibration statistics from unrounded K/V
     blocks = -(-max(map(len, windows)) // cache.block_size) + 1
     runner = ModelRunner(model, ckpt.config, cache, blocks, torch.float32, "cpu")
     method = decoder_method(mode)

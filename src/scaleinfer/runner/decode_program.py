@@ -7,15 +7,16 @@ test_lean_decode.py), minus the nn.Module dispatch, shape checks and views that 
 matmuls of a 135M model at batch 1. Where every linear's method gives a `decode_spec`, the whole layer
 loop is one C++ call (csrc/decode_step.cpp: DecodeProgram); otherwise, or for more rows than a spec
 takes, it loops in Python. The module path (`model.forward`) stays the reference and takes every step
-the program does not cover: prefill, a family without `decode_layers`, int8 KV, another dtype or
-device, another attention backend, sink shifts.
+the program does not cover: prefill, a family without `decode_layers`, another dtype or device,
+another attention backend, sink shifts. KV caches of float32, float16, bfloat16 or int8 (attention/sdpa.py:
+kernel_kv_args) are read and written by the kernels themselves.
 """
 from __future__ import annotations
 
 import torch
 
 from scaleinfer.attention.metadata import AttentionMetadata
-from scaleinfer.attention.sdpa import CpuPagedBackend
+from scaleinfer.attention.sdpa import CpuPagedBackend, kernel_kv_args
 from scaleinfer.layers.fused import fused_ops
 from scaleinfer.models.interface import DecoderWeights
 
@@ -36,6 +37,7 @@ class DecodePlan:
         self.layers = weights.layers
         self.h, self.h_kv, self.d, self.eps = weights.num_heads, weights.num_kv_heads, weights.head_dim, weights.eps
         self.caches = caches
+        self.kv = [kernel_kv_args(k, v) for k, v in caches]   # (k, v, k_scale, v_scale, k_chan, v_chan)
         self.layer_patterns = [layer.attn.pattern for layer in self.layers]
         self.patterns = list(dict.fromkeys(self.layer_patterns))  # one attention view per distinct pattern
         self.view_of = [self.patterns.index(p) for p in self.layer_patterns]
@@ -46,13 +48,13 @@ class DecodePlan:
     @classmethod
     def build(cls, model, kv_caches) -> "DecodePlan | None":
         """The plan for `model` on `kv_caches`, or None: a family without `decode_layers`, no CPU
-        kernels for its dtype / device, another attention backend, or caches that are not float32."""
+        kernels for its dtype / device, another attention backend, or caches the kernels cannot read."""
         if not hasattr(model, "decode_layers"):
             return None
         weights: DecoderWeights = model.decode_layers()
         ops = fused_ops(weights.layers[0].input_norm)
         if ops is None or not isinstance(weights.layers[0].attn.backend, CpuPagedBackend) \
-                or not all(isinstance(c[0], torch.Tensor) and c[0].dtype == torch.float32 for c in kv_caches):
+                or any(kernel_kv_args(*c) is None for c in kv_caches):
             return None
         return cls(ops, weights, [tuple(c) for c in kv_caches])
 
@@ -64,14 +66,14 @@ class DecodePlan:
             return None, 0
         program = self.ops.DecodeProgram(self.h, self.h_kv, self.d, self.eps)
         max_rows = 1 << 30
-        for layer, (k_cache, v_cache), view in zip(self.layers, self.caches, self.view_of):
+        for layer, (k_cache, v_cache, *scales), view in zip(self.layers, self.kv, self.view_of):
             linears = (layer.qkv, layer.o, layer.gate_up, layer.down)
             specs = [lin.quant_method.decode_spec(lin) for lin in linears]
             if any(s is None for s in specs):
                 return None, 0
             max_rows = min([max_rows] + [s.max_rows for s in specs])
             program.add_layer(layer.input_norm, layer.post_norm, k_cache, v_cache, layer.attn.scale, view,
-                              *map(_program_linear, specs))
+                              *map(_program_linear, specs), *scales)
         return program, max_rows
 
     def current(self, kv_caches) -> bool:
@@ -94,24 +96,24 @@ class DecodePlan:
             x, residual = self.program.run(x, cos, sin, [v.slot_mapping for v in views],
                                            [v.decode_slots for v in views], [v.decode_lens for v in views])
             return w.head(x, residual, logits_indices)
-        x, residual = self._loop(x, cos, sin, kv_caches, views)
+        x, residual = self._loop(x, cos, sin, views)
         return w.head(x, residual, logits_indices)
 
-    def _loop(self, x, cos, sin, kv_caches, views):
+    def _loop(self, x, cos, sin, views):
         """The layer loop from Python, kernel by kernel (the program's steps, for what it does not take)."""
         ops, h, h_kv, d, eps = self.ops, self.h, self.h_kv, self.d, self.eps
         n = x.shape[0]
         out = torch.empty(n, h, d)
         residual = None
-        for layer, (k_cache, v_cache), i in zip(self.layers, kv_caches, self.view_of):
+        for layer, (k_cache, v_cache, *scales), i in zip(self.layers, self.kv, self.view_of):
             m = views[i]
             x, residual = ops.add_rms_norm(x, residual, layer.input_norm, eps)
             qkv = layer.qkv.quant_method.apply(layer.qkv, x)
             ops.rotary_(qkv[:, :(h + h_kv) * d].view(n, h + h_kv, d), cos, sin)
             ops.kv_write(k_cache, v_cache, m.slot_mapping, qkv[:, h * d:(h + h_kv) * d].view(n, h_kv, d),
-                         qkv[:, (h + h_kv) * d:].view(n, h_kv, d))
+                         qkv[:, (h + h_kv) * d:].view(n, h_kv, d), *scales)
             ops.paged_decode_attention(out, qkv[:, :h * d].view(n, h, d), k_cache, v_cache, m.decode_slots,
-                                       m.decode_lens, layer.attn.scale)
+                                       m.decode_lens, layer.attn.scale, *scales)
             x = layer.o.quant_method.apply(layer.o, out.view(n, h * d))
             x, residual = ops.add_rms_norm(x, residual, layer.post_norm, eps)
             x = layer.down.quant_method.apply(layer.down, ops.silu_and_mul(

@@ -3,10 +3,11 @@
 //   add_rms_norm       residual += x; out = rmsnorm(residual) * w         (one pass per row)
 //   rotary_            rotate-half RoPE in place on a [n, heads, D] view (e.g. Q|K of the fused QKV)
 //   silu_and_mul       silu(gate) * up from the fused [M, 2I] gate/up output
-//   kv_write           store the step's K and V rows at their cache slots
+//   kv_write           store the step's K and V rows at their cache slots (fp32, f16, bf16 or int8 KV)
 //   paged_decode_attention
 //                      one query per sequence against its keys read through the slot table: no
-//                      gathered copy of K/V, GQA groups share each key load; softmax in fp32
+//                      gathered copy of K/V, GQA groups share each key load, f16 / bf16 / int8 K/V
+//                      converted to fp32 in registers; softmax in fp32; long sequences split over threads
 // References: the torch expressions in layers/ and attention/sdpa.py (tested against them).
 #include "kernels.h"
 
@@ -16,6 +17,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <vector>
 
 namespace {
@@ -88,68 +90,6 @@ SI_CLONES void norm_row(const float* x, float* r, const float* w, float* out, in
   for (int64_t i = 0; i < n; ++i) out[i] = r[i] * inv * w[i];
 }
 
-// Query heads g0..g1 of one GQA group (q: the group's first head; out likewise) against the L keys
-// at `row`'s slots: scores, softmax in fp32, weighted sum of values. One function per ISA (clones),
-// with dot / axpy inlined into it: a call per key and head cost more than the arithmetic.
-SI_CLONES void attend_group(const float* q, const float* kc, const float* vc, const int64_t* row, int64_t L,
-                            int64_t Hkv, int64_t h, int64_t D, int64_t g0, int64_t g1, float sc,
-                            std::vector<float>& p, float* out) {
-  const int64_t n = g1 - g0;
-  p.assign(n * L, 0.f);
-  for (int64_t j = 0; j < L; ++j) {
-    const float* kr = kc + (row[j] * Hkv + h) * D;
-    for (int64_t g = 0; g < n; ++g) p[g * L + j] = dot(q + (g0 + g) * D, kr, D) * sc;
-  }
-  for (int64_t g = 0; g < n; ++g) {
-    float* pg = p.data() + g * L;
-    const float sum = exp_shifted(pg, L);
-    const float inv = 1.f / sum;
-    float* o = out + (g0 + g) * D;
-    std::fill(o, o + D, 0.f);
-    for (int64_t j = 0; j < L; ++j) axpy(pg[j] * inv, vc + (row[j] * Hkv + h) * D, o, D);
-  }
-}
-
-// attend_group for head_dim = 16 C on AVX-512: each query head's C vectors stay in registers across
-// the keys, a key's score is C FMAs and one in-register sum, and the output accumulates in C registers
-// (scaled by 1 / sum once at the end) instead of being loaded and stored per key.
-template <int C>
-__attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl"))) void attend_group_512(
-    const float* q, const float* kc, const float* vc, const int64_t* row, int64_t L, int64_t Hkv, int64_t h,
-    int64_t g0, int64_t g1, float sc, std::vector<float>& p, float* out) {
-  constexpr int64_t D = 16 * C;
-  const int64_t n = g1 - g0;
-  p.resize(n * L);
-  for (int64_t g = 0; g < n; ++g) {
-    __m512 qv[C];
-    for (int c = 0; c < C; ++c) qv[c] = _mm512_loadu_ps(q + (g0 + g) * D + 16 * c);
-    float* pg = p.data() + g * L;
-    for (int64_t j = 0; j < L; ++j) {
-      const float* kr = kc + (row[j] * Hkv + h) * D;
-      __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kr));
-      for (int c = 1; c < C; ++c) acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kr + 16 * c), acc);
-      pg[j] = _mm512_reduce_add_ps(acc) * sc;
-    }
-    const float sum = exp_shifted(pg, L);
-    __m512 o[C];
-    for (int c = 0; c < C; ++c) o[c] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < L; ++j) {
-      const float* vr = vc + (row[j] * Hkv + h) * D;
-      const __m512 pj = _mm512_set1_ps(pg[j]);
-      for (int c = 0; c < C; ++c) o[c] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(vr + 16 * c), o[c]);
-    }
-    const __m512 inv = _mm512_set1_ps(1.f / sum);
-    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + (g0 + g) * D + 16 * c, _mm512_mul_ps(o[c], inv));
-  }
-}
-
-bool has_avx512() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
-}
-
-const bool g_avx512 = has_avx512();
-
 SI_CLONES void silu_mul_row(const float* g, float* o, int64_t I) {
   const float* u = g + I;
 #pragma omp simd
@@ -191,6 +131,343 @@ SI_CLONES void f32_rows(const float* w, const float* x, int64_t M, int64_t N, in
 
 void check_f32(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32, name, " must be a float32 CPU tensor");
+}
+
+
+// ---- Decode attention over a float32 / float16 / bfloat16 / int8 KV cache --------------------------------
+// The keys of a (sequence, KV head) are read in blocks of kBlock: each block's K rows (and then its V rows)
+// are converted to fp32 once into a small buffer (F16C / shifts / int8 x per-token scale, in registers),
+// and every query head of the GQA group uses that copy; a block updates a running max, sum and output
+// (online softmax). A float32 cache is read in place. For batch-1 decode the keys of a sequence are split
+// into parts taken by different threads (flash-decoding): each part leaves its max, sum and unnormalized
+// output, and one combine weighs them.
+
+enum class KvType { f32, f16, bf16, i8 };
+
+KvType kv_type(const torch::Tensor& t) {
+  switch (t.scalar_type()) {
+    case torch::kFloat32: return KvType::f32;
+    case torch::kFloat16: return KvType::f16;
+    case torch::kBFloat16: return KvType::bf16;
+    case torch::kChar: return KvType::i8;
+    default: TORCH_CHECK(false, "KV cache dtype ", t.scalar_type(), " is not float32, float16, bfloat16 or int8");
+  }
+  return KvType::f32;
+}
+
+// One of K or V of a layer: data [S, Hkv, D]; int8: scale [S, Hkv] (per token and head) and an optional
+// per-channel multiplier chan [Hkv, D] (attention/kv_int8.py: keys are stored as quantize(k / chan)).
+struct KvSide {
+  void* data;
+  float* scale;
+  const float* chan;
+};
+
+// The code path of the K/V conversions (set_attention_isa forces a lower one for tests).
+enum class AttnIsa { scalar = 0, avx2 = 1, avx512 = 2 };
+
+AttnIsa best_attn_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
+    return AttnIsa::avx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    return AttnIsa::avx2;
+  return AttnIsa::scalar;
+}
+
+AttnIsa g_attn_isa = best_attn_isa();
+
+#define SI_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl")))
+#define SI_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+template <KvType T>
+SI_AVX512 inline __m512 load16(const void* p) {
+  if constexpr (T == KvType::f32) return _mm512_loadu_ps(static_cast<const float*>(p));
+  if constexpr (T == KvType::f16) return _mm512_cvtph_ps(_mm256_loadu_si256(static_cast<const __m256i*>(p)));
+  if constexpr (T == KvType::bf16)
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(static_cast<const __m256i*>(p))), 16));
+  if constexpr (T == KvType::i8) return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(static_cast<const __m128i*>(p))));
+}
+
+template <KvType T>
+SI_AVX2 inline __m256 load8(const void* p) {
+  if constexpr (T == KvType::f32) return _mm256_loadu_ps(static_cast<const float*>(p));
+  if constexpr (T == KvType::f16) return _mm256_cvtph_ps(_mm_loadu_si128(static_cast<const __m128i*>(p)));
+  if constexpr (T == KvType::bf16)
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(static_cast<const __m128i*>(p))), 16));
+  if constexpr (T == KvType::i8) return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(static_cast<const __m128i*>(p))));
+}
+
+template <KvType T>
+constexpr int64_t kv_bytes() { return T == KvType::f32 ? 4 : T == KvType::i8 ? 1 : 2; }
+
+template <KvType T>
+inline float kv_scalar(const void* p, int64_t i) {
+  if constexpr (T == KvType::f32) return static_cast<const float*>(p)[i];
+  if constexpr (T == KvType::f16) return static_cast<float>(static_cast<const c10::Half*>(p)[i]);
+  if constexpr (T == KvType::bf16) return static_cast<float>(static_cast<const c10::BFloat16*>(p)[i]);
+  if constexpr (T == KvType::i8) return static_cast<float>(static_cast<const int8_t*>(p)[i]);
+}
+
+// Rows r = slots[i] * Hkv + h (i < n) of a side as fp32 into out [n, D]: x (* scale[r] for int8) (* chan[h]),
+// in that order, as attention/kv_int8.py's read computes them (so the values are bit-identical to it).
+template <KvType T>
+SI_AVX512 void rows_512(const KvSide& s, const int64_t* slots, int64_t n, int64_t Hkv, int64_t h, int64_t D, float* out) {
+  const char* base = static_cast<const char*>(s.data);
+  const float* ch = s.chan ? s.chan + h * D : nullptr;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t r = slots[i] * Hkv + h;
+    const char* src = base + r * D * kv_bytes<T>();
+    const __m512 sc = _mm512_set1_ps(T == KvType::i8 ? s.scale[r] : 1.f);
+    for (int64_t c = 0; c < D; c += 16) {
+      __m512 x = load16<T>(src + c * kv_bytes<T>());
+      if (T == KvType::i8) x = _mm512_mul_ps(x, sc);
+      if (ch) x = _mm512_mul_ps(x, _mm512_loadu_ps(ch + c));
+      _mm512_storeu_ps(out + i * D + c, x);
+    }
+  }
+}
+
+template <KvType T>
+SI_AVX2 void rows_256(const KvSide& s, const int64_t* slots, int64_t n, int64_t Hkv, int64_t h, int64_t D, float* out) {
+  const char* base = static_cast<const char*>(s.data);
+  const float* ch = s.chan ? s.chan + h * D : nullptr;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t r = slots[i] * Hkv + h;
+    const char* src = base + r * D * kv_bytes<T>();
+    const __m256 sc = _mm256_set1_ps(T == KvType::i8 ? s.scale[r] : 1.f);
+    for (int64_t c = 0; c < D; c += 8) {
+      __m256 x = load8<T>(src + c * kv_bytes<T>());
+      if (T == KvType::i8) x = _mm256_mul_ps(x, sc);
+      if (ch) x = _mm256_mul_ps(x, _mm256_loadu_ps(ch + c));
+      _mm256_storeu_ps(out + i * D + c, x);
+    }
+  }
+}
+
+template <KvType T>
+void rows_scalar(const KvSide& s, const int64_t* slots, int64_t n, int64_t Hkv, int64_t h, int64_t D, float* out) {
+  const float* ch = s.chan ? s.chan + h * D : nullptr;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t r = slots[i] * Hkv + h;
+    const float sc = T == KvType::i8 ? s.scale[r] : 1.f;
+    for (int64_t c = 0; c < D; ++c) {
+      float x = kv_scalar<T>(s.data, r * D + c);
+      if (T == KvType::i8) x *= sc;
+      if (ch) x *= ch[c];
+      out[i * D + c] = x;
+    }
+  }
+}
+
+template <KvType T>
+void rows_f32(AttnIsa isa, const KvSide& s, const int64_t* slots, int64_t n, int64_t Hkv, int64_t h, int64_t D, float* out) {
+  if (isa == AttnIsa::avx512 && D % 16 == 0) return rows_512<T>(s, slots, n, Hkv, h, D, out);
+  if (isa >= AttnIsa::avx2 && D % 8 == 0) return rows_256<T>(s, slots, n, Hkv, h, D, out);
+  rows_scalar<T>(s, slots, n, Hkv, h, D, out);
+}
+
+constexpr int64_t kBlock = 32;  // keys per block: their fp32 rows (8 KiB at D = 64) stay in L1
+
+// Scores of one block of n keys (rows kr[j]) for the G query heads at q [G, D], folded into the running
+// max m [G], sum l [G] and output o [G, D] (rescaled when the max grows); leaves e^(score - max) in p [G, kBlock].
+// DC: D as a compile-time constant (64, 128) so each head's query and output stay in registers; 0: runtime D.
+template <int64_t DC>
+inline void block_scores_t(const float* q, int64_t G, int64_t Dr, float sc, const float* const* kr, int64_t n,
+                           float* m, float* l, float* o, float* p) {
+  const int64_t D = DC ? DC : Dr;
+  for (int64_t g = 0; g < G; ++g) {
+    float qg[DC ? DC : 1];
+    const float* qp = q + g * D;
+    if (DC) std::copy(qp, qp + D, qg);
+    for (int64_t j = 0; j < n; ++j) p[g * kBlock + j] = dot(DC ? qg : qp, kr[j], D) * sc;
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    float* pg = p + g * kBlock;
+    float mx = m[g];
+    for (int64_t j = 0; j < n; ++j) mx = std::max(mx, pg[j]);
+    if (mx != m[g] && m[g] != -std::numeric_limits<float>::infinity()) {
+      const float alpha = exp_f32(m[g] - mx);
+      l[g] *= alpha;
+      float* og = o + g * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) og[d] *= alpha;
+    }
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < n; ++j) {
+      pg[j] = exp_f32(pg[j] - mx);
+      sum += pg[j];
+    }
+    l[g] += sum;
+    m[g] = mx;
+  }
+}
+
+SI_CLONES void block_scores(const float* q, int64_t G, int64_t D, float sc, const float* const* kr, int64_t n,
+                            float* m, float* l, float* o, float* p) {
+  if (D == 64) return block_scores_t<64>(q, G, D, sc, kr, n, m, l, o, p);
+  if (D == 128) return block_scores_t<128>(q, G, D, sc, kr, n, m, l, o, p);
+  block_scores_t<0>(q, G, D, sc, kr, n, m, l, o, p);
+}
+
+// o [G, D] += p [G, kBlock] times the block's value rows vr[j] (a head's output in registers for DC > 0).
+template <int64_t DC>
+inline void block_values_t(int64_t G, int64_t Dr, const float* const* vr, int64_t n, const float* p, float* o) {
+  const int64_t D = DC ? DC : Dr;
+  for (int64_t g = 0; g < G; ++g) {
+    float acc[DC ? DC : 1];
+    float* og = o + g * D;
+    float* a = DC ? acc : og;
+    if (DC) std::copy(og, og + D, acc);
+    for (int64_t j = 0; j < n; ++j) axpy(p[g * kBlock + j], vr[j], a, D);
+    if (DC) std::copy(acc, acc + D, og);
+  }
+}
+
+SI_CLONES void block_values(int64_t G, int64_t D, const float* const* vr, int64_t n, const float* p, float* o) {
+  if (D == 64) return block_values_t<64>(G, D, vr, n, p, o);
+  if (D == 128) return block_values_t<128>(G, D, vr, n, p, o);
+  block_values_t<0>(G, D, vr, n, p, o);
+}
+
+// What one paged_decode_attention call reads.
+struct AttnJob {
+  const float* q;
+  int64_t qs, W, Hkv, G, D;
+  float sc;
+  KvType type;
+  KvSide k, v;
+  const int64_t* slots;
+  AttnIsa isa;
+};
+
+// The fp32 rows of a block: pointers into a float32 cache, else into `buf` after converting.
+void block_rows(const AttnJob& J, const KvSide& s, const int64_t* slots, int64_t n, int64_t h, float* buf,
+                const float** rows) {
+  const int64_t D = J.D;
+  if (J.type == KvType::f32) {
+    for (int64_t j = 0; j < n; ++j) rows[j] = static_cast<const float*>(s.data) + (slots[j] * J.Hkv + h) * D;
+    return;
+  }
+  switch (J.type) {
+    case KvType::f16: rows_f32<KvType::f16>(J.isa, s, slots, n, J.Hkv, h, D, buf); break;
+    case KvType::bf16: rows_f32<KvType::bf16>(J.isa, s, slots, n, J.Hkv, h, D, buf); break;
+    default: rows_f32<KvType::i8>(J.isa, s, slots, n, J.Hkv, h, D, buf); break;
+  }
+  for (int64_t j = 0; j < n; ++j) rows[j] = buf + j * D;
+}
+
+// Keys [j0, j1) of sequence b for the query heads of KV head h: max m [G], sum l [G], unnormalized o [G, D].
+void attend_range(const AttnJob& J, int64_t b, int64_t h, int64_t j0, int64_t j1, float* m, float* l, float* o) {
+  thread_local std::vector<float> buf, p;
+  const int64_t G = J.G, D = J.D;
+  buf.resize(kBlock * D);
+  p.resize(G * kBlock);
+  const float* kr[kBlock];
+  const float* vr[kBlock];
+  std::fill(m, m + G, -std::numeric_limits<float>::infinity());
+  std::fill(l, l + G, 0.f);
+  std::fill(o, o + G * D, 0.f);
+  const float* q = J.q + b * J.qs + h * G * D;
+  for (int64_t j = j0; j < j1; j += kBlock) {
+    const int64_t n = std::min(kBlock, j1 - j);
+    const int64_t* sl = J.slots + b * J.W + j;
+    block_rows(J, J.k, sl, n, h, buf.data(), kr);
+    block_scores(q, G, D, J.sc, kr, n, m, l, o, p.data());
+    block_rows(J, J.v, sl, n, h, buf.data(), vr);
+    block_values(G, D, vr, n, p.data(), o);
+  }
+}
+
+// out [G, D] = the parts' outputs weighed by e^(their max - the overall max), over their summed weights.
+// parts: ns blocks of (m [G], l [G], o [G, D]) laid out one after another.
+void combine_parts(const float* parts, int64_t ns, int64_t G, int64_t D, float* out) {
+  const int64_t stride = G * (D + 2);
+  for (int64_t g = 0; g < G; ++g) {
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t s = 0; s < ns; ++s) mx = std::max(mx, parts[s * stride + g]);
+    float sum = 0.f;
+    float* og = out + g * D;
+    std::fill(og, og + D, 0.f);
+    for (int64_t s = 0; s < ns; ++s) {
+      const float* part = parts + s * stride;
+      const float w = exp_f32(part[g] - mx);
+      sum += w * part[G + g];
+      axpy(w, part + 2 * G + g * D, og, D);
+    }
+    const float inv = 1.f / sum;
+    for (int64_t d = 0; d < D; ++d) og[d] *= inv;
+  }
+}
+
+// The side of a cache a kernel reads or writes, its scales and channel multipliers checked.
+KvSide kv_side(const torch::Tensor& cache, const OptTensor& scale, const OptTensor& chan, KvType t, const char* name) {
+  TORCH_CHECK(cache.device().is_cpu() && cache.is_contiguous() && cache.dim() == 3, name, " cache must be a contiguous [S, Hkv, D] CPU tensor");
+  const int64_t S = cache.size(0), Hkv = cache.size(1), D = cache.size(2);
+  const bool has_scale = scale.has_value() && scale->defined(), has_chan = chan.has_value() && chan->defined();
+  KvSide s{cache.data_ptr(), nullptr, nullptr};
+  if (t == KvType::i8) {
+    TORCH_CHECK(has_scale && scale->scalar_type() == torch::kFloat32 && scale->is_contiguous() && scale->numel() == S * Hkv,
+                "an int8 ", name, " cache needs its per-token scales: a contiguous float32 [S, Hkv] tensor");
+    s.scale = scale->data_ptr<float>();
+  } else {
+    TORCH_CHECK(!has_scale && !has_chan, "scales go with int8 caches only (", name, " cache is ", cache.scalar_type(), ")");
+  }
+  if (has_chan) {
+    TORCH_CHECK(chan->scalar_type() == torch::kFloat32 && chan->is_contiguous() && chan->numel() == Hkv * D,
+                name, " channel scales must be a contiguous float32 [Hkv, D] tensor");
+    s.chan = chan->data_ptr<float>();
+  }
+  return s;
+}
+
+// Row x [Hkv * D] stored at `slot` of a side of type t (torch's round-to-nearest-even conversions; int8:
+// per head, y = x / chan, s = max(max|y| / 127, 1e-12), q = round(y / s) clamped to +-127, as
+// attention/kv_int8.py: quantize_per_head does).
+SI_AVX2 void f16_row_f16c(const float* x, c10::Half* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(y + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+  for (; i < n; ++i) y[i] = c10::Half(x[i]);
+}
+
+void write_row(KvType t, const KvSide& s, int64_t slot, const float* x, int64_t Hkv, int64_t D) {
+  const int64_t row = Hkv * D, at = slot * row;
+  switch (t) {
+    case KvType::f32:
+      std::memcpy(static_cast<float*>(s.data) + at, x, row * sizeof(float));
+      return;
+    case KvType::f16: {
+      c10::Half* y = static_cast<c10::Half*>(s.data) + at;
+      if (g_attn_isa >= AttnIsa::avx2) return f16_row_f16c(x, y, row);
+      for (int64_t i = 0; i < row; ++i) y[i] = c10::Half(x[i]);
+      return;
+    }
+    case KvType::bf16: {
+      c10::BFloat16* y = static_cast<c10::BFloat16*>(s.data) + at;
+      for (int64_t i = 0; i < row; ++i) y[i] = c10::BFloat16(x[i]);
+      return;
+    }
+    case KvType::i8: {
+      int8_t* y = static_cast<int8_t*>(s.data) + at;
+      float yv[1024];
+      for (int64_t h = 0; h < Hkv; ++h) {
+        const float* xh = x + h * D;
+        const float* ch = s.chan ? s.chan + h * D : nullptr;
+        float amax = 0.f;
+        for (int64_t d = 0; d < D; ++d) {
+          yv[d] = ch ? xh[d] / ch[d] : xh[d];
+          amax = std::max(amax, std::fabs(yv[d]));
+        }
+        const float sc = std::max(amax / 127.f, 1e-12f);
+        for (int64_t d = 0; d < D; ++d)
+          y[h * D + d] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(yv[d] / sc))));
+        s.scale[slot * Hkv + h] = sc;
+      }
+      return;
+    }
+  }
 }
 
 }  // namespace
@@ -263,37 +540,53 @@ torch::Tensor silu_and_mul(torch::Tensor gate_up, OptTensor out_buf) {
   return out;
 }
 
-// k_cache / v_cache [S, Hkv, D] contiguous; slots [n] int64; k, v [n, Hkv, D] with contiguous heads.
-void kv_write(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots, torch::Tensor k, torch::Tensor v) {
-  check_f32(k_cache, "k_cache");
-  check_f32(v_cache, "v_cache");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+// k_cache / v_cache [S, Hkv, D] contiguous, float32, float16, bfloat16 or int8 (then with k_scale / v_scale
+// [S, Hkv] float32 and optional channel multipliers k_chan / v_chan [Hkv, D]); slots [n] int64; k, v
+// [n, Hkv, D] float32 with contiguous heads.
+void kv_write(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots, torch::Tensor k, torch::Tensor v,
+              OptTensor k_scale, OptTensor v_scale, OptTensor k_chan, OptTensor v_chan) {
+  const KvType t = kv_type(k_cache);
+  TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), "K and V caches must have the same dtype");
+  const KvSide ks = kv_side(k_cache, k_scale, k_chan, t, "k"), vs = kv_side(v_cache, v_scale, v_chan, t, "v");
   TORCH_CHECK(slots.scalar_type() == torch::kLong && slots.is_contiguous(), "slots must be contiguous int64");
-  const int64_t n = slots.numel(), S = k_cache.size(0), row = k_cache.size(1) * k_cache.size(2);
-  for (const auto& t : {k, v}) {
-    TORCH_CHECK(t.dim() == 3 && t.size(0) == n && t.size(1) * t.size(2) == row && t.stride(2) == 1 &&
-                t.stride(1) == t.size(2), "k and v must be [n, Hkv, D] with contiguous heads");
+  const int64_t n = slots.numel(), S = k_cache.size(0), Hkv = k_cache.size(1), D = k_cache.size(2), row = Hkv * D;
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "K and V caches must have the same shape");
+  TORCH_CHECK(t != KvType::i8 || D <= 1024, "int8 KV supports head_dim up to 1024");
+  for (const auto& x : {k, v}) {
+    check_f32(x, "k and v");
+    TORCH_CHECK(x.dim() == 3 && x.size(0) == n && x.size(1) * x.size(2) == row && x.stride(2) == 1 &&
+                x.stride(1) == x.size(2), "k and v must be [n, Hkv, D] with contiguous heads");
   }
   const int64_t* sp = slots.data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i) TORCH_CHECK(sp[i] >= 0 && sp[i] < S, "slot ", sp[i], " is outside the cache");
-  float* kc = k_cache.data_ptr<float>();
-  float* vc = v_cache.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
-  const int64_t ks = k.stride(0), vs = v.stride(0);
   for (int64_t i = 0; i < n; ++i) {
-    std::memcpy(kc + sp[i] * row, kp + i * ks, row * sizeof(float));
-    std::memcpy(vc + sp[i] * row, vp + i * vs, row * sizeof(float));
+    write_row(t, ks, sp[i], kp + i * k.stride(0), Hkv, D);
+    write_row(t, vs, sp[i], vp + i * v.stride(0), Hkv, D);
   }
 }
 
-// out [>= d, H, D] contiguous (rows 0..d-1 written); q [d, H, D] (contiguous heads); caches
-// [S, Hkv, D]; slots [d, W] int64 (row b's first lens[b] entries are its keys); lens [d] int64.
+// Parts each (sequence, KV head) of the decode rows is split into: `splits` when given (> 0), else
+// enough to give every thread several items when there are few (batch-1 decode), at most one per 256 keys.
+int64_t parts_for(int64_t splits, int64_t len, int64_t items, int64_t threads) {
+  if (splits > 0) return std::min(splits, len);
+  const int64_t most = (8 * threads + items - 1) / items;
+  return std::max<int64_t>(1, std::min(most, (len + 255) / 256));
+}
+
+// out [>= d, H, D] contiguous (rows 0..d-1 written); q [d, H, D] float32 (contiguous heads); caches
+// [S, Hkv, D] of any kv_write dtype (int8: with scales, see there); slots [d, W] int64 (row b's first
+// lens[b] entries are its keys); lens [d] int64; splits: parts per sequence (0: chosen here).
 void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                            torch::Tensor slots, torch::Tensor lens, double scale) {
+                            torch::Tensor slots, torch::Tensor lens, double scale, OptTensor k_scale,
+                            OptTensor v_scale, OptTensor k_chan, OptTensor v_chan, int64_t splits) {
   check_f32(q, "q");
   check_f32(out, "out");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  const KvType t = kv_type(k_cache);
+  TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type() && v_cache.sizes() == k_cache.sizes(),
+              "K and V caches must have the same dtype and shape");
+  const KvSide ks = kv_side(k_cache, k_scale, k_chan, t, "k"), vs = kv_side(v_cache, v_scale, v_chan, t, "v");
   TORCH_CHECK(slots.scalar_type() == torch::kLong && slots.is_contiguous() && slots.dim() == 2, "slots must be [d, W] int64");
   TORCH_CHECK(lens.scalar_type() == torch::kLong && lens.is_contiguous(), "lens must be contiguous int64");
   const int64_t d = slots.size(0), W = slots.size(1), H = q.size(1), D = q.size(2);
@@ -307,29 +600,50 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
     TORCH_CHECK(lp[b] >= 1 && lp[b] <= W, "decode row ", b, " has ", lp[b], " keys for a table of ", W);
     for (int64_t j = 0; j < lp[b]; ++j) TORCH_CHECK(sp[b * W + j] >= 0 && sp[b * W + j] < S, "slot outside the cache");
   }
-  const int64_t G = H / Hkv, qs = q.stride(0);
-  const float* qp = q.data_ptr<float>();
-  const float* kc = k_cache.data_ptr<float>();
-  const float* vc = v_cache.data_ptr<float>();
+  const int64_t G = H / Hkv;
+  const AttnJob J{q.data_ptr<float>(), q.stride(0), W, Hkv, G, D, static_cast<float>(scale), t, ks, vs, sp, g_attn_isa};
   float* op = out.data_ptr<float>();
-  const float sc = static_cast<float>(scale);
-  // Work items: (sequence, KV head) with its whole GQA group sharing each key load; when there are
-  // too few of those to keep every thread busy (batch-1 decode of a 3-KV-head model on 2 threads),
-  // each item takes one query head instead. Every query head's numbers are the same either way.
+  // Items: (sequence, KV head, key range); a sequence split in parts leaves them in `parts`, combined after.
+  struct Item { int64_t b, h, j0, j1, part; };
+  std::vector<Item> items;
+  std::vector<int64_t> first_part(d, -1), num_parts(d, 1);
+  int64_t nparts = 0;
   const int64_t nt = at::get_num_threads();
-  const int64_t split = d * Hkv >= 2 * nt ? 1 : G;
-  at::parallel_for(0, d * Hkv * split, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> p;
+  for (int64_t b = 0; b < d; ++b) {
+    const int64_t ns = parts_for(splits, lp[b], d * Hkv, nt);
+    num_parts[b] = ns;
+    if (ns > 1) first_part[b] = nparts;
+    for (int64_t h = 0; h < Hkv; ++h)
+      for (int64_t s = 0; s < ns; ++s)
+        items.push_back({b, h, lp[b] * s / ns, lp[b] * (s + 1) / ns, ns > 1 ? nparts++ : -1});
+  }
+  const int64_t stride = G * (D + 2);
+  std::vector<float> parts(nparts * stride);
+  parallel_row_chunks(static_cast<int64_t>(items.size()), 1, [&](int64_t i0, int64_t i1) {
+    thread_local std::vector<float> own;
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / (Hkv * split), h = (i / split) % Hkv, part = i % split;
-      const int64_t g0 = split == 1 ? 0 : part, g1 = split == 1 ? G : part + 1;
-      const float* qg = qp + b * qs + h * G * D;
-      float* og = op + (b * H + h * G) * D;
-      if (g_avx512 && D == 64) attend_group_512<4>(qg, kc, vc, sp + b * W, lp[b], Hkv, h, g0, g1, sc, p, og);
-      else if (g_avx512 && D == 128) attend_group_512<8>(qg, kc, vc, sp + b * W, lp[b], Hkv, h, g0, g1, sc, p, og);
-      else attend_group(qg, kc, vc, sp + b * W, lp[b], Hkv, h, D, g0, g1, sc, p, og);
+      const Item& it = items[i];
+      float* part = it.part >= 0 ? parts.data() + it.part * stride : (own.resize(stride), own.data());
+      attend_range(J, it.b, it.h, it.j0, it.j1, part, part + G, part + 2 * G);
+      if (it.part < 0) combine_parts(part, 1, G, D, op + (it.b * H + it.h * G) * D);
     }
   });
+  for (int64_t b = 0; b < d; ++b) {
+    if (num_parts[b] < 2) continue;
+    for (int64_t h = 0; h < Hkv; ++h)
+      combine_parts(parts.data() + (first_part[b] + h * num_parts[b]) * stride, num_parts[b], G, D,
+                    op + (b * H + h * G) * D);
+  }
+}
+
+std::string set_attention_isa(const std::string& name) {
+  static const char* names[] = {"scalar", "avx2", "avx512"};
+  const std::string prev = names[static_cast<int>(g_attn_isa)];
+  const AttnIsa want = name == "avx512" ? AttnIsa::avx512 : name == "avx2" ? AttnIsa::avx2 : AttnIsa::scalar;
+  TORCH_CHECK(name == "avx512" || name == "avx2" || name == "scalar", "unknown code path ", name);
+  TORCH_CHECK(want <= best_attn_isa(), "this CPU cannot run the ", name, " path");
+  g_attn_isa = want;
+  return prev;
 }
 
 // x [M, K] float32 contiguous; w [N, K] float32 row-major contiguous; bias [N] or None -> y [M, N].
@@ -359,6 +673,13 @@ void register_cpu_ops(pybind11::module& m) {
   m.def("rotary_", &rotary_, "rotate-half RoPE in place on [n, heads, D]");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up of a fused [M, 2I] tensor", py::arg("gate_up"),
         py::arg("out") = py::none());
-  m.def("kv_write", &kv_write, "store K and V rows at their cache slots");
-  m.def("paged_decode_attention", &paged_decode_attention, "decode attention read through slot tables");
+  m.def("kv_write", &kv_write, "store K and V rows at their cache slots (converted or quantized to the cache's dtype)",
+        py::arg("k_cache"), py::arg("v_cache"), py::arg("slots"), py::arg("k"), py::arg("v"),
+        py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none(), py::arg("k_chan") = py::none(),
+        py::arg("v_chan") = py::none());
+  m.def("paged_decode_attention", &paged_decode_attention, "decode attention read through slot tables",
+        py::arg("out"), py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slots"), py::arg("lens"),
+        py::arg("scale"), py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none(),
+        py::arg("k_chan") = py::none(), py::arg("v_chan") = py::none(), py::arg("splits") = 0);
+  m.def("set_attention_isa", &set_attention_isa, "force the KV conversion code path (for tests); returns the previous");
 }

@@ -1,5 +1,5 @@
 // The decoder layers of a Llama-family decode step in one call: the same kernels, in the same order and
-// on the same tensors, as models/llama.py's _DecodePlan (which runs them from Python), so the results
+// on the same tensors, as runner/decode_program.py's DecodePlan (which runs them from Python), so the results
 // are bit-identical to it and to the modules' forward (tested). At batch-1 decode of a 135M model the
 // Python between the ~300 kernel calls of a step (module attribute lookups, views, method dispatch)
 // costs as much as a third of the step; here it is gone.
@@ -46,6 +46,7 @@ using LinearArg = std::tuple<std::vector<PartArg>, c10::optional<torch::Tensor>>
 
 struct LayerSpec {
   torch::Tensor w_in, w_post, k_cache, v_cache;
+  OptTensor k_scale, v_scale, k_chan, v_chan;  // an int8 KV cache's scales (cpu_ops.cpp: kv_write)
   LinearSpec qkv, o, gate_up, down;
   double scale;
   int64_t view;  // which of run()'s attention views (one per attention pattern) this layer reads
@@ -142,11 +143,16 @@ class DecodeProgram {
  public:
   DecodeProgram(int64_t h, int64_t h_kv, int64_t d, double eps) : h_(h), h_kv_(h_kv), d_(d), eps_(eps) {}
 
-  // One decoder layer; each linear is ([(kind, tensors, group), ...], bias).
+  // One decoder layer; each linear is ([(kind, tensors, group), ...], bias). The KV cache is float32,
+  // float16, bfloat16 or int8 (then with its scales, as kv_write takes them).
   void add_layer(torch::Tensor w_in, torch::Tensor w_post, torch::Tensor k_cache, torch::Tensor v_cache,
                  double scale, int64_t view, const LinearArg& qkv, const LinearArg& o, const LinearArg& gate_up,
-                 const LinearArg& down) {
+                 const LinearArg& down, OptTensor k_scale, OptTensor v_scale, OptTensor k_chan, OptTensor v_chan) {
     LayerSpec l;
+    l.k_scale = k_scale;
+    l.v_scale = v_scale;
+    l.k_chan = k_chan;
+    l.v_chan = v_chan;
     l.w_in = w_in;
     l.w_post = w_post;
     l.k_cache = k_cache;
@@ -176,9 +182,10 @@ class DecodeProgram {
       torch::Tensor qkv = apply(l.qkv, ws.normed, ws.qkv, ws.parts);
       rotary_(qkv.slice(1, 0, (h + hk) * d).view({n, h + hk, d}), cos, sin);
       kv_write(l.k_cache, l.v_cache, slot_mappings[l.view], qkv.slice(1, h * d, (h + hk) * d).view({n, hk, d}),
-               qkv.slice(1, (h + hk) * d).view({n, hk, d}));
+               qkv.slice(1, (h + hk) * d).view({n, hk, d}), l.k_scale, l.v_scale, l.k_chan, l.v_chan);
       paged_decode_attention(ws.attn, qkv.slice(1, 0, h * d).view({n, h, d}), l.k_cache, l.v_cache,
-                             decode_slots[l.view], decode_lens[l.view], l.scale);
+                             decode_slots[l.view], decode_lens[l.view], l.scale, l.k_scale, l.v_scale, l.k_chan,
+                             l.v_chan);
       apply(l.o, ws.attn.view({n, h * d}), ws.o, ws.parts);
       residual = add_rms_norm(ws.o, residual, l.w_post, eps_, ws.normed)[1];
       silu_and_mul(apply(l.gate_up, ws.normed, ws.gate_up, ws.parts), ws.act);
@@ -208,6 +215,10 @@ class DecodeProgram {
 void register_decode_step(pybind11::module& m) {
   pybind11::class_<DecodeProgram>(m, "DecodeProgram")
       .def(pybind11::init<int64_t, int64_t, int64_t, double>())
-      .def("add_layer", &DecodeProgram::add_layer)
+      .def("add_layer", &DecodeProgram::add_layer, pybind11::arg("w_in"), pybind11::arg("w_post"),
+           pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("scale"), pybind11::arg("view"),
+           pybind11::arg("qkv"), pybind11::arg("o"), pybind11::arg("gate_up"), pybind11::arg("down"),
+           pybind11::arg("k_scale") = pybind11::none(), pybind11::arg("v_scale") = pybind11::none(),
+           pybind11::arg("k_chan") = pybind11::none(), pybind11::arg("v_chan") = pybind11::none())
       .def("run", &DecodeProgram::run);
 }

@@ -40,6 +40,10 @@ std::vector<torch::Tensor> add_rms_norm(torch::Tensor x, OptTensor residual, tor
                                         OptTensor out = c10::nullopt);
 void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 torch::Tensor silu_and_mul(torch::Tensor gate_up, OptTensor out = c10::nullopt);
-void kv_write(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots, torch::Tensor k, torch::Tensor v);
+void kv_write(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots, torch::Tensor k, torch::Tensor v,
+              OptTensor k_scale = c10::nullopt, OptTensor v_scale = c10::nullopt, OptTensor k_chan = c10::nullopt,
+              OptTensor v_chan = c10::nullopt);
 void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                            torch::Tensor slots, torch::Tensor lens, double scale);
+                            torch::Tensor slots, torch::Tensor lens, double scale, OptTensor k_scale = c10::nullopt,
+                            OptTensor v_scale = c10::nullopt, OptTensor k_chan = c10::nullopt,
+                            OptTensor v_chan = c10::nullopt, int64_t splits = 0);

@@ -1,0 +1,158 @@
+"""The CPU decode attention and K/V write kernels (quantization/csrc/cpu_ops.cpp) on every KV cache dtype
+(float32, float16, bfloat16, int8 with and without per-channel key scales), split and unsplit, on each
+conversion code path the CPU has, against torch on the same stored values.
+
+Tolerance: the kernel reads exactly the values the reference reads (f16 / bf16 widened, int8 times its
+scales, as quantization/kv_int8.py: Int8KV.read computes them), so only the fp32 arithmetic differs (online
+softmax, split combine, summation order): 1e-5 absolute and relative. Writes are bit-identical to torch's
+conversions (round to nearest even) and to Int8KV.write.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scaleinfer.attention.metadata import build_metadata
+from scaleinfer.attention.patterns import CAUSAL, AttentionPattern
+from scaleinfer.attention.sdpa import CpuPagedBackend, SdpaBackend, kernel_kv_args
+from scaleinfer.layers.fused import fused_ops
+from scaleinfer.quantization.kv_int8 import Int8KV
+
+from .kernel_paths import forced_path
+
+ops = fused_ops(torch.zeros(1))
+pytestmark = pytest.mark.skipif(ops is None, reason="CPU kernels not built (no compiler)")
+
+KV_DTYPES = ["float32", "float16", "bfloat16", "int8", "int8-chan"]
+
+
+def _isas() -> list[str]:
+    if ops is None:
+        return ["scalar"]
+    best = ops.set_attention_isa("scalar")
+    ops.set_attention_isa(best)
+    return ["scalar", "avx2", "avx512"][:["scalar", "avx2", "avx512"].index(best) + 1]
+
+
+@pytest.fixture(params=_isas())
+def isa(request):
+    with forced_path("set_attention_isa", request.param) as name:
+        yield name
+
+
+def _cache(kind: str, slots: int, hkv: int, d: int, seed: int):
+    """(k_cache, v_cache) of `kind`, filled with random K/V through its own write."""
+    g = torch.Generator().manual_seed(seed)
+    k, v = torch.randn(slots, hkv, d, generator=g) * 2, torch.randn(slots, hkv, d, generator=g)
+    every = torch.arange(slots)
+    if kind.startswith("int8"):
+        chan = (torch.rand(hkv, d, generator=g) + 0.5) if kind == "int8-chan" else None
+        kc, vc = Int8KV.empty(slots, hkv, d, channel_scale=chan), Int8KV.empty(slots, hkv, d)
+        kc.write(every, k)
+        vc.write(every, v)
+        return kc, vc
+    dtype = getattr(torch, kind)
+    return k.to(dtype), v.to(dtype)
+
+
+def _reference(q, k_cache, v_cache, slots, lens, scale):
+    """Each decode row against its keys, read (widened / dequantized) by torch."""
+    d, h, dim = q.shape
+    out = torch.empty(d, h, dim)
+    for b in range(d):
+        idx = slots[b, :lens[b]]
+        k, v = SdpaBackend()._read(k_cache, idx, torch.float32), SdpaBackend()._read(v_cache, idx, torch.float32)
+        group = h // k.shape[1]
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        p = torch.softmax(torch.einsum("hd,khd->hk", q[b], k) * scale, -1)
+        out[b] = torch.einsum("hk,khd->hd", p, v)
+    return out
+
+
+@pytest.mark.parametrize("kind", KV_DTYPES)
+@pytest.mark.parametrize("d", [64, 128, 40, 36])   # 16 | D (AVX-512 rows), 8 | D (AVX2 rows), neither
+@pytest.mark.parametrize("splits", [1, 3, 0])       # unsplit, three parts per sequence, chosen by the kernel
+def test_decode_attention_on_every_kv_dtype(kind, d, splits, isa):
+    torch.manual_seed(d + splits)
+    h, hkv, num_slots = 9, 3, 1200
+    lens = torch.tensor([1, 31, 32, 33, 97, 700])   # below / at / past the kernel's 32-key block, long
+    width = int(lens.max())
+    slots = torch.stack([torch.randperm(num_slots)[:width] for _ in lens])
+    k_cache, v_cache = _cache(kind, num_slots, hkv, d, seed=d)
+    q = torch.randn(len(lens), h, d)
+    out = torch.full((len(lens), h, d), float("nan"))
+    kv = kernel_kv_args(k_cache, v_cache)
+    ops.paged_decode_attention(out, q, kv[0], kv[1], slots, lens, d ** -0.5, *kv[2:], splits=splits)
+    torch.testing.assert_close(out, _reference(q, k_cache, v_cache, slots, lens, d ** -0.5), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 5])
+def test_split_count_changes_only_rounding(splits):
+    """One long sequence of a 1-KV-head model (the batch-1 case the split is for), any part count."""
+    torch.manual_seed(5)
+    k_cache, v_cache = _cache("float16", 5000, 1, 64, seed=1)
+    q, lens, slots = torch.randn(1, 4, 64), torch.tensor([4099]), torch.randperm(5000)[:4099].view(1, -1)
+    out = torch.empty(1, 4, 64)
+    ops.paged_decode_attention(out, q, k_cache, v_cache, slots, lens, 0.125, splits=splits)
+    torch.testing.assert_close(out, _reference(q, k_cache, v_cache, slots, lens, 0.125), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KV_DTYPES)
+def test_kv_write_stores_what_torch_stores(kind, isa):
+    torch.manual_seed(7)
+    hkv, d, num_slots = 3, 64, 40
+    qkv = torch.randn(5, (9 + 2 * hkv) * d) * 3
+    k = qkv[:, 9 * d:(9 + hkv) * d].view(5, hkv, d)   # strided rows, as the model passes them
+    v = qkv[:, (9 + hkv) * d:].view(5, hkv, d)
+    slots = torch.tensor([3, 0, 39, 17, 18])
+    if kind.startswith("int8"):
+        chan = torch.rand(hkv, d) + 0.5 if kind == "int8-chan" else None
+        want = Int8KV.empty(num_slots, hkv, d, channel_scale=chan), Int8KV.empty(num_slots, hkv, d)
+        got = Int8KV.empty(num_slots, hkv, d, channel_scale=chan), Int8KV.empty(num_slots, hkv, d)
+        for c in want + got:
+            c.data.zero_()
+            c.scale.zero_()
+        want[0].write(slots, k)
+        want[1].write(slots, v)
+        kv = kernel_kv_args(*got)
+        ops.kv_write(kv[0], kv[1], slots, k, v, *kv[2:])
+        for w, g in zip(want, got):
+            assert torch.equal(g.data, w.data) and torch.equal(g.scale, w.scale)
+        return
+    dtype = getattr(torch, kind)
+    k_cache, v_cache = torch.zeros(num_slots, hkv, d, dtype=dtype), torch.zeros(num_slots, hkv, d, dtype=dtype)
+    ops.kv_write(k_cache, v_cache, slots, k, v)
+    assert torch.equal(k_cache[slots], k.to(dtype)) and torch.equal(v_cache[slots], v.to(dtype))
+    assert int((k_cache != 0).any(-1).any(-1).sum()) == len(slots)
+
+
+def test_kernels_refuse_an_int8_cache_without_scales():
+    data = torch.zeros(8, 1, 16, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="per-token scales"):
+        ops.kv_write(data, data, torch.tensor([0]), torch.randn(1, 1, 16), torch.randn(1, 1, 16))
+    with pytest.raises(RuntimeError, match="not float32, float16, bfloat16 or int8"):
+        ops.kv_write(data.double(), data.double(), torch.tensor([0]), torch.randn(1, 1, 16), torch.randn(1, 1, 16))
+
+
+@pytest.mark.parametrize("kind", KV_DTYPES)
+@pytest.mark.parametrize("pattern", [CAUSAL, AttentionPattern.sliding_window(5), AttentionPattern.with_sinks(2, 6)],
+                         ids=str)
+def test_cpu_backend_equals_sdpa_on_every_kv_dtype(kind, pattern):
+    """Three decodes of different lengths and a chunked prefill, GQA 9/3: the `cpu` backend (kernels) and
+    the `sdpa` reference store the same K/V and compute the same attention on each cache dtype."""
+    block, h, hkv, d = 4, 9, 3, 64
+    query_lens, context_lens = [1, 1, 1, 6], [3, 17, 9, 14]
+    tables = [[0], [1, 2, 3, 4, 5], [6, 7, 8], [9, 10, 11, 12]]
+    results = []
+    for backend in (SdpaBackend(), CpuPagedBackend()):
+        k_cache, v_cache = _cache(kind, 13 * block, hkv, d, seed=3)
+        torch.manual_seed(4)
+        n = sum(query_lens)
+        q, k, v = torch.randn(n, h, d), torch.randn(n, hkv, d), torch.randn(n, hkv, d)
+        meta = build_metadata(query_lens, context_lens, tables, block, [pattern]).for_pattern(pattern)
+        out = backend.forward(q, k, v, k_cache, v_cache, meta, d ** -0.5)
+        results.append((out, kernel_kv_args(k_cache, v_cache)))
+    (ref, kv_ref), (got, kv) = results
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(kv, kv_ref):
+        assert (a is None and b is None) or torch.equal(a, b)
