@@ -12,8 +12,8 @@ reference its fast path is tested against.
              attention v int8 (quantization/mixed.py)
     w8a8     int8 weights x per-token int8 activations  int8 weight-only (logits are computed for few rows)
     w4a8     int4 group 32 (fp16 scales) x int8         int8 per block of 32 (fp16 scales, Q8_0's
-             activations per 32 (small inputs;          layout: a Q8_0 embedding as stored) x int8
-             prefill: int4 weight-only); v: int8        activations per 32
+             activations per 32 (decode kernel for few  layout: a Q8_0 embedding as stored) x int8
+             rows, AMX/VNNI GEMM for prefill); v: int8  activations per 32
     auto     int8 on CPU (fastest mode within +1% perplexity, see README), none elsewhere
 """
 from __future__ import annotations

@@ -23,7 +23,8 @@ logger = logging.getLogger(__name__)
 
 _SOURCES = [os.path.join(os.path.dirname(__file__), "csrc", f) for f in ("lowbit_linear.cpp", "int4_a8.cpp",
                                                                         "cpu_ops.cpp", "decode_step.cpp",
-                                                                        "int8_a8.cpp")]
+                                                                        "int8_a8.cpp", "a8_gemm.cpp",
+                                                                        "amx.cpp")]
 _NAME = "scaleinfer_lowbit"
 
 

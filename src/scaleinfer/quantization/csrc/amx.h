@@ -1,0 +1,21 @@
+// AMX (Advanced Matrix Extensions) in this process: the run-time probe (amx.cpp) and the tile
+// configuration block that _tile_loadconfig reads.
+#pragma once
+#include <cstdint>
+#include <string>
+
+// Whether AMX-INT8 tile instructions work here: CPU + OS support, the kernel's permission
+// (requested once for the whole process) and a tile multiply that ran correctly in a forked child.
+bool amx_int8_usable();
+// "on", or "off: <why>" (for `scaleinfer bench` and logs).
+std::string amx_status();
+
+// The 64-byte operand of ldtilecfg, palette 1: bytes per row and rows of each of the 8 tiles.
+struct alignas(64) AmxTileConfig {
+  uint8_t palette = 0;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+static_assert(sizeof(AmxTileConfig) == 64, "ldtilecfg reads 64 bytes");
