@@ -70,7 +70,7 @@ def _load():
     _ensure_ninja_on_path()
     os.makedirs(build_dir(), exist_ok=True)
     return load(_NAME, _SOURCES, build_directory=build_dir(), extra_cflags=["-O3", "-fopenmp"],
-                extra_ldflags=["-fopenmp"], verbose=False)
+                extra_ldflags=["-fopenmp", "-Wl,-z,now"], verbose=False)
 
 
 @functools.lru_cache(maxsize=1)

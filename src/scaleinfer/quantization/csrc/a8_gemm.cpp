@@ -161,7 +161,7 @@ SI_AMX void amx_configure() {
   for (int t = 0; t < 4; ++t) cfg.colsb[t] = 64, cfg.rows[t] = 16;
   for (int t = 4; t < 6; ++t) cfg.colsb[t] = 32, cfg.rows[t] = 16;
   for (int t = 6; t < 8; ++t) cfg.colsb[t] = 64, cfg.rows[t] = 8;
-  _tile_loadconfig(&cfg);
+  amx_load_config(cfg);
 }
 
 // The 4 tile multiplies of group g (32 input rows x 32 weight rows), left running in the tile unit.
@@ -191,11 +191,7 @@ SI_AMX void block_amx(const WeightBlock& w, const Activations& a, int64_t K, int
   const int64_t G = K / 32;
   alignas(64) int32_t dots[2][kBlock * kBlock];  // [input row][weight row], per group parity
   alignas(64) float acc[kBlock * kBlock];
-  std::fill(acc, acc + kBlock * kBlock, 0.f);
-  // Configure right before the tile ops, with no library call in between: glibc's lazy-binding
-  // trampoline saves and restores the extended state with XSAVE/XRSTOR, which can reset the tile
-  // configuration (the first memset of a process, resolved between a configure and a tileloadd, did).
-  amx_configure();
+  for (int64_t i = 0; i < kBlock * kBlock; i += 16) _mm512_store_ps(acc + i, _mm512_setzero_ps());  // no memset call
   amx_group(w, a, K, m0, 0);
   for (int64_t g = 0; g < G; ++g) {
     int32_t* d = dots[g & 1];
@@ -244,6 +240,9 @@ torch::Tensor int4_a8_gemm(torch::Tensor x, torch::Tensor q, torch::Tensor scale
   parallel_row_chunks(N, kBlock, [&](int64_t n0, int64_t n1) {
     thread_local WeightBlock w;
     pack_block(qp, sp, mp, K, n0, n1 - n0, w);
+    // Configured once per chunk, after pack_block's library calls (the library is linked with -z now,
+    // so no lazy-binding trampoline runs XSAVE/XRSTOR over the tile state in between).
+    if (path == GemmPath::amx) amx_configure();
     for (int64_t m0 = 0; m0 < a.Mp; m0 += kBlock) {
       if (path == GemmPath::amx) block_amx(w, a, K, m0, M, N, n0, n1 - n0, yp);
       else block_vnni512(w, a, K, m0, M, N, n0, n1 - n0, yp);

@@ -49,7 +49,7 @@ __attribute__((target("amx-tile,amx-int8"))) bool tile_op_works() {
     a[i] = static_cast<int8_t>(i % 7 - 3);
     b[i] = static_cast<uint8_t>(i % 13);
   }
-  _tile_loadconfig(&cfg);
+  amx_load_config(cfg);
   _tile_zero(0);
   _tile_loadd(1, a, 64);
   _tile_loadd(2, b, 64);

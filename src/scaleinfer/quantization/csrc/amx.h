@@ -19,3 +19,7 @@ struct alignas(64) AmxTileConfig {
   uint8_t rows[16] = {};
 };
 static_assert(sizeof(AmxTileConfig) == 64, "ldtilecfg reads 64 bytes");
+
+// ldtilecfg with the whole 64-byte block as the operand: GCC 12's _tile_loadconfig names only its
+// first 8 bytes, so the compiler dropped the stores of the tile shapes before it (tiles unconfigured: SIGILL).
+inline void amx_load_config(const AmxTileConfig& cfg) { __asm__ volatile("ldtilecfg %0" ::"m"(cfg)); }
