@@ -58,7 +58,28 @@ def run_worker(engine: str, model: str, threads: int, num_requests: int, concurr
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if engine == "scaleinfer":
         result["kv_tokens_per_gib"] = (1 << 30) // adapter.llm.engine.kv_bytes_per_token
+        result["kernel_paths"] = kernel_paths(quantization)
     return result, adapter, prefill_ids, decode_ids
+
+
+def kernel_paths(quantization: str) -> str:
+    """Which CPU code paths a mode's linears ran in this worker, e.g. "w4a8 decode: avx512vnni-512,
+    prefill: amx-int8"."""
+    from scaleinfer.quantization.int4 import w4a8_kernel_paths
+    from scaleinfer.quantization.kernels import lowbit_ops
+
+    ops = lowbit_ops()
+    if ops is None:
+        return f"{quantization}: torch fallback (no C++ kernels)"
+    if quantization == "w4a8":
+        p = w4a8_kernel_paths()
+        return f"w4a8 decode: {p['decode']}, prefill: {p['prefill']} (AMX {p['amx']})"
+    if quantization == "w8a8":
+        import torch
+
+        return (f"w8a8 decode: int8 weight-only ({ops.isa()}), prefill: torch._int_mm (oneDNN, CPU capability "
+                f"{torch.backends.cpu.get_cpu_capability()}, max ISA {os.environ.get('ONEDNN_MAX_CPU_ISA', 'all')})")
+    return f"{quantization}: {ops.isa()}"
 
 
 def serve_rounds(adapter, prefill_ids: list[int], decode_ids: list[int], lines=sys.stdin, out=sys.stdout) -> None:
@@ -78,11 +99,11 @@ def serve_rounds(adapter, prefill_ids: list[int], decode_ids: list[int], lines=s
 class _Worker:
     """A running engine process: its one-off results (the first JSON line it prints), then rounds."""
 
-    def __init__(self, name: str, cmd: list[str], first_input: str | None = None):
+    def __init__(self, name: str, cmd: list[str], first_input: str | None = None, env: dict | None = None):
         self.name = name
         print(f"running {name} ...", file=sys.stderr, flush=True)
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True)
+                                     text=True, env=env)
         if first_input is not None:
             self.proc.stdin.write(first_input + "\n")
             self.proc.stdin.flush()
@@ -136,13 +157,25 @@ def _spawn_llamacpp(args) -> _Worker:
     return _Worker("llama.cpp", [args.llamacpp_python, worker], json.dumps(job))
 
 
+NO_AMX = "no-amx"
+"""Mode suffix `@no-amx` (e.g. `w4a8@no-amx`): that worker runs without AMX tiles (the w4a8 GEMM on 512-bit
+VNNI, oneDNN capped at AVX512_CORE_VNNI), to measure the AMX path against the same mode in one run."""
+
+
 def _spawn(engine: str, args, mode: str = "none") -> _Worker:
-    quantization, _, kv_dtype = mode.partition(":")
+    spec, _, variant = mode.partition("@")
+    quantization, _, kv_dtype = spec.partition(":")
+    if variant not in ("", NO_AMX):
+        raise SystemExit(f"unknown mode variant @{variant} in {mode!r}; the only one is @{NO_AMX}")
     cmd = [sys.executable, "-m", "scaleinfer.bench.core", "--worker", engine, "--model", args.model,
            "--threads", str(args.threads), "--num-requests", str(args.num_requests),
            "--concurrency", str(args.concurrency), "--quantization", quantization,
            "--kv-cache-dtype", kv_dtype or "auto"] + (["--quick"] if args.quick else [])
-    return _Worker(f"{engine} {mode}" if engine == "scaleinfer" else engine, cmd)
+    env = None
+    if variant == NO_AMX:
+        cmd.append("--no-amx")
+        env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX512_CORE_VNNI")
+    return _Worker(f"{engine} {mode}" if engine == "scaleinfer" else engine, cmd, env=env)
 
 
 def run_rounds(workers: list[_Worker], rounds: int) -> list[dict]:
@@ -213,6 +246,9 @@ def main(args) -> int:
             if w.proc.poll() is None:
                 w.proc.kill()
     table = format_table(results)
+    paths = [f"- {r['mode']}: {r['kernel_paths']}" for r in results if r.get("kernel_paths")]
+    if paths:
+        table += "\n\nkernel paths:\n" + "\n".join(paths)
     print(table)
     os.makedirs(args.output_dir, exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -237,9 +273,18 @@ def _worker_main() -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--quantization", default="none")
     p.add_argument("--kv-cache-dtype", default="auto")
+    p.add_argument("--no-amx", action="store_true", help="w4a8's prefill GEMM on 512-bit VNNI, not AMX")
     a = p.parse_args()
+    if a.no_amx:
+        from scaleinfer.quantization.kernels import lowbit_ops
+
+        ops = lowbit_ops()
+        if ops is not None and ops.a8_gemm_path() == "amx-int8":
+            ops.set_a8_gemm_path("vnni512")
     result, adapter, prefill_ids, decode_ids = run_worker(a.worker, a.model, a.threads, a.num_requests,
                                                           a.concurrency, a.quick, a.quantization, a.kv_cache_dtype)
+    if a.no_amx:
+        result["mode"] += f"@{NO_AMX}"
     print(json.dumps(result), flush=True)
     serve_rounds(adapter, prefill_ids, decode_ids)
 

@@ -168,8 +168,10 @@ class Int4WeightOnly:
 
 
 W4A8_MAX_ROWS = 16
-"""Inputs of at most this many rows (decode, small batches) take the integer kernel; longer ones (prefill)
-the weight-only int4 path with fp32 activations, where the cost is arithmetic, not weight reads."""
+"""Inputs of at most this many rows (decode, small batches) take the decode kernel (csrc/int4_a8.cpp: each
+weight byte read once per input row); longer ones (prefill) the GEMM of csrc/a8_gemm.cpp (weights unpacked
+to bytes per block, AMX-INT8 tiles or 512-bit VNNI), which computes the same numbers. CPUs without
+AVX512-VNNI have no such GEMM (`a8_gemm_path()` is "none") and prefill with the int4 weight-only kernels."""
 
 
 def quantize_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,8 +194,9 @@ def a8_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 class W4A8(Int4WeightOnly):
     """`w4a8`: int4 group-32 weights (the packing of `int4`, so GGUF Q4 tensors load without re-rounding)
     with activations quantized per block of 32 to int8 and multiplied as integers (csrc/int4_a8.cpp,
-    VNNI or AVX2): llama.cpp's Q4 x Q8 scheme. Only for inputs of up to W4A8_MAX_ROWS rows; longer
-    ones take the int4 weight-only kernels.
+    VNNI or AVX2): llama.cpp's Q4 x Q8 scheme. The kernel is chosen by rows (W4A8_MAX_ROWS): the decode
+    kernel for a few, the GEMM of csrc/a8_gemm.cpp (AMX-INT8 where it works, else 512-bit VNNI) for
+    prefills; both compute `reference`. Without AVX512-VNNI, prefills take the int4 weight-only kernels.
 
     Group scales and minimums are stored as float16, like Q4_0 / Q4_1 store them: at batch-1 decode
     the kernel is bound by the bytes it reads, and fp32 scales are a third of them (4 bits of weight +
@@ -232,12 +235,27 @@ class W4A8(Int4WeightOnly):
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         ops = lowbit_ops() if x.device.type == "cpu" else None
-        if ops is None or x2.dtype != torch.float32 or x2.shape[0] > W4A8_MAX_ROWS:
+        if ops is None or x2.dtype != torch.float32:
             return super().apply(layer, x)
-        y = ops.int4_a8_linear(x2.contiguous(), layer.qweight, layer.weight_scale, layer.weight_min)
+        if x2.shape[0] <= W4A8_MAX_ROWS:
+            y = ops.int4_a8_linear(x2.contiguous(), layer.qweight, layer.weight_scale, layer.weight_min)
+        elif ops.a8_gemm_path() != "none":
+            y = ops.int4_a8_gemm(x2.contiguous(), layer.qweight, layer.weight_scale, layer.weight_min)
+        else:
+            return super().apply(layer, x)
         if layer.bias is not None:
             y += layer.bias
         return y.view(*x.shape[:-1], y.shape[-1])
 
     def reference(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         return a8_reference(x, self.dequantize(layer), layer.bias)
+
+
+def w4a8_kernel_paths() -> dict[str, str]:
+    """Which code paths w4a8 runs on this CPU, in this process: decode (<= W4A8_MAX_ROWS rows) and prefill."""
+    ops = lowbit_ops()
+    if ops is None:
+        return {"decode": "torch (no C++ kernels)", "prefill": "torch (no C++ kernels)"}
+    gemm = ops.a8_gemm_path()
+    return {"decode": ops.a8_path(), "prefill": gemm if gemm != "none" else f"int4 weight-only ({ops.isa()})",
+            "amx": ops.amx_status()}

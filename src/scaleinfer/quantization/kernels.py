@@ -23,7 +23,8 @@ logger = logging.getLogger(__name__)
 
 _SOURCES = [os.path.join(os.path.dirname(__file__), "csrc", f) for f in ("lowbit_linear.cpp", "int4_a8.cpp",
                                                                         "cpu_ops.cpp", "decode_step.cpp",
-                                                                        "int8_a8.cpp")]
+                                                                        "int8_a8.cpp", "a8_gemm.cpp",
+                                                                        "amx.cpp")]
 _NAME = "scaleinfer_lowbit"
 
 
@@ -69,7 +70,7 @@ def _load():
     _ensure_ninja_on_path()
     os.makedirs(build_dir(), exist_ok=True)
     return load(_NAME, _SOURCES, build_directory=build_dir(), extra_cflags=["-O3", "-fopenmp"],
-                extra_ldflags=["-fopenmp"], verbose=False)
+                extra_ldflags=["-fopenmp", "-Wl,-z,now"], verbose=False)
 
 
 @functools.lru_cache(maxsize=1)

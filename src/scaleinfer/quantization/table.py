@@ -10,8 +10,8 @@ config.QUANTIZATION_MODES (pure Python, for validation) lists the same names in 
              attention v int8 (quantization/mixed.py)
     w8a8     int8 weights x per-token int8 activations  int8 weight-only (logits are computed for few rows)
     w4a8     int4 group 32 (fp16 scales) x int8         int8 per block of 32 (fp16 scales, Q8_0's
-             activations per 32 (small inputs;          layout: a Q8_0 embedding as stored) x int8
-             prefill: int4 weight-only); v: int8        activations per 32
+             activations per 32 (decode kernel for few  layout: a Q8_0 embedding as stored) x int8
+             rows, AMX/VNNI GEMM for prefill); v: int8  activations per 32
     auto     each GGUF tensor as stored, in the fastest layout with at least its bits (quantization/auto.py):
              Q4 -> as w4a8, Q5..Q8 -> w8a8, float -> none; HF safetensors and non-CPU devices: none
 """
@@ -49,7 +49,7 @@ MODES = {m.name: m for m in (
     Mode("int4-g64", lambda: Int4WeightOnly(group_size=64), Int8WeightOnly, 4, False, "groups of 64"),
     Mode("int4-g128", lambda: Int4WeightOnly(group_size=128), Int8WeightOnly, 4, False, "groups of 128"),
     Mode("w8a8", W8A8, Int8WeightOnly, 8, False, "int8 weights and per-token int8 activations"),
-    Mode("w4a8", W4A8, W8A8Block32, 4, True, "int4 weights, int8 activations at decode"),
+    Mode("w4a8", W4A8, W8A8Block32, 4, True, "int4 weights x int8 activations (decode kernel by rows, GEMM for prefill)"),
     Mode("auto", None, None, None, True, "each GGUF tensor as stored: Q4 types as w4a8, Q5-Q8 as w8a8, "
                                          "float as none; HF checkpoints and GPUs: none"),
 )}

@@ -68,24 +68,24 @@ def test_w4a8_matches_its_reference(path, shape, rows):
     assert float((y - ref).abs().max() / ref.abs().max()) < 1e-5
 
 
-def test_w4a8_is_close_to_weight_only_int4_and_uses_it_for_prefill():
+def test_w4a8_is_close_to_weight_only_int4():
+    """int8 activations per block of 32 cost ~1% against fp32 activations on the same int4 weights, at
+    decode (1 row) and prefill sizes (the GEMM, or the weight-only path itself: test_a8_gemm.py)."""
     layer = _layer(128, 512, bias=False)
     m = W4A8()
     m.process_weights_after_loading(layer)
     layer.quant_method = m
     assert layer.weight_scale.dtype == torch.float16 and layer.weight_min.dtype == torch.float16
     x = torch.randn(W4A8_MAX_ROWS + 1, 512, generator=torch.Generator().manual_seed(2))
-    y_prefill = layer(x)                            # more rows than W4A8_MAX_ROWS: the weight-only path
-    y = layer(x[:1])
-    assert float((y - y_prefill[:1]).abs().max() / y_prefill.abs().max()) < 0.02  # int8 activations: ~1%
-    # The weight-only path is Int4WeightOnly on the same weights (fp16 scales widened to fp32).
     wo_layer = _layer(128, 512, bias=False)
     wo_layer.quant_method = Int4WeightOnly()
     wo_layer.weight = None
     wo_layer.register_buffer("qweight", layer.qweight)
     wo_layer.register_buffer("weight_scale", layer.weight_scale.float())
     wo_layer.register_buffer("weight_min", layer.weight_min.float())
-    assert torch.equal(y_prefill, wo_layer(x))
+    y_wo = wo_layer(x)
+    for y in (layer(x), layer(x[:1])):
+        assert float((y - y_wo[:y.shape[0]]).abs().max() / y_wo.abs().max()) < 0.02
 
 
 def test_quantize_blocks_round_trip():

@@ -378,12 +378,14 @@ void register_cpu_ops(pybind11::module& m);  // cpu_ops.cpp
 void register_int4_a8(pybind11::module& m);  // int4_a8.cpp
 void register_decode_step(pybind11::module& m);  // decode_step.cpp
 void register_int8_a8(pybind11::module& m);  // int8_a8.cpp
+void register_a8_gemm(pybind11::module& m);  // a8_gemm.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_cpu_ops(m);
   register_int4_a8(m);
   register_decode_step(m);
   register_int8_a8(m);
+  register_a8_gemm(m);
   namespace py = pybind11;
   m.def("int8_linear", &int8_linear, "y = x (q * scale)^T, int8 weight per output channel", py::arg("x"),
         py::arg("q"), py::arg("scale"), py::arg("out") = py::none());

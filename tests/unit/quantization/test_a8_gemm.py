@@ -1,0 +1,140 @@
+"""w4a8 for prefill-sized inputs (csrc/a8_gemm.cpp): the GEMM against the mode's reference (activations
+quantized per block of 32 times the dequantized int4 weights, int4.py: a8_reference) for row counts from 1
+to 600 and odd shapes, on every GEMM path this CPU has (AMX-INT8 tiles, 512-bit VNNI); the AMX path equal
+to the VNNI path bit for bit (both compute each group's integer dot exactly and apply the same float
+steps); and CPUs without 512-bit VNNI keeping the int4 weight-only prefill."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scaleinfer.layers.linear import Linear
+from scaleinfer.quantization.int4 import W4A8, W4A8_MAX_ROWS, Int4WeightOnly, w4a8_kernel_paths
+from scaleinfer.quantization.kernels import lowbit_ops
+
+from .kernel_paths import forced_path
+
+ops = lowbit_ops()
+GEMM_PATHS = ["vnni512", "amx-int8"]
+
+
+def _gemm_paths() -> list[str]:
+    out = []
+    for p in GEMM_PATHS if ops is not None else []:
+        try:
+            ops.set_a8_gemm_path(ops.set_a8_gemm_path(p))
+            out.append(p)
+        except RuntimeError:
+            pass
+    return out or ["absent"]
+
+
+@pytest.fixture(params=_gemm_paths())
+def gemm_path(request):
+    if request.param == "absent":
+        pytest.skip("no w4a8 GEMM path on this CPU (needs AVX512-VNNI) or no C++ kernels")
+    with forced_path("set_a8_gemm_path", request.param) as name:
+        yield name
+
+
+def _w4a8_layer(out_f: int, in_f: int, bias: bool = True) -> Linear:
+    g = torch.Generator().manual_seed(0)
+    layer = Linear(in_f, out_f, bias=bias)
+    layer.weight.data.copy_(torch.randn(out_f, in_f, generator=g) * 0.05)
+    if bias:
+        layer.bias.data.copy_(torch.randn(out_f, generator=g))
+    m = W4A8()
+    m.process_weights_after_loading(layer)
+    layer.quant_method = m
+    return layer
+
+
+def _x(rows: int, k: int, seed: int = 1) -> torch.Tensor:
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(seed))
+    x[0, :32] = 0.0                                   # an all-zero block (scale 0)
+    x[-1, -32:] *= 50.0                               # an outlier block
+    return x
+
+
+# 96 and 224 inputs: 3 and 7 groups; 33, 37, 70 output rows: partial 32-row weight blocks; rows: one
+# input block, partial blocks, several blocks, up to 600.
+@pytest.mark.parametrize("shape", [(64, 96), (40, 224), (33, 576), (37, 736), (70, 1536)])
+@pytest.mark.parametrize("rows", [1, W4A8_MAX_ROWS, W4A8_MAX_ROWS + 1, 32, 33, 130, 600])
+def test_w4a8_matches_its_reference_at_every_row_count(gemm_path, shape, rows):
+    layer = _w4a8_layer(*shape)
+    x = _x(rows, shape[1])
+    ref = layer.quant_method.reference(layer, x)
+    y = layer(x)
+    assert y.shape == (rows, shape[0])
+    assert float((y - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("shape", [(33, 576), (70, 1536), (576, 576)])
+@pytest.mark.parametrize("rows", [1, 17, 100, 512])
+def test_amx_equals_vnni_bit_for_bit(shape, rows):
+    paths = _gemm_paths()
+    if "amx-int8" not in paths:
+        reason = ops.amx_status() if ops is not None else "no C++ kernels"
+        pytest.skip(f"AMX-INT8 not usable here ({reason})")
+    layer = _w4a8_layer(*shape, bias=False)
+    x = _x(rows, shape[1], seed=rows)
+    args = (x, layer.qweight, layer.weight_scale, layer.weight_min)
+    with forced_path("set_a8_gemm_path", "vnni512"):
+        y_vnni = ops.int4_a8_gemm(*args)
+    with forced_path("set_a8_gemm_path", "amx-int8"):
+        y_amx = ops.int4_a8_gemm(*args)
+    assert torch.equal(y_amx, y_vnni)
+
+
+def test_gemm_and_decode_kernel_compute_the_same_function(gemm_path):
+    """A prompt's rows through the GEMM equal the same rows one at a time through the decode kernel."""
+    layer = _w4a8_layer(96, 576)
+    x = _x(W4A8_MAX_ROWS + 8, 576)
+    y_gemm = layer(x)
+    y_rows = torch.cat([layer(x[i:i + 1]) for i in range(x.shape[0])])
+    assert float((y_gemm - y_rows).abs().max() / y_rows.abs().max()) < 1e-5
+
+
+def test_gemm_writes_into_out_and_checks_shapes():
+    if _gemm_paths() == ["absent"]:
+        pytest.skip("no w4a8 GEMM path on this CPU")
+    layer = _w4a8_layer(40, 224, bias=False)
+    x = _x(50, 224)
+    out = torch.empty(50, 40)
+    y = ops.int4_a8_gemm(x, layer.qweight, layer.weight_scale, layer.weight_min, out=out)
+    assert y.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out, layer(x), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="features"):
+        ops.int4_a8_gemm(_x(50, 256), layer.qweight, layer.weight_scale, layer.weight_min)
+
+
+def test_without_512_bit_vnni_prefill_stays_int4_weight_only():
+    if ops is None:
+        pytest.skip("CPU kernels not built")
+    try:
+        ctx = forced_path("set_a8_path", "avx2")
+        ctx.__enter__()
+    except RuntimeError:
+        pytest.skip("this CPU has no AVX2")
+    try:
+        assert ops.a8_gemm_path() == "none"
+        assert w4a8_kernel_paths()["prefill"].startswith("int4 weight-only")
+        layer = _w4a8_layer(128, 512, bias=False)
+        x = _x(W4A8_MAX_ROWS + 1, 512)
+        wo = Linear(512, 128, bias=False)
+        wo.weight = None
+        wo.quant_method = Int4WeightOnly()
+        wo.register_buffer("qweight", layer.qweight)
+        wo.register_buffer("weight_scale", layer.weight_scale.float())
+        wo.register_buffer("weight_min", layer.weight_min.float())
+        assert torch.equal(layer(x), wo(x))
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+def test_kernel_paths_name_what_runs():
+    paths = w4a8_kernel_paths()
+    assert set(paths) >= {"decode", "prefill"}
+    if ops is not None:
+        assert paths["decode"] == ops.a8_path()
+        assert ops.amx_status() == "on" or ops.amx_status().startswith("off: ")
