@@ -16,7 +16,7 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml
 	$(PIP) install -q "torch==2.13.0" || $(PIP) install -q "torch>=2.11,<2.14"
 	$(PIP) install -q -e .
-	$(PY) -m scaleinfer.quantization.kernels || true
+	$(PY) -m scaleinfer.kernels || true
 	$(PY) -m scaleinfer pull smollm2-135m-instruct
 	touch $@
 

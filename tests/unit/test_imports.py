@@ -13,7 +13,7 @@ LAYER = {
     "errors": 0, "config": 0, "sampling_params": 0,
     "request": 1, "tokenizer": 1, "catalog": 1, "kv_cache.block_manager": 1, "kv_cache.prefix_cache": 1,
     "attention.patterns": 1, "scheduler": 2,
-    "distributed": 3, "quantization": 3, "attention": 3, "layers": 3,
+    "kernels": 3, "distributed": 3, "quantization": 3, "attention": 3, "layers": 3,
     "models": 4, "weights": 4, "sampler": 4, "kv_cache.cache_tensors": 4,
     "runner": 5,
     "engine": 6,
@@ -61,3 +61,13 @@ def test_imports_point_down(module, path):
         if target is None or target[0] == own[0]:
             continue
         assert target[1] <= own[1], f"{module} (layer {own[1]}) imports {imported} (layer {target[1]})"
+
+
+def test_kernels_import_only_config_and_errors():
+    """kernels/ is layer D0: the C++ library and its loader, below every package that calls it."""
+    for module, path in source_modules():
+        if module.split(".")[0] != "kernels":
+            continue
+        for imported in imports_of(path):
+            if imported.startswith("scaleinfer."):
+                assert imported.split(".")[1] in ("kernels", "config", "errors"), f"{module} imports {imported}"

@@ -95,7 +95,7 @@ class SdpaBackend:
 
 
 class CpuPagedBackend(SdpaBackend):
-    """The sdpa backend with decode attention and K/V writes in fused CPU kernels (quantization/csrc/
+    """The sdpa backend with decode attention and K/V writes in fused CPU kernels (kernels/csrc/
     cpu_ops.cpp): each decode query reads its keys straight through the slot table (no gathered copy),
     and both caches are written in one call. Prefills, sink shifts and anything but float32 on the
     CPU take the sdpa code, which is also the reference this backend is tested against."""

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from scaleinfer.layers.linear import DecodeSpec, Linear
 from scaleinfer.quantization.base import dense_weight, drop_dense_weight
 from scaleinfer.quantization.dense_chunks import sliced_linear
-from scaleinfer.quantization.kernels import lowbit_ops
+from scaleinfer.kernels import cpu_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ class Int4WeightOnly:
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])                # [M, in]
-        ops = lowbit_ops() if x.device.type == "cpu" else None
+        ops = cpu_kernels() if x.device.type == "cpu" else None
         if ops is not None and x2.dtype == torch.float32:
             scale, mn = self.scales(layer)
             if x2.shape[0] <= KERNEL_MAX_ROWS:
@@ -231,7 +231,7 @@ class W4A8(Int4WeightOnly):
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        ops = lowbit_ops() if x.device.type == "cpu" else None
+        ops = cpu_kernels() if x.device.type == "cpu" else None
         if ops is None or x2.dtype != torch.float32 or x2.shape[0] > W4A8_MAX_ROWS:
             return super().apply(layer, x)
         y = ops.int4_a8_linear(x2.contiguous(), layer.qweight, layer.weight_scale, layer.weight_min)

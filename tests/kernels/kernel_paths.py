@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import contextlib
 
-from scaleinfer.quantization.kernels import lowbit_ops
+from scaleinfer.kernels import cpu_kernels
 
 
 @contextlib.contextmanager
 def forced_path(setter_name: str, name: str):
     """`setter_name`: the kernel module's setter (set_isa, set_a8_path); a no-op without the kernels."""
-    ops = lowbit_ops()
+    ops = cpu_kernels()
     if ops is None:
         yield name
         return

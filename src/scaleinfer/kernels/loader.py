@@ -1,9 +1,9 @@
-"""The CPU kernels: low-bit linears (csrc/lowbit_linear.cpp) and fused per-token ops (csrc/cpu_ops.cpp), built with torch.utils.cpp_extension on first use.
+"""Loads the C++ CPU kernels (csrc/): builds them with torch.utils.cpp_extension on first use.
 
 The shared library is cached under `<model cache>/kernels/torch-<version>/` (SCALEINFER_CACHE, see
 config.model_cache_dir), so only the first process pays the ~20 s compile; `make` pre-builds it with
-`python -m scaleinfer.quantization.kernels`. The C++ side picks AVX-512, AVX2+FMA or scalar code
-from the CPU's features at run time. When no compiler is available, `lowbit_ops()` returns None
+`python -m scaleinfer.kernels`. The C++ side picks AVX-512, AVX2+FMA or scalar code
+from the CPU's features at run time. When no compiler is available, `cpu_kernels()` returns None
 and every method falls back to plain torch ops (correct, slower).
 """
 from __future__ import annotations
@@ -73,7 +73,7 @@ def _load():
 
 
 @functools.lru_cache(maxsize=1)
-def lowbit_ops():
+def cpu_kernels():
     """The compiled kernel module (int8_linear, int4_linear, int4_dequantize_out, isa, set_isa and the
     fused ops of cpu_ops.cpp) or None."""
     try:
@@ -96,7 +96,7 @@ def _first_line(exc: Exception) -> str:
 
 
 def main() -> int:
-    """`python -m scaleinfer.quantization.kernels` (run by `make`): build or load the kernel, one line."""
+    """`python -m scaleinfer.kernels` (run by `make`): build or load the kernel, one line."""
     start = time.perf_counter()
     try:
         ops = _load()
@@ -107,7 +107,3 @@ def main() -> int:
     print(f"low-bit CPU kernels ready in {time.perf_counter() - start:.1f} s: ISA {ops.isa()} "
           f"(CPU supports {cpu_isa()}), library under {build_dir()}")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

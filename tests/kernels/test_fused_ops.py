@@ -1,4 +1,4 @@
-"""The fused CPU kernels (quantization/csrc/cpu_ops.cpp) against the torch expressions they replace,
+"""The fused CPU kernels (kernels/csrc/cpu_ops.cpp) against the torch expressions they replace,
 and the `cpu` attention backend against the `sdpa` reference on mixed decode + prefill steps."""
 from __future__ import annotations
 
