@@ -1,21 +1,31 @@
-"""Run a test on one forced kernel code path, then restore the previous one."""
+"""The ISA levels of the CPU kernels (csrc/isa.h) and running a test on one of them."""
 from __future__ import annotations
 
 import contextlib
 
+import pytest
+
 from scaleinfer.kernels import cpu_kernels
+
+ALL_ISAS = ("scalar", "avx2", "avx512", "avx512_vnni")
+
+
+def isa_params() -> list[str]:
+    """Every level (the ones this CPU lacks skip), or "torch" (the fallback) without the kernels."""
+    return list(ALL_ISAS) if cpu_kernels() is not None else ["torch"]
 
 
 @contextlib.contextmanager
-def forced_path(setter_name: str, name: str):
-    """`setter_name`: the kernel module's setter (set_isa, set_a8_path); a no-op without the kernels."""
+def forced_isa(name: str):
+    """Run on ISA level `name`, then restore the previous one; skip when this CPU lacks it."""
     ops = cpu_kernels()
     if ops is None:
         yield name
         return
-    setter = getattr(ops, setter_name)
-    prev = setter(name)
+    if name not in ops.isas():
+        pytest.skip(f"this CPU has no {name} (best: {ops.isas()[-1]})")
+    prev = ops.set_isa(name)
     try:
         yield name
     finally:
-        setter(prev)
+        ops.set_isa(prev)

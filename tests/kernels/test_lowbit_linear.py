@@ -15,26 +15,9 @@ import torch
 from scaleinfer.layers.linear import Linear
 from scaleinfer.quantization.int4 import Int4WeightOnly
 from scaleinfer.quantization.int8 import W8A8, Int8WeightOnly
-from scaleinfer.kernels import cpu_kernels
-
-from .kernel_paths import forced_path
 
 SHAPES = [(96, 64), (160, 128), (64, 256)]          # (out, in), in a multiple of 64 for all groups
 ROWS = [1, 3, 4, 5, 9, 40, 64, 200]                  # M = 1 kernel, 2x4-tile kernel, slices + BLAS
-
-
-def _isas() -> list[str]:
-    ops = cpu_kernels()
-    if ops is None:
-        return ["torch"]
-    best = ops.isa()
-    return ["scalar", "avx2", "avx512"][: ["scalar", "avx2", "avx512"].index(best) + 1]
-
-
-@pytest.fixture(params=_isas())
-def isa(request):
-    with forced_path("set_isa", request.param) as name:
-        yield name
 
 
 def _layer(out_f: int, in_f: int, bias: bool = False, seed: int = 0) -> Linear:

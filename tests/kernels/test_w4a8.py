@@ -1,7 +1,8 @@
 """w4a8 (int4 group-32 weights x int8 activations per block of 32, integer dot products) and its LM head
 (int8 weights per block of 32, Q8_0's layout, x the same activations) against their reference: the same
 block-quantized activations times the dequantized weights in fp32, on every code path the CPU has
-(scalar, AVX2 maddubs, AVX512-VNNI 256- and 512-bit; the block-32 int8 kernel has 512-bit and scalar).
+(ISA levels scalar, avx2 and avx512: AVX2 maddubs; avx512_vnni: 512-bit VNNI; the block-32 int8 kernel
+has 512-bit VNNI and scalar).
 The integer sums are exact; only the float scaling order differs (1e-5 of the output scale)."""
 from __future__ import annotations
 
@@ -14,30 +15,7 @@ from scaleinfer.quantization.int4 import W4A8, W4A8_MAX_ROWS, Int4WeightOnly, qu
 from scaleinfer.quantization.int8 import A8_BLOCK_MAX_ROWS, W8A8Block32, quantize_blocks32
 from scaleinfer.kernels import cpu_kernels
 
-from .kernel_paths import forced_path
-
 ops = cpu_kernels()
-PATHS = ["scalar", "avx2", "avx512vnni", "avx512vnni-512"]
-
-
-def _paths() -> list[str]:
-    if ops is None:
-        return ["torch"]
-    out = []
-    for p in PATHS:
-        try:
-            prev = ops.set_a8_path(p)
-            ops.set_a8_path(prev)
-            out.append(p)
-        except RuntimeError:
-            pass
-    return out
-
-
-@pytest.fixture(params=_paths())
-def path(request):
-    with forced_path("set_a8_path", request.param) as name:
-        yield name
 
 
 def _layer(out_f: int, in_f: int, bias: bool) -> Linear:
@@ -53,7 +31,7 @@ def _layer(out_f: int, in_f: int, bias: bool) -> Linear:
 # groups its masked 16-group tail, 33, 37 and 70 rows the rows left over from blocks of four.
 @pytest.mark.parametrize("shape", [(64, 96), (40, 224), (96, 256), (33, 576), (37, 736), (70, 1536)])
 @pytest.mark.parametrize("rows", [1, 2, 5, W4A8_MAX_ROWS])
-def test_w4a8_matches_its_reference(path, shape, rows):
+def test_w4a8_matches_its_reference(isa, shape, rows):
     if ops is None:
         pytest.skip("CPU kernels not built: w4a8 falls back to the int4 weight-only path")
     layer = _layer(*shape, bias=True)
@@ -70,7 +48,7 @@ def test_w4a8_matches_its_reference(path, shape, rows):
 
 @pytest.mark.parametrize("shape", [(64, 96), (37, 736), (200, 576), (70, 1536)])
 @pytest.mark.parametrize("rows", [1, 3, 16, A8_BLOCK_MAX_ROWS])
-def test_w8a8_block32_matches_its_reference(path, shape, rows):
+def test_w8a8_block32_matches_its_reference(isa, shape, rows):
     if ops is None:
         pytest.skip("CPU kernels not built")
     layer = _layer(*shape, bias=True)

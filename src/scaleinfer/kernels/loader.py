@@ -2,8 +2,8 @@
 
 The shared library is cached under `<model cache>/kernels/torch-<version>/` (SCALEINFER_CACHE, see
 config.model_cache_dir), so only the first process pays the ~20 s compile; `make` pre-builds it with
-`python -m scaleinfer.kernels`. The C++ side picks AVX-512, AVX2+FMA or scalar code
-from the CPU's features at run time. When no compiler is available, `cpu_kernels()` returns None
+`python -m scaleinfer.kernels`. The C++ side picks AVX-512 (+VNNI), AVX2+FMA or scalar code
+from the CPU's features once, at load (csrc/isa.h). When no compiler is available, `cpu_kernels()` returns None
 and every method falls back to plain torch ops (correct, slower).
 """
 from __future__ import annotations
@@ -32,17 +32,17 @@ def build_dir() -> str:
 
 
 def cpu_isa() -> str:
-    """The best code path this CPU supports, from /proc/cpuinfo (what the kernel's isa() will pick)."""
+    """The best ISA level this CPU has, from /proc/cpuinfo: what csrc/isa.h picks at load."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+            flags = set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
     except OSError:
         return "unknown"
-    if {"avx512f", "avx512bw"} <= set(flags):
-        return "avx512"
-    if {"avx2", "fma"} <= set(flags):
+    if not {"avx2", "fma"} <= flags:
+        return "scalar"
+    if not {"avx512f", "avx512bw", "avx512vl"} <= flags:
         return "avx2"
-    return "scalar"
+    return "avx512_vnni" if "avx512_vnni" in flags else "avx512"
 
 
 def _ensure_ninja_on_path() -> None:
@@ -74,8 +74,8 @@ def _load():
 
 @functools.lru_cache(maxsize=1)
 def cpu_kernels():
-    """The compiled kernel module (int8_linear, int4_linear, int4_dequantize_out, isa, set_isa and the
-    fused ops of cpu_ops.cpp) or None."""
+    """The compiled kernel module (the low-bit linears, the fused ops of cpu_ops.cpp, the decode program,
+    isa / isas / set_isa) or None."""
     try:
         start = time.perf_counter()
         mod = _load()

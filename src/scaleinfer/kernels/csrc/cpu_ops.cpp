@@ -8,6 +8,7 @@
 //                      one query per sequence against its keys read through the slot table: no
 //                      gathered copy of K/V, GQA groups share each key load; softmax in fp32
 // References: the torch expressions in layers/ and attention/sdpa.py (tested against them).
+#include "isa.h"
 #include "kernels.h"
 
 #include <immintrin.h>
@@ -19,8 +20,6 @@
 #include <vector>
 
 namespace {
-
-#define SI_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 
 // e^x for x in [-87, 88] to ~2 ulp, in plain float arithmetic so `omp simd` loops vectorize it (std::exp
 // is a library call per element): x = n ln2 + y with |y| <= ln2 / 2 (Cody-Waite split of ln2), e^y by
@@ -69,7 +68,7 @@ inline void axpy(float a, const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
-SI_CLONES void norm_row(const float* x, float* r, const float* w, float* out, int64_t n, float eps, bool add) {
+SI_BODY void norm_row_body(const float* x, float* r, const float* w, float* out, int64_t n, float eps, bool add) {
   float ss = 0.f;
   if (add) {
 #pragma omp simd reduction(+ : ss)
@@ -87,13 +86,15 @@ SI_CLONES void norm_row(const float* x, float* r, const float* w, float* out, in
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) out[i] = r[i] * inv * w[i];
 }
+SI_ISA_VERSIONS(norm_row, (const float* x, float* r, const float* w, float* out, int64_t n, float eps, bool add),
+                (x, r, w, out, n, eps, add))
 
 // Query heads g0..g1 of one GQA group (q: the group's first head; out likewise) against the L keys
-// at `row`'s slots: scores, softmax in fp32, weighted sum of values. One function per ISA (clones),
-// with dot / axpy inlined into it: a call per key and head cost more than the arithmetic.
-SI_CLONES void attend_group(const float* q, const float* kc, const float* vc, const int64_t* row, int64_t L,
-                            int64_t Hkv, int64_t h, int64_t D, int64_t g0, int64_t g1, float sc,
-                            std::vector<float>& p, float* out) {
+// at `row`'s slots: scores, softmax in fp32, weighted sum of values. One function per ISA
+// (SI_ISA_VERSIONS), with dot / axpy inlined into it: a call per key and head cost more than the arithmetic.
+SI_BODY void attend_group_body(const float* q, const float* kc, const float* vc, const int64_t* row, int64_t L,
+                               int64_t Hkv, int64_t h, int64_t D, int64_t g0, int64_t g1, float sc,
+                               std::vector<float>& p, float* out) {
   const int64_t n = g1 - g0;
   p.assign(n * L, 0.f);
   for (int64_t j = 0; j < L; ++j) {
@@ -109,6 +110,9 @@ SI_CLONES void attend_group(const float* q, const float* kc, const float* vc, co
     for (int64_t j = 0; j < L; ++j) axpy(pg[j] * inv, vc + (row[j] * Hkv + h) * D, o, D);
   }
 }
+SI_ISA_VERSIONS(attend_group, (const float* q, const float* kc, const float* vc, const int64_t* row, int64_t L,
+                int64_t Hkv, int64_t h, int64_t D, int64_t g0, int64_t g1, float sc, std::vector<float>& p,
+                float* out), (q, kc, vc, row, L, Hkv, h, D, g0, g1, sc, p, out))
 
 // attend_group for head_dim = 16 C on AVX-512: each query head's C vectors stay in registers across
 // the keys, a key's score is C FMAs and one in-register sum, and the output accumulates in C registers
@@ -143,24 +147,18 @@ __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl"))) void attend_group_
   }
 }
 
-bool has_avx512() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
-}
-
-const bool g_avx512 = has_avx512();
-
-SI_CLONES void silu_mul_row(const float* g, float* o, int64_t I) {
+SI_BODY void silu_mul_row_body(const float* g, float* o, int64_t I) {
   const float* u = g + I;
 #pragma omp simd
   for (int64_t i = 0; i < I; ++i) o[i] = g[i] / (1.f + exp_f32(-g[i])) * u[i];
 }
+SI_ISA_VERSIONS(silu_mul_row, (const float* g, float* o, int64_t I), (g, o, I))
 
 // Rows n0..n1 of y[M, N] = x[M, K] W[N, K]^T, four weight rows at a time: four dot products share each
 // load of x, and the block's weights are read once from memory for all M input rows (then from L1).
 // The weights ~2 KiB ahead are prefetched: the hardware prefetcher stops at 4 KiB page boundaries.
-SI_CLONES void f32_rows(const float* w, const float* x, int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1,
-                        float* y) {
+SI_BODY void f32_rows_body(const float* w, const float* x, int64_t M, int64_t N, int64_t K, int64_t n0,
+                           int64_t n1, float* y) {
   int64_t n = n0;
   for (; n + 4 <= n1; n += 4) {
     const float* w0 = w + n * K;
@@ -188,6 +186,8 @@ SI_CLONES void f32_rows(const float* w, const float* x, int64_t M, int64_t N, in
   for (; n < n1; ++n)
     for (int64_t m = 0; m < M; ++m) y[m * N + n] = dot(w + n * K, x + m * K, K);
 }
+SI_ISA_VERSIONS(f32_rows, (const float* w, const float* x, int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1,
+                float* y), (w, x, M, N, K, n0, n1, y))
 
 void check_f32(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32, name, " must be a float32 CPU tensor");
@@ -318,6 +318,7 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
   // each item takes one query head instead. Every query head's numbers are the same either way.
   const int64_t nt = at::get_num_threads();
   const int64_t split = d * Hkv >= 2 * nt ? 1 : G;
+  const bool avx512 = si::isa() >= si::Isa::avx512;
   at::parallel_for(0, d * Hkv * split, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> p;
     for (int64_t i = i0; i < i1; ++i) {
@@ -325,8 +326,8 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
       const int64_t g0 = split == 1 ? 0 : part, g1 = split == 1 ? G : part + 1;
       const float* qg = qp + b * qs + h * G * D;
       float* og = op + (b * H + h * G) * D;
-      if (g_avx512 && D == 64) attend_group_512<4>(qg, kc, vc, sp + b * W, lp[b], Hkv, h, g0, g1, sc, p, og);
-      else if (g_avx512 && D == 128) attend_group_512<8>(qg, kc, vc, sp + b * W, lp[b], Hkv, h, g0, g1, sc, p, og);
+      if (avx512 && D == 64) attend_group_512<4>(qg, kc, vc, sp + b * W, lp[b], Hkv, h, g0, g1, sc, p, og);
+      else if (avx512 && D == 128) attend_group_512<8>(qg, kc, vc, sp + b * W, lp[b], Hkv, h, g0, g1, sc, p, og);
       else attend_group(qg, kc, vc, sp + b * W, lp[b], Hkv, h, D, g0, g1, sc, p, og);
     }
   });
