@@ -18,13 +18,15 @@ import time
 import torch
 
 from scaleinfer.config import model_cache_dir
+from scaleinfer.kernels.build_lock import build_lock
 
 logger = logging.getLogger(__name__)
 
 _SOURCES = [os.path.join(os.path.dirname(__file__), "csrc", f) for f in ("lowbit_linear.cpp", "int4_a8.cpp",
                                                                         "cpu_ops.cpp", "decode_step.cpp",
                                                                         "int8_a8.cpp")]
-_NAME = "scaleinfer_lowbit"
+JIT_NAME = "scaleinfer_lowbit"
+BUILD_WAIT_S = 900.0   # the longest wait for another process's build (a cold one on 2 busy cores: ~4 min)
 
 
 def build_dir() -> str:
@@ -63,26 +65,41 @@ def _ensure_ninja_on_path() -> None:
             return
 
 
-def _load():
+def _needs_compile(directory: str) -> bool:
+    """Whether a JIT load will compile: no library yet, or a source or header newer than it."""
+    lib = os.path.join(directory, JIT_NAME + ".so")
+    if not os.path.isfile(lib):
+        return True
+    csrc = os.path.dirname(_SOURCES[0])
+    newest = max(os.path.getmtime(os.path.join(csrc, f)) for f in os.listdir(csrc))
+    return newest > os.path.getmtime(lib)
+
+
+def jit_kernels(wait_s: float | None = None):
+    """Build (or load the cached build of) the kernels with torch's JIT, under the build directory's lock
+    (build_lock.py: a stale lock is recovered, a live build waited for at most `wait_s`, one line said)."""
     from torch.utils.cpp_extension import load
 
     _ensure_ninja_on_path()
-    os.makedirs(build_dir(), exist_ok=True)
-    return load(_NAME, _SOURCES, build_directory=build_dir(), extra_cflags=["-O3", "-fopenmp"],
-                extra_ldflags=["-fopenmp"], verbose=False)
+    directory = build_dir()
+    with build_lock(directory, BUILD_WAIT_S if wait_s is None else wait_s):
+        if _needs_compile(directory):
+            logger.warning("building the CPU kernels once (1-4 min on a few cores) into %s", directory)
+        return load(JIT_NAME, _SOURCES, build_directory=directory, extra_cflags=["-O3", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"], verbose=False)
 
 
 @functools.lru_cache(maxsize=1)
 def cpu_kernels():
     """The compiled kernel module (the low-bit linears, the fused ops of cpu_ops.cpp, the decode program,
-    isa / isas / set_isa) or None."""
+    isa / isas / set_isa) or None, with a one-line warning, when it cannot be built or loaded."""
     try:
         start = time.perf_counter()
-        mod = _load()
-        logger.debug("low-bit kernels ready (%s) in %.1f s", mod.isa(), time.perf_counter() - start)
+        mod = jit_kernels()
+        logger.debug("CPU kernels ready (%s) in %.1f s", mod.isa(), time.perf_counter() - start)
         return mod
-    except Exception as exc:  # no compiler, no headers: the pure-torch path still works
-        logger.warning("low-bit CPU kernels unavailable, using the slower torch fallback: %s", _first_line(exc))
+    except Exception as exc:  # no compiler, no headers, a build that never ends: the torch path still works
+        logger.warning("CPU kernels unavailable, using the slower torch fallback: %s", _first_line(exc))
         return None
 
 
@@ -99,7 +116,7 @@ def main() -> int:
     """`python -m scaleinfer.kernels` (run by `make`): build or load the kernel, one line."""
     start = time.perf_counter()
     try:
-        ops = _load()
+        ops = jit_kernels()
     except Exception as exc:
         print(f"low-bit CPU kernels NOT built ({_first_line(exc)}); CPU ISA {cpu_isa()}; "
               f"the slower torch fallback will be used")
