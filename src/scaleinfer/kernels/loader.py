@@ -1,14 +1,17 @@
-"""Loads the C++ CPU kernels (csrc/): builds them with torch.utils.cpp_extension on first use.
+"""Loads the C++ CPU kernels (csrc/): the module built at install time, else a JIT build on first use.
 
-The shared library is cached under `<model cache>/kernels/torch-<version>/` (SCALEINFER_CACHE, see
-config.model_cache_dir), so only the first process pays the ~20 s compile; `make` pre-builds it with
-`python -m scaleinfer.kernels`. The C++ side picks AVX-512 (+VNNI), AVX2+FMA or scalar code
+`pip install --no-build-isolation -e .` (the Makefile) compiles them into `scaleinfer.kernels._C`
+(setup.py); the loader uses that module when it imports and was built from the sources in csrc/ now
+(sources.py: their fingerprint). Otherwise torch.utils.cpp_extension builds them once, saying so in one
+line, into `<model cache>/kernels/torch-<version>/` (SCALEINFER_CACHE, see config.model_cache_dir),
+under a lock that never waits silently (build_lock.py); `python -m scaleinfer.kernels` says which. The C++ side picks AVX-512 (+VNNI), AVX2+FMA or scalar code
 from the CPU's features once, at load (csrc/isa.h). When no compiler is available, `cpu_kernels()` returns None
 and every method falls back to plain torch ops (correct, slower).
 """
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import os
 import shutil
@@ -19,12 +22,11 @@ import torch
 
 from scaleinfer.config import model_cache_dir
 from scaleinfer.kernels.build_lock import build_lock
+from scaleinfer.kernels.sources import CFLAGS, LDFLAGS, source_paths, sources_hash
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = [os.path.join(os.path.dirname(__file__), "csrc", f) for f in ("lowbit_linear.cpp", "int4_a8.cpp",
-                                                                        "cpu_ops.cpp", "decode_step.cpp",
-                                                                        "int8_a8.cpp")]
+_SOURCES = source_paths()
 JIT_NAME = "scaleinfer_lowbit"
 BUILD_WAIT_S = 900.0   # the longest wait for another process's build (a cold one on 2 busy cores: ~4 min)
 
@@ -85,8 +87,25 @@ def jit_kernels(wait_s: float | None = None):
     with build_lock(directory, BUILD_WAIT_S if wait_s is None else wait_s):
         if _needs_compile(directory):
             logger.warning("building the CPU kernels once (1-4 min on a few cores) into %s", directory)
-        return load(JIT_NAME, _SOURCES, build_directory=directory, extra_cflags=["-O3", "-fopenmp"],
-                    extra_ldflags=["-fopenmp"], verbose=False)
+        return load(JIT_NAME, _SOURCES, build_directory=directory, extra_cflags=list(CFLAGS),
+                    extra_ldflags=list(LDFLAGS), verbose=False)
+
+
+def prebuilt_kernels():
+    """The module setup.py built at install time, or None: not built (no compiler then, or a plain source
+    checkout), not importable (another torch), or built from other sources than csrc/ holds now."""
+    try:
+        mod = importlib.import_module("scaleinfer.kernels._C")
+    except ModuleNotFoundError:
+        return None
+    except Exception as exc:  # e.g. an undefined symbol: built against another torch
+        logger.warning("the prebuilt CPU kernels do not load (%s); using a JIT build", _first_line(exc))
+        return None
+    if mod.sources_hash() != sources_hash():
+        logger.warning("the prebuilt CPU kernels %s were built from other sources than csrc/ holds now "
+                       "(reinstall to rebuild them); using a JIT build", mod.__file__)
+        return None
+    return mod
 
 
 @functools.lru_cache(maxsize=1)
@@ -95,7 +114,7 @@ def cpu_kernels():
     isa / isas / set_isa) or None, with a one-line warning, when it cannot be built or loaded."""
     try:
         start = time.perf_counter()
-        mod = jit_kernels()
+        mod = prebuilt_kernels() or jit_kernels()
         logger.debug("CPU kernels ready (%s) in %.1f s", mod.isa(), time.perf_counter() - start)
         return mod
     except Exception as exc:  # no compiler, no headers, a build that never ends: the torch path still works
@@ -113,14 +132,15 @@ def _first_line(exc: Exception) -> str:
 
 
 def main() -> int:
-    """`python -m scaleinfer.kernels` (run by `make`): build or load the kernel, one line."""
+    """`python -m scaleinfer.kernels` (run by `make`): load (or build) the kernels, say which, one line."""
     start = time.perf_counter()
     try:
-        ops = jit_kernels()
+        ops = prebuilt_kernels() or jit_kernels()
     except Exception as exc:
-        print(f"low-bit CPU kernels NOT built ({_first_line(exc)}); CPU ISA {cpu_isa()}; "
+        print(f"CPU kernels NOT built ({_first_line(exc)}); CPU ISA {cpu_isa()}; "
               f"the slower torch fallback will be used")
         return 1
-    print(f"low-bit CPU kernels ready in {time.perf_counter() - start:.1f} s: ISA {ops.isa()} "
-          f"(CPU supports {cpu_isa()}), library under {build_dir()}")
+    where = "prebuilt at install" if ops.__name__ == "scaleinfer.kernels._C" else f"JIT build under {build_dir()}"
+    print(f"CPU kernels ready in {time.perf_counter() - start:.1f} s: ISA {ops.isa()} (CPU supports {cpu_isa()}), "
+          f"{where}: {ops.__file__}")
     return 0

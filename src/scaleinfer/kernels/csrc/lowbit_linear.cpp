@@ -373,4 +373,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the ISA level in use (isa.h): avx512_vnni, avx512, avx2 or scalar");
   m.def("isas", &si::isas, "every ISA level this CPU runs, lowest first");
   m.def("set_isa", &si::set_isa, "force an ISA level (for tests); returns the previous one");
+#ifdef SI_SOURCES_HASH  // setup.py: the fingerprint of csrc/ this module was built from (kernels/sources.py)
+#define SI_STR2(x) #x
+#define SI_STR(x) SI_STR2(x)
+  m.def("sources_hash", [] { return std::string(SI_STR(SI_SOURCES_HASH)); }, "csrc/'s fingerprint at build");
+#endif
 }
