@@ -12,18 +12,22 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-# torch first, pinned to the CPU build that the machines here carry on local disk.
-$(STAMP): $(PY) pyproject.toml
+# torch first, pinned to the CPU build that the machines here carry on local disk. The package is then
+# installed without build isolation: setup.py compiles the C++ kernels against that torch (an isolated
+# build would download a second, multi-GB one), so setuptools, wheel and ninja come first too.
+$(STAMP): $(PY) pyproject.toml setup.py
 	$(PIP) install -q "torch==2.13.0" || $(PIP) install -q "torch>=2.11,<2.14"
-	$(PIP) install -q -e .
-	$(PY) -m scaleinfer.quantization.kernels || true
+	$(PIP) install -q "setuptools>=68" wheel "ninja>=1.11"
+	@echo "installing scaleinfer and compiling its C++ CPU kernels (once; 1-4 min on a few cores)"
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PIP) install -q --no-build-isolation -e .
+	$(PY) -m scaleinfer.kernels || true
 	$(PY) -m scaleinfer pull smollm2-135m-instruct
 	touch $@
 
 # The tests also run on the real Qwen2.5 and Gemma-3-270m weights (parity with HF transformers,
 # multilingual tokenizers).
 $(TSTAMP): $(STAMP)
-	$(PIP) install -q -e ".[test]"
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PIP) install -q --no-build-isolation -e ".[test]"
 	$(PY) -m scaleinfer pull qwen2.5-coder-0.5b-instruct
 	$(PY) -m scaleinfer pull gemma-3-270m
 	touch $@
@@ -48,4 +52,4 @@ bench: $(TSTAMP) $(LLAMACPP_PY)
 	$(PY) -m scaleinfer bench --threads 2 --modes none,int8,int4,w8a8,w4a8 --rounds 5 --llamacpp-python $(LLAMACPP_PY)
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) build src/*.egg-info src/scaleinfer/kernels/_C*.so

@@ -23,8 +23,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [   # bottom to top
     ("L1", ("request", "tokenizer", "catalog", "kv_cache.block_manager", "kv_cache.prefix_cache",
             "attention.patterns")),      # patterns: pure data the scheduler reads (no torch, see (c))
     ("L2", ("scheduler",)),
-    ("D0", ("kernels", "distributed.parallel_state", "distributed.communicators",
-            "quantization.kernels")),    # the C++ loader until it moves to kernels/ (issue 14); then drop it
+    ("D0", ("kernels", "distributed.parallel_state", "distributed.communicators")),
     ("D1 layers", ("layers",)),          # D1 in order: layers below attention and quantization
     ("D1", ("attention", "quantization", "structured")),
     ("D2", ("models", "weights", "sampler", "spec_decode", "kv_cache")),   # kv_cache: its tensors

@@ -123,7 +123,7 @@ def kernel_kv_args(k_cache, v_cache) -> tuple | None:
 
 
 class CpuPagedBackend(SdpaBackend):
-    """The sdpa backend with decode attention and K/V writes in fused CPU kernels (quantization/csrc/
+    """The sdpa backend with decode attention and K/V writes in fused CPU kernels (kernels/csrc/
     cpu_ops.cpp): each decode query reads its keys straight through the slot table (no gathered copy),
     and both caches are written in one call; float16, bfloat16 and int8 caches are converted in the
     kernels. Prefills, sink shifts and compute in anything but float32 on the CPU take the sdpa code,

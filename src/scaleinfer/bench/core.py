@@ -66,9 +66,9 @@ def kernel_paths(quantization: str) -> str:
     """Which CPU code paths a mode's linears ran in this worker, e.g. "w4a8 decode: avx512vnni-512,
     prefill: amx-int8"."""
     from scaleinfer.quantization.int4 import w4a8_kernel_paths
-    from scaleinfer.quantization.kernels import lowbit_ops
+    from scaleinfer.kernels import cpu_kernels
 
-    ops = lowbit_ops()
+    ops = cpu_kernels()
     if ops is None:
         return f"{quantization}: torch fallback (no C++ kernels)"
     if quantization == "w4a8":
@@ -276,9 +276,9 @@ def _worker_main() -> None:
     p.add_argument("--no-amx", action="store_true", help="w4a8's prefill GEMM on 512-bit VNNI, not AMX")
     a = p.parse_args()
     if a.no_amx:
-        from scaleinfer.quantization.kernels import lowbit_ops
+        from scaleinfer.kernels import cpu_kernels
 
-        ops = lowbit_ops()
+        ops = cpu_kernels()
         if ops is not None and ops.a8_gemm_path() == "amx-int8":
             ops.set_a8_gemm_path("vnni512")
     result, adapter, prefill_ids, decode_ids = run_worker(a.worker, a.model, a.threads, a.num_requests,

@@ -1,4 +1,4 @@
-"""Which tensors may take the fused CPU kernels (quantization/csrc/cpu_ops.cpp) instead of torch ops.
+"""Which tensors may take the fused CPU kernels (kernels/csrc/cpu_ops.cpp) instead of torch ops.
 
 The kernels exist for float32 on the CPU; everything else (GPU, bf16, no compiler) takes the torch
 expressions they are tested against. SCALEINFER_FUSED_OPS=0 turns them off (to compare).
@@ -10,14 +10,14 @@ import os
 
 import torch
 
+from scaleinfer.kernels import cpu_kernels
+
 
 @functools.lru_cache(maxsize=1)
 def _ops():
     if os.environ.get("SCALEINFER_FUSED_OPS", "1") == "0":
         return None
-    from scaleinfer.quantization.kernels import lowbit_ops
-
-    ops = lowbit_ops()
+    ops = cpu_kernels()
     return ops if ops is not None and hasattr(ops, "add_rms_norm") else None
 
 

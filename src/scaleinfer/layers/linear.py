@@ -26,7 +26,7 @@ class LinearMethod(Protocol):
 
 
 class DecodeSpec(NamedTuple):
-    """How the C++ decode step (quantization/csrc/decode_step.cpp) runs a linear exactly as `apply` does
+    """How the C++ decode step (kernels/csrc/decode_step.cpp) runs a linear exactly as `apply` does
     on CPU float32 inputs of up to `max_rows` rows: the kernel kind (dense, f32, int8, int4, w4a8), its
     tensors, the bias and the int4 group size (f32: the rows up to which f32_linear is used). A method without `decode_spec` keeps the Python path.
     Kind "split" (quantization/mixed.py: RowSplit) has no tensors of its own: its `parts` are the specs of
@@ -53,7 +53,7 @@ class DenseLinearMethod:
     """y = x W^T + b with the dense weight (the reference every quantized method is checked against).
 
     On CPU in fp32 with the kernels built, W [out, in] stays row-major and decode-sized inputs (up to
-    F32_KERNEL_MAX_ROWS rows) take our GEMV (quantization/csrc/cpu_ops.cpp: f32_linear: four rows per
+    F32_KERNEL_MAX_ROWS rows) take our GEMV (kernels/csrc/cpu_ops.cpp: f32_linear: four rows per
     block, x shared, software prefetch), larger ones BLAS. Elsewhere (GPU, bf16, no compiler) W is
     stored column-major (a transposed view of a contiguous [in, out] tensor), which BLAS's GEMV reads
     ~1.35x faster than a row-major one at M = 1 (30 layers of SmolLM2-135M, 2 threads: 18.5 -> 13.8 ms).

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from scaleinfer.layers.linear import DecodeSpec, Linear
 from scaleinfer.quantization.layer_ops import dense_weight, drop_dense_weight
 from scaleinfer.quantization.dense_chunks import sliced_linear
-from scaleinfer.quantization.kernels import lowbit_ops
+from scaleinfer.kernels import cpu_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ class Int4WeightOnly:
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])                # [M, in]
-        ops = lowbit_ops() if x.device.type == "cpu" else None
+        ops = cpu_kernels() if x.device.type == "cpu" else None
         if ops is not None and x2.dtype == torch.float32:
             scale, mn = self.scales(layer)
             if x2.shape[0] <= KERNEL_MAX_ROWS:
@@ -234,7 +234,7 @@ class W4A8(Int4WeightOnly):
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        ops = lowbit_ops() if x.device.type == "cpu" else None
+        ops = cpu_kernels() if x.device.type == "cpu" else None
         if ops is None or x2.dtype != torch.float32:
             return super().apply(layer, x)
         if x2.shape[0] <= W4A8_MAX_ROWS:
@@ -253,9 +253,9 @@ class W4A8(Int4WeightOnly):
 
 def w4a8_kernel_paths() -> dict[str, str]:
     """Which code paths w4a8 runs on this CPU, in this process: decode (<= W4A8_MAX_ROWS rows) and prefill."""
-    ops = lowbit_ops()
+    ops = cpu_kernels()
     if ops is None:
         return {"decode": "torch (no C++ kernels)", "prefill": "torch (no C++ kernels)"}
     gemm = ops.a8_gemm_path()
-    return {"decode": ops.a8_path(), "prefill": gemm if gemm != "none" else f"int4 weight-only ({ops.isa()})",
+    return {"decode": ops.isa(), "prefill": gemm if gemm != "none" else f"int4 weight-only ({ops.isa()})",
             "amx": ops.amx_status()}

@@ -22,7 +22,7 @@ from scaleinfer.layers.linear import DecodeSpec, Linear
 from scaleinfer.quantization.layer_ops import dense_weight, drop_dense_weight
 from scaleinfer.quantization.dense_chunks import sliced_linear
 from scaleinfer.quantization.int4 import a8_reference
-from scaleinfer.quantization.kernels import lowbit_ops
+from scaleinfer.kernels import cpu_kernels
 
 KERNEL_MAX_ROWS = 128
 """Inputs with at most this many rows use the int8 kernel; larger ones dequantize slices + BLAS.
@@ -64,7 +64,7 @@ class Int8WeightOnly:
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])                  # [M, in]
-        ops = lowbit_ops() if x.device.type == "cpu" else None
+        ops = cpu_kernels() if x.device.type == "cpu" else None
         if ops is not None and x2.shape[0] <= KERNEL_MAX_ROWS and x2.dtype == torch.float32:
             y = ops.int8_linear(x2.contiguous(), layer.qweight, layer.weight_scale)
             if layer.bias is not None:
@@ -141,7 +141,7 @@ class W8A8Block32:
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        ops = lowbit_ops() if x.device.type == "cpu" else None
+        ops = cpu_kernels() if x.device.type == "cpu" else None
         if ops is not None and x2.dtype == torch.float32 and x2.shape[0] <= A8_BLOCK_MAX_ROWS:
             y = ops.int8_a8_linear(x2.contiguous(), layer.qweight, layer.weight_scale)
             if layer.bias is not None:

@@ -1,43 +1,14 @@
-"""w4a8 (int4 group-32 weights x int8 activations per block of 32, integer dot products) and its LM head
-(int8 weights per block of 32, Q8_0's layout, x the same activations) against their reference: the same
-block-quantized activations times the dequantized weights in fp32, on every code path the CPU has
-(scalar, AVX2 maddubs, AVX512-VNNI 256- and 512-bit; the block-32 int8 kernel has 512-bit and scalar).
-The integer sums are exact; only the float scaling order differs (1e-5 of the output scale)."""
+"""w4a8 and its block-32 int8 LM head as quantization methods: the prefill path, activation and weight
+block quantization, GGUF Q4 / Q8_0 round trips, a real model. The kernels on every code path against
+their reference: tests/kernels/test_w4a8.py."""
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from scaleinfer.layers.linear import Linear
 from scaleinfer.quantization.int4 import W4A8, W4A8_MAX_ROWS, Int4WeightOnly, quantize_blocks
-from scaleinfer.quantization.int8 import A8_BLOCK_MAX_ROWS, W8A8Block32, quantize_blocks32
-from scaleinfer.quantization.kernels import lowbit_ops
-
-from .kernel_paths import forced_path
-
-ops = lowbit_ops()
-PATHS = ["scalar", "avx2", "avx512vnni", "avx512vnni-512"]
-
-
-def _paths() -> list[str]:
-    if ops is None:
-        return ["torch"]
-    out = []
-    for p in PATHS:
-        try:
-            prev = ops.set_a8_path(p)
-            ops.set_a8_path(prev)
-            out.append(p)
-        except RuntimeError:
-            pass
-    return out
-
-
-@pytest.fixture(params=_paths())
-def path(request):
-    with forced_path("set_a8_path", request.param) as name:
-        yield name
+from scaleinfer.quantization.int8 import quantize_blocks32
 
 
 def _layer(out_f: int, in_f: int, bias: bool) -> Linear:
@@ -47,25 +18,6 @@ def _layer(out_f: int, in_f: int, bias: bool) -> Linear:
     if bias:
         layer.bias.data.copy_(torch.randn(out_f, generator=g))
     return layer
-
-
-# in_features with an odd number of groups (3, 7, 23) exercise the 512-bit path's odd last group, 18 and 23
-# groups its masked 16-group tail, 33, 37 and 70 rows the rows left over from blocks of four.
-@pytest.mark.parametrize("shape", [(64, 96), (40, 224), (96, 256), (33, 576), (37, 736), (70, 1536)])
-@pytest.mark.parametrize("rows", [1, 2, 5, W4A8_MAX_ROWS])
-def test_w4a8_matches_its_reference(path, shape, rows):
-    if ops is None:
-        pytest.skip("CPU kernels not built: w4a8 falls back to the int4 weight-only path")
-    layer = _layer(*shape, bias=True)
-    m = W4A8()
-    m.process_weights_after_loading(layer)
-    layer.quant_method = m
-    x = torch.randn(rows, shape[1], generator=torch.Generator().manual_seed(1))
-    x[0, :32] = 0.0                          # an all-zero block (scale 0)
-    ref = m.reference(layer, x)
-    y = layer(x)
-    assert y.shape == (rows, shape[0])
-    assert float((y - ref).abs().max() / ref.abs().max()) < 1e-5
 
 
 def test_w4a8_is_close_to_weight_only_int4():
@@ -105,24 +57,6 @@ def test_w4a8_greedy_knows_paris_and_loads_gguf_q4_exactly():
     assert "Paris" in out.outputs[0].text
     layer = llm.engine.model.layers[0].mlp.gate_up_proj
     assert isinstance(layer.quant_method, W4A8) and layer.weight is None
-
-
-@pytest.mark.parametrize("shape", [(64, 96), (37, 736), (200, 576), (70, 1536)])
-@pytest.mark.parametrize("rows", [1, 3, 16, A8_BLOCK_MAX_ROWS])
-def test_w8a8_block32_matches_its_reference(path, shape, rows):
-    if ops is None:
-        pytest.skip("CPU kernels not built")
-    layer = _layer(*shape, bias=True)
-    m = W8A8Block32()
-    m.process_weights_after_loading(layer)
-    layer.quant_method = m
-    x = torch.randn(rows, shape[1], generator=torch.Generator().manual_seed(3))
-    x[0, 32:64] = 0.0                        # an all-zero activation block
-    ref = m.reference(layer, x)
-    y = layer(x)
-    assert float((y - ref).abs().max() / ref.abs().max()) < 1e-5
-    more = torch.randn(A8_BLOCK_MAX_ROWS + 1, shape[1])  # past the kernel's rows: dequantized slices + BLAS
-    torch.testing.assert_close(layer(more), F.linear(more, m.dequantize(layer), layer.bias), rtol=1e-5, atol=1e-5)
 
 
 def test_block32_int8_takes_a_q8_0_tensor_exactly():

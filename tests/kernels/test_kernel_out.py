@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from scaleinfer.quantization.int4 import quantize_groupwise
-from scaleinfer.quantization.kernels import lowbit_ops
+from scaleinfer.kernels import cpu_kernels
 
-ops = lowbit_ops()
+ops = cpu_kernels()
 pytestmark = pytest.mark.skipif(ops is None, reason="low-bit CPU kernels not built")
 
 

@@ -26,7 +26,7 @@ __attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
 // x [K] -> xq [K] int8, dx [K/32] (scale), sx [K/32] (= dx * sum of the block's xq), on the path in use.
 void quantize_blocks(const float* x, int64_t K, int8_t* xq, float* dx, float* sx);
 
-// Whether the 512-bit VNNI path is in use (int4_a8.cpp: set_a8_path forces others for tests).
+// Whether the 512-bit VNNI path is in use (ISA level avx512_vnni, isa.h).
 bool a8_vnni512();
 
 struct A8Rows {

@@ -9,7 +9,8 @@
 // M = 1 (batch-1 decode reads each weight byte once); for M > 1 pairs of rows are dequantized into a
 // small fp32 buffer and multiplied with 4 input rows at a time (2x4 register tiles), which beats
 // fp32 BLAS up to M ~ 128-256 on small layers (callers switch to dequantized slices + BLAS above). Code paths: AVX-512, AVX2+FMA, scalar; chosen at run
-// time from the CPU's features (`isa()` says which).
+// time from the CPU's features (isa.h; `isa()` says which).
+#include "isa.h"
 #include "kernels.h"
 
 #include <torch/extension.h>
@@ -20,16 +21,7 @@
 
 namespace {
 
-enum class Isa { scalar = 0, avx2 = 1, avx512 = 2 };
-
-Isa detect_isa() {
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return Isa::avx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::avx2;
-  return Isa::scalar;
-}
-
-Isa g_isa = detect_isa();
+using si::Isa;
 
 // ---------------- dequantize one row into fp32 (all ISAs; the compiler vectorizes) ------------
 inline void dequant_row_int8(const int8_t* q, float scale, int64_t K, float* out) {
@@ -115,9 +107,10 @@ __attribute__((target("avx2,fma"))) void tile_2x4_avx2(const float* w0, const fl
     for (int i = 0; i < 4; ++i) { out[i][0] += w0[k] * xs[i][k]; out[i][1] += w1[k] * xs[i][k]; }
 }
 
-inline void tile_2x4(const float* w0, const float* w1, const float* const xs[4], int64_t K, float out[4][2]) {
-  if (g_isa == Isa::avx512) return tile_2x4_avx512(w0, w1, xs, K, out);
-  if (g_isa == Isa::avx2) return tile_2x4_avx2(w0, w1, xs, K, out);
+inline void tile_2x4(Isa isa, const float* w0, const float* w1, const float* const xs[4], int64_t K,
+                     float out[4][2]) {
+  if (isa >= Isa::avx512) return tile_2x4_avx512(w0, w1, xs, K, out);
+  if (isa >= Isa::avx2) return tile_2x4_avx2(w0, w1, xs, K, out);
   for (int i = 0; i < 4; ++i) {
     float s0 = 0.f, s1 = 0.f;
     for (int64_t k = 0; k < K; ++k) { s0 += w0[k] * xs[i][k]; s1 += w1[k] * xs[i][k]; }
@@ -128,6 +121,7 @@ inline void tile_2x4(const float* w0, const float* w1, const float* const xs[4],
 // y[M, N] = x[M, K] W^T for M > 1, where dequant(n, out) writes weight row n as fp32 into out[K].
 template <class Dequant>
 void multi_row_linear(const float* xp, int64_t M, int64_t N, int64_t K, float* yp, const Dequant& dequant) {
+  const Isa isa = si::isa();
   at::parallel_for(0, (N + 1) / 2, kGrain / 2, [&](int64_t p0, int64_t p1) {
     std::vector<float> w(2 * K, 0.f);
     float t[4][2];
@@ -140,7 +134,7 @@ void multi_row_linear(const float* xp, int64_t M, int64_t N, int64_t K, float* y
         const int64_t mr = std::min<int64_t>(4, M - m);
         const float* xs[4];
         for (int64_t i = 0; i < 4; ++i) xs[i] = xp + (m + (i < mr ? i : 0)) * K;
-        tile_2x4(w.data(), w.data() + K, xs, K, t);
+        tile_2x4(isa, w.data(), w.data() + K, xs, K, t);
         for (int64_t i = 0; i < mr; ++i) {
           yp[(m + i) * N + n] = t[i][0];
           if (two) yp[(m + i) * N + n + 1] = t[i][1];
@@ -268,6 +262,7 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
     multi_row_linear(xp, M, N, K, yp, [&](int64_t n, float* out) { dequant_row_int8(qp + n * K, sp[n], K, out); });
     return y;
   }
+  const Isa isa = si::isa();
   at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
     {
       for (int64_t n = n0; n < n1; ++n) {
@@ -275,8 +270,8 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
         const char* ahead = reinterpret_cast<const char*>(qp + n * K) + 2048;
         for (int64_t o = 0; o < K; o += 64) _mm_prefetch(ahead + o, _MM_HINT_T0);
         float s;
-        if (g_isa == Isa::avx512) s = row_int8_avx512(qp + n * K, xp, K);
-        else if (g_isa == Isa::avx2) s = row_int8_avx2(qp + n * K, xp, K);
+        if (isa >= Isa::avx512) s = row_int8_avx512(qp + n * K, xp, K);
+        else if (isa >= Isa::avx2) s = row_int8_avx2(qp + n * K, xp, K);
         else { s = 0.f; for (int64_t k = 0; k < K; ++k) s += qp[n * K + k] * xp[k]; }
         yp[n] = s * sp[n];
       }
@@ -308,14 +303,15 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
     return y;
   }
   std::vector<float> xsum = group_sums(xp, M, K, G);
+  const Isa isa = si::isa();
   at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
     {
       for (int64_t n = n0; n < n1; ++n) {
         const uint8_t* qr = qp + n * (K / 2);
         const float* sr = sp + n * num_groups;
         float s;
-        if (g_isa == Isa::avx512) s = row_int4_avx512(qr, sr, xp, K, G);
-        else if (g_isa == Isa::avx2) s = row_int4_avx2(qr, sr, xp, K, G);
+        if (isa >= Isa::avx512) s = row_int4_avx512(qr, sr, xp, K, G);
+        else if (isa >= Isa::avx2) s = row_int4_avx2(qr, sr, xp, K, G);
         else s = row_int4_scalar(qr, sr, xp, K, G);
         const float* mr = mp + n * num_groups;
         for (int64_t g = 0; g < num_groups; ++g) s += mr[g] * xsum[g];
@@ -356,24 +352,6 @@ void int8_dequantize_out(torch::Tensor q, torch::Tensor scale, torch::Tensor out
   });
 }
 
-std::string isa() {
-  switch (g_isa) {
-    case Isa::avx512: return "avx512";
-    case Isa::avx2: return "avx2";
-    default: return "scalar";
-  }
-}
-
-// Force a code path (tests run every path the CPU supports); returns the previous one.
-std::string set_isa(const std::string& name) {
-  std::string prev = isa();
-  Isa best = detect_isa();
-  Isa want = name == "avx512" ? Isa::avx512 : name == "avx2" ? Isa::avx2 : Isa::scalar;
-  TORCH_CHECK(static_cast<int>(want) <= static_cast<int>(best), "this CPU does not support ", name);
-  g_isa = want;
-  return prev;
-}
-
 void register_cpu_ops(pybind11::module& m);  // cpu_ops.cpp
 void register_int4_a8(pybind11::module& m);  // int4_a8.cpp
 void register_decode_step(pybind11::module& m);  // decode_step.cpp
@@ -393,6 +371,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("scale"), py::arg("mn"), py::arg("group_size"), py::arg("out") = py::none());
   m.def("int4_dequantize_out", &int4_dequantize_out, "group-wise int4 weight -> float32 [N, K] in out");
   m.def("int8_dequantize_out", &int8_dequantize_out, "per-channel int8 weight -> float32 [N, K] in out");
-  m.def("isa", &isa, "the code path in use: avx512, avx2 or scalar");
-  m.def("set_isa", &set_isa, "force a code path (for tests)");
+  m.def("isa", [] { return std::string(si::isa_name(si::isa())); },
+        "the ISA level in use (isa.h): avx512_vnni, avx512, avx2 or scalar");
+  m.def("isas", &si::isas, "every ISA level this CPU runs, lowest first");
+  m.def("set_isa", &si::set_isa, "force an ISA level (for tests); returns the previous one");
+#ifdef SI_SOURCES_HASH  // setup.py: the fingerprint of csrc/ this module was built from (kernels/sources.py)
+#define SI_STR2(x) #x
+#define SI_STR(x) SI_STR2(x)
+  m.def("sources_hash", [] { return std::string(SI_STR(SI_SOURCES_HASH)); }, "csrc/'s fingerprint at build");
+#endif
 }

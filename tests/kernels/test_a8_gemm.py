@@ -5,17 +5,29 @@ to the VNNI path bit for bit (both compute each group's integer dot exactly and 
 steps); and CPUs without 512-bit VNNI keeping the int4 weight-only prefill."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
 from scaleinfer.layers.linear import Linear
 from scaleinfer.quantization.int4 import W4A8, W4A8_MAX_ROWS, Int4WeightOnly, w4a8_kernel_paths
-from scaleinfer.quantization.kernels import lowbit_ops
+from scaleinfer.kernels import cpu_kernels
 
-from .kernel_paths import forced_path
+from .kernel_paths import forced_isa
 
-ops = lowbit_ops()
+ops = cpu_kernels()
 GEMM_PATHS = ["vnni512", "amx-int8"]
+
+
+@contextlib.contextmanager
+def gemm_path_forced(name: str):
+    """Run the w4a8 prefill GEMM on `name` (amx-int8 / vnni512), then restore the previous choice."""
+    prev = ops.set_a8_gemm_path(name)
+    try:
+        yield name
+    finally:
+        ops.set_a8_gemm_path(prev)
 
 
 def _gemm_paths() -> list[str]:
@@ -33,7 +45,7 @@ def _gemm_paths() -> list[str]:
 def gemm_path(request):
     if request.param == "absent":
         pytest.skip("no w4a8 GEMM path on this CPU (needs AVX512-VNNI) or no C++ kernels")
-    with forced_path("set_a8_gemm_path", request.param) as name:
+    with gemm_path_forced(request.param) as name:
         yield name
 
 
@@ -79,9 +91,9 @@ def test_amx_equals_vnni_bit_for_bit(shape, rows):
     layer = _w4a8_layer(*shape, bias=False)
     x = _x(rows, shape[1], seed=rows)
     args = (x, layer.qweight, layer.weight_scale, layer.weight_min)
-    with forced_path("set_a8_gemm_path", "vnni512"):
+    with gemm_path_forced("vnni512"):
         y_vnni = ops.int4_a8_gemm(*args)
-    with forced_path("set_a8_gemm_path", "amx-int8"):
+    with gemm_path_forced("amx-int8"):
         y_amx = ops.int4_a8_gemm(*args)
     assert torch.equal(y_amx, y_vnni)
 
@@ -111,11 +123,8 @@ def test_gemm_writes_into_out_and_checks_shapes():
 def test_without_512_bit_vnni_prefill_stays_int4_weight_only():
     if ops is None:
         pytest.skip("CPU kernels not built")
-    try:
-        ctx = forced_path("set_a8_path", "avx2")
-        ctx.__enter__()
-    except RuntimeError:
-        pytest.skip("this CPU has no AVX2")
+    ctx = forced_isa("avx2")   # skips where the CPU has no AVX2
+    ctx.__enter__()
     try:
         assert ops.a8_gemm_path() == "none"
         assert w4a8_kernel_paths()["prefill"].startswith("int4 weight-only")
@@ -136,5 +145,5 @@ def test_kernel_paths_name_what_runs():
     paths = w4a8_kernel_paths()
     assert set(paths) >= {"decode", "prefill"}
     if ops is not None:
-        assert paths["decode"] == ops.a8_path()
+        assert paths["decode"] == ops.isa()
         assert ops.amx_status() == "on" or ops.amx_status().startswith("off: ")

@@ -9,6 +9,7 @@
 //                      gathered copy of K/V, GQA groups share each key load, f16 / bf16 / int8 K/V
 //                      converted to fp32 in registers; softmax in fp32; long sequences split over threads
 // References: the torch expressions in layers/ and attention/sdpa.py (tested against them).
+#include "isa.h"
 #include "kernels.h"
 
 #include <immintrin.h>
@@ -21,8 +22,6 @@
 #include <vector>
 
 namespace {
-
-#define SI_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 
 // e^x for x in [-87, 88] to ~2 ulp, in plain float arithmetic so `omp simd` loops vectorize it (std::exp
 // is a library call per element): x = n ln2 + y with |y| <= ln2 / 2 (Cody-Waite split of ln2), e^y by
@@ -71,7 +70,7 @@ inline void axpy(float a, const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
-SI_CLONES void norm_row(const float* x, float* r, const float* w, float* out, int64_t n, float eps, bool add) {
+SI_BODY void norm_row_body(const float* x, float* r, const float* w, float* out, int64_t n, float eps, bool add) {
   float ss = 0.f;
   if (add) {
 #pragma omp simd reduction(+ : ss)
@@ -89,18 +88,21 @@ SI_CLONES void norm_row(const float* x, float* r, const float* w, float* out, in
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) out[i] = r[i] * inv * w[i];
 }
+SI_ISA_VERSIONS(norm_row, (const float* x, float* r, const float* w, float* out, int64_t n, float eps, bool add),
+                (x, r, w, out, n, eps, add))
 
-SI_CLONES void silu_mul_row(const float* g, float* o, int64_t I) {
+SI_BODY void silu_mul_row_body(const float* g, float* o, int64_t I) {
   const float* u = g + I;
 #pragma omp simd
   for (int64_t i = 0; i < I; ++i) o[i] = g[i] / (1.f + exp_f32(-g[i])) * u[i];
 }
+SI_ISA_VERSIONS(silu_mul_row, (const float* g, float* o, int64_t I), (g, o, I))
 
 // Rows n0..n1 of y[M, N] = x[M, K] W[N, K]^T, four weight rows at a time: four dot products share each
 // load of x, and the block's weights are read once from memory for all M input rows (then from L1).
 // The weights ~2 KiB ahead are prefetched: the hardware prefetcher stops at 4 KiB page boundaries.
-SI_CLONES void f32_rows(const float* w, const float* x, int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1,
-                        float* y) {
+SI_BODY void f32_rows_body(const float* w, const float* x, int64_t M, int64_t N, int64_t K, int64_t n0,
+                           int64_t n1, float* y) {
   int64_t n = n0;
   for (; n + 4 <= n1; n += 4) {
     const float* w0 = w + n * K;
@@ -128,6 +130,8 @@ SI_CLONES void f32_rows(const float* w, const float* x, int64_t M, int64_t N, in
   for (; n < n1; ++n)
     for (int64_t m = 0; m < M; ++m) y[m * N + n] = dot(w + n * K, x + m * K, K);
 }
+SI_ISA_VERSIONS(f32_rows, (const float* w, const float* x, int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1,
+                float* y), (w, x, M, N, K, n0, n1, y))
 
 void check_f32(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32, name, " must be a float32 CPU tensor");
@@ -163,19 +167,16 @@ struct KvSide {
   const float* chan;
 };
 
-// The code path of the K/V conversions (set_attention_isa forces a lower one for tests).
+// The code path of the K/V conversions, from the one ISA dispatch (isa.h; its set_isa forces a lower
+// level for tests). The 256- and 512-bit paths convert f16 with F16C, which every AVX2 CPU has.
 enum class AttnIsa { scalar = 0, avx2 = 1, avx512 = 2 };
 
-AttnIsa best_attn_isa() {
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
-    return AttnIsa::avx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-    return AttnIsa::avx2;
+AttnIsa attn_isa() {
+  const si::Isa level = si::isa();
+  if (level >= si::Isa::avx512) return AttnIsa::avx512;
+  if (level >= si::Isa::avx2 && __builtin_cpu_supports("f16c")) return AttnIsa::avx2;
   return AttnIsa::scalar;
 }
-
-AttnIsa g_attn_isa = best_attn_isa();
 
 #define SI_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl")))
 #define SI_AVX2 __attribute__((target("avx2,fma,f16c")))
@@ -304,12 +305,14 @@ inline void block_scores_t(const float* q, int64_t G, int64_t Dr, float sc, cons
   }
 }
 
-SI_CLONES void block_scores(const float* q, int64_t G, int64_t D, float sc, const float* const* kr, int64_t n,
-                            float* m, float* l, float* o, float* p) {
+SI_BODY void block_scores_body(const float* q, int64_t G, int64_t D, float sc, const float* const* kr, int64_t n,
+                               float* m, float* l, float* o, float* p) {
   if (D == 64) return block_scores_t<64>(q, G, D, sc, kr, n, m, l, o, p);
   if (D == 128) return block_scores_t<128>(q, G, D, sc, kr, n, m, l, o, p);
   block_scores_t<0>(q, G, D, sc, kr, n, m, l, o, p);
 }
+SI_ISA_VERSIONS(block_scores, (const float* q, int64_t G, int64_t D, float sc, const float* const* kr, int64_t n,
+                float* m, float* l, float* o, float* p), (q, G, D, sc, kr, n, m, l, o, p))
 
 // o [G, D] += p [G, kBlock] times the block's value rows vr[j] (a head's output in registers for DC > 0).
 template <int64_t DC>
@@ -325,11 +328,13 @@ inline void block_values_t(int64_t G, int64_t Dr, const float* const* vr, int64_
   }
 }
 
-SI_CLONES void block_values(int64_t G, int64_t D, const float* const* vr, int64_t n, const float* p, float* o) {
+SI_BODY void block_values_body(int64_t G, int64_t D, const float* const* vr, int64_t n, const float* p, float* o) {
   if (D == 64) return block_values_t<64>(G, D, vr, n, p, o);
   if (D == 128) return block_values_t<128>(G, D, vr, n, p, o);
   block_values_t<0>(G, D, vr, n, p, o);
 }
+SI_ISA_VERSIONS(block_values, (int64_t G, int64_t D, const float* const* vr, int64_t n, const float* p, float* o),
+                (G, D, vr, n, p, o))
 
 // What one paged_decode_attention call reads.
 struct AttnJob {
@@ -440,7 +445,7 @@ void write_row(KvType t, const KvSide& s, int64_t slot, const float* x, int64_t 
       return;
     case KvType::f16: {
       c10::Half* y = static_cast<c10::Half*>(s.data) + at;
-      if (g_attn_isa >= AttnIsa::avx2) return f16_row_f16c(x, y, row);
+      if (attn_isa() >= AttnIsa::avx2) return f16_row_f16c(x, y, row);
       for (int64_t i = 0; i < row; ++i) y[i] = c10::Half(x[i]);
       return;
     }
@@ -601,7 +606,7 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
     for (int64_t j = 0; j < lp[b]; ++j) TORCH_CHECK(sp[b * W + j] >= 0 && sp[b * W + j] < S, "slot outside the cache");
   }
   const int64_t G = H / Hkv;
-  const AttnJob J{q.data_ptr<float>(), q.stride(0), W, Hkv, G, D, static_cast<float>(scale), t, ks, vs, sp, g_attn_isa};
+  const AttnJob J{q.data_ptr<float>(), q.stride(0), W, Hkv, G, D, static_cast<float>(scale), t, ks, vs, sp, attn_isa()};
   float* op = out.data_ptr<float>();
   // Items: (sequence, KV head, key range); a sequence split in parts leaves them in `parts`, combined after.
   struct Item { int64_t b, h, j0, j1, part; };
@@ -634,16 +639,6 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
       combine_parts(parts.data() + (first_part[b] + h * num_parts[b]) * stride, num_parts[b], G, D,
                     op + (b * H + h * G) * D);
   }
-}
-
-std::string set_attention_isa(const std::string& name) {
-  static const char* names[] = {"scalar", "avx2", "avx512"};
-  const std::string prev = names[static_cast<int>(g_attn_isa)];
-  const AttnIsa want = name == "avx512" ? AttnIsa::avx512 : name == "avx2" ? AttnIsa::avx2 : AttnIsa::scalar;
-  TORCH_CHECK(name == "avx512" || name == "avx2" || name == "scalar", "unknown code path ", name);
-  TORCH_CHECK(want <= best_attn_isa(), "this CPU cannot run the ", name, " path");
-  g_attn_isa = want;
-  return prev;
 }
 
 // x [M, K] float32 contiguous; w [N, K] float32 row-major contiguous; bias [N] or None -> y [M, N].
@@ -681,5 +676,4 @@ void register_cpu_ops(pybind11::module& m) {
         py::arg("out"), py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slots"), py::arg("lens"),
         py::arg("scale"), py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none(),
         py::arg("k_chan") = py::none(), py::arg("v_chan") = py::none(), py::arg("splits") = 0);
-  m.def("set_attention_isa", &set_attention_isa, "force the KV conversion code path (for tests); returns the previous");
 }

@@ -1,4 +1,4 @@
-"""The CPU decode attention and K/V write kernels (quantization/csrc/cpu_ops.cpp) on every KV cache dtype
+"""The CPU decode attention and K/V write kernels (kernels/csrc/cpu_ops.cpp) on every KV cache dtype
 (float32, float16, bfloat16, int8 with and without per-channel key scales), split and unsplit, on each
 conversion code path the CPU has, against torch on the same stored values.
 
@@ -18,26 +18,11 @@ from scaleinfer.attention.sdpa import CpuPagedBackend, SdpaBackend, kernel_kv_ar
 from scaleinfer.layers.fused import fused_ops
 from scaleinfer.quantization.kv_int8 import Int8KV
 
-from .kernel_paths import forced_path
 
 ops = fused_ops(torch.zeros(1))
 pytestmark = pytest.mark.skipif(ops is None, reason="CPU kernels not built (no compiler)")
 
 KV_DTYPES = ["float32", "float16", "bfloat16", "int8", "int8-chan"]
-
-
-def _isas() -> list[str]:
-    if ops is None:
-        return ["scalar"]
-    best = ops.set_attention_isa("scalar")
-    ops.set_attention_isa(best)
-    return ["scalar", "avx2", "avx512"][:["scalar", "avx2", "avx512"].index(best) + 1]
-
-
-@pytest.fixture(params=_isas())
-def isa(request):
-    with forced_path("set_attention_isa", request.param) as name:
-        yield name
 
 
 def _cache(kind: str, slots: int, hkv: int, d: int, seed: int):

@@ -2,13 +2,14 @@
 // activations quantized per block of 32 to int8 (x ~= xq * dx, symmetric), multiplied as integers:
 //   y[n] = sum_g  scale[n,g] * dx[g] * sum_i q[n,g,i] xq[g,i]   +   min[n,g] * dx[g] * sum_i xq[g,i]
 // (the Q4_1 x Q8_1 scheme llama.cpp uses on CPUs). The integer dot of a block is u8 x s8 products:
-// AVX512-VNNI / AVX-VNNI `vpdpbusd` (4 products per 32-bit lane in one instruction) or AVX2
-// `vpmaddubsw` + `vpmaddwd`; 8 float partial sums are carried across the row and reduced once.
+// AVX512-VNNI `vpdpbusd` (4 products per 32-bit lane in one instruction, 512-bit, ISA avx512_vnni) or
+// AVX2 `vpmaddubsw` + `vpmaddwd` (ISA avx2 and avx512); float partial sums carried across the row.
 // Weight bytes are read once per input row block, so at batch-1 decode the kernel runs at memory speed
 // instead of being bound by widening nibbles to fp32. Group scales and minimums are float16 (as in
 // Q4_0 / Q4_1): at memory speed fp32 ones would be a sixth more bytes per weight. Reference: the float expression above
 // (quantization/int4.py: W4A8.reference), tested for every code path the CPU has.
 #include "a8_common.h"
+#include "isa.h"
 #include "kernels.h"
 
 #include <cmath>
@@ -17,20 +18,6 @@
 #include <vector>
 
 namespace {
-
-enum class Path { scalar = 0, avx2 = 1, vnni = 2, vnni512 = 3 };
-
-Path detect_path() {
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512bw")) return Path::vnni512;
-    return Path::avx2;
-  }
-  return Path::scalar;
-}
-
-Path g_path = detect_path();
 
 // x [K] -> xq [K] int8, dx [K/32] (scale), sx [K/32] (= dx * sum of the block's xq).
 void quantize_blocks_scalar(const float* x, int64_t K, int8_t* xq, float* dx, float* sx) {
@@ -107,30 +94,6 @@ __attribute__((target("avx2,fma"))) float row_avx2(const uint8_t* q, const float
     macc += mn[g] * sx[g];
   }
   return hsum(acc) + macc;
-}
-
-__attribute__((target("avx2,fma,avx512f,avx512vl,avx512vnni"))) float row_vnni(
-    const uint8_t* q, const float* scale, const float* mn, const int8_t* xq, const float* dx, const float* sx,
-    int64_t groups) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  float macc = 0.f;
-  int64_t g = 0;
-  for (; g + 1 < groups; g += 2) {  // two independent chains hide the dpbusd -> cvt -> fma latency
-    const __m256i p0 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), nibbles(q + g * 16),
-                                           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + g * 32)));
-    const __m256i p1 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), nibbles(q + g * 16 + 16),
-                                           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + g * 32 + 32)));
-    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(scale[g] * dx[g]), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(scale[g + 1] * dx[g + 1]), acc1);
-    macc += mn[g] * sx[g] + mn[g + 1] * sx[g + 1];
-  }
-  for (; g < groups; ++g) {
-    const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), nibbles(q + g * 16),
-                                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + g * 32)));
-    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(scale[g] * dx[g]), acc0);
-    macc += mn[g] * sx[g];
-  }
-  return hsum(_mm256_add_ps(acc0, acc1)) + macc;
 }
 
 // 512-bit VNNI, two groups per step. The weight bytes of groups g, g+1 (32 bytes) split into low
@@ -224,18 +187,14 @@ void pair_order(int8_t* xq, int64_t groups) {
   }
 }
 
-const char* path_name(Path p) {
-  return p == Path::vnni512 ? "avx512vnni-512" : p == Path::vnni ? "avx512vnni" : p == Path::avx2 ? "avx2" : "scalar";
-}
-
 }  // namespace
 
 void quantize_blocks(const float* x, int64_t K, int8_t* xq, float* dx, float* sx) {
-  if (g_path == Path::vnni512) quantize_blocks_avx512(x, K, xq, dx, sx);
+  if (a8_vnni512()) quantize_blocks_avx512(x, K, xq, dx, sx);
   else quantize_blocks_scalar(x, K, xq, dx, sx);
 }
 
-bool a8_vnni512() { return g_path == Path::vnni512; }
+bool a8_vnni512() { return si::isa() >= si::Isa::avx512_vnni; }
 
 A8Rows& quantize_rows(const float* x, int64_t M, int64_t K) {
   const int64_t groups = K / 32;
@@ -259,18 +218,19 @@ torch::Tensor int4_a8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor sca
   TORCH_CHECK(scale.is_contiguous() && mn.is_contiguous() && scale.numel() == N * groups &&
               mn.numel() == N * groups && scale.scalar_type() == torch::kHalf && mn.scalar_type() == torch::kHalf,
               "scale and min must be contiguous float16 [N, K / 32] (group 32)");
-  const Path path = g_path;
+  const si::Isa isa = si::isa();
+  const bool vnni512 = isa >= si::Isa::avx512_vnni;
   A8Rows& a = quantize_rows(x.data_ptr<float>(), M, K);
   const std::vector<int8_t>& xq = a.xq;
   const std::vector<float>&dx = a.dx, &sx = a.sx;
-  if (path == Path::vnni512)
+  if (vnni512)
     for (int64_t m = 0; m < M; ++m) pair_order(a.xq.data() + m * K, groups);
   auto y = out_or_new(out, M, N, x);
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
   const uint16_t* mp = reinterpret_cast<const uint16_t*>(mn.data_ptr<at::Half>());
   float* yp = y.data_ptr<float>();
-  if (path == Path::vnni512) {
+  if (vnni512) {
     parallel_row_chunks(N, 32, [&](int64_t n0, int64_t n1) {
       for (int64_t m = 0; m < M; ++m)
         rows_vnni512(qp, sp, mp, xq.data() + m * K, dx.data() + m * groups, sx.data() + m * groups, groups, n0,
@@ -293,8 +253,7 @@ torch::Tensor int4_a8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor sca
         const float* d = dx.data() + m * groups;
         const float* s = sx.data() + m * groups;
         float v;
-        if (path == Path::vnni) v = row_vnni(qr, sr, mr, xr, d, s, groups);
-        else if (path == Path::avx2) v = row_avx2(qr, sr, mr, xr, d, s, groups);
+        if (isa >= si::Isa::avx2) v = row_avx2(qr, sr, mr, xr, d, s, groups);
         else v = row_scalar(qr, sr, mr, xr, d, s, groups);
         yp[m * N + n] = v;
       }
@@ -303,23 +262,8 @@ torch::Tensor int4_a8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor sca
   return y;
 }
 
-std::string a8_path() { return path_name(g_path); }
-
-// Force a code path (tests run every path the CPU supports); returns the previous one.
-std::string set_a8_path(const std::string& name) {
-  const std::string prev = path_name(g_path);
-  const Path best = detect_path();
-  const Path want = name == "avx512vnni-512" ? Path::vnni512 : name == "avx512vnni" ? Path::vnni
-                    : name == "avx2" ? Path::avx2 : Path::scalar;
-  TORCH_CHECK(static_cast<int>(want) <= static_cast<int>(best), "this CPU does not support ", name);
-  g_path = want;
-  return prev;
-}
-
 void register_int4_a8(pybind11::module& m) {
   namespace py = pybind11;
   m.def("int4_a8_linear", &int4_a8_linear, "int4 group-32 weights x per-32-block int8 activations", py::arg("x"),
         py::arg("q"), py::arg("scale"), py::arg("mn"), py::arg("out") = py::none());
-  m.def("a8_path", &a8_path, "the w4a8 code path in use: avx512vnni-512, avx512vnni, avx2 or scalar");
-  m.def("set_a8_path", &set_a8_path, "force a w4a8 code path (for tests)");
 }
