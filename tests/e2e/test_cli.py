@@ -118,7 +118,8 @@ def test_unreachable_hub():
 
 
 def test_chat_streams_replies_from_stdin():
-    proc = run_cli("chat", "--max-tokens", "24", "--kv-cache-memory", "64MiB",
+    # fp32 weights: w4a8 (the default on this Q4_1 file) answers this prompt in French (tests/engine/test_api.py)
+    proc = run_cli("chat", "--max-tokens", "24", "--kv-cache-memory", "64MiB", "--quantization", "none",
                    stdin="What is the capital of France?\nAnd of Germany?\n")
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout and "Berlin" in proc.stdout

@@ -13,7 +13,9 @@ from scaleinfer.errors import RequestError
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM("smollm2-135m-instruct", kv_cache_memory="128MiB", max_model_len=512)
+    # fp32 weights: this chat prompt is a near-tie that w4a8 (the default on this Q4_1 file) answers in
+    # French, as it did before auto became the default; w4a8 quality is tested in test_quantized_real_model.py
+    return LLM("smollm2-135m-instruct", quantization="none", kv_cache_memory="128MiB", max_model_len=512)
 
 
 def test_generate_and_chat_are_sensible(llm):

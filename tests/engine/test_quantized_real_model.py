@@ -23,7 +23,8 @@ def test_greedy_completion_knows_paris(mode):
 
 
 def test_int8_kv_cache_greedy_and_capacity():
-    fp32 = LLM("smollm2-135m-instruct", quantization="none", kv_cache_memory="64MiB", max_model_len=256)
+    fp32 = LLM("smollm2-135m-instruct", quantization="none", kv_cache_memory="64MiB", max_model_len=256,
+               kv_cache_dtype="float32")
     int8 = LLM("smollm2-135m-instruct", quantization="none",
                kv_cache_memory="64MiB", max_model_len=256, kv_cache_dtype="int8")
     assert int8.engine.kv_capacity_tokens >= 3.5 * fp32.engine.kv_capacity_tokens

@@ -3,7 +3,7 @@
 conversion code path the CPU has, against torch on the same stored values.
 
 Tolerance: the kernel reads exactly the values the reference reads (f16 / bf16 widened, int8 times its
-scales, as quantization/kv_int8.py: Int8KV.read computes them), so only the fp32 arithmetic differs (online
+scales, as attention/kv_int8.py: Int8KV.read computes them), so only the fp32 arithmetic differs (online
 softmax, split combine, summation order): 1e-5 absolute and relative. Writes are bit-identical to torch's
 conversions (round to nearest even) and to Int8KV.write.
 """
@@ -16,7 +16,7 @@ from scaleinfer.attention.metadata import build_metadata
 from scaleinfer.attention.patterns import CAUSAL, AttentionPattern
 from scaleinfer.attention.sdpa import CpuPagedBackend, SdpaBackend, kernel_kv_args
 from scaleinfer.layers.fused import fused_ops
-from scaleinfer.quantization.kv_int8 import Int8KV
+from scaleinfer.attention.kv_int8 import Int8KV
 
 
 ops = fused_ops(torch.zeros(1))
