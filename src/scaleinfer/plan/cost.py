@@ -73,6 +73,8 @@ class Estimate:
     batch: int
     kv_bytes: float
     """Per device at context x batch."""
+    read_bytes_b1: float
+    """Bytes one device reads in a batch-1 decode step (the heaviest stage)."""
     latency_b1: float
     """Seconds per output token at batch 1."""
     tpot: float
@@ -125,13 +127,18 @@ class _Stage:
     def step_s(self, batch: float, cluster: Cluster, context: int) -> float:
         """One decode step of `batch` sequences through this stage: roofline + TP collectives."""
         work, dev = self.work, cluster.device
-        linear = self.layers * (self.attn + self.mlp_read(math.ceil(batch)))
-        read = linear * work.weights.body + self.vocab_rows * work.weights.head + batch * context * self.kv_token
+        read = self.read_bytes(batch, context)
         heads = self.shape.num_heads / self.t
         flops = 2 * batch * (self.layers * (self.attn + self.mlp_active()) + self.vocab_rows) \
             + 4 * batch * context * self.layers * heads * self.shape.head_dim
         roof = max(read / (dev.bandwidth * work.bw_efficiency), flops / (dev.flops[work.compute_dtype] * work.mfu))
         return roof + self.tp_comm_s(batch, cluster)
+
+    def read_bytes(self, batch: float, context: int) -> float:
+        """Bytes a decode step of `batch` sequences reads on this stage's device: weights once, KV per sequence."""
+        linear = self.layers * (self.attn + self.mlp_read(math.ceil(batch)))
+        return linear * self.work.weights.body + self.vocab_rows * self.work.weights.head \
+            + batch * context * self.kv_token
 
     def mlp_active(self) -> float:
         return self.shape.mlp_params(self.shape.experts_per_token) / self.t
@@ -192,7 +199,8 @@ def estimate(shape: ModelShape, cluster: Cluster, layout: Layout, work: Workload
     return Estimate(
         layout=layout, fits=not why, why_not=why, weights_bytes=stage.weights, kv_bytes_per_token=stage.kv_token,
         workspace_bytes=workspace, free_bytes=free, max_batch=max_batch, batch=batch,
-        kv_bytes=batch * work.context * stage.kv_token, latency_b1=tpot(1), tpot=tpot(batch),
+        kv_bytes=batch * work.context * stage.kv_token, read_bytes_b1=stage.read_bytes(1, work.context),
+        latency_b1=tpot(1), tpot=tpot(batch),
         decode_tokens_s=layout.dp * batch / tpot(batch),
         prefill_tokens_s=layout.dp * chunk / max(chunk_s, send_s(chunk)),
         ttft=(chunks + pp - 1) * chunk_s + (pp - 1) * send_s(chunk),

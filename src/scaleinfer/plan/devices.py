@@ -162,8 +162,9 @@ def _cpu_cluster(count: int, options: dict, spec: str) -> Cluster:
     link = _link(options, spec, GLOO_LOCAL)
     _no_leftovers(options, spec)
     rank = cpu_device(cores / ranks, bandwidth / ranks, memory / ranks, link)
-    rank = dataclasses.replace(rank, per_node=ranks, name=f"cpu rank ({cores / ranks:g} cores, "
-                                                       f"{bandwidth / ranks / 1e9:g} GB/s)")
+    if ranks > 1:
+        rank = dataclasses.replace(rank, per_node=ranks, name=f"cpu rank ({cores / ranks:g} of {cores:g} cores, "
+                                                           f"{bandwidth / ranks / 1e9:g} GB/s)")
     return Cluster(rank, count * ranks, spec)
 
 

@@ -10,7 +10,7 @@ from scaleinfer.plan.shapes import kv_bytes_per_token
 OBJECTIVE = ("highest decode tokens/s over all replicas at the largest batch whose TPOT is within the bound; "
              "ties: lower TPOT, fewer stages")
 _COLUMNS = [("layout", 12), ("fits", 4), ("weights", 9), ("KV/token", 9), ("max bs", 6), ("bs", 5),
-            ("KV", 9), ("b1 ms/tok", 9), ("TPOT ms", 8), ("decode tok/s", 12), ("prefill tok/s", 13),
+            ("KV", 9), ("b1 read", 9), ("b1 ms/tok", 9), ("TPOT ms", 8), ("decode tok/s", 12), ("prefill tok/s", 13),
             ("TTFT ms", 9), ("comm/tok", 9), ("comm ms", 8)]
 
 
@@ -23,9 +23,9 @@ def _bytes(n: float) -> str:
 
 def _row(e: Estimate) -> list[str]:
     if not e.fits and e.max_batch < 1:
-        return [str(e.layout), "no", _bytes(e.weights_bytes), _bytes(e.kv_bytes_per_token)] + ["-"] * 10
+        return [str(e.layout), "no", _bytes(e.weights_bytes), _bytes(e.kv_bytes_per_token)] + ["-"] * 11
     return [str(e.layout), "yes" if e.fits else "no", _bytes(e.weights_bytes), _bytes(e.kv_bytes_per_token),
-            str(e.max_batch), str(e.batch), _bytes(e.kv_bytes), f"{e.latency_b1 * 1e3:.2f}", f"{e.tpot * 1e3:.2f}",
+            str(e.max_batch), str(e.batch), _bytes(e.kv_bytes), _bytes(e.read_bytes_b1), f"{e.latency_b1 * 1e3:.2f}", f"{e.tpot * 1e3:.2f}",
             f"{e.decode_tokens_s:,.0f}", f"{e.prefill_tokens_s:,.0f}", f"{e.ttft * 1e3:,.0f}",
             _bytes(e.comm_bytes_per_token), f"{e.comm_s_per_step * 1e3:.3f}"]
 

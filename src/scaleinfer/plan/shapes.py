@@ -69,12 +69,13 @@ class WeightFormat:
 
 
 # name -> bytes per weight. The CPU modes are this engine's (quantization/table.py): int4 groups of 32
-# carry one fp16 scale (0.5 + 2/32), w4a8's head is int8 per block of 32 (1 + 2/32, Q8_0's layout).
+# carry an fp16 scale and an fp16 min (0.5 + 4/32), w4a8's head is int8 per block of 32 (1 + 2/32, Q8_0's
+# layout); what the plan leaves out: Q4_K_M's Q6_K tensors, which the engine keeps at int8.
 # fp8 / int8 / awq are the GPU engines' usual layouts: the LM head stays 16-bit.
 WEIGHT_FORMATS = {f.name: f for f in (
     WeightFormat("fp32", 4.0, 4.0), WeightFormat("bf16", 2.0, 2.0), WeightFormat("fp16", 2.0, 2.0),
     WeightFormat("fp8", 1.0, 2.0), WeightFormat("int8", 1.0, 1.0), WeightFormat("w8a8", 1.0, 1.0),
-    WeightFormat("int4", 0.5625, 1.0), WeightFormat("w4a8", 0.5625, 1.0625),
+    WeightFormat("int4", 0.625, 1.0), WeightFormat("w4a8", 0.625, 1.0625),
     WeightFormat("awq", 0.5 + 2 / 128, 2.0),
 )}
 KV_FORMATS = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0}

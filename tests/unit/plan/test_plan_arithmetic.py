@@ -79,6 +79,16 @@ def test_batch1_decode_is_bytes_over_bandwidth():
     assert e.comm_s_per_step == 0 and e.comm_bytes_per_token == 0
 
 
+@pytest.mark.parametrize("name, counted", [("Qwen2.5-1.5B", 1_100_120_064), ("Qwen2.5-0.5B", 386_556_928)])
+def test_w4a8_bytes_per_token_near_the_engine_s_count(name, counted):
+    """benchmarks/decode_bandwidth.py counts what a w4a8 decode step reads from the loaded tensors (fp32 KV at
+    24 positions; benchmarks/results/decode-bandwidth-20261202-1*.json): the plan's format constants come
+    within 5% (they leave out the Q6_K tensors of Q4_K_M that the engine keeps at int8)."""
+    w = work(weights=WEIGHT_FORMATS["w4a8"], kv_format="fp32", act_dtype="fp32", compute_dtype="fp32", context=24)
+    e = estimate(named_shape(name), _roofline_cpu(), Layout(), w)
+    assert e.read_bytes_b1 == pytest.approx(counted, rel=0.05)
+
+
 def test_largest_batch_is_free_memory_over_kv_per_sequence():
     e = estimate(LLAMA70, parse_devices("8xH100"), Layout(tp=8), work(context=4096, max_batch=10_000, max_tpot=None))
     per_sequence = 2 * 80 * 1 * 128 * 2 * 4096
