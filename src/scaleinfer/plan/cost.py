@@ -116,10 +116,18 @@ class _Stage:
         self.vocab_rows = shape.embedding_params() / t       # the embedding's or the LM head's share
         self.act = ACTIVATION_BYTES[work.act_dtype]
         self.kv_token = kv_bytes_per_token(shape, work.kv_format, self.layers, self.kv_heads)
-        ends = 1 if layout.pp == 1 else 0                    # pp == 1: embedding and head on one device
-        head_share = self.vocab_rows * (1 + ends * (not shape.tie_word_embeddings))
         self.weights = self.layers * (self.attn + shape.mlp_params() / t) * work.weights.body \
-            + head_share * work.weights.head
+            + self._ends(shape, layout.pp)
+
+    def _ends(self, shape: ModelShape, pp: int) -> float:
+        """Embedding (first stage) and LM head (last stage) bytes. The embedding table stays in the model's
+        dtype under every weight format (as this engine and vLLM keep it); a tied head is a second copy
+        when the head's format differs from the embedding's (this engine's int8 head on CPU)."""
+        embed_bytes, head_bytes = ACTIVATION_BYTES[self.work.act_dtype], self.work.weights.head
+        first = self.vocab_rows * embed_bytes
+        separate = not shape.tie_word_embeddings or head_bytes != embed_bytes
+        last = self.vocab_rows * head_bytes if separate else 0.0
+        return first + last if pp == 1 else max(first, last)
 
     def mlp_read(self, tokens: int) -> float:
         return self.shape.mlp_params(self.shape.active_experts(tokens)) / self.t

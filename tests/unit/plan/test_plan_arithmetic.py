@@ -57,6 +57,17 @@ def test_pipeline_stage_holds_its_layers_and_one_end():
     assert e.kv_bytes_per_token == 2 * 20 * 8 * 128 * 2
 
 
+def test_embedding_stays_in_the_model_dtype_and_a_tied_int8_head_is_a_copy():
+    """This engine's w4a8 on CPU: fp32 embedding + int8 head (a second table even when tied), 5-bit linears;
+    in bf16 a tied head is the embedding itself (one table)."""
+    vocab = 151936 * 1536
+    w4a8 = work(weights=WEIGHT_FORMATS["w4a8"], kv_format="fp16", act_dtype="fp32", compute_dtype="int8")
+    e = estimate(QWEN15, parse_devices("cpu"), Layout(), w4a8)
+    assert e.weights_bytes == pytest.approx(28 * 46_792_704 * 0.625 + vocab * 4 + vocab * 1.0625)
+    assert estimate(QWEN15, parse_devices("H100"), Layout(), work()).weights_bytes == \
+        pytest.approx((28 * 46_792_704 + vocab) * 2)
+
+
 def test_allreduce_alpha_beta():
     link = Link("test", 10e-6, 1e9)
     assert allreduce_s(1e6, 1, link) == 0
