@@ -25,7 +25,8 @@ def _row(e: Estimate) -> list[str]:
     if not e.fits and e.max_batch < 1:
         return [str(e.layout), "no", _bytes(e.weights_bytes), _bytes(e.kv_bytes_per_token)] + ["-"] * 11
     return [str(e.layout), "yes" if e.fits else "no", _bytes(e.weights_bytes), _bytes(e.kv_bytes_per_token),
-            str(e.max_batch), str(e.batch), _bytes(e.kv_bytes), _bytes(e.read_bytes_b1), f"{e.latency_b1 * 1e3:.2f}", f"{e.tpot * 1e3:.2f}",
+            str(e.max_batch), str(e.batch), _bytes(e.kv_bytes), _bytes(e.read_bytes_b1),
+            f"{e.latency_b1 * 1e3:.2f}", f"{e.tpot * 1e3:.2f}",
             f"{e.decode_tokens_s:,.0f}", f"{e.prefill_tokens_s:,.0f}", f"{e.ttft * 1e3:,.0f}",
             _bytes(e.comm_bytes_per_token), f"{e.comm_s_per_step * 1e3:.3f}"]
 
