@@ -165,11 +165,11 @@ class _Stage:
         return (2 * self.layers + 1) * 2 * share * self.shape.hidden_size * self.act + share * self.shape.vocab_size * 4
 
     def workspace(self, batch: int) -> float:
-        """Activation buffers of one prefill chunk (in and out of each matmul) + the logits of a step."""
+        """Activation buffers of one prefill chunk (in and out of each matmul) + the fp32 logits of a step."""
         s, t = self.shape, self.t
         per_token = 2 * s.hidden_size + (s.num_heads / t + 2 * self.kv_heads) * s.head_dim \
             + 2 * s.intermediate_size * s.experts_per_token / t
-        return 2 * self.work.chunk * per_token * self.act + max(batch, self.work.chunk // 8) * s.vocab_size / t * 4
+        return 2 * self.work.chunk * per_token * self.act + batch * s.vocab_size / t * 4
 
     def prefill_chunk_s(self, tokens: int, context: int, cluster: Cluster) -> float:
         """One chunk of a prompt of `context` tokens through this stage (causal: half the context on average)."""
@@ -224,7 +224,7 @@ def _why_not(shape: ModelShape, layout: Layout, work: Workload, max_batch: int, 
         return f"pp={layout.pp} exceeds the {shape.num_layers} layers"
     if max_batch < 1:
         need = kv_token * work.context
-        return (f"out of memory: {-free / 1e9 if free < 0 else 0:.1f} GB short for the weights alone" if free < 0
+        return (f"out of memory: {-free / 1e9 if free < 0 else 0:.1f} GB short for weights and workspace" if free < 0
                 else f"out of memory: one sequence of {work.context} tokens needs {need / 1e9:.2f} GB of KV, "
                      f"{free / 1e9:.2f} GB left")
     if work.batch and work.batch > max_batch:
