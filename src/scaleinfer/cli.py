@@ -274,6 +274,12 @@ def cmd_bench_soak(args) -> int:
     return soak_main(args)
 
 
+def cmd_plan(args) -> int:
+    from scaleinfer.plan.command import main as plan_main
+
+    return plan_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scaleinfer", description="Transformer inference that scales.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -398,6 +404,12 @@ def build_parser() -> argparse.ArgumentParser:
                                           "against a real server: no 5xx, KV blocks back, flat RSS")
     add_soak_arguments(p)
     p.set_defaults(fn=cmd_bench_soak)
+    from scaleinfer.plan.command import add_arguments as add_plan_arguments
+
+    p = sub.add_parser("plan", help="memory, latency, throughput and communication of tp x pp x dp layouts of a "
+                                    "model on devices (arithmetic, nothing runs); recommends one")
+    add_plan_arguments(p)
+    p.set_defaults(fn=cmd_plan)
     return parser
 
 

@@ -22,14 +22,14 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [   # bottom to top
     ("L0", ("errors", "config", "sampling_params")),
     ("L1", ("request", "tokenizer", "catalog", "kv_cache.block_manager", "kv_cache.prefix_cache",
             "attention.patterns")),      # patterns: pure data the scheduler reads (no torch, see (c))
-    ("L2", ("scheduler",)),
+    ("L2", ("scheduler", "plan")),       # plan: the planner's arithmetic (pure Python)
     ("D0", ("kernels", "distributed.parallel_state", "distributed.communicators")),
     ("D1 layers", ("layers",)),          # D1 in order: layers below attention and quantization
     ("D1", ("attention", "quantization", "structured")),
     ("D2", ("models", "weights", "sampler", "spec_decode", "kv_cache")),   # kv_cache: its tensors
     ("D3", ("runner", "distributed")),   # distributed: workers / executor
     ("L3", ("engine",)),
-    ("L4", ("llm", "serving", "compress", "bench", "")),   # "": scaleinfer/__init__.py, the public API
+    ("L4", ("llm", "serving", "compress", "bench", "plan.command", "")),   # "": scaleinfer/__init__.py, the public API
     ("L4 cli", ("cli",)),                # nothing imports cli
     ("entry", ("__main__",)),
 ]
