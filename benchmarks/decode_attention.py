@@ -5,7 +5,8 @@
 One "token" is one call per layer over `--layers` separate caches (SmolLM2-135M's shape by default: 30
 layers, 9 query heads, 3 KV heads, head_dim 64, 16-slot blocks laid out in a shuffled block table as the
 engine's paged cache is), so the KV of a token is read from memory as in a real decode step. Reports ms
-per token, the KV bytes a token reads (data + int8 scales) and the GB/s that makes. `--baseline PATH`
+per token (wall, and the process's CPU time: on a loaded machine the CPU time of a 1-thread run is the
+steadier measure), the KV bytes a token reads (data + int8 scales) and the GB/s that makes. `--baseline PATH`
 loads another build of the kernel module (e.g. a copy of an older `_C*.so`) and times it in the same run,
 interleaved, for a same-run ratio on a shared machine.
 """
@@ -60,11 +61,12 @@ def _kv_bytes(kv, context: int) -> int:
     return per_slot * context
 
 
-def _time_token(ops, caches, q, slots, lens, scale, out) -> float:
-    start = time.perf_counter()
+def _time_token(ops, caches, q, slots, lens, scale, out) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one token's calls."""
+    start, cpu = time.perf_counter(), time.process_time()
     for kv in caches:
         ops.paged_decode_attention(out, q, kv[0], kv[1], slots, lens, scale, *kv[2:])
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def _worker(a) -> None:
@@ -85,7 +87,8 @@ def _worker(a) -> None:
     print(json.dumps({"bytes": _kv_bytes(caches[0], context) * a.layers}), flush=True)
     for line in sys.stdin:
         n = int(line)
-        print(json.dumps({"s": [_time_token(*args) for _ in range(n)]}), flush=True)
+        wall, cpu = zip(*[_time_token(*args) for _ in range(n)])
+        print(json.dumps({"s": statistics.median(wall), "cpu": statistics.median(cpu)}), flush=True)
 
 
 class _Proc:
@@ -97,11 +100,14 @@ class _Proc:
         self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.bytes = json.loads(self.p.stdout.readline())["bytes"]
         self.times: list[float] = []
+        self.cpu: list[float] = []
 
     def round(self, n: int) -> None:
         self.p.stdin.write(f"{n}\n")
         self.p.stdin.flush()
-        self.times.append(statistics.median(json.loads(self.p.stdout.readline())["s"]))
+        res = json.loads(self.p.stdout.readline())
+        self.times.append(res["s"])
+        self.cpu.append(res["cpu"])
 
     def close(self) -> None:
         self.p.stdin.close()
@@ -126,6 +132,7 @@ def run(a) -> list[dict]:
                 t = statistics.median(p.times)
                 row[f"{name}_ms"] = t * 1e3
                 row[f"{name}_gb_s"] = nbytes / t / 1e9
+                row[f"{name}_cpu_ms"] = statistics.median(p.cpu) * 1e3
             if a.baseline:
                 row["speedup"] = statistics.median(b / n for b, n in zip(procs["baseline"].times, procs["new"].times))
             rows.append(row)
@@ -135,9 +142,10 @@ def run(a) -> list[dict]:
 
 def _line(r: dict) -> str:
     s = (f"context {r['context']:6d}  kv {r['kv']:9s}  {r['kv_mb_per_token']:6.1f} MB/token  "
-         f"new {r['new_ms']:7.2f} ms ({r['new_gb_s']:5.1f} GB/s)")
+         f"new {r['new_ms']:7.2f} ms ({r['new_gb_s']:5.1f} GB/s, cpu {r['new_cpu_ms']:6.2f} ms)")
     if "baseline_ms" in r:
-        s += f"  baseline {r['baseline_ms']:7.2f} ms ({r['baseline_gb_s']:5.1f} GB/s)  speedup {r['speedup']:.2f}x"
+        s += (f"  baseline {r['baseline_ms']:7.2f} ms ({r['baseline_gb_s']:5.1f} GB/s, cpu {r['baseline_cpu_ms']:6.2f} ms)"
+              f"  speedup {r['speedup']:.2f}x")
     return s
 
 

@@ -170,7 +170,6 @@ void block_rows(const AttnJob& J, const KvSide& s, const int64_t* slots, int64_t
 
 // Keys [j0, j1) of sequence b for the query heads of KV head h: max m [G], sum l [G], unnormalized o [G, D].
 void attend_range(const AttnJob& J, int64_t b, int64_t h, int64_t j0, int64_t j1, float* m, float* l, float* o) {
-  if (J.isa == AttnIsa::avx512 && attend_range_512(J, b, h, j0, j1, m, l, o)) return;
   thread_local std::vector<float> buf, p;
   const int64_t G = J.G, D = J.D;
   buf.resize(kBlock * D);
@@ -212,12 +211,20 @@ void combine_parts(const float* parts, int64_t ns, int64_t G, int64_t D, float* 
   }
 }
 
-// Parts each (sequence, KV head) of the decode rows is split into: `splits` when given (> 0), else
-// enough to give every thread several items when there are few (batch-1 decode), at most one per 256 keys.
-int64_t parts_for(int64_t splits, int64_t len, int64_t items, int64_t threads) {
+// Parts each sequence's keys are split into: `splits` when given (> 0), else enough to give every thread
+// several items when there are few sequences (batch-1 decode), at most one per 256 keys.
+int64_t parts_for(int64_t splits, int64_t len, int64_t seqs, int64_t threads) {
   if (splits > 0) return std::min(splits, len);
-  const int64_t most = (8 * threads + items - 1) / items;
+  const int64_t most = (8 * threads + seqs - 1) / seqs;
   return std::max<int64_t>(1, std::min(most, (len + 255) / 256));
+}
+
+// Keys [j0, j1) of sequence b for every KV head h, its (m [G], l [G], o [G, D]) at st[h]: all heads in one
+// pass over each slot's K and V rows on the AVX-512 path (a slot holds its heads' rows side by side and a
+// cache block its slots one after another, so the reads run through memory in order), else head by head.
+void attend_heads(const AttnJob& J, int64_t b, int64_t j0, int64_t j1, float* const* st) {
+  if (J.isa == AttnIsa::avx512 && attend_range_512(J, b, j0, j1, st)) return;
+  for (int64_t h = 0; h < J.Hkv; ++h) attend_range(J, b, h, j0, j1, st[h], st[h] + J.G, st[h] + 2 * J.G);
 }
 
 }  // namespace
@@ -250,29 +257,33 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
   const int64_t G = H / Hkv;
   const AttnJob J{q.data_ptr<float>(), q.stride(0), W, Hkv, G, D, static_cast<float>(scale), t, ks, vs, sp, attn_isa()};
   float* op = out.data_ptr<float>();
-  // Items: (sequence, KV head, key range); a sequence split in parts leaves them in `parts`, combined after.
-  struct Item { int64_t b, h, j0, j1, part; };
+  // Items: (sequence, key range) over all KV heads; a sequence split in parts leaves each head's part
+  // (max, sum, output) at parts[first_part[b] + h * num_parts[b] + s], combined after.
+  struct Item { int64_t b, j0, j1, s; };
   std::vector<Item> items;
   std::vector<int64_t> first_part(d, -1), num_parts(d, 1);
   int64_t nparts = 0;
   const int64_t nt = at::get_num_threads();
   for (int64_t b = 0; b < d; ++b) {
-    const int64_t ns = parts_for(splits, lp[b], d * Hkv, nt);
+    const int64_t ns = parts_for(splits, lp[b], d, nt);
     num_parts[b] = ns;
-    if (ns > 1) first_part[b] = nparts;
-    for (int64_t h = 0; h < Hkv; ++h)
-      for (int64_t s = 0; s < ns; ++s)
-        items.push_back({b, h, lp[b] * s / ns, lp[b] * (s + 1) / ns, ns > 1 ? nparts++ : -1});
+    if (ns > 1) first_part[b] = nparts, nparts += ns * Hkv;
+    for (int64_t s = 0; s < ns; ++s) items.push_back({b, lp[b] * s / ns, lp[b] * (s + 1) / ns, ns > 1 ? s : -1});
   }
   const int64_t stride = G * (D + 2);
   std::vector<float> parts(nparts * stride);
   parallel_row_chunks(static_cast<int64_t>(items.size()), 1, [&](int64_t i0, int64_t i1) {
     thread_local std::vector<float> own;
+    thread_local std::vector<float*> st;
+    own.resize(Hkv * stride);
+    st.resize(Hkv);
     for (int64_t i = i0; i < i1; ++i) {
       const Item& it = items[i];
-      float* part = it.part >= 0 ? parts.data() + it.part * stride : (own.resize(stride), own.data());
-      attend_range(J, it.b, it.h, it.j0, it.j1, part, part + G, part + 2 * G);
-      if (it.part < 0) combine_parts(part, 1, G, D, op + (it.b * H + it.h * G) * D);
+      for (int64_t h = 0; h < Hkv; ++h)
+        st[h] = it.s >= 0 ? parts.data() + (first_part[it.b] + h * num_parts[it.b] + it.s) * stride : own.data() + h * stride;
+      attend_heads(J, it.b, it.j0, it.j1, st.data());
+      if (it.s < 0)
+        for (int64_t h = 0; h < Hkv; ++h) combine_parts(st[h], 1, G, D, op + (it.b * H + h * G) * D);
     }
   });
   for (int64_t b = 0; b < d; ++b) {

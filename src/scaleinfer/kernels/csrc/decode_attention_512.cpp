@@ -1,17 +1,20 @@
 // The AVX-512 path of the paged decode attention (decode_attention.cpp holds the driver, the split over
-// threads and the portable path): keys [j0, j1) of one (sequence, KV head) for the G query heads of its
-// group, head_dim D = 16 NV (64, 128 or 256), in blocks of kKeys keys:
-//   scores  each key's row widened in registers (NV vectors: F16C, a bf16 shift, an int8 sign-extend) and
-//           multiplied with every head's query (pre-multiplied by the softmax scale and the int8 key channel
-//           scales) into one vector of partial sums per (head, key); 16 such vectors reduce to the 16 keys'
-//           scores in one transpose-and-add tree (about 2 shuffles per score, where a horizontal sum per
-//           key costs 4 dependent ones); an int8 key's per-token scale multiplies its score.
+// threads and the portable path): keys [j0, j1) of one sequence for every KV head and the G query heads of
+// its group, head_dim D = 16 NV (64, 128 or 256), in blocks of kKeys keys. Per KV head and block:
+//   scores  the queries (times the softmax scale and the int8 key channel scales) held in registers, up to
+//           kMaxGroup heads at a time; each key row widened once into NV registers (F16C, a bf16 shift, an
+//           int8 sign-extend) and multiplied with every head's query into one vector of partial sums per
+//           (head, key); 16 such vectors reduce to the 16 keys' scores in one transpose-and-add tree (about
+//           2 shuffles per score, where a horizontal sum per key costs 4 dependent ones); an int8 key's
+//           per-token scale multiplies its score.
 //   softmax the block's max, e^x on 16 lanes at once, the running sum and output rescaled when the max grows.
-//   values  the block's V rows widened once into a small fp32 buffer (a float32 cache is read in place) and
-//           each head's output accumulated in NV registers; an int8 value's per-token scale folds into its
-//           probability, a value channel scale multiplies the output at the end.
-// The rows of the next block are prefetched: a block's keys lie in two or more KV-cache blocks anywhere in
-// memory, so the hardware prefetcher cannot run ahead across them.
+//   values  the heads' outputs held in registers; each value row widened once into NV registers and added,
+//           times each head's probability (times the int8 per-token value scale), into every head's output;
+//           a value channel scale multiplies the output at the end.
+// No fp32 copy of K or V is written anywhere. The passes read each KV head's rows of the block's slots (a
+// slot holds its heads' rows side by side, a cache block its slots one after another); the first pass
+// brings the block's lines in, the hardware prefetcher following the runs. (Software prefetch of the next
+// blocks, to L1 or L2, one to four blocks ahead, measured no gain here.)
 #include "kv_access.h"
 
 #include <immintrin.h>
@@ -69,34 +72,86 @@ inline void token_scales(const float* scale, const int64_t* sl, int64_t n, int64
 }
 
 struct Scratch {
-  std::vector<float> q, part, s, p, v;
+  std::vector<float> q, part, s, p;
 };
 
-// Scores of block keys sl[0..n) for the G heads into s [G][kKeys] (unmasked lanes beyond n are 0).
-template <KvType T, int NV>
-SI_AVX512 void block_scores_512(const char* kbase, int64_t row, const int64_t* sl, int64_t n, int64_t G,
-                                const float* q, float* part, float* s) {
+// Scores of block keys sl[0..n) (rows at kd + slot * row) for GB query heads q [GB][D] of one KV head into
+// s [GB][kKeys] (lanes beyond n: 0): the queries stay in registers, each key row is widened once into NV
+// registers and used by every head, a vector of partial sums per (head, key) goes to part [GB][16][16].
+template <KvType T, int NV, int GB>
+SI_AVX512 void scores_gb(const char* kd, int64_t row, const int64_t* sl, int64_t n, const float* q, float* part,
+                         float* s) {
   constexpr int64_t D = 16 * NV;
+  __m512 qr[GB][NV];
+  for (int g = 0; g < GB; ++g)
+    for (int v = 0; v < NV; ++v) qr[g][v] = _mm512_loadu_ps(q + g * D + 16 * v);
   for (int64_t i0 = 0; i0 < n; i0 += 16) {
     for (int64_t i = 0; i < 16; ++i) {
       if (i0 + i >= n) {
-        for (int64_t g = 0; g < G; ++g) _mm512_storeu_ps(part + (g * 16 + i) * 16, _mm512_setzero_ps());
+        for (int g = 0; g < GB; ++g) _mm512_storeu_ps(part + (g * 16 + i) * 16, _mm512_setzero_ps());
         continue;
       }
-      const char* src = kbase + sl[i0 + i] * row;
+      const char* src = kd + sl[i0 + i] * row;
       __m512 x[NV];
       for (int v = 0; v < NV; ++v) x[v] = load16<T>(src + v * 16 * kv_bytes<T>());
-      for (int64_t g = 0; g < G; ++g) {
-        const float* qg = q + g * D;
-        __m512 a0 = _mm512_mul_ps(_mm512_loadu_ps(qg), x[0]), a1 = _mm512_setzero_ps();
+      for (int g = 0; g < GB; ++g) {
+        __m512 a0 = _mm512_mul_ps(qr[g][0], x[0]), a1 = _mm512_setzero_ps();
         for (int v = 1; v < NV; ++v) {
-          if (v % 2) a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * v), x[v], a1);
-          else a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * v), x[v], a0);
+          if (v % 2) a1 = _mm512_fmadd_ps(qr[g][v], x[v], a1);
+          else a0 = _mm512_fmadd_ps(qr[g][v], x[v], a0);
         }
         _mm512_storeu_ps(part + (g * 16 + i) * 16, _mm512_add_ps(a0, a1));
       }
     }
-    for (int64_t g = 0; g < G; ++g) _mm512_storeu_ps(s + g * kKeys + i0, hsum16(part + g * 256));
+    for (int g = 0; g < GB; ++g) _mm512_storeu_ps(s + g * kKeys + i0, hsum16(part + g * 256));
+  }
+}
+
+// o [GB][D] += p [GB][kKeys] times the value rows of block keys sl[0..n) (at vd + slot * row): the outputs
+// stay in registers, each value row is widened once into NV registers and used by every head.
+template <KvType T, int NV, int GB>
+SI_AVX512 void values_gb(const char* vd, int64_t row, const int64_t* sl, int64_t n, const float* p, float* o) {
+  constexpr int64_t D = 16 * NV;
+  __m512 acc[GB][NV];
+  for (int g = 0; g < GB; ++g)
+    for (int v = 0; v < NV; ++v) acc[g][v] = _mm512_loadu_ps(o + g * D + 16 * v);
+  for (int64_t i = 0; i < n; ++i) {
+    const char* src = vd + sl[i] * row;
+    __m512 x[NV];
+    for (int v = 0; v < NV; ++v) x[v] = load16<T>(src + v * 16 * kv_bytes<T>());
+    for (int g = 0; g < GB; ++g) {
+      const __m512 pv = _mm512_set1_ps(p[g * kKeys + i]);
+      for (int v = 0; v < NV; ++v) acc[g][v] = _mm512_fmadd_ps(pv, x[v], acc[g][v]);
+    }
+  }
+  for (int g = 0; g < GB; ++g)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(o + g * D + 16 * v, acc[g][v]);
+}
+
+// The most query heads whose queries (scores) or outputs (values) fit in registers beside a key row.
+template <int NV>
+constexpr int kMaxGroup = NV == 4 ? 6 : NV == 8 ? 3 : 1;
+
+// Scores (values: false) of one KV head's G query heads, in chunks of at most kMaxGroup<NV> heads.
+template <KvType T, int NV>
+SI_AVX512 void group_pass(bool scores, const char* base, int64_t row, const int64_t* sl, int64_t n, int64_t G, const float* q,
+                float* part, float* s, const float* p, float* o) {
+  constexpr int64_t D = 16 * NV;
+  const int64_t chunks = (G + kMaxGroup<NV> - 1) / kMaxGroup<NV>;
+  for (int64_t c = 0, g0 = 0; c < chunks; ++c) {
+    const int64_t g1 = G * (c + 1) / chunks, gb = g1 - g0;
+#define SI_GB_CASE(GB)                                                                               \
+  case GB:                                                                                           \
+    if constexpr (GB <= kMaxGroup<NV>) {                                                             \
+      if (scores) scores_gb<T, NV, GB>(base, row, sl, n, q + g0 * D, part, s + g0 * kKeys);          \
+      else values_gb<T, NV, GB>(base, row, sl, n, p + g0 * kKeys, o + g0 * D);                       \
+    }                                                                                                \
+    break;
+    switch (gb) {
+      SI_GB_CASE(1) SI_GB_CASE(2) SI_GB_CASE(3) SI_GB_CASE(4) SI_GB_CASE(5) SI_GB_CASE(6)
+    }
+#undef SI_GB_CASE
+    g0 = g1;
   }
 }
 
@@ -133,102 +188,69 @@ SI_AVX512 void block_softmax_512(float* s, int64_t n, const float* ks, const flo
   _mm512_storeu_ps(p + 16, p1);
 }
 
-// o [G, D] += p [G][kKeys] times the block's value rows (sl[0..n)), widened into vbuf unless float32.
 template <KvType T, int NV>
-SI_AVX512 void block_values_512(const char* vbase, int64_t row, const int64_t* sl, int64_t n, int64_t G,
-                                const float* p, float* vbuf, float* o) {
-  constexpr int64_t D = 16 * NV;
-  const float* vr[kKeys];
-  for (int64_t i = 0; i < n; ++i) {
-    const char* src = vbase + sl[i] * row;
-    if constexpr (T == KvType::f32) {
-      vr[i] = reinterpret_cast<const float*>(src);
-    } else {
-      for (int v = 0; v < NV; ++v) _mm512_storeu_ps(vbuf + i * D + 16 * v, load16<T>(src + v * 16 * kv_bytes<T>()));
-      vr[i] = vbuf + i * D;
-    }
-  }
-  for (int64_t g = 0; g < G; ++g) {
-    float* og = o + g * D;
-    const float* pg = p + g * kKeys;
-    __m512 acc[NV];
-    for (int v = 0; v < NV; ++v) acc[v] = _mm512_loadu_ps(og + 16 * v);
-    for (int64_t i = 0; i < n; ++i) {
-      const __m512 pv = _mm512_set1_ps(pg[i]);
-      for (int v = 0; v < NV; ++v) acc[v] = _mm512_fmadd_ps(pv, _mm512_loadu_ps(vr[i] + 16 * v), acc[v]);
-    }
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(og + 16 * v, acc[v]);
-  }
-}
-
-// Each row (D elements of T) of keys sl[0..n) in both caches, into the cache hierarchy.
-inline void prefetch_rows(const char* kbase, const char* vbase, int64_t row, int64_t bytes, const int64_t* sl,
-                          int64_t n) {
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t off = 0; off < bytes; off += 64) {
-      __builtin_prefetch(kbase + sl[i] * row + off, 0, 3);
-      __builtin_prefetch(vbase + sl[i] * row + off, 0, 3);
-    }
-}
-
-template <KvType T, int NV>
-SI_AVX512 void attend_512(const AttnJob& J, int64_t b, int64_t h, int64_t j0, int64_t j1, float* m, float* l,
-                          float* o) {
+SI_AVX512 void attend_512(const AttnJob& J, int64_t b, int64_t j0, int64_t j1, float* const* st) {
   constexpr int64_t D = 16 * NV, bytes = D * kv_bytes<T>();
-  const int64_t G = J.G, row = J.Hkv * bytes;  // bytes from one slot's row of head h to the next slot's
+  const int64_t G = J.G, Hkv = J.Hkv, row = Hkv * bytes;  // a slot's rows: its heads' side by side
   thread_local Scratch w;
-  w.q.resize(G * D);
-  w.part.resize(G * 256);
-  w.s.resize(G * kKeys);
-  w.p.resize(G * kKeys);
-  w.v.resize(kKeys * D);
-  const float* q = J.q + b * J.qs + h * G * D;
-  const float* kch = J.k.chan ? J.k.chan + h * D : nullptr;
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t d = 0; d < D; ++d) w.q[g * D + d] = q[g * D + d] * J.sc * (kch ? kch[d] : 1.f);
-  std::fill(m, m + G, -std::numeric_limits<float>::infinity());
-  std::fill(l, l + G, 0.f);
-  std::fill(o, o + G * D, 0.f);
-  const char* kbase = static_cast<const char*>(J.k.data) + h * bytes;
-  const char* vbase = static_cast<const char*>(J.v.data) + h * bytes;
+  const int64_t HG = Hkv * G;
+  w.q.resize(HG * D);
+  w.part.resize(kMaxGroup<NV> * 256);
+  w.s.resize(HG * kKeys);
+  w.p.resize(HG * kKeys);
+  const float* q = J.q + b * J.qs;
+  for (int64_t h = 0; h < Hkv; ++h) {
+    const float* kch = J.k.chan ? J.k.chan + h * D : nullptr;
+    for (int64_t i = h * G * D; i < (h + 1) * G * D; ++i) w.q[i] = q[i] * J.sc * (kch ? kch[i % D] : 1.f);
+    std::fill(st[h], st[h] + G, -std::numeric_limits<float>::infinity());
+    std::fill(st[h] + G, st[h] + G * (D + 2), 0.f);
+  }
+  const char* kd = static_cast<const char*>(J.k.data);
+  const char* vd = static_cast<const char*>(J.v.data);
   const int64_t* sl = J.slots + b * J.W;
   alignas(64) float ks[kKeys], vs[kKeys];
   for (int64_t j = j0; j < j1; j += kKeys) {
     const int64_t n = std::min(kKeys, j1 - j);
-    if (j + kKeys < j1) prefetch_rows(kbase, vbase, row, bytes, sl + j + kKeys, std::min(kKeys, j1 - j - kKeys));
-    block_scores_512<T, NV>(kbase, row, sl + j, n, G, w.q.data(), w.part.data(), w.s.data());
-    if (T == KvType::i8) {
-      token_scales(J.k.scale, sl + j, n, J.Hkv, h, ks);
-      token_scales(J.v.scale, sl + j, n, J.Hkv, h, vs);
+    for (int64_t h = 0; h < Hkv; ++h)
+      group_pass<T, NV>(true, kd + h * bytes, row, sl + j, n, G, w.q.data() + h * G * D, w.part.data(),
+                        w.s.data() + h * G * kKeys, nullptr, nullptr);
+    for (int64_t h = 0; h < Hkv; ++h) {
+      if (T == KvType::i8) {
+        token_scales(J.k.scale, sl + j, n, Hkv, h, ks);
+        token_scales(J.v.scale, sl + j, n, Hkv, h, vs);
+      }
+      float *m = st[h], *l = m + G, *o = l + G;
+      for (int64_t g = 0; g < G; ++g)
+        block_softmax_512(w.s.data() + (h * G + g) * kKeys, n, T == KvType::i8 ? ks : nullptr,
+                          T == KvType::i8 ? vs : nullptr, m[g], l[g], o + g * D, D, w.p.data() + (h * G + g) * kKeys);
     }
-    for (int64_t g = 0; g < G; ++g)
-      block_softmax_512(w.s.data() + g * kKeys, n, T == KvType::i8 ? ks : nullptr, T == KvType::i8 ? vs : nullptr,
-                        m[g], l[g], o + g * D, D, w.p.data() + g * kKeys);
-    block_values_512<T, NV>(vbase, row, sl + j, n, G, w.p.data(), w.v.data(), o);
+    for (int64_t h = 0; h < Hkv; ++h)
+      group_pass<T, NV>(false, vd + h * bytes, row, sl + j, n, G, nullptr, nullptr, nullptr,
+                        w.p.data() + h * G * kKeys, st[h] + 2 * G);
   }
-  if (const float* vch = J.v.chan ? J.v.chan + h * D : nullptr)
-    for (int64_t g = 0; g < G; ++g)
-      for (int64_t d = 0; d < D; ++d) o[g * D + d] *= vch[d];
+  if (J.v.chan)
+    for (int64_t h = 0; h < Hkv; ++h)
+      for (int64_t i = 0; i < G * D; ++i) st[h][2 * G + i] *= J.v.chan[h * D + i % D];
 }
 
 template <KvType T>
-bool attend_by_dim(const AttnJob& J, int64_t b, int64_t h, int64_t j0, int64_t j1, float* m, float* l, float* o) {
+bool attend_by_dim(const AttnJob& J, int64_t b, int64_t j0, int64_t j1, float* const* st) {
   switch (J.D) {
-    case 64: attend_512<T, 4>(J, b, h, j0, j1, m, l, o); return true;
-    case 128: attend_512<T, 8>(J, b, h, j0, j1, m, l, o); return true;
-    case 256: attend_512<T, 16>(J, b, h, j0, j1, m, l, o); return true;
+    case 64: attend_512<T, 4>(J, b, j0, j1, st); return true;
+    case 128: attend_512<T, 8>(J, b, j0, j1, st); return true;
+    case 256: attend_512<T, 16>(J, b, j0, j1, st); return true;
     default: return false;
   }
 }
 
 }  // namespace
 
-bool attend_range_512(const AttnJob& J, int64_t b, int64_t h, int64_t j0, int64_t j1, float* m, float* l, float* o) {
+bool attend_range_512(const AttnJob& J, int64_t b, int64_t j0, int64_t j1, float* const* st) {
   switch (J.type) {
-    case KvType::f32: return attend_by_dim<KvType::f32>(J, b, h, j0, j1, m, l, o);
-    case KvType::f16: return attend_by_dim<KvType::f16>(J, b, h, j0, j1, m, l, o);
-    case KvType::bf16: return attend_by_dim<KvType::bf16>(J, b, h, j0, j1, m, l, o);
-    case KvType::i8: return attend_by_dim<KvType::i8>(J, b, h, j0, j1, m, l, o);
+    case KvType::f32: return attend_by_dim<KvType::f32>(J, b, j0, j1, st);
+    case KvType::f16: return attend_by_dim<KvType::f16>(J, b, j0, j1, st);
+    case KvType::bf16: return attend_by_dim<KvType::bf16>(J, b, j0, j1, st);
+    case KvType::i8: return attend_by_dim<KvType::i8>(J, b, j0, j1, st);
   }
   return false;
 }

@@ -144,8 +144,9 @@ struct AttnJob {
   AttnIsa isa;
 };
 
-// decode_attention_512.cpp: keys [j0, j1) of sequence b for KV head h on the AVX-512 path, leaving the
-// max m [G], sum l [G] and unnormalized output o [G, D]; false (nothing done) when it does not cover J.
-bool attend_range_512(const AttnJob& J, int64_t b, int64_t h, int64_t j0, int64_t j1, float* m, float* l, float* o);
+// decode_attention_512.cpp: keys [j0, j1) of sequence b for every KV head h on the AVX-512 path, leaving
+// at st[h] the max m [G], sum l [G] and unnormalized output o [G, D] of its query heads; false (nothing
+// done) when the path does not cover J.
+bool attend_range_512(const AttnJob& J, int64_t b, int64_t j0, int64_t j1, float* const* st);
 
 }  // namespace kv
