@@ -25,6 +25,7 @@ import torch
 
 from scaleinfer.attention.kv_int8 import Int8KV
 from scaleinfer.attention.sdpa import kernel_kv_args
+from scaleinfer.kernels.huge_pages import advise_huge_pages
 from scaleinfer.kernels.loader import cpu_kernels
 
 
@@ -35,7 +36,8 @@ def _load_module(path: str):
     return mod
 
 
-def _layer_caches(kind: str, slots: int, hkv: int, d: int, layers: int):
+def _layer_caches(kind: str, slots: int, hkv: int, d: int, layers: int, huge_pages: bool):
+    """Per layer the kernel's K/V arguments, the caches allocated as kv_cache/cache_tensors.py does."""
     g = torch.Generator().manual_seed(0)
     out = []
     for _ in range(layers):
@@ -43,13 +45,19 @@ def _layer_caches(kind: str, slots: int, hkv: int, d: int, layers: int):
         if kind == "int8":
             kc, vc = Int8KV.empty(slots, hkv, d, channel_scale=torch.rand(hkv, d, generator=g) + 0.5), \
                 Int8KV.empty(slots, hkv, d)
+            for t in (kc.data, vc.data):
+                huge_pages and advise_huge_pages(t)
             every = torch.arange(slots)
             kc.write(every, k)
             vc.write(every, v)
             out.append(kernel_kv_args(kc, vc))
         else:
-            dt = getattr(torch, kind)
-            out.append((k.to(dt), v.to(dt), None, None, None, None))
+            kc, vc = (torch.empty(slots, hkv, d, dtype=getattr(torch, kind)) for _ in range(2))
+            for t in (kc, vc):
+                huge_pages and advise_huge_pages(t)
+            kc.copy_(k)
+            vc.copy_(v)
+            out.append((kc, vc, None, None, None, None))
     return out
 
 
@@ -81,7 +89,7 @@ def _worker(a) -> None:
     lens = torch.tensor([context])
     q = torch.randn(1, a.heads, a.head_dim)
     out = torch.empty(1, a.heads, a.head_dim)
-    caches = _layer_caches(kind, (num_blocks + 8) * block, a.kv_heads, a.head_dim, a.layers)
+    caches = _layer_caches(kind, (num_blocks + 8) * block, a.kv_heads, a.head_dim, a.layers, not a.no_huge_pages)
     args = (ops, caches, q, slots, lens, a.head_dim ** -0.5, out)
     _time_token(*args)
     print(json.dumps({"bytes": _kv_bytes(caches[0], context) * a.layers}), flush=True)
@@ -97,6 +105,7 @@ class _Proc:
         cmd += ["--threads", str(a.threads), "--layers", str(a.layers), "--heads", str(a.heads),
                 "--kv-heads", str(a.kv_heads), "--head-dim", str(a.head_dim)]
         cmd += ["--module", module] if module else []
+        cmd += ["--no-huge-pages"] if a.no_huge_pages else []
         self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.bytes = json.loads(self.p.stdout.readline())["bytes"]
         self.times: list[float] = []
@@ -160,6 +169,7 @@ def main() -> int:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--rounds", type=int, default=10, help="interleaved rounds (each the median of 5 tokens)")
     p.add_argument("--baseline", default=None, help="path of another build of the kernel module to compare")
+    p.add_argument("--no-huge-pages", action="store_true", help="caches on 4 KiB pages (no MADV_HUGEPAGE)")
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--context-one", dest="contexts_one", type=int, help=argparse.SUPPRESS)

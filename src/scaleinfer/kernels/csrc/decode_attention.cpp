@@ -4,12 +4,15 @@
 // For batch-1 decode the keys of a sequence are split into parts that different threads take
 // (flash-decoding): each part leaves its max, sum and unnormalized output, and one combine weighs them.
 //
-// Two code paths per part, the same arithmetic up to fp32 rounding:
-//   AVX-512 (decode_attention_512.cpp, head_dim 64 / 128 / 256): K and V widened in registers, a block's
-//     scores for every head of the group without a horizontal sum per key, a vectorized exp.
-//   portable (here; AVX2, scalar, other head sizes): the keys in blocks of kBlock, each block's K rows
-//     (then its V rows) converted to fp32 once into a small buffer (F16C / shifts / int8 x per-token
-//     scale) that every query head of the group reads; a float32 cache is read in place.
+// An item is one key range of one sequence over all its KV heads (a slot holds its heads' rows side by
+// side, so the range's K and V are read as runs through memory). Two code paths, the same arithmetic up
+// to fp32 rounding:
+//   AVX-512 (decode_attention_512.cpp, head_dim 64 / 128 / 256): K and V widened in registers only,
+//     queries and outputs held in registers, a block's 16 scores per transpose-and-add tree instead of a
+//     horizontal sum per key, e^x on 16 lanes.
+//   portable (here; AVX2, scalar, other head sizes), head by head: the keys in blocks of kBlock, each
+//     block's K rows (then its V rows) converted to fp32 once into a small buffer (F16C / shifts / int8 x
+//     per-token scale) that every query head of the group reads; a float32 cache is read in place.
 // Reference: attention/sdpa.py (SdpaBackend), tested against it on every KV dtype and ISA level.
 #include "isa.h"
 #include "kernels.h"
