@@ -1,6 +1,7 @@
-"""The CPU decode attention and K/V write kernels (kernels/csrc/cpu_ops.cpp) on every KV cache dtype
-(float32, float16, bfloat16, int8 with and without per-channel key scales), split and unsplit, on each
-conversion code path the CPU has, against torch on the same stored values.
+"""The CPU decode attention (kernels/csrc/decode_attention*.cpp) and K/V write (cpu_ops.cpp) kernels on
+every KV cache dtype (float32, float16, bfloat16, int8 with and without per-channel key scales), split and
+unsplit, on each code path the CPU has (the AVX-512 path for head_dim 64 / 128 / 256 in 32-key blocks of two
+16-key score vectors, the portable one for the rest and below AVX-512), against torch on the same values.
 
 Tolerance: the kernel reads exactly the values the reference reads (f16 / bf16 widened, int8 times its
 scales, as attention/kv_int8.py: Int8KV.read computes them), so only the fp32 arithmetic differs (online
@@ -26,13 +27,15 @@ KV_DTYPES = ["float32", "float16", "bfloat16", "int8", "int8-chan"]
 
 
 def _cache(kind: str, slots: int, hkv: int, d: int, seed: int):
-    """(k_cache, v_cache) of `kind`, filled with random K/V through its own write."""
+    """(k_cache, v_cache) of `kind`, filled with random K/V through its own write ("int8-vchan": channel
+    scales on both K and V)."""
     g = torch.Generator().manual_seed(seed)
     k, v = torch.randn(slots, hkv, d, generator=g) * 2, torch.randn(slots, hkv, d, generator=g)
     every = torch.arange(slots)
     if kind.startswith("int8"):
-        chan = (torch.rand(hkv, d, generator=g) + 0.5) if kind == "int8-chan" else None
-        kc, vc = Int8KV.empty(slots, hkv, d, channel_scale=chan), Int8KV.empty(slots, hkv, d)
+        chan = (torch.rand(hkv, d, generator=g) + 0.5) if kind in ("int8-chan", "int8-vchan") else None
+        vchan = (torch.rand(hkv, d, generator=g) + 0.5) if kind == "int8-vchan" else None
+        kc, vc = Int8KV.empty(slots, hkv, d, channel_scale=chan), Int8KV.empty(slots, hkv, d, channel_scale=vchan)
         kc.write(every, k)
         vc.write(every, v)
         return kc, vc
@@ -55,7 +58,7 @@ def _reference(q, k_cache, v_cache, slots, lens, scale):
 
 
 @pytest.mark.parametrize("kind", KV_DTYPES)
-@pytest.mark.parametrize("d", [64, 128, 40, 36])   # 16 | D (AVX-512 rows), 8 | D (AVX2 rows), neither
+@pytest.mark.parametrize("d", [64, 128, 256, 40, 36])   # the AVX-512 path's sizes, 8 | D (AVX2 rows), neither
 @pytest.mark.parametrize("splits", [1, 3, 0])       # unsplit, three parts per sequence, chosen by the kernel
 def test_decode_attention_on_every_kv_dtype(kind, d, splits, isa):
     torch.manual_seed(d + splits)
@@ -69,6 +72,41 @@ def test_decode_attention_on_every_kv_dtype(kind, d, splits, isa):
     kv = kernel_kv_args(k_cache, v_cache)
     ops.paged_decode_attention(out, q, kv[0], kv[1], slots, lens, d ** -0.5, *kv[2:], splits=splits)
     torch.testing.assert_close(out, _reference(q, k_cache, v_cache, slots, lens, d ** -0.5), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KV_DTYPES + ["int8-vchan"])
+@pytest.mark.parametrize("heads,kv_heads,d", [(4, 4, 64), (6, 3, 128), (7, 1, 64), (8, 2, 256)])
+def test_decode_attention_gqa_groups_and_block_edges(kind, heads, kv_heads, d, isa):
+    """Group sizes 1, 2, 7, 4 (the AVX-512 path keeps one partial-sum vector per head and key), lengths on
+    both sides of its 16-key score vectors and 32-key blocks, keys in whole 16-slot cache blocks (as the
+    engine's tables give them) and scattered, split and not."""
+    torch.manual_seed(heads * d)
+    lens = torch.tensor([15, 16, 17, 48, 63, 65, 130])
+    width, num_slots = int(lens.max()), 16 * 12
+    blocks = torch.stack([torch.randperm(12)[:(width + 15) // 16] for _ in lens])
+    slots = (blocks.unsqueeze(-1) * 16 + torch.arange(16)).view(len(lens), -1)[:, :width].contiguous()
+    slots[1::2] = torch.stack([torch.randperm(num_slots)[:width] for _ in lens[1::2]])
+    k_cache, v_cache = _cache(kind, num_slots, kv_heads, d, seed=heads)
+    q = torch.randn(len(lens), heads, d)
+    want = _reference(q, k_cache, v_cache, slots, lens, d ** -0.5)
+    kv = kernel_kv_args(k_cache, v_cache)
+    for splits in (1, 2, 0):
+        out = torch.full((len(lens), heads, d), float("nan"))
+        ops.paged_decode_attention(out, q, kv[0], kv[1], slots, lens, d ** -0.5, *kv[2:], splits=splits)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_attention_large_scores_stay_finite(isa):
+    """Scores far apart (a key 60x the others): the running max grows within and across blocks, the
+    rescaled sums and outputs stay finite and equal to the reference."""
+    torch.manual_seed(11)
+    d, n = 64, 300
+    k_cache, v_cache = torch.randn(n, 1, d), torch.randn(n, 1, d)
+    k_cache[[5, 70, 250]] *= 60
+    q, slots, lens = torch.randn(1, 2, d), torch.arange(n).view(1, -1), torch.tensor([n])
+    out = torch.empty(1, 2, d)
+    ops.paged_decode_attention(out, q, k_cache, v_cache, slots, lens, 1.0, splits=1)
+    torch.testing.assert_close(out, _reference(q, k_cache, v_cache, slots, lens, 1.0), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("splits", [1, 2, 5])

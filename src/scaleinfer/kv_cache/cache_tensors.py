@@ -2,7 +2,8 @@
 
 Per layer, K and V are flat slot arrays [num_blocks * block_size, num_kv_heads, head_dim]; slot
 `block_id * block_size + offset` holds one token. Memory is reserved with torch.empty, so pages are
-only touched (and counted in RSS) as tokens are written.
+only touched (and counted in RSS) as tokens are written; on the CPU the arrays ask for 2 MiB pages
+(kernels/huge_pages.py): decode attention reads a token's whole KV, block by block.
 
 The storage dtype follows the model's precision class (`kv_dtype`): on the CPU, float32 and float16
 models keep K/V in float16 (decode attention streams its KV, so half the bytes is about half the time;
@@ -14,6 +15,7 @@ import torch
 
 from scaleinfer.config import CacheConfig, ModelConfig
 from scaleinfer.errors import ConfigError
+from scaleinfer.kernels.huge_pages import advise_huge_pages
 
 _NAMED = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -60,8 +62,16 @@ def allocate_kv_caches(cfg: ModelConfig, num_blocks: int, block_size: int, dtype
     if kv_cache_dtype == "int8":
         from scaleinfer.attention.kv_int8 import Int8KV
 
-        return [(Int8KV.empty(*shape, device=device), Int8KV.empty(*shape, device=device))
-                for _ in range(cfg.num_layers)]
+        caches = [(Int8KV.empty(*shape, device=device), Int8KV.empty(*shape, device=device))
+                  for _ in range(cfg.num_layers)]
+        for kv in caches:
+            for side in kv:
+                advise_huge_pages(side.data)
+        return caches
     store = kv_dtype(kv_cache_dtype, dtype, device)
-    return [(torch.empty(shape, dtype=store, device=device), torch.empty(shape, dtype=store, device=device))
-            for _ in range(cfg.num_layers)]
+    caches = [(torch.empty(shape, dtype=store, device=device), torch.empty(shape, dtype=store, device=device))
+              for _ in range(cfg.num_layers)]
+    for kv in caches:
+        for side in kv:
+            advise_huge_pages(side)
+    return caches

@@ -43,6 +43,7 @@ torch::Tensor silu_and_mul(torch::Tensor gate_up, OptTensor out = c10::nullopt);
 void kv_write(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots, torch::Tensor k, torch::Tensor v,
               OptTensor k_scale = c10::nullopt, OptTensor v_scale = c10::nullopt, OptTensor k_chan = c10::nullopt,
               OptTensor v_chan = c10::nullopt);
+// decode_attention.cpp
 void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                             torch::Tensor slots, torch::Tensor lens, double scale, OptTensor k_scale = c10::nullopt,
                             OptTensor v_scale = c10::nullopt, OptTensor k_chan = c10::nullopt,

@@ -353,6 +353,7 @@ void int8_dequantize_out(torch::Tensor q, torch::Tensor scale, torch::Tensor out
 }
 
 void register_cpu_ops(pybind11::module& m);  // cpu_ops.cpp
+void register_decode_attention(pybind11::module& m);  // decode_attention.cpp
 void register_int4_a8(pybind11::module& m);  // int4_a8.cpp
 void register_decode_step(pybind11::module& m);  // decode_step.cpp
 void register_int8_a8(pybind11::module& m);  // int8_a8.cpp
@@ -360,6 +361,7 @@ void register_a8_gemm(pybind11::module& m);  // a8_gemm.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_cpu_ops(m);
+  register_decode_attention(m);
   register_int4_a8(m);
   register_decode_step(m);
   register_int8_a8(m);

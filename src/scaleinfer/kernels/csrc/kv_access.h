@@ -1,0 +1,152 @@
+// What the KV cache kernels share (cpu_ops.cpp: kv_write; decode_attention*.cpp: paged_decode_attention):
+// the cache dtypes and one side (K or V) of a layer's cache, the ISA level of their conversions, loads
+// that widen f16 / bf16 / int8 to fp32 in registers, and e^x in plain float arithmetic.
+#pragma once
+#include "isa.h"
+#include "kernels.h"
+
+#include <immintrin.h>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+namespace kv {
+
+// e^x for x in [-87, 88] to ~2 ulp, in plain float arithmetic so `omp simd` loops vectorize it (std::exp
+// is a library call per element): x = n ln2 + y with |y| <= ln2 / 2 (Cody-Waite split of ln2), e^y by
+// its degree-7 Taylor polynomial (error < 1e-8 relative there), 2^n put into the exponent bits.
+#pragma omp declare simd
+inline float exp_f32(float x) {
+  x = std::min(88.f, std::max(-87.f, x));
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  const float y = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.f / 5040.f;
+  p = p * y + 1.f / 720.f;
+  p = p * y + 1.f / 120.f;
+  p = p * y + 1.f / 24.f;
+  p = p * y + 1.f / 6.f;
+  p = p * y + 0.5f;
+  p = p * y + 1.f;
+  p = p * y + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  return p * two_n;
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
+inline void axpy(float a, const float* x, float* y, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+enum class KvType { f32, f16, bf16, i8 };
+
+inline KvType kv_type(const torch::Tensor& t) {
+  switch (t.scalar_type()) {
+    case torch::kFloat32: return KvType::f32;
+    case torch::kFloat16: return KvType::f16;
+    case torch::kBFloat16: return KvType::bf16;
+    case torch::kChar: return KvType::i8;
+    default: TORCH_CHECK(false, "KV cache dtype ", t.scalar_type(), " is not float32, float16, bfloat16 or int8");
+  }
+  return KvType::f32;
+}
+
+// One of K or V of a layer: data [S, Hkv, D]; int8: scale [S, Hkv] (per token and head) and an optional
+// per-channel multiplier chan [Hkv, D] (attention/kv_int8.py: keys are stored as quantize(k / chan)).
+struct KvSide {
+  void* data;
+  float* scale;
+  const float* chan;
+};
+
+// The code path of the K/V conversions, from the one ISA dispatch (isa.h; its set_isa forces a lower
+// level for tests). The 256- and 512-bit paths convert f16 with F16C, which every AVX2 CPU has.
+enum class AttnIsa { scalar = 0, avx2 = 1, avx512 = 2 };
+
+inline AttnIsa attn_isa() {
+  const si::Isa level = si::isa();
+  if (level >= si::Isa::avx512) return AttnIsa::avx512;
+  if (level >= si::Isa::avx2 && __builtin_cpu_supports("f16c")) return AttnIsa::avx2;
+  return AttnIsa::scalar;
+}
+
+#define SI_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl")))
+#define SI_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+template <KvType T>
+SI_AVX512 inline __m512 load16(const void* p) {
+  if constexpr (T == KvType::f32) return _mm512_loadu_ps(static_cast<const float*>(p));
+  if constexpr (T == KvType::f16) return _mm512_cvtph_ps(_mm256_loadu_si256(static_cast<const __m256i*>(p)));
+  if constexpr (T == KvType::bf16)
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(static_cast<const __m256i*>(p))), 16));
+  if constexpr (T == KvType::i8) return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(static_cast<const __m128i*>(p))));
+}
+
+template <KvType T>
+SI_AVX2 inline __m256 load8(const void* p) {
+  if constexpr (T == KvType::f32) return _mm256_loadu_ps(static_cast<const float*>(p));
+  if constexpr (T == KvType::f16) return _mm256_cvtph_ps(_mm_loadu_si128(static_cast<const __m128i*>(p)));
+  if constexpr (T == KvType::bf16)
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(static_cast<const __m128i*>(p))), 16));
+  if constexpr (T == KvType::i8) return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(static_cast<const __m128i*>(p))));
+}
+
+template <KvType T>
+constexpr int64_t kv_bytes() { return T == KvType::f32 ? 4 : T == KvType::i8 ? 1 : 2; }
+
+template <KvType T>
+inline float kv_scalar(const void* p, int64_t i) {
+  if constexpr (T == KvType::f32) return static_cast<const float*>(p)[i];
+  if constexpr (T == KvType::f16) return static_cast<float>(static_cast<const c10::Half*>(p)[i]);
+  if constexpr (T == KvType::bf16) return static_cast<float>(static_cast<const c10::BFloat16*>(p)[i]);
+  if constexpr (T == KvType::i8) return static_cast<float>(static_cast<const int8_t*>(p)[i]);
+}
+
+// The side of a cache a kernel reads or writes, its scales and channel multipliers checked.
+inline KvSide kv_side(const torch::Tensor& cache, const OptTensor& scale, const OptTensor& chan, KvType t, const char* name) {
+  TORCH_CHECK(cache.device().is_cpu() && cache.is_contiguous() && cache.dim() == 3, name, " cache must be a contiguous [S, Hkv, D] CPU tensor");
+  const int64_t S = cache.size(0), Hkv = cache.size(1), D = cache.size(2);
+  const bool has_scale = scale.has_value() && scale->defined(), has_chan = chan.has_value() && chan->defined();
+  KvSide s{cache.data_ptr(), nullptr, nullptr};
+  if (t == KvType::i8) {
+    TORCH_CHECK(has_scale && scale->scalar_type() == torch::kFloat32 && scale->is_contiguous() && scale->numel() == S * Hkv,
+                "an int8 ", name, " cache needs its per-token scales: a contiguous float32 [S, Hkv] tensor");
+    s.scale = scale->data_ptr<float>();
+  } else {
+    TORCH_CHECK(!has_scale && !has_chan, "scales go with int8 caches only (", name, " cache is ", cache.scalar_type(), ")");
+  }
+  if (has_chan) {
+    TORCH_CHECK(chan->scalar_type() == torch::kFloat32 && chan->is_contiguous() && chan->numel() == Hkv * D,
+                name, " channel scales must be a contiguous float32 [Hkv, D] tensor");
+    s.chan = chan->data_ptr<float>();
+  }
+  return s;
+}
+
+// What one paged_decode_attention call reads.
+struct AttnJob {
+  const float* q;
+  int64_t qs, W, Hkv, G, D;
+  float sc;
+  KvType type;
+  KvSide k, v;
+  const int64_t* slots;
+  AttnIsa isa;
+};
+
+// decode_attention_512.cpp: keys [j0, j1) of sequence b for every KV head h on the AVX-512 path, leaving
+// at st[h] the max m [G], sum l [G] and unnormalized output o [G, D] of its query heads; false (nothing
+// done) when the path does not cover J.
+bool attend_range_512(const AttnJob& J, int64_t b, int64_t j0, int64_t j1, float* const* st);
+
+}  // namespace kv
