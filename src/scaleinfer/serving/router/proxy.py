@@ -130,12 +130,13 @@ class RouterApp:
 
     async def _unavailable(self, send, tried: dict[str, str]) -> None:
         self.metrics.unavailable.inc()
+        reasons = {r.name: r.reason for r in self.replicas.replicas if not r.healthy}
+        reasons.update(tried)
+        detail = "; ".join(f"{name}: {why}" for name, why in sorted(reasons.items()))
         if tried:
-            why = "every replica tried failed before answering (" + \
-                  "; ".join(f"{name}: {why}" for name, why in tried.items()) + ")"
+            why = f"no replica could take the request ({detail})"
         else:
-            why = f"no replica is available: all {len(self.replicas.replicas)} are out of rotation " \
-                  f"({self.replicas.describe_down()})"
+            why = f"no replica is available: all {len(self.replicas.replicas)} are out of rotation ({detail})"
         await _send_json(send, 503, error_body(why + "; retry later", "service_unavailable", code="no_replica"),
                          [(b"retry-after", b"1")])
 
