@@ -1,5 +1,5 @@
 """The `scaleinfer` command: generate | chat | demo | serve | router | models | pull | quantize |
-bench [serve | long-context | soak].
+bench [serve | long-context | soak | distributed].
 
 Every ScaleInferError becomes one line on stderr and exit code 2; no tracebacks for bad input.
 """
@@ -334,6 +334,12 @@ def cmd_bench_serve(args) -> int:
     return bench_serve_main(args)
 
 
+def cmd_bench_distributed(args) -> int:
+    from scaleinfer.bench.distributed import main as distributed_main
+
+    return distributed_main(args)
+
+
 def cmd_bench_soak(args) -> int:
     from scaleinfer.bench.soak.run import main as soak_main
 
@@ -495,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--llamacpp-python", default=None,
                    help="python of a venv with llama-cpp-python: also measure llama.cpp on the same GGUF")
     p.set_defaults(fn=cmd_bench)
-    bench_sub = p.add_subparsers(dest="bench_mode", metavar="{serve,long-context,soak}")
+    bench_sub = p.add_subparsers(dest="bench_mode", metavar="{serve,long-context,soak,distributed}")
     from scaleinfer.bench.serve import add_arguments as add_bench_serve_arguments
 
     p = bench_sub.add_parser("serve", help="serving benchmark of any OpenAI-compatible endpoint "
@@ -514,6 +520,12 @@ def build_parser() -> argparse.ArgumentParser:
                                           "against a real server: no 5xx, KV blocks back, flat RSS")
     add_soak_arguments(p)
     p.set_defaults(fn=cmd_bench_soak)
+    from scaleinfer.bench.distributed import add_arguments as add_distributed_arguments
+
+    p = bench_sub.add_parser("distributed", help="one process vs data / tensor / pipeline parallel layouts on the "
+                                                 "same threads: decode, prefill, mixed load, router overhead")
+    add_distributed_arguments(p)
+    p.set_defaults(fn=cmd_bench_distributed)
     return parser
 
 
