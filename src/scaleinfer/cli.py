@@ -280,8 +280,15 @@ def _serve_data_parallel(args, limits) -> int:
 def cmd_router(args) -> int:
     _serve_logging(args)
     from scaleinfer.serving.router.server import run_router
+    from scaleinfer.serving.server import resolve_api_key
 
-    return run_router(args.replica, _router_options(args, _limits(args), args.policy))
+    opts = _router_options(args, _limits(args), args.policy)
+    if args.replica_api_key_file is not None:  # the replicas' own key, instead of the client's
+        from dataclasses import replace
+
+        key = resolve_api_key(None, args.replica_api_key_file)
+        opts = replace(opts, replica_auth={"Authorization": f"Bearer {key}"})
+    return run_router(args.replica, opts)
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -448,7 +455,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default=DEFAULT_POLICY, choices=list(POLICIES),
                    help="how a request picks its replica (default: %(default)s)")
     _listen_args(p.add_argument_group("server"))
-    _router_args(p.add_argument_group("router"))
+    g = p.add_argument_group("router")
+    _router_args(g)
+    g.add_argument("--replica-api-key-file", default=None, metavar="FILE",
+                   help="send the replicas this key (FILE's first line) instead of the client's Authorization")
     _limit_args(p)
     p.set_defaults(fn=cmd_router)
 
