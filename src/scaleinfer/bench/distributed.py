@@ -161,9 +161,19 @@ def run_rounds(layouts: list[Layout], w: probe.Workload, rounds: int, llamacpp) 
             unit.results["prefill_rounds"].append(probe.prefill_tok_s(unit.url, w, unit.model))
     for lay in live:
         print(f"mixed load on {lay.label}", file=sys.stderr, flush=True)
+        before = _cpu_s(lay)
         lay.results["mixed"] = probe.mixed(lay.url, w, lay.model)
+        # CPU of the process we started (for DP: the router alone, its replicas are other processes)
+        lay.results["mixed"]["main_process_cpu_s"] = _cpu_s(lay) - before
         lay.results["decode_tok_s"] = statistics.median(lay.results["decode_rounds"])
         lay.results["prefill_tok_s"] = statistics.median(lay.results["prefill_rounds"])
+
+
+def _cpu_s(lay: Layout) -> float:
+    import psutil
+
+    t = psutil.Process(lay.server.proc.pid).cpu_times()
+    return t.user + t.system
 
 
 def measure_overhead(layouts: list[Layout], w: probe.Workload, args, log_dir: str) -> dict | None:
