@@ -237,7 +237,7 @@ def _router_options(args, limits, policy: str):
                          api_key=resolve_api_key(args.api_key, args.api_key_file), limits=limits,
                          ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
                          shutdown_timeout_s=args.shutdown_timeout, health_interval_s=args.health_interval,
-                         replica_timeout_s=args.replica_timeout)
+                         replica_timeout_s=args.replica_timeout, enable_docs=not args.disable_docs)
 
 
 def _replica_argv(args, actions) -> list[str]:

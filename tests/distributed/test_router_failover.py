@@ -122,6 +122,15 @@ def test_the_router_checks_the_client_key_and_sends_the_replicas_their_own():
     run(main())
 
 
+def test_disable_docs_is_applied_at_the_router():
+    async def main():
+        async with cluster(1, enable_docs=False) as (url, fakes), httpx.AsyncClient(timeout=TIMEOUT) as c:
+            for path in ("/docs", "/redoc", "/openapi.json"):
+                assert (await c.get(url + path)).status_code == 404
+            assert (await c.get(url + "/v1/models")).status_code == 200
+    run(main())
+
+
 def test_metrics_show_each_replica_and_the_router_counters():
     async def main():
         async with cluster(2) as (url, fakes), httpx.AsyncClient(timeout=TIMEOUT) as c:

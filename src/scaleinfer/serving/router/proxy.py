@@ -29,6 +29,8 @@ from scaleinfer.serving.router.replicas import Replica, ReplicaSet
 logger = logging.getLogger(__name__)
 
 GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+DOC_PATHS = frozenset({"/docs", "/redoc", "/openapi.json"})
+"""Not forwarded when the router runs with --disable-docs."""
 _UPSTREAM_DROP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"te", b"upgrade", b"trailer",
                             b"proxy-authorization", b"host", b"content-length"})
 _DOWNSTREAM_DROP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"server", b"date"})
@@ -46,8 +48,10 @@ class _Progress:
 
 
 class RouterApp:
-    def __init__(self, replicas: ReplicaSet, health_interval_s: float, metrics_timeout_s: float = 5.0):
+    def __init__(self, replicas: ReplicaSet, health_interval_s: float, metrics_timeout_s: float = 5.0,
+                 enable_docs: bool = True):
         self.replicas, self.metrics = replicas, replicas.metrics
+        self.blocked = frozenset() if enable_docs else DOC_PATHS
         self.health_interval_s, self.metrics_timeout_s = health_interval_s, metrics_timeout_s
         self._others = RoundRobin()
 
@@ -61,6 +65,8 @@ class RouterApp:
             return await self._health(send)
         if path == "/metrics" and method == "GET":
             return await self._metrics(send)
+        if path in self.blocked:
+            return await _send_json(send, 404, error_body("Not Found", code="not_found"))
         body = await _read_body(receive)
         if body is None:
             return None  # the client left

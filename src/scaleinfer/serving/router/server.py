@@ -44,6 +44,8 @@ class RouterOptions:
     health_interval_s: float = 2.0
     replica_timeout_s: float = 600.0
     """Most seconds a replica may stay silent (before its response, or between stream chunks)."""
+    enable_docs: bool = True
+    """Forward /docs, /redoc and /openapi.json (--disable-docs: 404 at the router)."""
     replica_auth: dict[str, str] = field(default_factory=dict)
     """Headers sent to the replicas (`Authorization: Bearer KEY` when they need a key of their own)."""
 
@@ -74,7 +76,7 @@ def build_router_app(urls: list[str], opts: RouterOptions, procs=None):
     client = httpx.AsyncClient(timeout=timeout, limits=pool, trust_env=False)
     replicas = ReplicaSet(urls, metrics, make_policy(opts.policy), client, procs, dict(opts.replica_auth))
     config = ServerConfig(served_model_name="router", api_key=opts.api_key, limits=opts.limits)
-    return Gate(RouterApp(replicas, opts.health_interval_s), _GateState(config, metrics))
+    return Gate(RouterApp(replicas, opts.health_interval_s, enable_docs=opts.enable_docs), _GateState(config, metrics))
 
 
 def _serve(sock, urls: list[str], opts: RouterOptions, procs=None) -> int:
