@@ -100,12 +100,12 @@ def main() -> int:
 
 
 def report(a, results: dict, logs: str) -> None:
-    lines = ["| policy | load | round | output tok/s | TTFT mean ms | TTFT p50 ms | TTFT p99 ms |", "|---|---|---|---|---|---|---|"]
+    lines = ["| policy | load | round | output tok/s | TTFT mean ms | TTFT p50 ms | TTFT p99 ms |", "|---" * 7 + "|"]
     for name, loads in results.items():
         for load, runs in loads.items():
             for rnd, r in enumerate(runs):
-                lines.append(f"| {name} | {load} | {rnd + 1} | {r['output_throughput']:.1f} | {r['mean_ttft_ms']:.0f} | "
-                             f"{r['median_ttft_ms']:.0f} | {r['p99_ttft_ms']:.0f} |")
+                lines.append(f"| {name} | {load} | {rnd + 1} | {r['output_throughput']:.1f} | "
+                             f"{r['mean_ttft_ms']:.0f} | {r['median_ttft_ms']:.0f} | {r['p99_ttft_ms']:.0f} |")
     table = "\n".join(lines)
     print(table)
     os.makedirs(a.output_dir, exist_ok=True)

@@ -49,7 +49,8 @@ class FakeReplica:
             return JSONResponse({"status": "ok"}, status_code=200 if self.healthy else 503)
 
         async def metrics(request):
-            return PlainTextResponse(f"# HELP fake_served Served.\n# TYPE fake_served gauge\nfake_served {self.served}\n")
+            text = f"# HELP fake_served Served.\n# TYPE fake_served gauge\nfake_served {self.served}\n"
+            return PlainTextResponse(text)
 
         async def models(request):
             return JSONResponse({"object": "list", "data": [{"id": "fake"}]})
@@ -133,5 +134,6 @@ async def wait_for(check, message: str) -> None:
 
 async def replica_up(client: httpx.AsyncClient, url: str, name: str) -> float:
     text = (await client.get(url + "/metrics")).text
-    line = next(line for line in text.splitlines() if line.startswith(f'scaleinfer_router_replica_up{{replica="{name}"}}'))
+    head = f'scaleinfer_router_replica_up{{replica="{name}"}}'
+    line = next(line for line in text.splitlines() if line.startswith(head))
     return float(line.split()[-1])

@@ -108,7 +108,8 @@ def test_killing_a_replica_mid_load_loses_no_unstarted_request_and_hangs_nothing
     assert all(out["replica"] != victim for out in later)
     text = httpx.get(router.url + "/metrics", timeout=TIMEOUT_S).text
     assert metric(text, "scaleinfer_router_replica_up", replica=victim) == 0
-    hit = {name: metric(text, f"scaleinfer_router_{name}_total", replica=victim) for name in ("retries", "stream_errors")}
+    hit = {name: metric(text, f"scaleinfer_router_{name}_total", replica=victim)
+           for name in ("retries", "stream_errors")}
     assert hit["stream_errors"] >= 1, f"the kill cut no stream: {hit}"
     print(f"in flight on {victim} when it was killed: {hit}")
 
