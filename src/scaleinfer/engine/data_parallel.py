@@ -5,7 +5,7 @@ output length) and the outputs come back in input order.
 Each worker is a fresh interpreter (`python -m scaleinfer.engine.data_parallel`: no forked torch or
 OpenMP state, and no `if __name__ == "__main__"` guard needed in the caller's script) that loads the
 model itself and answers batches as pickles on its stdin / stdout. A worker that fails to load, or
-dies, raises a one-line EngineDeadError in the caller; nothing waits on it past WORKER_START_TIMEOUT_S when starting.
+dies, raises a one-line EngineDeadError in the caller; a start waits at most WORKER_START_TIMEOUT_S.
 Sampling without a per-request seed differs from one process (each worker draws from its own
 generator); greedy outputs are the same.
 """
