@@ -1,7 +1,8 @@
 """The engine replicas of `scaleinfer serve --data-parallel-size N` on this host: N `scaleinfer serve`
-processes on 127.0.0.1 and free ports, each with its share of the threads (or --replica-threads), the
-engine flags given to serve, and an internal API key (random, per start: the replicas' ports are
-reachable by other users of the machine; the router sends the key, clients never see it).
+processes on 127.0.0.1 and free ports, started one after another (each once the one before is ready),
+each with its share of the threads (or --replica-threads), the engine flags given to serve, and an
+internal API key (random, per start: the replicas' ports are reachable by other users of the machine;
+the router sends the key, clients never see it).
 
 Each replica runs in a session of its own (so a Ctrl-C reaches the router, which drains and then stops
 them in order) and is told to exit when the router dies (PR_SET_PDEATHSIG on Linux), so no replica
@@ -67,48 +68,48 @@ def _die_with_parent() -> None:
         pass
 
 
-def start(n: int, engine_argv: list[str], server_argv: list[str], threads: int) -> LocalReplicas:
-    """Start n replicas (they load in parallel); wait_ready() waits for them."""
+def start(n: int, engine_argv: list[str], server_argv: list[str], threads: int, timeout_s: float) -> LocalReplicas:
+    """Start n replicas one after another, each once the one before answers /health: a model's load can
+    peak at several times its size in memory (e.g. dequantizing before repacking), and N loads at once
+    have been killed by the OOM killer here. A ConfigError (and no replica left running) if one fails."""
     key = secrets.token_urlsafe(24)
     env = {**os.environ, API_KEY_ENV: key}
-    urls, procs = [], []
+    replicas = LocalReplicas([], [], key)
     try:
         for i in range(n):
             port = _free_port()
             cmd = [sys.executable, "-m", "scaleinfer", "serve", "--host", "127.0.0.1", "--port", str(port),
                    *engine_argv, "--threads", str(threads), *server_argv]
             logger.info("starting replica r%d on 127.0.0.1:%d (%d threads)", i, port, threads)
-            procs.append(subprocess.Popen(cmd, env=env, start_new_session=True,
-                                          preexec_fn=_die_with_parent if sys.platform == "linux" else None))
-            urls.append(f"http://127.0.0.1:{port}")
+            replicas.procs.append(subprocess.Popen(cmd, env=env, start_new_session=True,
+                                                   preexec_fn=_die_with_parent if sys.platform == "linux" else None))
+            replicas.urls.append(f"http://127.0.0.1:{port}")
+            _wait_ready(i, replicas.urls[i], replicas.procs[i], timeout_s)
     except BaseException:
-        stop(LocalReplicas(urls, procs, key), 10)
+        stop(replicas, 10)
         raise
-    return LocalReplicas(urls, procs, key)
+    return replicas
 
 
-def wait_ready(replicas: LocalReplicas, timeout_s: float) -> None:
-    """Until every replica answers /health: a ConfigError at once if one exits, or after timeout_s if one
+def _wait_ready(i: int, url: str, proc: subprocess.Popen, timeout_s: float) -> None:
+    """Until the replica answers /health: a ConfigError at once if it exits, or after timeout_s if it
     neither answers nor exits."""
     deadline = time.monotonic() + timeout_s
-    pending = dict(enumerate(replicas.urls))
-    while pending:
-        for i, url in list(pending.items()):
-            proc = replicas.procs[i]
-            if proc.poll() is not None:
-                raise ConfigError(f"replica r{i} exited with code {proc.returncode} while starting (its log is "
-                                  f"above); fix the engine flags and start again")
-            try:
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    logger.info("replica r%d is ready at %s", i, url)
-                    del pending[i]
-            except httpx.TransportError:
-                pass
-        if pending and time.monotonic() > deadline:
-            raise ConfigError(f"replicas {', '.join(f'r{i}' for i in pending)} did not answer /health within "
-                              f"{timeout_s:.0f} s (--replica-start-timeout)")
-        if pending:
-            time.sleep(0.3)
+    while True:
+        if proc.poll() is not None:
+            raise ConfigError(f"replica r{i} exited with code {proc.returncode} while starting (its log is "
+                              f"above{'; -9 is often the OOM killer' if proc.returncode == -9 else ''}); "
+                              f"fix the engine flags and start again")
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                logger.info("replica r%d is ready at %s", i, url)
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise ConfigError(f"replica r{i} did not answer /health within {timeout_s:.0f} s "
+                              f"(--replica-start-timeout)")
+        time.sleep(0.3)
 
 
 def stop(replicas: LocalReplicas, timeout_s: float) -> None:

@@ -118,15 +118,14 @@ def run_router(urls: list[str], opts: RouterOptions) -> int:
 
 def serve_data_parallel(n: int, engine_argv: list[str], server_argv: list[str], threads: int, opts: RouterOptions,
                         start_timeout_s: float = 900.0) -> int:
-    """`scaleinfer serve --data-parallel-size N`: bind, start N replicas here, wait for them, serve."""
+    """`scaleinfer serve --data-parallel-size N`: bind, start N replicas here one by one, serve."""
     if n < 2:
         raise ConfigError(f"--data-parallel-size must be >= 2 for a router, got {n}")
     _check(opts)
     sock = _bind(opts.host, opts.port)  # a taken port fails before any replica loads
     try:
-        local = launch.start(n, engine_argv, server_argv, threads)
+        local = launch.start(n, engine_argv, server_argv, threads, start_timeout_s)
         try:
-            launch.wait_ready(local, start_timeout_s)
             opts = RouterOptions(**{**opts.__dict__, "replica_auth": local.auth})
             return _serve(sock, local.urls, opts, local.procs)
         finally:
