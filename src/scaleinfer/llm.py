@@ -39,9 +39,11 @@ class LLM:
         kv_cache_dtype: str = CacheConfig.kv_cache_dtype,
         attention_pattern: str | None = EngineConfig.attention_pattern,
         calibration: str | None = EngineConfig.calibration,
+        data_parallel_size: int = 1,
     ):
         """Every default is the config dataclasses' own (config.py); a memory size may be a string
-        such as "512MiB"."""
+        such as "512MiB". data_parallel_size=N runs N engine processes here, the threads split between
+        them; generate() and chat() spread their prompts over them (engine/data_parallel.py)."""
         config = EngineConfig(
             model=model, dtype=dtype, device=device, threads=threads, seed=seed, quantization=quantization,
             attention_pattern=attention_pattern, calibration=calibration,
@@ -50,8 +52,22 @@ class LLM:
             scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                                       max_model_len=max_model_len),
         )
+        self._dp = None
+        if data_parallel_size != 1:
+            from scaleinfer.engine.data_parallel import DataParallelEngines
+            from scaleinfer.weights.loader import open_checkpoint
+
+            self.tokenizer = open_checkpoint(model).tokenizer
+            self._dp = DataParallelEngines(config, data_parallel_size)
+            self.engine = None  # type: ignore[assignment]  (N engines, in their processes)
+            return
         self.engine = LLMEngine(config)
         self.tokenizer = self.engine.tokenizer
+
+    def shutdown(self) -> None:
+        """Stop the engine processes of data_parallel_size > 1 (they also end with this interpreter)."""
+        if self._dp is not None:
+            self._dp.close()
 
     def generate(
         self,
@@ -68,6 +84,8 @@ class LLM:
             from scaleinfer.errors import RequestError
 
             raise RequestError(f"got {len(prompts)} prompts but {len(params_list)} SamplingParams")
+        if self._dp is not None:
+            return self._dp.generate(list(prompts), params_list)
         ids = []
         for prompt, p in zip(prompts, params_list):
             request_id = self.engine.new_request_id()
@@ -111,6 +129,10 @@ class LLM:
 
         Breaking out of the loop aborts the request.
         """
+        if self._dp is not None:
+            from scaleinfer.errors import ConfigError
+
+            raise ConfigError("stream() runs one request on one engine; use an LLM with data_parallel_size=1")
         request_id = self.engine.new_request_id()
         self.engine.add_request(request_id, prompt, sampling_params or SamplingParams())
         done = False
