@@ -5,7 +5,7 @@ from collections.abc import Iterator, Sequence
 
 from tqdm import tqdm
 
-from scaleinfer.config import DEFAULT_MODEL, CacheConfig, EngineConfig, SchedulerConfig, parse_memory
+from scaleinfer.config import DEFAULT_MODEL, CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig, parse_memory
 from scaleinfer.engine.engine import LLMEngine
 from scaleinfer.request import RequestOutput
 from scaleinfer.sampling_params import SamplingParams
@@ -39,9 +39,20 @@ class LLM:
         kv_cache_dtype: str = CacheConfig.kv_cache_dtype,
         attention_pattern: str | None = EngineConfig.attention_pattern,
         calibration: str | None = EngineConfig.calibration,
+        tensor_parallel_size: int = ParallelConfig.tensor_parallel_size,
+        pipeline_parallel_size: int = ParallelConfig.pipeline_parallel_size,
+        data_parallel_size: int = ParallelConfig.data_parallel_size,
+        distributed_init_method: str | None = ParallelConfig.distributed_init_method,
+        distributed_timeout: float = ParallelConfig.distributed_timeout,
+        distributed_communicator: str = ParallelConfig.communicator,
+        parallel: ParallelConfig | None = None,
     ):
         """Every default is the config dataclasses' own (config.py); a memory size may be a string
-        such as "512MiB"."""
+        such as "512MiB". `parallel` (a whole ParallelConfig) overrides the separate distributed arguments."""
+        parallel = parallel or ParallelConfig(
+            tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
+            data_parallel_size=data_parallel_size, distributed_init_method=distributed_init_method,
+            distributed_timeout=distributed_timeout, communicator=distributed_communicator)
         config = EngineConfig(
             model=model, dtype=dtype, device=device, threads=threads, seed=seed, quantization=quantization,
             attention_pattern=attention_pattern, calibration=calibration,
@@ -49,6 +60,7 @@ class LLM:
                               enable_prefix_caching=enable_prefix_caching, kv_cache_dtype=kv_cache_dtype),
             scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                                       max_model_len=max_model_len),
+            parallel=parallel,
         )
         self.engine = LLMEngine(config)
         self.tokenizer = self.engine.tokenizer
