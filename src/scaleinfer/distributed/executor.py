@@ -14,6 +14,7 @@ refuses further steps.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import time
 from typing import Protocol
@@ -70,8 +71,10 @@ class MultiprocExecutor:
         self.runner, self.comm, self.state = runner, comm, state
         self.processes = list(processes or [])
         self.dead: str | None = None
+        self.closed = False
         self.broadcast_seconds = 0.0
         """Time spent sending step messages (the executor's own overhead per step, measured)."""
+        atexit.register(self.shutdown)   # the workers stop cleanly when the driver's program ends
 
     def execute(self, sched: SchedulerOutput) -> ModelOutput:
         batch = build_forward_batch(sched, self.runner.block_size, self.runner.patterns)
@@ -113,7 +116,11 @@ class MultiprocExecutor:
                                 f"start it again")
 
     def shutdown(self) -> None:
-        """Tell the workers to stop, wait for them briefly, then end any that remain."""
+        """Tell the workers to stop, wait for them briefly, then end any that remain (once)."""
+        if self.closed:
+            return
+        self.closed = True
+        atexit.unregister(self.shutdown)
         if self.dead is None:
             self.dead = "shut down"
             try:
