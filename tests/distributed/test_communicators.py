@@ -32,6 +32,9 @@ def _exercise(state, kind: str):
     msg = torch.arange(10, dtype=torch.long) * 7 if comm.rank == 0 else None
     out["bcast"] = comm.broadcast_ints(msg)
     out["bcast_empty"] = comm.broadcast_ints(torch.empty(0, dtype=torch.long) if comm.rank == 0 else None, True)
+    out["stats"] = comm.stats()
+    comm.reset_stats()
+    out["stats_reset"] = comm.stats()
     comm.close()
     return out
 
@@ -54,6 +57,10 @@ def _check(results, world: int):
     expected = torch.cat([torch.full((3, 5), float(r)) + torch.arange(5.0) for r in range(world)], dim=-1)
     assert torch.equal(results[0]["gather"], expected)
     assert all(res["gather"] is None for res in results[1:])
+    for res in results:   # 4 all-reduces and a gather counted (broadcasts too on shm's rank 0), then reset
+        seconds, calls = res["stats"]
+        assert calls >= 5 and seconds > 0
+        assert tuple(res["stats_reset"]) == (0.0, 0)
     big = results[0]["sums"][3]
     torch.testing.assert_close(big, torch.arange(big.numel(), dtype=torch.float32) * 1e-3 * factor)
 

@@ -87,3 +87,11 @@ def test_tp2_gemma_replicated_kv_head_matches_one_process():
     scale = single["logits"].abs().max().item()
     assert tp["tokens"] == single["tokens"]
     assert (tp["logits"] - single["logits"]).abs().max().item() <= 5e-4 * scale
+
+
+@needs(QWEN)
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL tensor parallel needs two GPUs")
+def test_tp2_nccl_on_two_gpus_matches_one_gpu():
+    single, tp, llm = _pair(QWEN, quantization="none", device="cuda")
+    assert llm.engine.executor.comm.name == "nccl"
+    assert tp["tokens"] == single["tokens"]

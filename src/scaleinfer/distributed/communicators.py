@@ -10,6 +10,7 @@ executor turns it into a one-line error).
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from typing import Protocol
 
@@ -41,6 +42,10 @@ class Communicator(Protocol):
 
     def abort(self) -> None: ...     # make every rank's pending wait fail now (a peer is gone)
 
+    def stats(self) -> tuple[float, int]: ...   # (seconds inside collectives, their count) since reset
+
+    def reset_stats(self) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -55,22 +60,38 @@ class TorchCommunicator:
 
     def __init__(self, state: ParallelState, group, ranks: list[int]):
         self.group, self.ranks = group, ranks
+        self.seconds, self.calls = 0.0, 0
         self.rank, self.world_size = ranks.index(state.rank), len(ranks)
         self.control = state.control_group
         self.name = state.backend
 
     def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
         dist.all_reduce(t, group=self.group)
+        self._count(start)
         return t
 
     def gather_last(self, t: torch.Tensor) -> torch.Tensor | None:
+        start = time.perf_counter()
         t = t.contiguous()
         if self.rank != 0:
             dist.gather(t, None, dst=self.ranks[0], group=self.group)
+            self._count(start)
             return None
         parts = [torch.empty_like(t) for _ in range(self.world_size)]
         dist.gather(t, parts, dst=self.ranks[0], group=self.group)
+        self._count(start)
         return torch.cat(parts, dim=-1)
+
+    def _count(self, start: float) -> None:
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+
+    def stats(self) -> tuple[float, int]:
+        return self.seconds, self.calls
+
+    def reset_stats(self) -> None:
+        self.seconds, self.calls = 0.0, 0
 
     def broadcast_ints(self, t: torch.Tensor | None, wait_forever: bool = False) -> torch.Tensor:
         """A 1-D int64 tensor from rank 0: its length, then its values, over the group without a timeout
@@ -133,6 +154,12 @@ class ShmCommunicator:
 
     def abort(self) -> None:
         self.native.abort()
+
+    def stats(self) -> tuple[float, int]:
+        return self.native.stats()
+
+    def reset_stats(self) -> None:
+        self.native.reset_stats()
 
     def close(self) -> None:
         pass

@@ -34,6 +34,8 @@ class ParallelState:
     """The torch ProcessGroup of this rank's pipeline group (None on one rank)."""
     control_group: object = None
     """A gloo group of every rank without a collective timeout: workers wait on it for the next step."""
+    cpu_group: object = None
+    """A gloo group of every rank with the timeout, for CPU tensors (None: the default group, gloo already)."""
     same_host: bool = True
     """Whether every rank runs on this host (shared memory can connect them)."""
 
@@ -116,9 +118,10 @@ def _groups(rank: int, world_size: int, tp_size: int, pp_size: int, backend: str
         if rank in ranks:
             pp_group = group
     control = dist.new_group(list(range(world_size)), timeout=_FOREVER, backend="gloo")
+    cpu = None if backend == "gloo" else dist.new_group(list(range(world_size)), timeout=timeout, backend="gloo")
     hosts: list[str | None] = [None] * world_size
     dist.all_gather_object(hosts, socket.gethostname(), group=control)
-    return ParallelState(rank, world_size, tp_size, pp_size, backend, tp_group, pp_group, control,
+    return ParallelState(rank, world_size, tp_size, pp_size, backend, tp_group, pp_group, control, cpu,
                          same_host=len(set(hosts)) == 1)
 
 

@@ -15,7 +15,7 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -141,13 +141,15 @@ def _build_rank(config: EngineConfig, ckpt: Checkpoint, role: Role) -> tuple[Par
     pc = config.parallel
     state = init_distributed(role.init_method, role.rank, role.world_size, pc.tensor_parallel_size,
                              pc.pipeline_parallel_size, pc.distributed_timeout, config.device)
+    if config.device == "cuda":   # one GPU per rank of this host
+        config = replace(config, device=f"cuda:{role.rank % torch.cuda.device_count()}")
     try:
         comm = make_communicator(state, pc.communicator, pc.distributed_timeout, config.device)
         shard = plan_shard(ckpt.config, state.tp_rank, state.tp_size)
         model = build_model(ckpt, config, shard=shard, comm=comm)
         cfg = shard_config(ckpt.config, shard)
         blocks = torch.tensor([num_blocks_for_budget(cfg, config.cache, DTYPES[config.dtype], config.device)])
-        dist.all_reduce(blocks, op=dist.ReduceOp.MIN)   # every rank holds the same block ids
+        dist.all_reduce(blocks, op=dist.ReduceOp.MIN, group=state.cpu_group)   # every rank: the same block ids
         return state, comm, _runner(config, model, cfg, int(blocks))
     except RuntimeError as exc:
         destroy_distributed()

@@ -28,6 +28,8 @@ class StepInputs:
     tables: list[list[int]] = field(default_factory=list)
     input_ids: list[int] = field(default_factory=list)
     logits_indices: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    """Of each input id (derived from the lengths, so not encoded)."""
 
     def encode(self, op: int) -> torch.Tensor:
         """[op, R, T, L, len(table_0) .. len(table_R-1), query_lens, context_lens, tables, ids, rows]."""
@@ -52,7 +54,11 @@ class StepInputs:
         for n in table_lens:
             tables.append(v[pos:pos + n])
             pos += n
-        return op, StepInputs(query_lens, context_lens, tables, v[pos:pos + t], v[pos + t:pos + t + n_logits])
+        positions: list[int] = []
+        for q, c in zip(query_lens, context_lens):
+            positions.extend(range(c - q, c))
+        return op, StepInputs(query_lens, context_lens, tables, v[pos:pos + t], v[pos + t:pos + t + n_logits],
+                              positions)
 
 
 @dataclass
@@ -80,6 +86,7 @@ def step_inputs(sched: SchedulerOutput) -> tuple[StepInputs, list[Request]]:
     for i in order:
         req, n, start = sched.requests[i], sched.num_scheduled_tokens[i], sched.num_computed_tokens[i]
         inputs.input_ids.extend(req.all_token_ids[start:start + n])
+        inputs.positions.extend(range(start, start + n))
         inputs.query_lens.append(n)
         inputs.context_lens.append(start + n)
         inputs.tables.append(req.block_ids)
@@ -91,12 +98,9 @@ def step_inputs(sched: SchedulerOutput) -> tuple[StepInputs, list[Request]]:
 
 def batch_from_inputs(inputs: StepInputs, block_size: int, patterns: Sequence[AttentionPattern] = (),
                       sample_requests: list[Request] | None = None) -> ForwardBatch:
-    positions: list[int] = []
-    for q, c in zip(inputs.query_lens, inputs.context_lens):
-        positions.extend(range(c - q, c))
     return ForwardBatch(
         input_ids=torch.tensor(inputs.input_ids, dtype=torch.long),
-        positions=torch.tensor(positions, dtype=torch.long),
+        positions=torch.tensor(inputs.positions, dtype=torch.long),
         meta=build_metadata(inputs.query_lens, inputs.context_lens, inputs.tables, block_size, patterns),
         logits_indices=torch.tensor(inputs.logits_indices, dtype=torch.long),
         sample_requests=sample_requests or [],

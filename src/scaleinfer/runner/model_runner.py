@@ -123,7 +123,7 @@ class ModelRunner:
         if block_ids is None:
             block_ids = list(range(-(-total // self.block_size)))
         rows_list = list(range(n)) if rows is None else [int(r) for r in rows.tolist()]
-        return StepInputs([n], [total], [list(block_ids)], list(token_ids), rows_list)
+        return StepInputs([n], [total], [list(block_ids)], list(token_ids), rows_list, list(range(num_cached, total)))
 
     @torch.inference_mode()
     def forward_inputs(self, inputs: StepInputs) -> torch.Tensor:

@@ -53,6 +53,14 @@ struct Header {
 };
 static_assert(sizeof(Header) <= kHeaderBytes, "shm header too large");
 
+// Adds the seconds of its lifetime to `total` (stats()).
+struct Timed {
+  double& total;
+  std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now();
+  explicit Timed(double& t) : total(t) {}
+  ~Timed() { total += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(); }
+};
+
 inline bool reached(uint32_t seq, uint32_t target) { return static_cast<int32_t>(seq - target) >= 0; }
 
 void futex_wait(std::atomic<uint32_t>* addr, uint32_t expected, long nanos) {
@@ -180,6 +188,8 @@ void ShmComm::wait_all(uint32_t target, double timeout_s) {
 }
 
 void ShmComm::all_reduce_raw(float* data, int64_t n) {
+  si_shm::Timed timed(busy_s_);
+  ++calls_;
   const int64_t per = (capacity_ - si_shm::kPrefix) / static_cast<int64_t>(sizeof(float));
   for (int64_t off = 0; off < n; off += per) {
     const int64_t m = std::min(per, n - off);
@@ -208,6 +218,8 @@ torch::Tensor ShmComm::gather(torch::Tensor t) {
               "shm gather takes a contiguous float32 CPU tensor");
   const int64_t n = t.numel(), per = (capacity_ - si_shm::kPrefix) / static_cast<int64_t>(sizeof(float));
   torch::Tensor out = rank_ == 0 ? torch::empty({world_, n}, t.options()) : torch::empty({0}, t.options());
+  si_shm::Timed timed(busy_s_);
+  ++calls_;
   const float* src = t.data_ptr<float>();
   for (int64_t off = 0; off < n; off += per) {
     const int64_t m = std::min(per, n - off);
@@ -226,6 +238,8 @@ torch::Tensor ShmComm::gather(torch::Tensor t) {
 torch::Tensor ShmComm::broadcast(torch::Tensor t, double timeout_s) {
   const int64_t cap = capacity_ - si_shm::kPrefix;
   if (rank_ == 0) {
+    si_shm::Timed timed(busy_s_);   // a worker's wait for the next step is idle time, not communication
+    ++calls_;
     TORCH_CHECK(t.scalar_type() == torch::kInt64 && t.dim() == 1 && t.is_contiguous(),
                 "shm broadcast sends a contiguous 1-D int64 tensor");
     const int64_t total = t.numel() * 8;
@@ -285,6 +299,8 @@ void register_shm_comm(pybind11::module& m) {
            py::call_guard<py::gil_scoped_release>())
       .def("barrier", &ShmComm::barrier, py::call_guard<py::gil_scoped_release>())
       .def("abort", &ShmComm::abort)
+      .def("stats", &ShmComm::stats, "(seconds inside collectives, number of collectives) since reset_stats")
+      .def("reset_stats", &ShmComm::reset_stats)
       .def_property_readonly("rank", &ShmComm::rank)
       .def_property_readonly("world", &ShmComm::world);
 }

@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cstdint>
 #include <string>
+#include <tuple>
 
 namespace si_shm {
 struct Header;
@@ -28,6 +29,9 @@ class ShmComm {
   torch::Tensor broadcast(torch::Tensor t, double timeout_s);  // int64 1-D from rank 0; timeout <= 0: none
   void barrier();
   void abort();                                   // wake every rank's waits with an error
+  // Seconds spent inside collectives (copies and waits for peers) and their count, since the last reset.
+  std::tuple<double, int64_t> stats() const { return {busy_s_, calls_}; }
+  void reset_stats() { busy_s_ = 0; calls_ = 0; }
   int64_t rank() const { return rank_; }
   int64_t world() const { return world_; }
 
@@ -47,6 +51,8 @@ class ShmComm {
   si_shm::Header* hdr_ = nullptr;
   uint32_t seq_ = 0;
   bool pids_visible_ = true;
+  double busy_s_ = 0;
+  int64_t calls_ = 0;
 };
 
 void register_shm_comm(pybind11::module& m);
