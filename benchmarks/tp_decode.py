@@ -5,7 +5,8 @@
 
 Both engines live in this process (the TP engine's driver here, its workers spawned); torch's thread count
 is set before each one's turn. Each round prefills a short prompt, then times `--decode-tokens` greedy
-steps (engine.step) of each engine in turn (the order rotating each round): the shared machine drifts,
+steps (engine.step) of each engine in turn (the order rotating each round; the one-process engine also
+on a single thread): the shared machine drifts,
 so speeds are medians over rounds and the ratio is the median of same-round ratios. Under TP the time
 rank 0 spends inside collectives per step (all-reduces of the decode program, logits gather) and in the
 step broadcast is reported too. Writes JSON under benchmarks/results/.
@@ -68,12 +69,13 @@ def main() -> int:
     single = LLM(args.model, threads=args.threads, **common)
     tp = LLM(args.model, threads=args.threads // args.tp, tensor_parallel_size=args.tp,
              distributed_communicator=args.communicator, **common)
-    engines = {"one": (single, args.threads), f"tp{args.tp}": (tp, args.threads // args.tp)}
+    engines = {"one": (single, args.threads), f"tp{args.tp}": (tp, args.threads // args.tp),
+               "one_1thread": (single, 1)}   # one process on one core: what a rank's share of the work costs
     for llm, threads in engines.values():   # warm-up: decode programs built, pages touched
         decode_round(llm, threads, 8)
     rounds = []
     for r in range(args.rounds):
-        order = list(engines) if r % 2 == 0 else list(reversed(engines))
+        order = list(engines)[r % len(engines):] + list(engines)[:r % len(engines)]
         rounds.append({name: decode_round(*engines[name], args.decode_tokens) for name in order})
         print(json.dumps(rounds[-1]), flush=True)
     name_tp = f"tp{args.tp}"
@@ -81,6 +83,9 @@ def main() -> int:
         "one_tok_s": statistics.median(r["one"]["tok_s"] for r in rounds),
         f"{name_tp}_tok_s": statistics.median(r[name_tp]["tok_s"] for r in rounds),
         f"{name_tp}_over_one": statistics.median(r[name_tp]["tok_s"] / r["one"]["tok_s"] for r in rounds),
+        "one_1thread_tok_s": statistics.median(r["one_1thread"]["tok_s"] for r in rounds),
+        f"{name_tp}_over_one_1thread": statistics.median(r[name_tp]["tok_s"] / r["one_1thread"]["tok_s"]
+                                                         for r in rounds),
         "comm_ms_per_step": statistics.median(r[name_tp]["comm_ms_per_step"] for r in rounds),
         "broadcast_ms_per_step": statistics.median(r[name_tp]["broadcast_ms_per_step"] for r in rounds),
         "collectives_per_step": rounds[-1][name_tp]["collectives_per_step"],

@@ -121,7 +121,8 @@ def _watching(processes: list, build):
         if gone and thread.is_alive():
             r, p = gone[0]
             raise DistributedError(f"rank {r} (pid {p.pid}) exited with code {p.exitcode} before the engine "
-                                   f"started (its error is above)")
+                                   f"started (its error is above; a script that builds a tensor-parallel LLM "
+                                   f"must do so under `if __name__ == \"__main__\":`)")
     if "error" in result:
         raise result["error"]  # type: ignore[misc]
     return result["value"]
