@@ -10,8 +10,8 @@ import logging
 import sys
 import time
 
-from scaleinfer.config import (DEFAULT_MODEL, KV_CACHE_DTYPES, QUANTIZATION_MODES, CacheConfig, EngineConfig,
-                               SchedulerConfig, format_memory)
+from scaleinfer.config import (DEFAULT_MODEL, DISTRIBUTED_COMMUNICATORS, KV_CACHE_DTYPES, QUANTIZATION_MODES,
+                               CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig, format_memory)
 from scaleinfer.errors import ScaleInferError
 
 
@@ -48,6 +48,39 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attention-pattern", default=None,
                    help="override every layer's attention: causal, window=W, sinks=S,window=W (bounded KV for "
                         "endless streams), window=W,global=0:64 (Longformer), block=64,local=4,stride=8")
+    _parallel_args(p)
+
+
+def _parallel_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("distributed (vLLM's names)")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=ParallelConfig.tensor_parallel_size,
+                   help="ranks that split every layer (Megatron-style); on one machine they are spawned here "
+                        "(default: %(default)s)")
+    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=ParallelConfig.pipeline_parallel_size,
+                   help="ranks that hold contiguous layer stages (default: %(default)s)")
+    g.add_argument("--data-parallel-size", "-dp", type=int, default=ParallelConfig.data_parallel_size,
+                   help="engine replicas behind one endpoint (default: %(default)s)")
+    g.add_argument("--distributed-init-method", default=None, metavar="tcp://HOST:PORT",
+                   help="rank 0's address when the ranks are started by hand on several machines (with --rank "
+                        "and --world-size); under torchrun its environment is used")
+    g.add_argument("--rank", type=int, default=None, help="this process's rank (with --distributed-init-method)")
+    g.add_argument("--world-size", type=int, default=None, help="number of ranks (with --distributed-init-method)")
+    g.add_argument("--distributed-timeout", type=float, default=ParallelConfig.distributed_timeout,
+                   help="seconds to wait for every rank to join, and for a peer in a collective (default: "
+                        "%(default)s)")
+    g.add_argument("--distributed-communicator", default=ParallelConfig.communicator,
+                   choices=DISTRIBUTED_COMMUNICATORS,
+                   help="tensor-parallel collectives: shm (shared memory, one host), gloo, auto (default: "
+                        "%(default)s)")
+
+
+def _parallel_config(args) -> ParallelConfig:
+    return ParallelConfig(tensor_parallel_size=args.tensor_parallel_size,
+                          pipeline_parallel_size=args.pipeline_parallel_size,
+                          data_parallel_size=args.data_parallel_size,
+                          distributed_init_method=args.distributed_init_method, rank=args.rank,
+                          world_size=args.world_size, distributed_timeout=args.distributed_timeout,
+                          communicator=args.distributed_communicator)
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -71,7 +104,18 @@ def _make_llm(args):
                enable_prefix_caching=args.enable_prefix_caching,
                quantization=args.quantization,
                kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
-               attention_pattern=args.attention_pattern, calibration=args.calibration)
+               attention_pattern=args.attention_pattern, calibration=args.calibration,
+               parallel=_parallel_config(args))
+
+
+def _is_worker_rank(args) -> bool:
+    """Whether this process is a rank other than 0 of a distributed engine (torchrun's or --rank)."""
+    if "tensor_parallel_size" not in vars(args):
+        return False
+    from scaleinfer.engine.launch import resolve_role
+
+    role = resolve_role(_parallel_config(args))
+    return role is not None and role.rank != 0
 
 
 def _make_params(args):
@@ -245,7 +289,7 @@ def _replica_argv(args, actions) -> list[str]:
     out: list[str] = []
     for a in actions:
         value = getattr(args, a.dest)
-        if a.dest == "threads" or value is None:
+        if a.dest in ("threads", "data_parallel_size") or value is None:   # a replica is one engine
             continue
         if a.nargs == 0:  # a switch: given only when it differs from its default
             if value != a.default:
@@ -402,8 +446,6 @@ def _data_parallel_args(p: argparse.ArgumentParser) -> None:
     from scaleinfer.serving.router.policies import DEFAULT_POLICY, POLICIES
 
     g = p.add_argument_group("data parallel")
-    g.add_argument("--data-parallel-size", type=int, default=1,
-                   help="engine replicas (processes on this host) behind one endpoint (default: %(default)s)")
     g.add_argument("--router-policy", default=DEFAULT_POLICY, choices=list(POLICIES),
                    help="how a request picks its replica (default: %(default)s)")
     g.add_argument("--replica-threads", type=int, default=None,
@@ -558,6 +600,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:  # the start-up summary (model, KV capacity in tokens, threads)
         logging.getLogger("scaleinfer.engine.engine").setLevel(logging.INFO)
     try:
+        if _is_worker_rank(args):   # torchrun / --rank R > 0: serve rank 0's engine, no command of its own
+            _make_llm(args)
         return args.fn(args)
     except ScaleInferError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -102,6 +102,72 @@ class SchedulerConfig:
             raise ConfigError(f"--max-model-len must be >= 2, got {self.max_model_len}")
 
 
+DISTRIBUTED_COMMUNICATORS = ("auto", "shm", "gloo")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How one engine is split over processes (vLLM's names). The ranks of one engine are
+    tensor_parallel_size x pipeline_parallel_size processes; rank 0 (the driver) runs the scheduler and
+    the sampler and holds a shard too. data_parallel_size counts whole engine replicas (a router's)."""
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+    distributed_init_method: str | None = None
+    """tcp://HOST:PORT of rank 0 when the ranks are started by hand on several machines (with rank and
+    world_size), "env://" under torchrun (read from its environment); None: this process is rank 0 and
+    spawns the other ranks on this machine (a free port on 127.0.0.1)."""
+    rank: int | None = None
+    """This process's rank (with distributed_init_method); None: 0, or torchrun's RANK."""
+    world_size: int | None = None
+    """Number of ranks (with distributed_init_method); must equal the parallel sizes' product."""
+    distributed_timeout: float = 120.0
+    """Seconds a rank waits for the others to join, and for a peer inside a collective, before failing."""
+    communicator: str = "auto"
+    """Tensor-parallel collectives: shm (shared memory, ranks on one host), gloo (torch.distributed, any
+    hosts), auto (shm when every rank is on this host and the kernels are built, else gloo; NCCL on GPUs)."""
+
+    @property
+    def num_ranks(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def distributed(self) -> bool:
+        """Whether this engine runs over several processes (or was asked to join a process group)."""
+        return self.num_ranks > 1 or self.distributed_init_method is not None
+
+    def __post_init__(self) -> None:
+        for flag, value in (("--tensor-parallel-size", self.tensor_parallel_size),
+                            ("--pipeline-parallel-size", self.pipeline_parallel_size),
+                            ("--data-parallel-size", self.data_parallel_size)):
+            if value < 1:
+                raise ConfigError(f"{flag} must be >= 1, got {value}")
+        if self.distributed_timeout <= 0:
+            raise ConfigError(f"--distributed-timeout must be positive seconds, got {self.distributed_timeout}")
+        if self.communicator not in DISTRIBUTED_COMMUNICATORS:
+            raise ConfigError(f"--distributed-communicator must be one of {', '.join(DISTRIBUTED_COMMUNICATORS)}, "
+                              f"got {self.communicator!r}")
+        init = self.distributed_init_method
+        if init is not None and not init.startswith(("tcp://", "env://")):
+            raise ConfigError(f"--distributed-init-method must be tcp://HOST:PORT or env://, got {init!r}")
+        if self.world_size is not None and self.world_size != self.num_ranks:
+            raise ConfigError(f"--world-size {self.world_size} must equal --tensor-parallel-size x "
+                              f"--pipeline-parallel-size = {self.num_ranks}")
+        if self.rank is not None and not 0 <= self.rank < self.num_ranks:
+            raise ConfigError(f"--rank {self.rank} must be in [0, {self.num_ranks})")
+
+
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def torchrun_env() -> dict[str, str] | None:
+    """RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT as torchrun sets them, or None outside torchrun."""
+    if not all(k in os.environ for k in TORCHRUN_ENV):
+        return None
+    return {k: os.environ[k] for k in TORCHRUN_ENV}
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine needs, built by LLM(...) or the CLI."""
@@ -128,6 +194,7 @@ class EngineConfig:
     bounded KV memory (see attention/patterns.py); None keeps the model's own (causal, or its windows)."""
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):

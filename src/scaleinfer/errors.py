@@ -27,3 +27,7 @@ class RequestError(ScaleInferError):
 
 class EngineDeadError(ScaleInferError):
     """The engine loop died; no further requests can be served."""
+
+
+class DistributedError(ScaleInferError):
+    """A rank of a distributed engine never joined, died, or stopped answering within the timeout."""

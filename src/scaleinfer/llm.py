@@ -5,7 +5,7 @@ from collections.abc import Iterator, Sequence
 
 from tqdm import tqdm
 
-from scaleinfer.config import DEFAULT_MODEL, CacheConfig, EngineConfig, SchedulerConfig, parse_memory
+from scaleinfer.config import DEFAULT_MODEL, CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig, parse_memory
 from scaleinfer.engine.engine import LLMEngine
 from scaleinfer.request import RequestOutput
 from scaleinfer.sampling_params import SamplingParams
@@ -39,11 +39,23 @@ class LLM:
         kv_cache_dtype: str = CacheConfig.kv_cache_dtype,
         attention_pattern: str | None = EngineConfig.attention_pattern,
         calibration: str | None = EngineConfig.calibration,
-        data_parallel_size: int = 1,
+        tensor_parallel_size: int = ParallelConfig.tensor_parallel_size,
+        pipeline_parallel_size: int = ParallelConfig.pipeline_parallel_size,
+        data_parallel_size: int = ParallelConfig.data_parallel_size,
+        distributed_init_method: str | None = ParallelConfig.distributed_init_method,
+        distributed_timeout: float = ParallelConfig.distributed_timeout,
+        distributed_communicator: str = ParallelConfig.communicator,
+        parallel: ParallelConfig | None = None,
     ):
         """Every default is the config dataclasses' own (config.py); a memory size may be a string
-        such as "512MiB". data_parallel_size=N runs N engine processes here, the threads split between
-        them; generate() and chat() spread their prompts over them (engine/data_parallel.py)."""
+        such as "512MiB". `parallel` (a whole ParallelConfig) overrides the separate distributed arguments.
+        data_parallel_size=N runs N engine processes here (each may itself be tensor/pipeline parallel),
+        the threads split between them; generate() and chat() spread their prompts over them
+        (engine/data_parallel.py)."""
+        parallel = parallel or ParallelConfig(
+            tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
+            data_parallel_size=data_parallel_size, distributed_init_method=distributed_init_method,
+            distributed_timeout=distributed_timeout, communicator=distributed_communicator)
         config = EngineConfig(
             model=model, dtype=dtype, device=device, threads=threads, seed=seed, quantization=quantization,
             attention_pattern=attention_pattern, calibration=calibration,
@@ -51,14 +63,18 @@ class LLM:
                               enable_prefix_caching=enable_prefix_caching, kv_cache_dtype=kv_cache_dtype),
             scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                                       max_model_len=max_model_len),
+            parallel=parallel,
         )
         self._dp = None
-        if data_parallel_size != 1:
+        if parallel.data_parallel_size != 1:
+            from dataclasses import replace
+
             from scaleinfer.engine.data_parallel import DataParallelEngines
             from scaleinfer.weights.loader import open_checkpoint
 
             self.tokenizer = open_checkpoint(model).tokenizer
-            self._dp = DataParallelEngines(config, data_parallel_size)
+            one = replace(config, parallel=replace(parallel, data_parallel_size=1))   # each process: one replica
+            self._dp = DataParallelEngines(one, parallel.data_parallel_size)
             self.engine = None  # type: ignore[assignment]  (N engines, in their processes)
             return
         self.engine = LLMEngine(config)

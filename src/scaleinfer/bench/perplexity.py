@@ -46,7 +46,7 @@ def perplexity(llm, text: str, window: int = 512, max_windows: int | None = None
     tok = llm.tokenizer
     ids = tok.encode(text, add_special_tokens=False)
     bos = [tok.bos_token_id] if tok.add_bos_token and tok.bos_token_id is not None else []
-    runner = llm.engine.runner
+    executor = llm.engine.executor   # every rank of a tensor-parallel engine runs the pass
     total_nll, total_tokens = 0.0, 0
     chunks = windows_of(ids, window, max_windows)
     start = time.perf_counter()
@@ -55,7 +55,7 @@ def perplexity(llm, text: str, window: int = 512, max_windows: int | None = None
         if step:
             total_nll -= float(llm.engine.score_stream(seq, chunk=step)[len(bos):].sum())
         else:
-            logits = runner.compute_logits(seq)                      # [len(seq), vocab]
+            logits = executor.compute_logits(seq)                    # [len(seq), vocab]
             logprobs = torch.log_softmax(logits[len(bos):-1].float(), dim=-1)
             targets = torch.tensor(chunk[1:], device=logprobs.device)
             total_nll -= float(logprobs.gather(1, targets.unsqueeze(1)).sum())

@@ -12,14 +12,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from scaleinfer.attention.layer import layer_patterns, set_attention_pattern
 from scaleinfer.attention.patterns import parse_pattern, union_live_ranges
 from scaleinfer.config import ALLOW_LONG_ENV, EngineConfig, allow_long_max_model_len
-from scaleinfer.engine.loading import DTYPES, build_model
+from scaleinfer.engine.launch import create_executor
+from scaleinfer.engine.loading import DTYPES
 from scaleinfer.errors import RequestError
-from scaleinfer.kv_cache.cache_tensors import bytes_per_token, num_blocks_for_budget
+from scaleinfer.kv_cache.cache_tensors import bytes_per_token
 from scaleinfer.request import CompletionOutput, FinishReason, Request, RequestMetrics, RequestOutput
-from scaleinfer.runner.model_runner import ModelRunner
 from scaleinfer.sampling_params import SamplingParams
 from scaleinfer.scheduler import Scheduler
 from scaleinfer.tokenizer import IncrementalDetokenizer
@@ -74,20 +73,22 @@ class LLMEngine:
         self.config = config
         if config.threads is not None:
             torch.set_num_threads(config.threads)
-        pattern = parse_pattern(config.attention_pattern) if config.attention_pattern is not None else None
+        if config.attention_pattern is not None:
+            parse_pattern(config.attention_pattern)   # a bad pattern fails before any weight is read
         start = time.perf_counter()
         ckpt = open_checkpoint(config.model)
         self.model_config = ckpt.config
         self.checkpoint_path = ckpt.path
         self.tokenizer = ckpt.tokenizer
-        self.model = build_model(ckpt, config)
-        if pattern is not None:
-            set_attention_pattern(self.model, pattern)
-        self.attention_patterns = layer_patterns(self.model)
+        self.executor = create_executor(config, ckpt)
+        self.runner = self.executor.runner
+        """This process's ModelRunner (rank 0's shard under tensor parallelism)."""
+        self.model = self.runner.model
+        self.attention_patterns = self.runner.patterns
         self.load_time = time.perf_counter() - start
 
         dtype = DTYPES[config.dtype]
-        num_blocks = num_blocks_for_budget(self.model_config, config.cache, dtype, config.device)
+        num_blocks = self.runner.num_blocks
         self.max_model_len = config.scheduler.max_model_len
         limit = position_limit(self.model_config)
         if not all(p.distance_bounded for p in self.attention_patterns) and self.max_model_len > limit:
@@ -104,12 +105,11 @@ class LLMEngine:
 
             sched_cfg = replace(sched_cfg, max_model_len=self.max_model_len)
         self.scheduler = Scheduler(sched_cfg, config.cache, num_blocks, self.attention_patterns)
-        self.runner = ModelRunner(self.model, self.model_config, config.cache, num_blocks, dtype, config.device,
-                                  seed=config.seed)
         self.num_kv_blocks = num_blocks
         self.kv_capacity_tokens = num_blocks * config.cache.block_size
-        self.kv_bytes_per_token = bytes_per_token(self.model_config, dtype, config.cache.kv_cache_dtype,
+        self.kv_bytes_per_token = bytes_per_token(self.runner.model_config, dtype, config.cache.kv_cache_dtype,
                                                  config.device)
+        """KV bytes of one token on each rank (its KV heads)."""
         self.stats = EngineStats()
         self._parents: dict[str, _Parent] = {}
         self._parent_of: dict[str, str] = {}
@@ -199,7 +199,7 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
-        model_out = self.runner.execute(sched)
+        model_out = self.executor.execute(sched)
         touched = self.scheduler.update(sched, model_out)
         self._record(sched, touched)
         parents: dict[str, _Parent] = {}
@@ -273,7 +273,7 @@ class LLMEngine:
                                f"raise --kv-cache-memory or wait for running requests")
         bm.allocate(probe, len(token_ids))
         try:
-            return self.runner.compute_logits(token_ids, probe.block_ids)
+            return self.executor.compute_logits(token_ids, probe.block_ids)
         finally:
             bm.free(probe)
 
@@ -296,7 +296,7 @@ class LLMEngine:
                 if not bm.can_allocate(probe, end):
                     raise RequestError(f"the KV cache is full at token {start}; raise --kv-cache-memory")
                 bm.allocate(probe, end)
-                logits = self.runner.compute_logits(token_ids[start:end], probe.block_ids, num_cached=start)
+                logits = self.executor.compute_logits(token_ids[start:end], probe.block_ids, num_cached=start)
                 logprobs = torch.log_softmax(logits.float(), dim=-1)
                 out.append(logprobs.gather(1, targets[start:end].to(logprobs.device).unsqueeze(1)).squeeze(1).cpu())
                 probe.num_computed_tokens = end
@@ -305,6 +305,10 @@ class LLMEngine:
         finally:
             bm.free(probe)
         return torch.cat(out)[:-1]
+
+    def shutdown(self) -> None:
+        """Stop the other ranks of a distributed engine (a no-op in one process)."""
+        self.executor.shutdown()
 
     # ---- introspection -----------------------------------------------------------------------
     @property

@@ -8,6 +8,7 @@ import torch
 
 from scaleinfer.attention.backend import get_backend
 from scaleinfer.config import EngineConfig
+from scaleinfer.distributed.sharding import TPShard, install_tensor_parallel, shard_config, shard_tensors
 from scaleinfer.errors import ConfigError
 from scaleinfer.layers.linear import Linear
 from scaleinfer.models import registry
@@ -19,15 +20,22 @@ logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def build_model(ckpt: Checkpoint, config: EngineConfig, attention_backend: str | None = None):
+def build_model(ckpt: Checkpoint, config: EngineConfig, attention_backend: str | None = None,
+                shard: TPShard | None = None, comm=None):
+    """The model of `ckpt` as `config` asks, loaded and quantized; with `shard` (tensor parallelism) only
+    this rank's part of it (distributed/sharding.py), its collectives on `comm`."""
     if ckpt.format == "scaleinfer-quantized" and config.calibration is not None:
         raise ConfigError(f"{ckpt.path} is already quantized; calibrate when quantizing the original model")
+    if shard is not None and (ckpt.format == "scaleinfer-quantized" or config.calibration is not None):
+        raise ConfigError("tensor parallelism does not yet take pre-quantized checkpoints or --calibration; "
+                          "load the original model with --quantization")
     dtype = DTYPES[config.dtype]
     family = registry.family(ckpt.config.architecture)
     start = time.perf_counter()
     if attention_backend is None:  # fused kernels on CPU (they step aside for what they do not cover)
         attention_backend = "cpu" if config.device == "cpu" else "sdpa"   # both take every KV cache dtype
-    model = family.model_class(ckpt.config, get_backend(attention_backend), dtype)
+    model_cfg = ckpt.config if shard is None else shard_config(ckpt.config, shard)
+    model = family.model_class(model_cfg, get_backend(attention_backend), dtype)
     if ckpt.format == "scaleinfer-quantized":  # packed tensors go in as stored, no re-quantizing
         from scaleinfer.weights.quantized import load_quantized
 
@@ -37,8 +45,10 @@ def build_model(ckpt: Checkpoint, config: EngineConfig, attention_backend: str |
     mode = resolve_mode(config.quantization, config.device, stored=bool(ckpt.stored_types))
     windows = _calibration_windows(ckpt, config.calibration, mode) if config.calibration is not None else None
     # int4 group 32 (int4, w4a8, auto) takes GGUF 4-bit weights as stored: exact, and no float round trip.
-    placed = load_into(model, family, ckpt.tensors(direct_int4=ckpt.direct_int4 and takes_packed_int4(mode)),
-                       ckpt.config.tie_word_embeddings, source=f"checkpoint {ckpt.path}")
+    tensors = ckpt.tensors(direct_int4=ckpt.direct_int4 and takes_packed_int4(mode))
+    if shard is not None:
+        tensors = shard_tensors(tensors, shard, ckpt.config, family.checkpoint_name)
+    placed = load_into(model, family, tensors, ckpt.config.tie_word_embeddings, source=f"checkpoint {ckpt.path}")
     if windows is not None:
         _gptq(model, ckpt, mode, windows)
     if mode == "auto":   # each linear by how the checkpoint stored it (quantization/auto.py)
@@ -54,6 +64,8 @@ def build_model(ckpt: Checkpoint, config: EngineConfig, attention_backend: str |
             module.materialize_packed()
             module.quant_method.process_weights_after_loading(module)
     model.to(config.device).eval()
+    if shard is not None:
+        install_tensor_parallel(model, shard, comm)
     logger.debug("weights loaded in %.2f s", time.perf_counter() - start)
     return model
 

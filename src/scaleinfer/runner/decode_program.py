@@ -18,6 +18,7 @@ import torch
 from scaleinfer.attention.metadata import AttentionMetadata
 from scaleinfer.attention.sdpa import CpuPagedBackend, kernel_kv_args
 from scaleinfer.layers.fused import fused_ops
+from scaleinfer.layers.parallel import RowParallel
 from scaleinfer.models.interface import DecoderWeights
 
 
@@ -74,7 +75,19 @@ class DecodePlan:
             max_rows = min([max_rows] + [s.max_rows for s in specs])
             program.add_layer(layer.input_norm, layer.post_norm, k_cache, v_cache, layer.attn.scale, view,
                               *map(_program_linear, specs), *scales)
+        reduce = self._all_reduce()
+        if reduce is not None:   # tensor parallel: o and down are row-parallel (layers/parallel.py)
+            program.set_all_reduce(reduce)
         return program, max_rows
+
+    def _all_reduce(self):
+        """The communicator's reducer when o and down are row-parallel (all layers alike), else None."""
+        methods = [m for layer in self.layers for m in (layer.o.quant_method, layer.down.quant_method)]
+        if not any(isinstance(m, RowParallel) for m in methods):
+            return None
+        assert all(isinstance(m, RowParallel) and m.comm is methods[0].comm for m in methods), \
+            "tensor parallelism shards every layer's o and down alike"
+        return methods[0].comm.reducer()
 
     def current(self, kv_caches) -> bool:
         """Whether this plan was built for these caches and the layers' present methods and patterns."""

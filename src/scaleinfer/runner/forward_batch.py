@@ -1,4 +1,5 @@
-"""ForwardBatch: the flat tensors of one step, built from a SchedulerOutput.
+"""ForwardBatch: the flat tensors of one step, built from a SchedulerOutput; StepInputs: the same step as a
+few flat int lists, which is all another rank needs to run it (encoded as one int64 tensor to broadcast).
 
 Requests are reordered so that query-length-1 requests (decodes) come first and are batched in
 attention; `order` maps batch position -> index in the SchedulerOutput.
@@ -6,7 +7,7 @@ attention; `order` maps batch position -> index in the SchedulerOutput.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -17,44 +18,97 @@ from scaleinfer.scheduler import SchedulerOutput
 
 
 @dataclass
+class StepInputs:
+    """One step's model inputs as plain ints: per request its query length, context length (cached +
+    new tokens) and block table; the flat new token ids; the rows that need logits. Positions follow:
+    request i's new tokens sit at context_len - query_len ... context_len - 1."""
+
+    query_lens: list[int] = field(default_factory=list)
+    context_lens: list[int] = field(default_factory=list)
+    tables: list[list[int]] = field(default_factory=list)
+    input_ids: list[int] = field(default_factory=list)
+    logits_indices: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    """Of each input id (derived from the lengths, so not encoded)."""
+
+    def encode(self, op: int) -> torch.Tensor:
+        """[op, R, T, L, len(table_0) .. len(table_R-1), query_lens, context_lens, tables, ids, rows]."""
+        flat = [op, len(self.query_lens), len(self.input_ids), len(self.logits_indices)]
+        flat += [len(t) for t in self.tables]
+        flat += self.query_lens + self.context_lens
+        for t in self.tables:
+            flat += t
+        flat += self.input_ids + self.logits_indices
+        return torch.tensor(flat, dtype=torch.long)
+
+    @staticmethod
+    def decode(msg: torch.Tensor) -> tuple[int, "StepInputs"]:
+        """Inverse of encode: (op, inputs)."""
+        v = msg.tolist()
+        op, r, t, n_logits = v[:4]
+        pos = 4 + r
+        table_lens = v[4:pos]
+        query_lens, context_lens = v[pos:pos + r], v[pos + r:pos + 2 * r]
+        pos += 2 * r
+        tables = []
+        for n in table_lens:
+            tables.append(v[pos:pos + n])
+            pos += n
+        positions: list[int] = []
+        for q, c in zip(query_lens, context_lens):
+            positions.extend(range(c - q, c))
+        return op, StepInputs(query_lens, context_lens, tables, v[pos:pos + t], v[pos + t:pos + t + n_logits],
+                              positions)
+
+
+@dataclass
 class ForwardBatch:
     input_ids: torch.Tensor          # [num_tokens]
     positions: torch.Tensor          # [num_tokens]
     meta: AttentionMetadata
     logits_indices: torch.Tensor     # [num_samples] flat row of each sampled request's last token
     sample_requests: list[Request]   # the requests that get a token, in logits row order
+    inputs: StepInputs | None = None
+    """The step as plain ints (what the other ranks of a distributed engine are sent)."""
 
     def to(self, device: torch.device | str) -> "ForwardBatch":
         if torch.device(device).type == "cpu":
             return self
         return ForwardBatch(self.input_ids.to(device), self.positions.to(device), self.meta.to(device),
-                            self.logits_indices.to(device), self.sample_requests)
+                            self.logits_indices.to(device), self.sample_requests, self.inputs)
+
+
+def step_inputs(sched: SchedulerOutput) -> tuple[StepInputs, list[Request]]:
+    """The step's inputs (decodes first) and the requests that sample, in logits row order."""
+    order = sorted(range(len(sched.requests)), key=lambda i: sched.num_scheduled_tokens[i] != 1)
+    inputs = StepInputs()
+    sample_requests: list[Request] = []
+    for i in order:
+        req, n, start = sched.requests[i], sched.num_scheduled_tokens[i], sched.num_computed_tokens[i]
+        inputs.input_ids.extend(req.all_token_ids[start:start + n])
+        inputs.positions.extend(range(start, start + n))
+        inputs.query_lens.append(n)
+        inputs.context_lens.append(start + n)
+        inputs.tables.append(req.block_ids)
+        if sched.needs_sample(i):
+            inputs.logits_indices.append(len(inputs.input_ids) - 1)
+            sample_requests.append(req)
+    return inputs, sample_requests
+
+
+def batch_from_inputs(inputs: StepInputs, block_size: int, patterns: Sequence[AttentionPattern] = (),
+                      sample_requests: list[Request] | None = None) -> ForwardBatch:
+    return ForwardBatch(
+        input_ids=torch.tensor(inputs.input_ids, dtype=torch.long),
+        positions=torch.tensor(inputs.positions, dtype=torch.long),
+        meta=build_metadata(inputs.query_lens, inputs.context_lens, inputs.tables, block_size, patterns),
+        logits_indices=torch.tensor(inputs.logits_indices, dtype=torch.long),
+        sample_requests=sample_requests or [],
+        inputs=inputs,
+    )
 
 
 def build_forward_batch(sched: SchedulerOutput, block_size: int,
                         patterns: Sequence[AttentionPattern] = ()) -> ForwardBatch:
-    order = sorted(range(len(sched.requests)), key=lambda i: sched.num_scheduled_tokens[i] != 1)
-    input_ids: list[int] = []
-    positions: list[int] = []
-    query_lens: list[int] = []
-    context_lens: list[int] = []
-    tables: list[list[int]] = []
-    logits_indices: list[int] = []
-    sample_requests: list[Request] = []
-    for i in order:
-        req, n, start = sched.requests[i], sched.num_scheduled_tokens[i], sched.num_computed_tokens[i]
-        input_ids.extend(req.all_token_ids[start:start + n])
-        positions.extend(range(start, start + n))
-        query_lens.append(n)
-        context_lens.append(start + n)
-        tables.append(req.block_ids)
-        if sched.needs_sample(i):
-            logits_indices.append(len(input_ids) - 1)
-            sample_requests.append(req)
-    return ForwardBatch(
-        input_ids=torch.tensor(input_ids, dtype=torch.long),
-        positions=torch.tensor(positions, dtype=torch.long),
-        meta=build_metadata(query_lens, context_lens, tables, block_size, patterns),
-        logits_indices=torch.tensor(logits_indices, dtype=torch.long),
-        sample_requests=sample_requests,
-    )
+    inputs, sample_requests = step_inputs(sched)
+    return batch_from_inputs(inputs, block_size, patterns, sample_requests)

@@ -17,7 +17,7 @@ from scaleinfer.config import CacheConfig, ModelConfig
 from scaleinfer.kv_cache.cache_tensors import allocate_kv_caches
 from scaleinfer.models.interface import CausalLM, DecoderWeights
 from scaleinfer.runner.decode_program import DecodePlan
-from scaleinfer.runner.forward_batch import build_forward_batch
+from scaleinfer.runner.forward_batch import ForwardBatch, StepInputs, batch_from_inputs, build_forward_batch
 from scaleinfer.sampler import Sampler, SamplingMetadata
 from scaleinfer.scheduler import ModelOutput, SchedulerOutput
 
@@ -54,6 +54,8 @@ class ModelRunner:
             # once for the process; flash / memory-efficient kernels need no plans.
             torch.backends.cuda.enable_cudnn_sdp(False)
         self.model_config = model_config
+        """The config the model was built from (one shard's under tensor parallelism)."""
+        self.num_blocks = num_blocks
         self.block_size = cache_config.block_size
         self.kv_caches = allocate_kv_caches(model_config, num_blocks, self.block_size, dtype, device,
                                             cache_config.kv_cache_dtype)
@@ -67,9 +69,13 @@ class ModelRunner:
         """The decode program, built at the first decode-only step (None: not built, or not covered)."""
         self._plan_built = False
 
-    @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelOutput:
-        batch = build_forward_batch(sched, self.block_size, self.patterns).to(self.device)
+        return self.execute_batch(build_forward_batch(sched, self.block_size, self.patterns))
+
+    @torch.inference_mode()
+    def execute_batch(self, batch: ForwardBatch) -> ModelOutput:
+        """Run one step's batch and sample its requests."""
+        batch = batch.to(self.device)
         logits = self._forward(batch.input_ids, batch.positions, batch.meta, batch.logits_indices)
         out = ModelOutput()
         if not batch.sample_requests:
@@ -107,18 +113,24 @@ class ModelRunner:
         them blocks [0, ceil(len / block_size)) are used, which is only safe on an idle engine with
         prefix caching off. `rows`: the positions (within the chunk) to compute logits for; all by default.
         """
-        from scaleinfer.attention.metadata import build_metadata
+        return self.forward_inputs(self.logits_inputs(token_ids, block_ids, num_cached, rows))
 
+    def logits_inputs(self, token_ids: list[int], block_ids: list[int] | None = None, num_cached: int = 0,
+                      rows: torch.Tensor | None = None) -> StepInputs:
+        """compute_logits's step as StepInputs (what a distributed engine sends its other ranks)."""
         n = len(token_ids)
         total = num_cached + n
         if block_ids is None:
             block_ids = list(range(-(-total // self.block_size)))
-        meta = build_metadata([n], [total], [block_ids], self.block_size, self.patterns)
-        with torch.inference_mode():
-            positions = torch.arange(num_cached, total, device=self.device)
-            rows = torch.arange(n) if rows is None else rows
-            return self._forward(torch.tensor(token_ids, device=self.device), positions, meta.to(self.device),
-                                 rows.to(self.device))
+        rows_list = list(range(n)) if rows is None else [int(r) for r in rows.tolist()]
+        return StepInputs([n], [total], [list(block_ids)], list(token_ids), rows_list, list(range(num_cached, total)))
+
+    @torch.inference_mode()
+    def forward_inputs(self, inputs: StepInputs) -> torch.Tensor:
+        """The logits of a step given as StepInputs (no sampling): compute_logits, and every step of a
+        worker rank (whose logits are its vocabulary shard; rank 0 gets them gathered)."""
+        batch = batch_from_inputs(inputs, self.block_size, self.patterns).to(self.device)
+        return self._forward(batch.input_ids, batch.positions, batch.meta, batch.logits_indices)
 
     def _forward(self, input_ids, positions, meta, logits_indices) -> torch.Tensor:
         """Logits of `logits_indices`: through the decode program for a decode-only step it covers,

@@ -25,7 +25,7 @@ def _llm(logits_fn, add_bos=False):
         seen.append(list(ids))
         return logits_fn(ids)
 
-    return SimpleNamespace(tokenizer=_Tok(add_bos), engine=SimpleNamespace(runner=SimpleNamespace(
+    return SimpleNamespace(tokenizer=_Tok(add_bos), engine=SimpleNamespace(executor=SimpleNamespace(
         compute_logits=compute_logits))), seen
 
 

@@ -19,7 +19,12 @@
 // Every intermediate of a step (normed input, QKV, attention output, O, gate/up, SiLU product, down) is
 // written into buffers the program keeps per row count (a Workspace), so a step allocates no tensors;
 // the activations' int8 copies (w4a8) are thread-local buffers too (a8_common.h: quantize_rows).
+//
+// Under tensor parallelism (distributed/sharding.py) o and down are row-parallel: their outputs are
+// partial sums, all-reduced across the ranks right after the matmul (set_all_reduce): by the shared-memory
+// communicator directly (shm_comm.cpp), or by a Python callable (e.g. gloo) for any other.
 #include "kernels.h"
+#include "shm_comm.h"
 
 #include <map>
 #include <string>
@@ -166,6 +171,18 @@ class DecodeProgram {
     layers_.push_back(std::move(l));
   }
 
+  // After o and down of every layer, all-reduce their output in place with `comm`: a ShmComm (called
+  // directly) or a callable taking the tensor; None: no reduction (a single rank).
+  void set_all_reduce(pybind11::object comm) {
+    shm_ = nullptr;
+    reduce_ = pybind11::none();
+    if (comm.is_none()) return;
+    if (pybind11::isinstance<ShmComm>(comm)) {
+      shm_ = comm.cast<ShmComm*>();
+    }
+    reduce_ = comm;  // keeps the communicator alive while the program uses it
+  }
+
   // x [n, H] embeddings; cos / sin [n, D]; per attention view: slot_mapping [n], decode_slots [n, W],
   // decode_lens [n]. Returns (x, residual) after the last layer (the final norm is the head's).
   // The returned x is a buffer of the program: valid until the next run() with as many rows.
@@ -187,14 +204,24 @@ class DecodeProgram {
                              decode_slots[l.view], decode_lens[l.view], l.scale, l.k_scale, l.v_scale, l.k_chan,
                              l.v_chan);
       apply(l.o, ws.attn.view({n, h * d}), ws.o, ws.parts);
+      all_reduce(ws.o);
       residual = add_rms_norm(ws.o, residual, l.w_post, eps_, ws.normed)[1];
       silu_and_mul(apply(l.gate_up, ws.normed, ws.gate_up, ws.parts), ws.act);
       x = apply(l.down, ws.act, ws.down, ws.parts);
+      all_reduce(x);
     }
     return {x, *residual};
   }
 
  private:
+  void all_reduce(torch::Tensor& t) {
+    if (shm_ != nullptr) {
+      shm_->all_reduce_raw(t.data_ptr<float>(), t.numel());
+    } else if (!reduce_.is_none()) {
+      reduce_(t);
+    }
+  }
+
   Workspace& workspace(int64_t n, const torch::Tensor& like) {
     auto it = workspaces_.find(n);
     if (it != workspaces_.end()) return it->second;
@@ -209,7 +236,9 @@ class DecodeProgram {
   int64_t h_, h_kv_, d_;
   double eps_;
   std::vector<LayerSpec> layers_;
-  std::map<int64_t, Workspace> workspaces_;  // by row count (decode batches of 1 .. max_rows requests)
+  std::map<int64_t, Workspace> workspaces_;
+  ShmComm* shm_ = nullptr;
+  pybind11::object reduce_ = pybind11::none();  // by row count (decode batches of 1 .. max_rows requests)
 };
 
 void register_decode_step(pybind11::module& m) {
@@ -220,5 +249,6 @@ void register_decode_step(pybind11::module& m) {
            pybind11::arg("qkv"), pybind11::arg("o"), pybind11::arg("gate_up"), pybind11::arg("down"),
            pybind11::arg("k_scale") = pybind11::none(), pybind11::arg("v_scale") = pybind11::none(),
            pybind11::arg("k_chan") = pybind11::none(), pybind11::arg("v_chan") = pybind11::none())
+      .def("set_all_reduce", &DecodeProgram::set_all_reduce, pybind11::arg("comm"))
       .def("run", &DecodeProgram::run);
 }

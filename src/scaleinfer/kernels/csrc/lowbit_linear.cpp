@@ -358,6 +358,7 @@ void register_int4_a8(pybind11::module& m);  // int4_a8.cpp
 void register_decode_step(pybind11::module& m);  // decode_step.cpp
 void register_int8_a8(pybind11::module& m);  // int8_a8.cpp
 void register_a8_gemm(pybind11::module& m);  // a8_gemm.cpp
+void register_shm_comm(pybind11::module& m);  // shm_comm.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_cpu_ops(m);
@@ -366,6 +367,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_decode_step(m);
   register_int8_a8(m);
   register_a8_gemm(m);
+  register_shm_comm(m);
   namespace py = pybind11;
   m.def("int8_linear", &int8_linear, "y = x (q * scale)^T, int8 weight per output channel", py::arg("x"),
         py::arg("q"), py::arg("scale"), py::arg("out") = py::none());
