@@ -27,7 +27,7 @@ import torch.distributed as dist
 from scaleinfer.distributed.executor import OP_FORWARD, OP_STOP, MultiprocExecutor, _first_line
 from scaleinfer.distributed.parallel_state import ParallelState
 from scaleinfer.distributed.stages import PPStage
-from scaleinfer.errors import DistributedError
+from scaleinfer.errors import DistributedError, EngineDeadError
 from scaleinfer.runner.forward_batch import ForwardBatch, StepInputs, batch_from_inputs, build_forward_batch
 from scaleinfer.runner.model_runner import ModelRunner
 from scaleinfer.scheduler import ModelOutput, SchedulerOutput
@@ -165,6 +165,8 @@ class PipelineExecutor(MultiprocExecutor):
 
     def collect(self, flight: InFlight) -> torch.Tensor:
         """The logits of a submitted step (steps are collected in the order they were submitted)."""
+        if self.dead is not None:
+            raise EngineDeadError(f"the distributed engine stopped earlier ({self.dead}); start it again")
         logits = torch.empty(len(flight.batch.inputs.logits_indices), self.vocab_size)
         start = time.perf_counter()
         try:
@@ -180,6 +182,12 @@ class PipelineExecutor(MultiprocExecutor):
             self.links.send_step(msg)
         except RuntimeError as exc:
             raise self._failed(exc) from None
+
+    def _failed(self, exc: BaseException) -> DistributedError:
+        deadline = time.monotonic() + 2.0   # a killed rank's exit code: name it rather than gloo's text
+        for p in self.processes:
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+        return super()._failed(exc)
 
     def shutdown(self) -> None:
         if self.dead is None:
