@@ -7,6 +7,7 @@ import signal
 import time
 
 import pytest
+import torch
 
 from scaleinfer import LLM, SamplingParams
 from scaleinfer.config import ModelConfig
@@ -64,3 +65,18 @@ def test_a_stage_that_dies_is_one_line_error():
         llm.generate("once more", params)
     llm.engine.shutdown()
     assert not worker.is_alive()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                    reason="NCCL pipeline parallelism needs two GPUs (one rank per GPU)")
+def test_pp2_on_two_gpus_matches_one_gpu():
+    params = SamplingParams(max_tokens=8, temperature=0)
+    one = LLM(device="cuda", kv_cache_memory="64MiB", max_model_len=128)
+    single = one.generate(["Hello", "The capital of France is"], params)
+    del one
+    llm = LLM(device="cuda", pipeline_parallel_size=2, kv_cache_memory="64MiB", max_model_len=128)
+    try:
+        got = llm.generate(["Hello", "The capital of France is"], params)
+    finally:
+        llm.engine.shutdown()
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in single]

@@ -35,6 +35,8 @@ from scaleinfer.scheduler import ModelOutput, SchedulerOutput
 logger = logging.getLogger(__name__)
 
 TAG_STREAM, TAG_LOGITS = 1, 2
+OP_STATS = 2
+"""A step message that asks every rank for its busy time since the last one (bench/pipeline measurements)."""
 _FOREVER = datetime.timedelta(days=365)
 
 
@@ -167,7 +169,7 @@ class PipelineExecutor(MultiprocExecutor):
         """The logits of a submitted step (steps are collected in the order they were submitted)."""
         if self.dead is not None:
             raise EngineDeadError(f"the distributed engine stopped earlier ({self.dead}); start it again")
-        logits = torch.empty(len(flight.batch.inputs.logits_indices), self.vocab_size)
+        logits = torch.empty(len(flight.batch.inputs.logits_indices), self.vocab_size, device=self.runner.device)
         start = time.perf_counter()
         try:
             dist.recv(logits, self.last_rank, group=self.links.data, tag=TAG_LOGITS)
@@ -189,6 +191,16 @@ class PipelineExecutor(MultiprocExecutor):
             p.join(timeout=max(0.0, deadline - time.monotonic()))
         return super()._failed(exc)
 
+    def stage_stats(self) -> list[dict]:
+        """Per rank (in rank order) the seconds it computed its stage and waited for its input since the
+        last call, and its steps; rank 0 also its wait for logits. Call on an idle engine."""
+        self._send(torch.tensor([OP_STATS, 0, 0, 0], dtype=torch.long))
+        mine = {"rank": 0, "compute_s": self.stage_seconds, "wait_s": self.wait_seconds}
+        stats: list = [None] * self.state.world_size
+        dist.all_gather_object(stats, mine, group=self.state.control_group)
+        self.stage_seconds = self.wait_seconds = 0.0
+        return stats
+
     def shutdown(self) -> None:
         if self.dead is None:
             try:
@@ -207,6 +219,7 @@ class StageWorker:
         self.runner, self.comm, self.state, self.links = runner, comm, state, links
         self.hidden_size, self.dtype = hidden_size, dtype
         self.steps = 0
+        self.compute_seconds = self.wait_seconds = 0.0
 
     def serve(self) -> None:
         """Run steps until the driver says stop; a lost peer ends it with a one-line DistributedError."""
@@ -228,12 +241,21 @@ class StageWorker:
         op, inputs = StepInputs.decode(msg)
         if op == OP_STOP:
             return False
+        if op == OP_STATS:
+            mine = {"rank": self.state.rank, "compute_s": self.compute_seconds, "wait_s": self.wait_seconds}
+            dist.all_gather_object([None] * self.state.world_size, mine, group=self.state.control_group)
+            self.compute_seconds = self.wait_seconds = 0.0
+            return True
         batch = batch_from_inputs(inputs, self.runner.block_size, self.runner.patterns)
         stream = None
         if not links.stage.first:
-            stream = torch.empty(len(inputs.input_ids), self.hidden_size, dtype=self.dtype)
+            stream = torch.empty(len(inputs.input_ids), self.hidden_size, dtype=self.dtype, device=self.runner.device)
+            start = time.perf_counter()
             dist.recv(stream, links.prev, group=links.data, tag=TAG_STREAM)
+            self.wait_seconds += time.perf_counter() - start
+        start = time.perf_counter()
         out = self.runner.forward_stage(batch, stream, last=links.stage.last)
+        self.compute_seconds += time.perf_counter() - start
         if not links.stage.last:
             links.isend(out, links.next, links.data, TAG_STREAM)
         elif links.sends_logits:

@@ -14,9 +14,10 @@ import torch
 
 from scaleinfer.attention.patterns import parse_pattern, union_live_ranges
 from scaleinfer.config import ALLOW_LONG_ENV, EngineConfig, allow_long_max_model_len
+from scaleinfer.distributed.pipeline import PipelineExecutor
 from scaleinfer.engine.launch import create_executor
-from scaleinfer.engine.virtual_engines import VirtualEngines
 from scaleinfer.engine.loading import DTYPES
+from scaleinfer.engine.virtual_engines import VirtualEngines
 from scaleinfer.errors import RequestError
 from scaleinfer.kv_cache.cache_tensors import bytes_per_token
 from scaleinfer.request import CompletionOutput, FinishReason, Request, RequestMetrics, RequestOutput
@@ -130,7 +131,7 @@ class LLMEngine:
     def _micro_batches(self) -> int:
         """Steps in flight: 1, or under pipeline parallelism one per stage unless configured."""
         pc = self.config.parallel
-        if pc.pipeline_parallel_size == 1 or not hasattr(self.executor, "submit"):
+        if not isinstance(self.executor, PipelineExecutor):
             return 1
         return pc.pipeline_micro_batches or pc.pipeline_parallel_size
 
@@ -329,8 +330,10 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         """Stop the other ranks of a distributed engine (a no-op in one process)."""
-        self._drain()
-        self.executor.shutdown()
+        try:
+            self._drain()
+        finally:
+            self.executor.shutdown()
 
     def _drain(self) -> None:
         """Collect every step still in flight through a pipeline (before a probe, or stopping)."""

@@ -8,7 +8,8 @@ while the later stages compute the batches before it), then collects the oldest 
 virtual engine is scheduled again only once its previous batch is back (its requests need their tokens),
 which, stepping in turn, is always the oldest in flight: logits come back in submission order.
 
-A new request goes to the virtual engine with the fewest unfinished requests and stays there. One
+A new request goes to the virtual engine with the fewest unfinished requests and stays there; each runs
+at most its share of max_num_seqs (so the engine runs as many requests at once as without). One
 request's decode is still sequential (each token needs the last), so batch-1 decode gains nothing from
 micro-batches: only a load of several requests fills the pipeline.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import replace
 
 from scaleinfer.attention.patterns import AttentionPattern
 from scaleinfer.config import CacheConfig, SchedulerConfig
@@ -36,8 +38,8 @@ class VirtualEngines:
         if self.blocks_each < 1:
             raise ConfigError(f"{num_blocks} KV blocks cannot be shared by {count} micro-batches; raise "
                               f"--kv-cache-memory")
-        self.schedulers = [Scheduler(scheduler_config, cache_config, self.blocks_each, attention_patterns)
-                           for _ in range(count)]
+        share = replace(scheduler_config, max_num_seqs=-(-scheduler_config.max_num_seqs // count))
+        self.schedulers = [Scheduler(share, cache_config, self.blocks_each, attention_patterns) for _ in range(count)]
         self.offsets = [v * self.blocks_each for v in range(count)]
         self.kv_patterns = self.schedulers[0].kv_patterns
         self.owner: dict[str, int] = {}
