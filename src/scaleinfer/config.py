@@ -127,6 +127,9 @@ class ParallelConfig:
     communicator: str = "auto"
     """Tensor-parallel collectives: shm (shared memory, ranks on one host), gloo (torch.distributed, any
     hosts), auto (shm when every rank is on this host and the kernels are built, else gloo; NCCL on GPUs)."""
+    pipeline_micro_batches: int | None = None
+    """Steps in flight through a pipeline (virtual engines, each with its own requests and share of the KV
+    cache): None, one per stage; 1, one step at a time."""
 
     @property
     def num_ranks(self) -> int:
@@ -143,6 +146,8 @@ class ParallelConfig:
                             ("--data-parallel-size", self.data_parallel_size)):
             if value < 1:
                 raise ConfigError(f"{flag} must be >= 1, got {value}")
+        if self.pipeline_micro_batches is not None and self.pipeline_micro_batches < 1:
+            raise ConfigError(f"pipeline_micro_batches must be >= 1, got {self.pipeline_micro_batches}")
         if self.distributed_timeout <= 0:
             raise ConfigError(f"--distributed-timeout must be positive seconds, got {self.distributed_timeout}")
         if self.communicator not in DISTRIBUTED_COMMUNICATORS:

@@ -67,6 +67,9 @@ class MultiprocExecutor:
     `processes`: the worker processes this driver spawned (multiprocessing.Process), stopped at
     shutdown; empty when the ranks were started by torchrun or by hand."""
 
+    kind = "tensor-parallel"
+    """What the ranks are, in errors."""
+
     def __init__(self, runner: ModelRunner, comm, state: ParallelState, processes: list | None = None):
         self.runner, self.comm, self.state = runner, comm, state
         self.processes = list(processes or [])
@@ -112,7 +115,7 @@ class MultiprocExecutor:
         self.dead = reason
         logger.debug("distributed step failed", exc_info=exc)
         self._stop_processes()
-        return DistributedError(f"a tensor-parallel rank failed during a step ({reason}); the engine stopped, "
+        return DistributedError(f"a {self.kind} rank failed during a step ({reason}); the engine stopped, "
                                 f"start it again")
 
     def shutdown(self) -> None:

@@ -14,8 +14,10 @@ import torch
 
 from scaleinfer.attention.patterns import parse_pattern, union_live_ranges
 from scaleinfer.config import ALLOW_LONG_ENV, EngineConfig, allow_long_max_model_len
+from scaleinfer.distributed.pipeline import PipelineExecutor
 from scaleinfer.engine.launch import create_executor
 from scaleinfer.engine.loading import DTYPES
+from scaleinfer.engine.virtual_engines import VirtualEngines
 from scaleinfer.errors import RequestError
 from scaleinfer.kv_cache.cache_tensors import bytes_per_token
 from scaleinfer.request import CompletionOutput, FinishReason, Request, RequestMetrics, RequestOutput
@@ -104,7 +106,12 @@ class LLMEngine:
             from dataclasses import replace
 
             sched_cfg = replace(sched_cfg, max_model_len=self.max_model_len)
-        self.scheduler = Scheduler(sched_cfg, config.cache, num_blocks, self.attention_patterns)
+        micro = self._micro_batches()
+        if micro > 1:   # several steps in flight through the pipeline (engine/virtual_engines.py)
+            self.scheduler = VirtualEngines(sched_cfg, config.cache, num_blocks, self.attention_patterns, micro)
+            num_blocks = self.scheduler.blocks_each   # what one request can hold
+        else:
+            self.scheduler = Scheduler(sched_cfg, config.cache, num_blocks, self.attention_patterns)
         self.num_kv_blocks = num_blocks
         self.kv_capacity_tokens = num_blocks * config.cache.block_size
         self.kv_bytes_per_token = bytes_per_token(self.runner.model_config, dtype, config.cache.kv_cache_dtype,
@@ -120,6 +127,13 @@ class LLMEngine:
             self.model_config.num_layers, self.load_time, config.dtype, self.kv_capacity_tokens, num_blocks,
             config.cache.block_size, num_blocks * config.cache.block_size * self.kv_bytes_per_token / 2**20,
             torch.get_num_threads())
+
+    def _micro_batches(self) -> int:
+        """Steps in flight: 1, or under pipeline parallelism one per stage unless configured."""
+        pc = self.config.parallel
+        if not isinstance(self.executor, PipelineExecutor):
+            return 1
+        return pc.pipeline_micro_batches or pc.pipeline_parallel_size
 
     # ---- requests ----------------------------------------------------------------------------
     def new_request_id(self) -> str:
@@ -196,11 +210,17 @@ class LLMEngine:
 
     # ---- one step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if isinstance(self.scheduler, VirtualEngines):
+            return [out for sched, touched in self.scheduler.step(self.executor)
+                    for out in self._outputs(sched, touched)]
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
         model_out = self.executor.execute(sched)
-        touched = self.scheduler.update(sched, model_out)
+        return self._outputs(sched, self.scheduler.update(sched, model_out))
+
+    def _outputs(self, sched, touched: list[Request]) -> list[RequestOutput]:
+        """After a step's update: statistics, text deltas, the outputs of the requests it touched."""
         self._record(sched, touched)
         parents: dict[str, _Parent] = {}
         for req in touched:
@@ -266,6 +286,7 @@ class LLMEngine:
         Blocks come from the block manager like any request's, so cached prefixes stay intact.
         """
         self._validate(token_ids, SamplingParams(max_tokens=1))
+        self._drain()
         probe = Request(f"logits-{self.new_request_id()}", list(token_ids), SamplingParams(max_tokens=1))
         bm = self.scheduler.block_manager
         if not bm.can_allocate(probe, len(token_ids)):
@@ -289,6 +310,7 @@ class LLMEngine:
         probe = Request(f"score-{self.new_request_id()}", list(token_ids), SamplingParams(max_tokens=1))
         bm, patterns = self.scheduler.block_manager, self.scheduler.kv_patterns
         targets = torch.tensor(token_ids[1:] + [0])
+        self._drain()
         out = []
         try:
             for start in range(0, len(token_ids), chunk):
@@ -308,7 +330,15 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         """Stop the other ranks of a distributed engine (a no-op in one process)."""
-        self.executor.shutdown()
+        try:
+            self._drain()
+        finally:
+            self.executor.shutdown()
+
+    def _drain(self) -> None:
+        """Collect every step still in flight through a pipeline (before a probe, or stopping)."""
+        if isinstance(self.scheduler, VirtualEngines) and self.executor.dead is None:
+            self.scheduler.drain(self.executor)
 
     # ---- introspection -----------------------------------------------------------------------
     @property

@@ -25,8 +25,10 @@ from scaleinfer.attention.patterns import parse_pattern
 from scaleinfer.config import EngineConfig, ParallelConfig, torchrun_env
 from scaleinfer.distributed.communicators import make_communicator
 from scaleinfer.distributed.executor import Executor, MultiprocExecutor, UniProcExecutor
-from scaleinfer.distributed.parallel_state import ParallelState, destroy_distributed, init_distributed
+from scaleinfer.distributed.parallel_state import destroy_distributed, init_distributed
+from scaleinfer.distributed.pipeline import LocalComm, PipelineExecutor, StageWorker, pipeline_links
 from scaleinfer.distributed.sharding import plan_shard, shard_config
+from scaleinfer.distributed.stages import plan_stage, stage_config
 from scaleinfer.distributed.worker import Worker
 from scaleinfer.engine.loading import DTYPES, build_model
 from scaleinfer.errors import ConfigError, DistributedError, ScaleInferError
@@ -49,8 +51,6 @@ class Role:
 
 def resolve_role(pc: ParallelConfig) -> Role | None:
     """This process's place in a distributed engine, or None for a single-process one."""
-    if pc.pipeline_parallel_size > 1:
-        raise ConfigError("--pipeline-parallel-size > 1 is not supported yet by this executor")
     if pc.data_parallel_size > 1:
         raise ConfigError("--data-parallel-size > 1 is not supported by one engine; serve replicas behind a router")
     env = torchrun_env()
@@ -90,13 +90,16 @@ def create_executor(config: EngineConfig, ckpt: Checkpoint) -> Executor:
         raise SystemExit(run_worker(config, role))
     processes = _spawn_workers(config, role) if role.spawn else []
     try:
-        state, comm, runner = _watching(processes, lambda: _build_rank(config, ckpt, role))
+        state, comm, runner, links = _watching(processes, lambda: _build_rank(config, ckpt, role))
     except BaseException:
         for p in processes:
             p.kill()
         raise
-    logger.info("tensor parallel: %d ranks (%s), communicator %s", role.world_size,
+    logger.info("%d ranks (TP %d x PP %d, %s), communicator %s", role.world_size, state.tp_size, state.pp_size,
                 "spawned here" if role.spawn else role.init_method, comm.name)
+    if links is not None:
+        return PipelineExecutor(runner, comm, state, links, ckpt.config.vocab_size, ckpt.config.hidden_size,
+                                processes)
     return MultiprocExecutor(runner, comm, state, processes)
 
 
@@ -137,21 +140,28 @@ def _runner(config: EngineConfig, model, model_config, num_blocks: int | None) -
     return ModelRunner(model, model_config, config.cache, num_blocks, dtype, config.device, seed=config.seed)
 
 
-def _build_rank(config: EngineConfig, ckpt: Checkpoint, role: Role) -> tuple[ParallelState, object, ModelRunner]:
-    """Join, make the communicator, load this rank's shard, agree on the KV block count, build the runner."""
+def _build_rank(config: EngineConfig, ckpt: Checkpoint, role: Role):
+    """Join, make the communicator, load this rank's shard (of its pipeline stage), agree on the KV block
+    count, build the runner: (state, communicator, runner, pipeline links or None)."""
     pc = config.parallel
     state = init_distributed(role.init_method, role.rank, role.world_size, pc.tensor_parallel_size,
                              pc.pipeline_parallel_size, pc.distributed_timeout, config.device)
     if config.device == "cuda":   # one GPU per rank of this host
         config = replace(config, device=f"cuda:{role.rank % torch.cuda.device_count()}")
     try:
-        comm = make_communicator(state, pc.communicator, pc.distributed_timeout, config.device)
-        shard = plan_shard(ckpt.config, state.tp_rank, state.tp_size)
-        model = build_model(ckpt, config, shard=shard, comm=comm)
-        cfg = shard_config(ckpt.config, shard)
+        stage = plan_stage(ckpt.config, state.pp_rank, state.pp_size) if state.pp_size > 1 else None
+        links, comm_state = pipeline_links(state, stage) if stage is not None else (None, state)
+        if state.tp_size > 1 or stage is None:
+            comm = make_communicator(comm_state, pc.communicator, pc.distributed_timeout, config.device)
+        else:
+            comm = LocalComm()
+        shard = plan_shard(ckpt.config, state.tp_rank, state.tp_size) if state.tp_size > 1 or stage is None else None
+        model = build_model(ckpt, config, shard=shard, comm=comm, stage=stage)
+        cfg = shard_config(ckpt.config, shard) if shard is not None else ckpt.config
+        cfg = stage_config(cfg, stage) if stage is not None else cfg
         blocks = torch.tensor([num_blocks_for_budget(cfg, config.cache, DTYPES[config.dtype], config.device)])
         dist.all_reduce(blocks, op=dist.ReduceOp.MIN, group=state.cpu_group)   # every rank: the same block ids
-        return state, comm, _runner(config, model, cfg, int(blocks))
+        return state, comm, _runner(config, model, cfg, int(blocks)), links
     except RuntimeError as exc:
         destroy_distributed()
         raise DistributedError(f"rank {role.rank}: another rank failed while the model was loading "
@@ -203,9 +213,13 @@ def run_worker(config: EngineConfig, role: Role | None = None) -> int:
     if role is None or role.rank == 0:
         raise ConfigError("run_worker is for ranks other than 0")
     try:
-        state, comm, runner = _build_rank(config, open_checkpoint(config.model), role)
+        ckpt = open_checkpoint(config.model)
+        state, comm, runner, links = _build_rank(config, ckpt, role)
         try:
-            Worker(runner, comm, role.rank).serve()
+            if links is None:
+                Worker(runner, comm, role.rank).serve()
+            else:
+                StageWorker(runner, comm, state, links, ckpt.config.hidden_size, DTYPES[config.dtype]).serve()
         finally:
             comm.close()
             destroy_distributed()

@@ -9,6 +9,7 @@ import torch
 from scaleinfer.attention.backend import get_backend
 from scaleinfer.config import EngineConfig
 from scaleinfer.distributed.sharding import TPShard, install_tensor_parallel, shard_config, shard_tensors
+from scaleinfer.distributed.stages import PPStage, finish_stage, prepare_stage, stage_tensors
 from scaleinfer.errors import ConfigError
 from scaleinfer.layers.linear import Linear
 from scaleinfer.models import registry
@@ -21,13 +22,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def build_model(ckpt: Checkpoint, config: EngineConfig, attention_backend: str | None = None,
-                shard: TPShard | None = None, comm=None):
+                shard: TPShard | None = None, comm=None, stage: PPStage | None = None):
     """The model of `ckpt` as `config` asks, loaded and quantized; with `shard` (tensor parallelism) only
-    this rank's part of it (distributed/sharding.py), its collectives on `comm`."""
+    this rank's part of it (distributed/sharding.py), its collectives on `comm`; with `stage` (pipeline
+    parallelism) only the stage's layers (distributed/stages.py)."""
     if ckpt.format == "scaleinfer-quantized" and config.calibration is not None:
         raise ConfigError(f"{ckpt.path} is already quantized; calibrate when quantizing the original model")
-    if shard is not None and (ckpt.format == "scaleinfer-quantized" or config.calibration is not None):
-        raise ConfigError("tensor parallelism does not yet take pre-quantized checkpoints or --calibration; "
+    if (shard is not None or stage is not None) and (ckpt.format == "scaleinfer-quantized" or config.calibration is not None):
+        raise ConfigError("tensor and pipeline parallelism do not yet take pre-quantized checkpoints or --calibration; "
                           "load the original model with --quantization")
     dtype = DTYPES[config.dtype]
     family = registry.family(ckpt.config.architecture)
@@ -36,6 +38,9 @@ def build_model(ckpt: Checkpoint, config: EngineConfig, attention_backend: str |
         attention_backend = "cpu" if config.device == "cpu" else "sdpa"   # both take every KV cache dtype
     model_cfg = ckpt.config if shard is None else shard_config(ckpt.config, shard)
     model = family.model_class(model_cfg, get_backend(attention_backend), dtype)
+    tied = ckpt.config.tie_word_embeddings
+    if stage is not None:
+        prepare_stage(model, stage, tied)
     if ckpt.format == "scaleinfer-quantized":  # packed tensors go in as stored, no re-quantizing
         from scaleinfer.weights.quantized import load_quantized
 
@@ -48,6 +53,8 @@ def build_model(ckpt: Checkpoint, config: EngineConfig, attention_backend: str |
     tensors = ckpt.tensors(direct_int4=ckpt.direct_int4 and takes_packed_int4(mode))
     if shard is not None:
         tensors = shard_tensors(tensors, shard, ckpt.config, family.checkpoint_name)
+    if stage is not None:
+        tensors = stage_tensors(tensors, stage, tied, family.checkpoint_name)
     placed = load_into(model, family, tensors, ckpt.config.tie_word_embeddings, source=f"checkpoint {ckpt.path}")
     if windows is not None:
         _gptq(model, ckpt, mode, windows)
@@ -66,6 +73,8 @@ def build_model(ckpt: Checkpoint, config: EngineConfig, attention_backend: str |
     model.to(config.device).eval()
     if shard is not None:
         install_tensor_parallel(model, shard, comm)
+    if stage is not None:
+        finish_stage(model, stage)
     logger.debug("weights loaded in %.2f s", time.perf_counter() - start)
     return model
 

@@ -26,6 +26,21 @@ class CausalLM(Protocol):
     ) -> torch.Tensor: ...  # [num_logits, vocab_size] float32
 
 
+class PipelineStageModel(CausalLM, Protocol):
+    """A CausalLM whose forward is embed -> run_layers -> compute_head, so that a pipeline stage
+    (distributed/stages.py) runs its part: the first embeds, every stage runs the layers it holds, the
+    last computes the logits. Between stages travels the residual stream x + residual (one tensor: the
+    next stage's first norm adds nothing more, so the result is the one process's, bit for bit)."""
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor: ...   # [n] -> [n, hidden]
+
+    def run_layers(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+                   kv_caches: list, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+
+    def compute_head(self, x: torch.Tensor, residual: torch.Tensor | None,
+                     logits_indices: torch.Tensor) -> torch.Tensor: ...
+
+
 @dataclass(frozen=True)
 class DecoderLayerWeights:
     """One pre-norm decoder layer of the Llama shape, by reference (the model's own tensors and linears):

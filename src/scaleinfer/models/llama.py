@@ -93,12 +93,19 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata, logits_indices) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)  # [num_tokens, hidden]
+        x, residual = self.run_layers(self.embed(input_ids), None, positions, kv_caches, meta)
+        return self.compute_head(x, residual, logits_indices)
+
+    # The three parts of forward, for a pipeline stage (models/interface.py: PipelineStageModel).
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)  # [num_tokens, hidden]
+
+    def run_layers(self, x, residual, positions, kv_caches, meta: AttentionMetadata):
+        """(x, residual) after the layers this model holds (a pipeline stage's own), one KV cache each."""
         cos, sin = self.rotary.lookup(positions, x.dtype)
-        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
             x, residual = layer(x, residual, cos, sin, kv_cache, meta)
-        return self.compute_head(x, residual, logits_indices)
+        return x, residual
 
     def decode_layers(self) -> DecoderWeights:
         """The layers as typed weights (models/interface.py) for the runner's decode program."""

@@ -98,19 +98,21 @@ class DecodePlan:
 
     def run(self, input_ids, positions, kv_caches, meta: AttentionMetadata, logits_indices):
         """The logits of a decode-only step, or None where a view needs sink shifts or lacks decode lengths."""
+        out = self.run_layers(self.weights.embed(input_ids), positions, meta)
+        return None if out is None else self.weights.head(*out, logits_indices)
+
+    def run_layers(self, x, positions, meta: AttentionMetadata):
+        """(x, residual) after the plan's layers for the input stream `x` (the embeddings, or what the
+        previous pipeline stage sent), or None where a view needs sink shifts or lacks decode lengths."""
         views = [meta.for_pattern(p) for p in self.patterns]
         if any(v.decode_sink_shift is not None or v.decode_lens is None for v in views):
             return None
-        w = self.weights
-        x = w.embed(input_ids)
-        n = x.shape[0]
-        cos, sin = w.rope(positions, x.dtype)
-        if self.program is not None and n <= self.max_rows:
+        cos, sin = self.weights.rope(positions, x.dtype)
+        if self.program is not None and x.shape[0] <= self.max_rows:
             x, residual = self.program.run(x, cos, sin, [v.slot_mapping for v in views],
                                            [v.decode_slots for v in views], [v.decode_lens for v in views])
-            return w.head(x, residual, logits_indices)
-        x, residual = self._loop(x, cos, sin, views)
-        return w.head(x, residual, logits_indices)
+            return x, residual
+        return self._loop(x, cos, sin, views)
 
     def _loop(self, x, cos, sin, views):
         """The layer loop from Python, kernel by kernel (the program's steps, for what it does not take)."""

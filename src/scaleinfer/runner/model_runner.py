@@ -76,7 +76,11 @@ class ModelRunner:
     def execute_batch(self, batch: ForwardBatch) -> ModelOutput:
         """Run one step's batch and sample its requests."""
         batch = batch.to(self.device)
-        logits = self._forward(batch.input_ids, batch.positions, batch.meta, batch.logits_indices)
+        return self.sample(batch, self._forward(batch.input_ids, batch.positions, batch.meta, batch.logits_indices))
+
+    @torch.inference_mode()
+    def sample(self, batch: ForwardBatch, logits: torch.Tensor) -> ModelOutput:
+        """The batch's sampled tokens (and logprobs) from its logits."""
         out = ModelOutput()
         if not batch.sample_requests:
             return out
@@ -142,6 +146,24 @@ class ModelRunner:
                 if logits is not None:
                     return logits
         return self.model.forward(input_ids, positions, self.kv_caches, meta, logits_indices)
+
+    @torch.inference_mode()
+    def forward_stage(self, batch: ForwardBatch, stream: torch.Tensor | None, last: bool) -> torch.Tensor:
+        """A pipeline stage's part of a step (distributed/pipeline.py): from the token ids (`stream` None:
+        the first stage) or the residual stream the previous stage sent, through this runner's layers
+        (the decode program where it covers the step), to the logits (`last`) or the stream to send on."""
+        batch = batch.to(self.device)
+        x = self.model.embed(batch.input_ids) if stream is None else stream
+        out = None
+        if self.lean_decode and not batch.meta.prefills and batch.meta.num_decode_tokens == x.shape[0]:
+            plan = self._current_plan()
+            out = None if plan is None else plan.run_layers(x, batch.positions, batch.meta)
+        if out is None:
+            out = self.model.run_layers(x, None, batch.positions, self.kv_caches, batch.meta)
+        x, residual = out
+        if last:
+            return self.model.compute_head(x, residual, batch.logits_indices)
+        return x if residual is None else x + residual
 
     def _current_plan(self) -> DecodePlan | None:
         """The decode program, rebuilt when a quantization method, KV cache or attention pattern it was
