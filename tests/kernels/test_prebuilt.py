@@ -35,3 +35,17 @@ def test_no_prebuilt_module_means_the_jit_build(monkeypatch):
 
     monkeypatch.setattr(loader.importlib, "import_module", missing)
     assert loader.prebuilt_kernels() is None
+
+
+def test_every_bound_class_is_module_local():
+    """A stale prebuilt module is imported (to read its fingerprint) before the JIT build loads: two modules
+    registering the same class globally make the second import fail ("type DecodeProgram is already
+    registered") and every kernel falls back to torch. module_local() keeps each module's types its own."""
+    import pathlib
+    import re
+
+    bindings = []
+    for path in pathlib.Path(sources.CSRC).glob("*.cpp"):
+        bindings += re.findall(r"class_<[^>]+>\([^;]*?\)", path.read_text())
+    assert bindings, "no class bindings found: has the binding style changed?"
+    assert all("module_local()" in b for b in bindings), [b for b in bindings if "module_local()" not in b]

@@ -242,7 +242,7 @@ class DecodeProgram {
 };
 
 void register_decode_step(pybind11::module& m) {
-  pybind11::class_<DecodeProgram>(m, "DecodeProgram")
+  pybind11::class_<DecodeProgram>(m, "DecodeProgram", pybind11::module_local())
       .def(pybind11::init<int64_t, int64_t, int64_t, double>())
       .def("add_layer", &DecodeProgram::add_layer, pybind11::arg("w_in"), pybind11::arg("w_post"),
            pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("scale"), pybind11::arg("view"),

@@ -289,7 +289,7 @@ void ShmComm::abort() {
 
 void register_shm_comm(pybind11::module& m) {
   namespace py = pybind11;
-  py::class_<ShmComm>(m, "ShmComm")
+  py::class_<ShmComm>(m, "ShmComm", py::module_local())
       .def(py::init<const std::string&, int64_t, int64_t, int64_t, bool, double>(), py::arg("name"),
            py::arg("rank"), py::arg("world"), py::arg("capacity"), py::arg("create"), py::arg("timeout_s"))
       .def("unlink", &ShmComm::unlink)
