@@ -7,7 +7,7 @@ from __future__ import annotations
 import httpx
 import psutil
 import pytest
-from dp_procs import SMALL, TIMEOUT_S, launch, metric, stop, wait_ready
+from tests.distributed.dp_procs import SMALL, TIMEOUT_S, launch, metric, stop, wait_ready
 
 pytestmark = pytest.mark.slow
 KEY = "dp-test-key"

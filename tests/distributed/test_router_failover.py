@@ -7,7 +7,7 @@ import asyncio
 import json
 
 import httpx
-from router_fakes import cluster, replica_up, wait_for
+from tests.distributed.router_fakes import cluster, replica_up, wait_for
 
 TIMEOUT = httpx.Timeout(60)
 

@@ -10,7 +10,7 @@ import time
 
 import httpx
 import pytest
-from dp_procs import SMALL, TIMEOUT_S, launch, metric, stop, wait_ready
+from tests.distributed.dp_procs import SMALL, TIMEOUT_S, launch, metric, stop, wait_ready
 
 pytestmark = pytest.mark.slow
 SYSTEM = ("You are a patient teacher of European history. Answer in one short sentence, name the century, "
