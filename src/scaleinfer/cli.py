@@ -114,7 +114,10 @@ def _is_worker_rank(args) -> bool:
         return False
     from scaleinfer.engine.launch import resolve_role
 
-    role = resolve_role(_parallel_config(args))
+    from dataclasses import replace
+
+    # Data parallel sits above the engine (serve's router, LLM's engine processes): each replica is one engine.
+    role = resolve_role(replace(_parallel_config(args), data_parallel_size=1))
     return role is not None and role.rank != 0
 
 
