@@ -223,6 +223,7 @@ def main(args) -> int:
     layouts = layouts_from(args)
     w = workload(args, open_checkpoint(args.model).config.vocab_size)
     log_dir = args.log_dir or tempfile.mkdtemp(prefix="bench-distributed-")
+    os.makedirs(log_dir, exist_ok=True)   # --log-dir may name a new directory
     load = {"start": os.getloadavg()}
     llamacpp = None
     try:
