@@ -99,21 +99,11 @@ def _serve_help() -> str:
 
 
 def _launch(command: str, flags: list[str], log_path: str, timeout_s: float):
-    """`python -m scaleinfer COMMAND --host 127.0.0.1 --port FREE FLAGS`, ready (soak/server.py's helpers)."""
-    from scaleinfer.bench.soak.server import ServerProcess, free_port, stop, wait_ready
+    """`python -m scaleinfer COMMAND --host 127.0.0.1 --port FREE FLAGS`, ready (soak/server.py: start)."""
+    from scaleinfer.bench.soak.server import start
 
-    port = free_port()
-    cmd = [sys.executable, "-m", "scaleinfer", command, "--host", "127.0.0.1", "--port", str(port), *flags]
-    print(f"starting: {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    server = ServerProcess(f"http://127.0.0.1:{port}", proc, log_path)
-    try:
-        wait_ready(server.url, timeout_s, proc)
-    except BaseException:
-        stop(proc, 30)
-        raise
-    return server
+    print(f"starting: scaleinfer {command} {' '.join(flags)}", file=sys.stderr, flush=True)
+    return start(flags, log_path, timeout_s, command)
 
 
 def start_layouts(layouts: list[Layout], args, log_dir: str) -> None:

@@ -42,10 +42,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(serve_args: list[str], log_path: str, timeout_s: float) -> ServerProcess:
-    """`python -m scaleinfer serve --host 127.0.0.1 --port FREE *serve_args`, ready to serve."""
+def start(serve_args: list[str], log_path: str, timeout_s: float, command: str = "serve") -> ServerProcess:
+    """`python -m scaleinfer COMMAND --host 127.0.0.1 --port FREE *serve_args` (serve or router), ready to serve."""
     port = free_port()
-    cmd = [sys.executable, "-m", "scaleinfer", "serve", "--host", "127.0.0.1", "--port", str(port), *serve_args]
+    cmd = [sys.executable, "-m", "scaleinfer", command, "--host", "127.0.0.1", "--port", str(port), *serve_args]
     logger.info("starting: %s (log: %s)", " ".join(cmd), log_path)
     with open(log_path, "w") as log:
         # its own process group, so that a kernel build it started never outlives it (see stop())
