@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from scaleinfer.cli import _replica_argv, build_parser
+from scaleinfer.cli import build_parser
+from scaleinfer.cli.serve import _replica_argv
 from scaleinfer.errors import ConfigError
 from scaleinfer.serving.router.launch import split_threads
 
