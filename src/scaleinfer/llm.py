@@ -6,6 +6,8 @@ from collections.abc import Iterator, Sequence
 from tqdm import tqdm
 
 from scaleinfer.config import DEFAULT_MODEL, CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig, parse_memory
+from scaleinfer.engine.encoder_outputs import (ClassificationRequestOutput, EmbeddingRequestOutput,
+                                               ScoringRequestOutput, TokenClassificationRequestOutput)
 from scaleinfer.engine.engine import LLMEngine
 from scaleinfer.request import RequestOutput
 from scaleinfer.sampling_params import SamplingParams
@@ -66,6 +68,11 @@ class LLM:
             parallel=parallel,
         )
         self._dp = None
+        self.encoder = _encoder_engine(model, dtype, device, threads, max_num_batched_tokens, max_num_seqs)
+        if self.encoder is not None:   # BERT / MiniLM / MPNet: embed, classify, score (engine/encoder_engine.py)
+            self.engine = None  # type: ignore[assignment]
+            self.tokenizer = self.encoder.tokenizer
+            return
         if parallel.data_parallel_size != 1:
             from dataclasses import replace
 
@@ -79,6 +86,35 @@ class LLM:
             return
         self.engine = LLMEngine(config)
         self.tokenizer = self.engine.tokenizer
+
+    # ---- encoder models (vLLM's pooling API) --------------------------------------------------
+    def embed(self, prompts, *, truncate_prompt_tokens: int | None = None, dimensions: int | None = None,
+              use_tqdm: bool = False) -> list[EmbeddingRequestOutput]:
+        """Sentence embeddings (the model's pooling and normalization): out[i].outputs.embedding."""
+        return self._pooling("embed").embed(_as_list(prompts), truncate_prompt_tokens, dimensions)
+
+    def classify(self, prompts, *, truncate_prompt_tokens: int | None = None,
+                 use_tqdm: bool = False) -> list[ClassificationRequestOutput]:
+        """Class probabilities of a sequence-classification model: out[i].outputs.probs."""
+        return self._pooling("classify").classify(_as_list(prompts), truncate_prompt_tokens)
+
+    def token_classify(self, prompts, *, truncate_prompt_tokens: int | None = None
+                       ) -> list[TokenClassificationRequestOutput]:
+        """Per-token labels and probabilities of a token-classification (NER) model."""
+        return self._pooling("token_classify").token_classify(_as_list(prompts), truncate_prompt_tokens)
+
+    def score(self, text_1, text_2, *, truncate_prompt_tokens: int | None = None,
+              use_tqdm: bool = False) -> list[ScoringRequestOutput]:
+        """Similarity of text_1 (one, or one per text_2) to each text_2: out[i].outputs.score."""
+        return self._pooling("score").score(text_1, text_2, truncate_prompt_tokens)
+
+    def _pooling(self, what: str):
+        if self.encoder is None:
+            from scaleinfer.errors import ConfigError
+
+            raise ConfigError(f"{what}() needs an encoder model (e.g. all-minilm-l6-v2); this LLM holds a "
+                              f"generate model: use generate() or chat()")
+        return self.encoder
 
     def shutdown(self) -> None:
         """Stop the engine processes of data_parallel_size > 1 (they also end with this interpreter)."""
@@ -102,6 +138,7 @@ class LLM:
             raise RequestError(f"got {len(prompts)} prompts but {len(params_list)} SamplingParams")
         if self._dp is not None:
             return self._dp.generate(list(prompts), params_list)
+        self._need_generate("generate")
         ids = []
         for prompt, p in zip(prompts, params_list):
             request_id = self.engine.new_request_id()
@@ -131,9 +168,17 @@ class LLM:
         add_generation_prompt: bool = True,
     ) -> list[RequestOutput]:
         """Apply the model's chat template to one or several conversations and generate replies."""
+        self._need_generate("chat")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [self.render_chat(c, add_generation_prompt) for c in conversations]  # type: ignore[arg-type]
         return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _need_generate(self, what: str) -> None:
+        if self.encoder is not None:
+            from scaleinfer.errors import ConfigError
+
+            raise ConfigError(f"{what}() needs a generate model; {self.encoder.name!r} is an encoder: use embed(), "
+                              f"classify() or score()")
 
     def render_chat(self, messages: list[Message], add_generation_prompt: bool = True) -> list[int]:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
@@ -145,6 +190,7 @@ class LLM:
 
         Breaking out of the loop aborts the request.
         """
+        self._need_generate("stream")
         if self._dp is not None:
             from scaleinfer.errors import ConfigError
 
@@ -161,3 +207,22 @@ class LLM:
         finally:
             if not done:
                 self.engine.abort_request(request_id)
+
+
+def _as_list(prompts) -> list:
+    """One prompt (a text or a list of token ids) or many -> a list of prompts."""
+    if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
+        return [prompts]
+    return list(prompts)
+
+
+def _encoder_engine(model: str, dtype: str, device: str, threads: int | None, max_num_batched_tokens: int,
+                    max_num_seqs: int):
+    """An EncoderEngine when `model` is an encoder (BERT family), else None (a generate model)."""
+    from scaleinfer.engine.encoder_engine import EncoderEngine, resolve_encoder_path
+
+    path = resolve_encoder_path(model)
+    if path is None:
+        return None
+    return EncoderEngine(path, dtype=dtype, device=device, threads=threads, name=model,
+                         max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from scaleinfer.errors import WeightLoadError
-from scaleinfer.models.encoder_config import ENCODER_MODEL_TYPES, EncoderConfig, read_encoder_config, read_pooling
+from scaleinfer.models.encoder_config import ENCODER_MODEL_TYPES, EncoderConfig, PoolingConfig, read_encoder_config, read_pooling
 from scaleinfer.models.encoder_heads import EncoderModel
 from scaleinfer.weights import safetensors as st
 
@@ -54,6 +54,8 @@ def _sentence_transformers_pooling(path: str, hf: dict):
     if hf.get("is_matryoshka") and not dims:
         dims = tuple(range(1, int(hf["hidden_size"]) + 1))   # any size (vLLM's is_matryoshka)
     pooling = read_pooling(pool_cfg, normalize="Normalize" in types, matryoshka_dims=dims)
+    if pooling is None and dims:   # a plain HF encoder that declares Matryoshka sizes: mean pooling
+        pooling = PoolingConfig(mode="mean", matryoshka_dims=dims)
     st_cfg = _json(os.path.join(path, "sentence_bert_config.json")) or {}
     return pooling, st_cfg.get("max_seq_length")
 
