@@ -31,11 +31,16 @@ def cmd_serve(args) -> int:
     limits = _limits(args)
     if args.data_parallel_size != 1:
         return _serve_data_parallel(args, limits)
-    return run(lambda: make_llm(args).engine, model_arg=args.model, host=args.host, port=args.port,
+    return run(lambda: _engine_of(make_llm(args)), model_arg=args.model, host=args.host, port=args.port,
                served_model_name=args.served_model_name, api_key=resolve_api_key(args.api_key, args.api_key_file),
                max_waiting=args.max_waiting, shutdown_timeout=args.shutdown_timeout,
                log_interval_s=args.log_interval, limits=limits, enable_docs=not args.disable_docs,
                ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
+
+
+def _engine_of(llm):
+    """The LLM's engine: its decoder engine, or the EncoderEngine of an embedding / classifier model."""
+    return llm.engine if llm.encoder is None else llm.encoder
 
 
 def _router_options(args, limits, policy: str):

@@ -220,17 +220,31 @@ class EncoderEngine:
               truncate_prompt_tokens: int | None = None) -> list[ScoringRequestOutput]:
         """One query against N docs (or N queries against N docs): a cross-encoder (one-label classifier)
         scores each pair together; an embedding model gives the cosine similarity of the two embeddings."""
-        queries, documents = _pairs(query, docs)
-        if self.config.task == "classify" and self.config.num_labels == 1:
-            inputs = self.tokenize([(q, d) for q, d in zip(queries, documents)], truncate_prompt_tokens)
-            scores = [float(torch.sigmoid(v[0])) for v in self.run(inputs, "classify")]
-            ids = [x.token_ids for x in inputs]
-        else:
-            emb, inputs = self.embed_tensor(list(queries) + list(documents), truncate_prompt_tokens)
-            n = len(queries)
-            scores = torch.nn.functional.cosine_similarity(emb[:n], emb[n:], dim=-1).tolist()
-            ids = [a.token_ids + b.token_ids for a, b in zip(inputs[:n], inputs[n:])]
+        inputs, task = self.score_inputs(query, docs, truncate_prompt_tokens)
+        scores, ids = self.scores(inputs, self.run(inputs, task))
         return [ScoringRequestOutput(rid, t, ScoringOutput(s)) for rid, t, s in zip(self._ids(len(scores)), ids, scores)]
+
+    def score_inputs(self, query, docs, truncate_prompt_tokens: int | None = None
+                     ) -> tuple[list[EncoderInput], str]:
+        """The inputs to run for score() and their task: (query, doc) pairs for a cross-encoder, else
+        the queries then the docs to embed."""
+        queries, documents = _pairs(query, docs)
+        if self.cross_encoder:
+            return self.tokenize(list(zip(queries, documents)), truncate_prompt_tokens), "classify"
+        return self.tokenize(list(queries) + list(documents), truncate_prompt_tokens), "embed"
+
+    @property
+    def cross_encoder(self) -> bool:
+        return self.config.task == "classify" and self.config.num_labels == 1
+
+    def scores(self, inputs: list[EncoderInput], rows: list[torch.Tensor]) -> tuple[list[float], list[list[int]]]:
+        """(score, token ids) of each pair from score_inputs()'s rows."""
+        if self.cross_encoder:
+            return [float(torch.sigmoid(v[0])) for v in rows], [x.token_ids for x in inputs]
+        n = len(rows) // 2
+        emb = torch.stack(rows)
+        scores = torch.nn.functional.cosine_similarity(emb[:n], emb[n:], dim=-1).tolist()
+        return scores, [a.token_ids + b.token_ids for a, b in zip(inputs[:n], inputs[n:])]
 
 
 def _pairs(query, docs) -> tuple[list, list]:
@@ -245,7 +259,7 @@ def _pairs(query, docs) -> tuple[list, list]:
     if len(queries) != len(documents):
         raise RequestError(f"score takes one query or as many queries as documents; got {len(queries)} and "
                            f"{len(documents)}")
-    if any(isinstance(q, tuple) for q in queries + documents):
+    if any(isinstance(q, tuple) for q in list(queries) + list(documents)):
         raise RequestError("score takes texts or token ids, not pairs")
     return queries, documents
 

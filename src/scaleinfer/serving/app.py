@@ -181,6 +181,14 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             raise RequestError(f"token id {bad} is outside the vocabulary [0, {state.vocab_size})")
         return {"prompt": state.tokenizer.decode(body.tokens)}
 
+    @app.post("/v1/embeddings")
+    @app.post("/v1/classify")
+    @app.post("/v1/score")
+    async def pooling_on_generate_model(request: Request):
+        raise RequestError(f"{request.url.path} needs an encoder model (e.g. `scaleinfer serve all-minilm-l6-v2`); "
+                           f"{state.config.served_model_name!r} is a generate model: use /v1/completions or "
+                           f"/v1/chat/completions")
+
     @app.post("/v1/completions", responses=GENERATION_RESPONSES)
     async def completions(body: CompletionRequest, request: Request):
         state.check_model(body.model)

@@ -122,13 +122,20 @@ def run(make_engine: Callable[[], LLMEngine], *, model_arg: str, host: str = "12
         sock.close()
         raise
     from scaleinfer.engine.async_engine import AsyncEngine
+    from scaleinfer.engine.encoder_engine import EncoderEngine
 
-    aliases = frozenset(a for a in (model_arg, engine.model_config.name) if a)
+    encoder = isinstance(engine, EncoderEngine)   # BERT family: serving/embeddings.py's app
+    aliases = frozenset(a for a in (model_arg, engine.name if encoder else engine.model_config.name) if a)
     config = ServerConfig(served_model_name=served_model_name or _default_name(model_arg), model_aliases=aliases,
                           api_key=api_key, max_waiting=max_waiting, host=host, port=port,
                           scheme="https" if ssl_certfile else "http", log_interval_s=log_interval_s,
                           limits=limits, enable_docs=enable_docs)
-    app = build_app(AsyncEngine(engine=engine), config)
+    if encoder:
+        from scaleinfer.serving.embeddings import build_encoder_app
+
+        app = build_encoder_app(engine, config)
+    else:
+        app = build_app(AsyncEngine(engine=engine), config)
     uv_config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=access_log,
                                timeout_graceful_shutdown=5.0, lifespan="on", http=guarded_protocol(limits),
                                h11_max_incomplete_event_size=limits.max_header_bytes,
