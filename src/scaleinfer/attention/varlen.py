@@ -16,27 +16,30 @@ import torch.nn.functional as F
 
 @dataclass
 class VarlenMetadata:
-    seq_lens: list[int]
+    seq_lens: list[int] | None
+    """Lengths of the packed sequences; None for an already padded batch (padded())."""
     max_len: int
     index: torch.Tensor | None
-    """Row of each packed token in the [B * max_len] padded layout; None when no padding is needed."""
+    """Row of each packed token in the [B * max_len] padded layout; None when the rows are already padded."""
     key_mask: torch.Tensor | None
-    """[B, 1, 1, max_len] bool, True for real keys; None when no padding is needed."""
+    """[B, 1, 1, max_len] bool, True for real keys; None when every key is real."""
+    batch: int = 0
 
-    @property
-    def batch(self) -> int:
-        return len(self.seq_lens)
+    @classmethod
+    def padded(cls, batch, max_len, attention_mask: torch.Tensor) -> "VarlenMetadata":
+        """Rows that are a padded [B, L] batch flattened (ONNX export: B and L may be symbolic)."""
+        return cls(None, max_len, None, attention_mask.bool()[:, None, None, :], batch)
 
     @classmethod
     def build(cls, seq_lens: list[int], device: torch.device | str = "cpu") -> "VarlenMetadata":
         max_len = max(seq_lens)
         if all(n == max_len for n in seq_lens):
-            return cls(seq_lens, max_len, None, None)
+            return cls(seq_lens, max_len, None, None, len(seq_lens))
         lens = torch.tensor(seq_lens, device=device)
         arange = torch.arange(max_len, device=device)
         valid = arange[None, :] < lens[:, None]                     # [B, L]
         index = (torch.arange(len(seq_lens), device=device)[:, None] * max_len + arange[None, :])[valid]
-        return cls(seq_lens, max_len, index, valid[:, None, None, :])
+        return cls(seq_lens, max_len, index, valid[:, None, None, :], len(seq_lens))
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """[T, ...] packed -> [B, L, ...] (zeros in the padding)."""

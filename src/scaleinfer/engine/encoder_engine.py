@@ -36,6 +36,9 @@ def resolve_encoder_path(model: str) -> str | None:
 
     if catalog.is_catalog_name(model):
         entry = catalog.get_entry(model)
+        if entry.layout == "onnx":
+            raise ConfigError(f"{model!r} is an ONNX file for onnxruntime ({catalog.resolve(model)}), not a model "
+                              f"this engine loads; use all-minilm-l6-v2 or all-mpnet-base-v2")
         return catalog.resolve(model) if entry.layout != "gguf" and is_encoder_dir(catalog.resolve(model)) else None
     return model if os.path.isdir(model) and is_encoder_dir(model) else None
 
@@ -53,6 +56,7 @@ class EncoderEngine:
         if ckpt.tokenizer is None:
             raise ConfigError(f"{path} has no tokenizer.json or vocab.txt; encoder models need their tokenizer")
         self.name = name or path
+        self.source_dir = path
         self.config = ckpt.config
         self.tokenizer = ckpt.tokenizer
         self.max_num_batched_tokens = max_num_batched_tokens
