@@ -127,12 +127,18 @@ def test_varlen_attention_matches_per_sequence_reference():
     lens = [4, 9, 1, 9]
     q, k, v = (torch.randn(sum(lens), 2, 8) for _ in range(3))
     meta = VarlenMetadata.build(lens)
-    torch.testing.assert_close(varlen_attention(q, k, v, meta), reference_attention(q, k, v, lens))
+    torch.testing.assert_close(varlen_attention(torch.stack([q, k, v], 1), meta), reference_attention(q, k, v, lens))
     bias = torch.randn(2, 9, 9)
-    torch.testing.assert_close(varlen_attention(q, k, v, meta, bias), reference_attention(q, k, v, lens, bias))
+    torch.testing.assert_close(varlen_attention(torch.stack([q, k, v], 1), meta, bias), reference_attention(q, k, v, lens, bias))
+    many = torch.randint(1, 90, (150,), generator=torch.Generator().manual_seed(3)).tolist()   # several groups
+    meta = VarlenMetadata.build(many)
+    assert len(meta.groups) > 2 and sorted(meta.scatter.tolist()) == meta.scatter.unique().tolist()
+    q, k, v = (torch.randn(sum(many), 2, 8) for _ in range(3))
+    bias = torch.randn(2, 90, 90)
+    torch.testing.assert_close(varlen_attention(torch.stack([q, k, v], 1), meta, bias), reference_attention(q, k, v, many, bias))
     same = [3, 3]
     q2, k2, v2 = q[:6], k[:6], v[:6]
-    torch.testing.assert_close(varlen_attention(q2, k2, v2, VarlenMetadata.build(same)),
+    torch.testing.assert_close(varlen_attention(torch.stack([q2, k2, v2], 1), VarlenMetadata.build(same)),
                                reference_attention(q2, k2, v2, same))
 
 

@@ -1,10 +1,11 @@
 """Bidirectional attention over packed sequences (encoders): no KV cache, no padding outside attention.
 
-The encoder's tokens arrive concatenated ([T, ...], sequence i holding tokens cu_seqlens[i]:cu_seqlens[i+1]);
-every linear layer runs on exactly T rows. Only attention needs sequences apart: the packed q/k/v are
-scattered into a [B, heads, L, d] layout (L the longest sequence of the batch), SDPA runs with a key
-padding mask (plus an optional additive bias such as MPNet's relative positions), and the real rows are
-gathered back. When every sequence has the same length no mask is built at all.
+The encoder's tokens arrive concatenated ([T, ...], sequence i holding its tokens back to back); every
+linear layer runs on exactly T rows. Only attention needs sequences apart: VarlenMetadata sorts them
+by length into groups of similar length, and for each group the packed q/k/v rows are gathered into a
+[b, heads, L, d] block (L the group's longest), SDPA runs with a key padding mask (plus an optional
+additive bias such as MPNet's relative positions), and the real rows are scattered back. Grouping keeps
+the padding small however mixed the batch is; a group of equal lengths needs no mask at all.
 """
 from __future__ import annotations
 
@@ -13,57 +14,101 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+GROUP_WASTE = 1.25
+"""A group grows while its padded size stays under this multiple of its real tokens (plus GROUP_SLACK)."""
+GROUP_SLACK = 64
+MAX_GROUP = 64
+
+
+@dataclass
+class AttentionGroup:
+    batch: int
+    max_len: int
+    gather: torch.Tensor | None
+    """[batch * max_len]: the packed row of each padded slot, T (a zero row) for padding; None: the rows
+    are already this group's padded block, in order."""
+    key_mask: torch.Tensor | None
+    """[batch, 1, 1, max_len] bool, True for real keys; None when every key is real."""
+
 
 @dataclass
 class VarlenMetadata:
     seq_lens: list[int] | None
     """Lengths of the packed sequences; None for an already padded batch (padded())."""
     max_len: int
-    index: torch.Tensor | None
-    """Row of each packed token in the [B * max_len] padded layout; None when the rows are already padded."""
-    key_mask: torch.Tensor | None
-    """[B, 1, 1, max_len] bool, True for real keys; None when every key is real."""
-    batch: int = 0
+    groups: list[AttentionGroup]
+    scatter: torch.Tensor | None = None
+    """[T]: where each packed row sits in the groups' padded outputs, concatenated."""
+
+    @property
+    def batch(self) -> int:
+        return sum(g.batch for g in self.groups)
 
     @classmethod
     def padded(cls, batch, max_len, attention_mask: torch.Tensor) -> "VarlenMetadata":
         """Rows that are a padded [B, L] batch flattened (ONNX export: B and L may be symbolic)."""
-        return cls(None, max_len, None, attention_mask.bool()[:, None, None, :], batch)
+        return cls(None, max_len, [AttentionGroup(batch, max_len, None, attention_mask.bool()[:, None, None, :])])
 
     @classmethod
     def build(cls, seq_lens: list[int], device: torch.device | str = "cpu") -> "VarlenMetadata":
         max_len = max(seq_lens)
         if all(n == max_len for n in seq_lens):
-            return cls(seq_lens, max_len, None, None, len(seq_lens))
-        lens = torch.tensor(seq_lens, device=device)
-        arange = torch.arange(max_len, device=device)
-        valid = arange[None, :] < lens[:, None]                     # [B, L]
-        index = (torch.arange(len(seq_lens), device=device)[:, None] * max_len + arange[None, :])[valid]
-        return cls(seq_lens, max_len, index, valid[:, None, None, :], len(seq_lens))
-
-    def pad(self, x: torch.Tensor) -> torch.Tensor:
-        """[T, ...] packed -> [B, L, ...] (zeros in the padding)."""
-        if self.index is None:
-            return x.view(self.batch, self.max_len, *x.shape[1:])
-        out = x.new_zeros(self.batch * self.max_len, *x.shape[1:])
-        out.index_copy_(0, self.index, x)
-        return out.view(self.batch, self.max_len, *x.shape[1:])
-
-    def unpad(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, L, ...] -> [T, ...] (the real rows, in packed order)."""
-        flat = x.reshape(self.batch * self.max_len, *x.shape[2:])
-        return flat if self.index is None else flat.index_select(0, self.index)
+            return cls(seq_lens, max_len, [AttentionGroup(len(seq_lens), max_len, None, None)])
+        order = sorted(range(len(seq_lens)), key=lambda i: -seq_lens[i])
+        members, cur, tokens = [], [], 0
+        for i in order:
+            n = seq_lens[i]
+            if cur and (len(cur) >= MAX_GROUP or
+                        (len(cur) + 1) * seq_lens[cur[0]] > GROUP_WASTE * (tokens + n) + GROUP_SLACK):
+                members.append(cur)
+                cur, tokens = [], 0
+            cur.append(i)
+            tokens += n
+        members.append(cur)
+        return cls(seq_lens, max_len, *_groups(members, seq_lens, device))
 
 
-def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: VarlenMetadata,
-                     bias: torch.Tensor | None = None) -> torch.Tensor:
-    """q, k, v: [T, heads, d] packed -> [T, heads * d]. `bias`: additive [heads, L, L] (or broadcastable)."""
-    qp, kp, vp = (meta.pad(t).transpose(1, 2) for t in (q, k, v))     # [B, heads, L, d]
-    mask = meta.key_mask
+def _groups(members: list[list[int]], seq_lens: list[int], device) -> tuple[list[AttentionGroup], torch.Tensor]:
+    total = sum(seq_lens)
+    starts, acc = [], 0
+    for n in seq_lens:
+        starts.append(acc)
+        acc += n
+    groups, scatter, offset = [], torch.empty(total, dtype=torch.long), 0
+    for group in members:
+        lens = [seq_lens[i] for i in group]
+        longest = max(lens)
+        gather = torch.full((len(group), longest), total, dtype=torch.long)
+        for j, i in enumerate(group):
+            gather[j, :lens[j]] = torch.arange(starts[i], starts[i] + lens[j])
+            scatter[starts[i]:starts[i] + lens[j]] = torch.arange(lens[j]) + offset + j * longest
+        mask = None
+        if any(n != longest for n in lens):
+            mask = (torch.arange(longest)[None, :] < torch.tensor(lens)[:, None])[:, None, None, :].to(device)
+        groups.append(AttentionGroup(len(group), longest, gather.view(-1).to(device), mask))
+        offset += len(group) * longest
+    return groups, scatter.to(device)
+
+
+def _attend(block: torch.Tensor, g: AttentionGroup, bias) -> torch.Tensor:
+    """One group: [b * L, 3, heads, d] padded q/k/v rows -> [b * L, heads * d]."""
+    q, k, v = block.view(g.batch, g.max_len, *block.shape[1:]).permute(2, 0, 3, 1, 4).unbind(0)  # [b, heads, L, d]
+    mask = g.key_mask
     if bias is not None:
-        mask = bias if mask is None else torch.where(mask, bias, float("-inf"))
-    out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask)
-    return meta.unpad(out.transpose(1, 2)).flatten(1)
+        b = bias[..., :g.max_len, :g.max_len]
+        mask = b if mask is None else torch.where(mask, b, float("-inf"))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out.transpose(1, 2).reshape(g.batch * g.max_len, -1)
+
+
+def varlen_attention(qkv: torch.Tensor, meta: VarlenMetadata, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """qkv: [T, 3, heads, d] packed -> [T, heads * d]. `bias`: additive [heads, L, L] (or broadcastable).
+    Per group: one gather into its padded block, one SDPA; then one gather back to packed order."""
+    if len(meta.groups) == 1 and meta.groups[0].gather is None:     # every row in place: no gather
+        return _attend(qkv, meta.groups[0], bias)
+    ext = torch.cat([qkv, qkv.new_zeros(1, *qkv.shape[1:])])        # row T: the zeros padding reads
+    outs = [_attend(ext.index_select(0, g.gather), g, bias) for g in meta.groups]
+    return torch.cat(outs).index_select(0, meta.scatter)
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: list[int],

@@ -16,6 +16,8 @@ BENCH_MODES: dict[str, tuple[str, str]] = {
                                           "against a real server: no 5xx, KV blocks back, flat RSS"),
     "distributed": ("scaleinfer.bench.distributed", "one process vs data / tensor / pipeline parallel layouts on "
                                                     "the same threads: decode, prefill, mixed load, router overhead"),
+    "embed": ("scaleinfer.bench.embed", "sentences/s of encoder models (MiniLM, MPNet): scaleinfer vs "
+                                        "sentence-transformers vs onnxruntime, same threads"),
 }
 
 

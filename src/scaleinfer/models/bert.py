@@ -90,12 +90,9 @@ class BertLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, meta: VarlenMetadata, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.qkv is None:
-            s = self.attention.self
-            q, k, v = s.query(x), s.key(x), s.value(x)
-        else:
-            q, k, v = F.linear(x, self.qkv, self.qkv_bias).chunk(3, dim=-1)
-        shape = (x.shape[0], self.num_heads, self.head_dim)
-        attn = varlen_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape), meta, bias)
+            self.fuse()
+        qkv = F.linear(x, self.qkv, self.qkv_bias).view(x.shape[0], 3, self.num_heads, self.head_dim)
+        attn = varlen_attention(qkv, meta, bias)
         out = self.attention.output
         x = out.LayerNorm(out.dense(attn) + x)
         h = self.act(self.intermediate.dense(x))

@@ -65,11 +65,9 @@ class MPNetLayer(nn.Module):
     def forward(self, x: torch.Tensor, meta: VarlenMetadata, bias: torch.Tensor) -> torch.Tensor:
         a = self.attention.attn
         if self.qkv is None:
-            q, k, v = a.q(x), a.k(x), a.v(x)
-        else:
-            q, k, v = F.linear(x, self.qkv, self.qkv_bias).chunk(3, dim=-1)
-        shape = (x.shape[0], self.num_heads, self.head_dim)
-        attn = varlen_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape), meta, bias)
+            self.fuse()
+        qkv = F.linear(x, self.qkv, self.qkv_bias).view(x.shape[0], 3, self.num_heads, self.head_dim)
+        attn = varlen_attention(qkv, meta, bias)
         x = self.attention.LayerNorm(a.o(attn) + x)
         h = self.act(self.intermediate.dense(x))
         return self.output.LayerNorm(self.output.dense(h) + x)
