@@ -24,15 +24,19 @@ CASES = {
     "mpnet": (transformers.MPNetConfig, {"relative_attention_num_buckets": 32}),
     "roberta": (transformers.RobertaConfig, {"pad_token_id": 1, "type_vocab_size": 1}),
     "xlm-roberta": (transformers.XLMRobertaConfig, {"pad_token_id": 1, "type_vocab_size": 1}),
+    "distilbert": (transformers.DistilBertConfig, {"dim": 32, "n_layers": 2, "n_heads": 4, "hidden_dim": 37}),
 }
 HEADS = {"": "Model", "classify": "ForSequenceClassification", "token-classify": "ForTokenClassification"}
-PREFIX = {"bert": "Bert", "mpnet": "MPNet", "roberta": "Roberta", "xlm-roberta": "XLMRoberta"}
+PREFIX = {"bert": "Bert", "mpnet": "MPNet", "roberta": "Roberta", "xlm-roberta": "XLMRoberta",
+          "distilbert": "DistilBert"}
 
 
 def _save(tmp_path, kind: str, head: str):
     torch.manual_seed(0)
     cfg_cls, extra = CASES[kind]
-    cfg = cfg_cls(**COMMON, **extra)
+    common = COMMON if kind != "distilbert" else {k: v for k, v in COMMON.items() if k not in (
+        "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")}
+    cfg = cfg_cls(**common, **extra)
     model = getattr(transformers, PREFIX[kind] + HEADS[head])(cfg).eval()
     path = tmp_path / f"{kind}-{head or 'base'}"
     model.save_pretrained(path)

@@ -40,7 +40,14 @@ def resolve_encoder_path(model: str) -> str | None:
             raise ConfigError(f"{model!r} is an ONNX file for onnxruntime ({catalog.resolve(model)}), not a model "
                               f"this engine loads; use all-minilm-l6-v2 or all-mpnet-base-v2")
         return catalog.resolve(model) if entry.layout != "gguf" and is_encoder_dir(catalog.resolve(model)) else None
-    return model if os.path.isdir(model) and is_encoder_dir(model) else None
+    if os.path.isdir(model):
+        return model if is_encoder_dir(model) else None
+    from scaleinfer.weights.loader import _download, _looks_like_hub_id
+
+    if _looks_like_hub_id(model) and not os.path.exists(model):   # e.g. distilbert-base-uncased-finetuned-sst-2-english
+        path = _download(model)
+        return path if is_encoder_dir(path) else None
+    return None
 
 
 class EncoderEngine:

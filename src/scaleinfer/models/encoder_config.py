@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 
 from scaleinfer.errors import UnsupportedModelError
 
-ENCODER_MODEL_TYPES = ("bert", "mpnet", "roberta", "xlm-roberta")
+ENCODER_MODEL_TYPES = ("bert", "mpnet", "roberta", "xlm-roberta", "distilbert")
+_DISTILBERT_KEYS = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+                    "hidden_dim": "intermediate_size", "activation": "hidden_act"}
 TASKS = ("embed", "classify", "token-classify")
 POOLINGS = ("mean", "cls", "max", "mean_sqrt_len", "last")
 
@@ -27,7 +29,7 @@ class PoolingConfig:
 @dataclass(frozen=True)
 class EncoderConfig:
     model_type: str
-    """"bert" (also MiniLM), "mpnet", "roberta" or "xlm-roberta"."""
+    """"bert" (also MiniLM), "mpnet", "roberta", "xlm-roberta" or "distilbert"."""
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -67,6 +69,9 @@ def read_encoder_config(hf: dict, path: str, pooling: PoolingConfig | None,
     if model_type not in ENCODER_MODEL_TYPES:
         raise UnsupportedModelError(f"{path}: model_type {model_type!r} is not an encoder we run; supported: "
                                     f"{', '.join(ENCODER_MODEL_TYPES)}")
+    if model_type == "distilbert":   # DistilBERT spells the BERT shape its own way; no token types
+        hf = {**hf, **{ours: hf[theirs] for theirs, ours in _DISTILBERT_KEYS.items() if theirs in hf},
+              "type_vocab_size": 0}
     act = hf.get("hidden_act", "gelu")
     if act not in ("gelu", "relu", "gelu_new", "gelu_pytorch_tanh"):
         raise UnsupportedModelError(f"{path}: hidden_act {act!r} is not supported (gelu, gelu_new, relu)")

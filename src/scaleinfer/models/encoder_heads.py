@@ -16,7 +16,8 @@ from scaleinfer.models.bert import BertModel
 from scaleinfer.models.encoder_config import EncoderConfig, PoolingConfig
 from scaleinfer.models.mpnet import MPNetModel
 
-BACKBONES = {"bert": BertModel, "roberta": BertModel, "xlm-roberta": BertModel, "mpnet": MPNetModel}
+BACKBONES = {"bert": BertModel, "roberta": BertModel, "xlm-roberta": BertModel, "distilbert": BertModel,
+             "mpnet": MPNetModel}
 
 
 def pool(states: torch.Tensor, seq_lens: list[int], cfg: PoolingConfig) -> torch.Tensor:
@@ -38,12 +39,16 @@ def pool(states: torch.Tensor, seq_lens: list[int], cfg: PoolingConfig) -> torch
 
 
 class _BertPooler(nn.Module):
-    def __init__(self, hidden: int):
+    """BERT: dense + tanh on the first token; DistilBERT's pre_classifier: dense + ReLU."""
+
+    def __init__(self, hidden: int, relu: bool = False):
         super().__init__()
         self.dense = nn.Linear(hidden, hidden)
+        self.relu = relu
 
     def forward(self, cls: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.dense(cls))
+        h = self.dense(cls)
+        return torch.relu(h) if self.relu else torch.tanh(h)
 
 
 class _ClassificationHead(nn.Module):
@@ -68,8 +73,8 @@ class EncoderModel(nn.Module):
         self.backbone = BACKBONES[cfg.model_type](cfg)
         self.pooler: nn.Module | None = None
         self.classifier: nn.Module | None = None
-        if cfg.task == "classify" and cfg.model_type == "bert":
-            self.pooler = _BertPooler(cfg.hidden_size)
+        if cfg.task == "classify" and cfg.model_type in ("bert", "distilbert"):
+            self.pooler = _BertPooler(cfg.hidden_size, relu=cfg.model_type == "distilbert")
             self.classifier = nn.Linear(cfg.hidden_size, cfg.num_labels)
         elif cfg.task == "classify":
             self.classifier = _ClassificationHead(cfg.hidden_size, cfg.num_labels)

@@ -17,7 +17,13 @@ from scaleinfer.weights import safetensors as st
 
 logger = logging.getLogger(__name__)
 
-_BACKBONE_PREFIXES = ("bert.", "mpnet.", "roberta.", "model.")
+_BACKBONE_PREFIXES = ("bert.", "mpnet.", "roberta.", "distilbert.", "model.")
+_DISTILBERT_NAMES = (("transformer.layer.", "encoder.layer."), (".attention.q_lin.", ".attention.self.query."),
+                     (".attention.k_lin.", ".attention.self.key."), (".attention.v_lin.", ".attention.self.value."),
+                     (".attention.out_lin.", ".attention.output.dense."),
+                     (".sa_layer_norm.", ".attention.output.LayerNorm."), (".ffn.lin1.", ".intermediate.dense."),
+                     (".ffn.lin2.", ".output.dense."), (".output_layer_norm.", ".output.LayerNorm."))
+"""DistilBERT tensor names -> the BERT names our model uses (the same layer, spelled differently)."""
 _SKIPPED = ("embeddings.position_ids", "lm_head.", "cls.", "pooler.")
 
 
@@ -90,6 +96,11 @@ def _our_name(name: str, model: EncoderModel) -> str | None:
     """The EncoderModel parameter of a checkpoint tensor, or None to skip it."""
     if name.startswith("classifier."):
         return name if model.classifier is not None else None
+    if name.startswith("pre_classifier."):   # DistilBERT's dense + ReLU before the classifier
+        return "pooler.dense." + name.removeprefix("pre_classifier.") if model.pooler is not None else None
+    if model.config.model_type == "distilbert":
+        for theirs, ours in _DISTILBERT_NAMES:
+            name = name.replace(theirs, ours)
     for prefix in _BACKBONE_PREFIXES:
         if name.startswith(prefix):
             name = name[len(prefix):]
