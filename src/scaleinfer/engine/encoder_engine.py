@@ -126,7 +126,7 @@ class EncoderEngine:
             return x
         if not truncate:
             raise RequestError(f"input {index} has {n} tokens, more than this model's {limit}; shorten it or set "
-                               f"truncate_prompt_tokens=-1 to cut it to {limit}")
+                               f"truncate_prompt_tokens=-1 (CLI: --truncate-prompt-tokens -1) to cut it to {limit}")
         keep = x.token_ids[:limit - 1] + x.token_ids[-1:]       # keep the closing [SEP] / </s>
         types = None if x.token_type_ids is None else x.token_type_ids[:limit - 1] + x.token_type_ids[-1:]
         return EncoderInput(keep, types)
