@@ -215,7 +215,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         state.check_model(body.model)
         oai.refuse_unsupported(body)
-        plan, structured = tool_plan(body.tools, body.tool_choice), structured_params(body)
+        plan, structured = tool_plan(body.tools, body.tool_choice, body.parallel_tool_calls), structured_params(body)
         if plan is not None and plan.structured is not None:
             if structured is not None:
                 raise RequestError(f"tool_choice={body.tool_choice!r} already constrains the output to a tool call; "

@@ -5,6 +5,7 @@ model's output -> OpenAI `tool_calls` (whole, or as stream deltas).
     "auto"                            tools in the prompt; the model's <tool_call>{...}</tool_call>
                                       blocks (Qwen / Hermes format) are parsed out of its text
     "required"                        output constrained to a JSON array of {"name", "arguments"}
+                                      (one item when parallel_tool_calls is false)
     {"type": "function", ...} named   output constrained to that function's arguments (its schema)
 
 Tools reach the model through its chat template when the template takes `tools` (Qwen2.5's does); a
@@ -42,8 +43,9 @@ class ToolPlan:
     """The output constraint of "required" and named choices."""
 
 
-def tool_plan(tools: list | None, tool_choice) -> ToolPlan | None:
-    """The plan for a request's tools and tool_choice; None when no tool may be called."""
+def tool_plan(tools: list | None, tool_choice, parallel_tool_calls: bool | None = None) -> ToolPlan | None:
+    """The plan for a request's tools and tool_choice; None when no tool may be called.
+    parallel_tool_calls=False: "required" makes exactly one call (small models tend to repeat calls)."""
     if tool_choice is None:
         tool_choice = "auto" if tools else "none"
     if isinstance(tool_choice, str) and tool_choice not in ("none", "auto", "required"):
@@ -61,6 +63,8 @@ def tool_plan(tools: list | None, tool_choice) -> ToolPlan | None:
         items = [{"type": "object", "properties": {"name": {"enum": [f["name"]]}, "arguments": _parameters(f)},
                   "required": ["name", "arguments"]} for f in functions]
         schema = {"type": "array", "minItems": 1, "items": items[0] if len(items) == 1 else {"anyOf": items}}
+        if parallel_tool_calls is False:
+            schema["maxItems"] = 1
         return ToolPlan(list(tools), "required", structured=StructuredOutputsParams(json=schema))
     name = _named_choice(tool_choice)
     if name not in names:
@@ -123,9 +127,12 @@ def _as_text(message: dict) -> dict:
     calls = message.get("tool_calls")
     if not calls:
         return {"role": message["role"], "content": message["content"]}
-    blocks = [f"{TOOL_CALL_OPEN}\n" + json.dumps({"name": c["function"]["name"], "arguments": c["function"]["arguments"]},
-                                                 ensure_ascii=False) + f"\n{TOOL_CALL_CLOSE}" for c in calls]
+    blocks = [f"{TOOL_CALL_OPEN}\n{json.dumps(_call_body(c), ensure_ascii=False)}\n{TOOL_CALL_CLOSE}" for c in calls]
     return {"role": "assistant", "content": "\n".join(filter(None, [message["content"], *blocks]))}
+
+
+def _call_body(call: dict) -> dict:
+    return {"name": call["function"]["name"], "arguments": call["function"]["arguments"]}
 
 
 # ---- the output --------------------------------------------------------------------------------

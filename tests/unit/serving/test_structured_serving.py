@@ -29,7 +29,8 @@ def chat(**kw) -> ChatCompletionRequest:
     (chat(response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMA, "strict": True}}),
      "json", SCHEMA),
     (chat(guided_json=SCHEMA), "json", SCHEMA), (chat(guided_regex="a+"), "regex", "a+"),
-    (chat(guided_choice=["a", "b"]), "choice", ["a", "b"]), (chat(guided_grammar='root ::= "a"'), "grammar", 'root ::= "a"'),
+    (chat(guided_choice=["a", "b"]), "choice", ["a", "b"]),
+    (chat(guided_grammar='root ::= "a"'), "grammar", 'root ::= "a"'),
     (CompletionRequest(prompt="x", structured_outputs={"choice": ["y"]}), "choice", ["y"]),
     (CompletionRequest(prompt="x", response_format={"type": "json_object"}), "json_object", True),
 ])
@@ -59,14 +60,16 @@ def test_tool_plans():
     assert tool_plan(None, None) is None and tool_plan(TOOLS, "none") is None
     assert tool_plan(TOOLS, None).mode == "auto" and tool_plan(TOOLS, None).structured is None
     required = tool_plan(TOOLS, "required").structured.json
-    assert required["minItems"] == 1 and len(required["items"]["anyOf"]) == 2
+    assert required["minItems"] == 1 and len(required["items"]["anyOf"]) == 2 and "maxItems" not in required
+    assert tool_plan(TOOLS, "required", parallel_tool_calls=False).structured.json["maxItems"] == 1
     named = tool_plan(TOOLS, {"type": "function", "function": {"name": "get_weather"}})
     assert named.name == "get_weather" and named.structured.json == TOOLS[0]["function"]["parameters"]
 
 
 @pytest.mark.parametrize("tools, choice", [
     (None, "required"), (TOOLS, "sometimes"), (TOOLS, {"type": "function", "function": {"name": "nope"}}),
-    (TOOLS, {"type": "function"}), ([{"type": "function"}], "auto"), ([{"function": {"name": "bad name!"}}], "auto"),
+    (TOOLS, {"type": "function"}), ([{"type": "function"}], "auto"),
+    ([{"function": {"name": "bad name!"}}], "auto"),
     ([{"type": "function", "function": {"name": "f", "parameters": []}}], "auto"),
 ])
 def test_bad_tools_are_request_errors(tools, choice):
@@ -92,7 +95,8 @@ def test_parse_constrained_outputs():
                          tool_plan(TOOLS, "required"))[1]
     assert [c["function"]["name"] for c in calls] == ["now", "get_weather"]
     named = tool_plan(TOOLS, {"type": "function", "function": {"name": "get_weather"}})
-    assert parse_output('{"city": "a"}', named)[1][0]["function"] == {"name": "get_weather", "arguments": '{"city": "a"}'}
+    call = parse_output('{"city": "a"}', named)[1][0]
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "a"}'}
 
 
 @pytest.mark.parametrize("pieces, content, num_calls", [
