@@ -48,6 +48,8 @@ class Request:
     finish_time: float | None = None
     # Logprobs of each output token: (sampled_logprob, {token_id: logprob} for the top-N).
     output_logprobs: list[tuple[float, dict[int, float]]] = field(default_factory=list)
+    grammar: object | None = None
+    """structured.GrammarState of a request with structured outputs (set by the engine), else None."""
     _all_token_ids: list[int] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:

@@ -7,6 +7,9 @@ One row is one request with its own SamplingParams. Each step, vectorised over t
     logit is divided by r, a negative one multiplied by r, for every token seen in prompt OR output),
     then frequency and presence (OpenAI: minus f * count, then minus a if count > 0; output only).
     They touch only the seen ids (gather / scatter), never a [B, V] count matrix;
+ 2b. grammar mask (structured outputs): the tokens the request's grammar does not allow next get
+    -inf (structured/bitmask.py: one bitmask for the batch, applied to its constrained rows only);
+    a constrained row gets no min_tokens bans: its grammar decides where the output may end;
  3. greedy rows (temperature 0) take the argmax of the penalised logits. When every row is greedy
     this is the whole job: no softmax, no sort, no random numbers;
  4. the other rows work with unnormalised probabilities w = exp((logit - max) / temperature): the
@@ -45,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from scaleinfer.sampling_params import SamplingParams
+from scaleinfer.structured.bitmask import BatchMask, apply_bitmask
 
 _BLOCK_SIZE = 256
 """Tokens per block of the two-level inverse CDF (about sqrt(V) for V ~ 50k..150k)."""
@@ -78,6 +82,7 @@ class SamplingMetadata:
     all_greedy: bool
     banned_ids: torch.Tensor | None           # [2, N] int64 (row, token id) pairs that must not be
                                               # sampled now (EOS / stop ids below min_tokens)
+    grammar_mask: BatchMask | None = None     # structured outputs: the allowed tokens of constrained rows
 
     @classmethod
     def from_params(cls, params: list[SamplingParams], prompt_token_ids: list[list[int]],
@@ -127,7 +132,7 @@ def _banned_ids(params: list[SamplingParams], output_token_ids: list[list[int]],
                 eos_token_ids: tuple[int, ...], vocab_size: int) -> torch.Tensor | None:
     pairs = []
     for row, (p, out) in enumerate(zip(params, output_token_ids)):
-        if len(out) < p.min_tokens:
+        if len(out) < p.min_tokens and p.structured_outputs is None:
             ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_token_ids))
             pairs.extend((row, i) for i in sorted(ids) if 0 <= i < vocab_size)
     return torch.tensor(pairs, dtype=torch.int64).T.contiguous() if pairs else None
@@ -166,13 +171,15 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         raw = logits.float()                                  # [B, V]
         processed = raw
-        if meta.banned_ids is not None or meta.penalty_rows is not None:
+        if meta.banned_ids is not None or meta.penalty_rows is not None or meta.grammar_mask is not None:
             processed = raw.clone()
             if meta.banned_ids is not None:
                 banned = meta.banned_ids.to(raw.device)
                 processed[banned[0], banned[1]] = float("-inf")
             if meta.penalty_rows is not None:
                 apply_penalties(processed, meta)
+            if meta.grammar_mask is not None:
+                apply_bitmask(processed, meta.grammar_mask)
         if meta.all_greedy:
             tokens = processed.argmax(dim=-1)
         else:

@@ -45,6 +45,11 @@ class SamplingParams:
     """Return the log-probability of the sampled token and of the top-N tokens."""
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured_outputs: "StructuredOutputsParams | None" = None
+    """Constrain the output to a JSON schema, regex, choice or grammar (vLLM's name; guided_decoding
+    is accepted too). Compiled and checked when the request is added (structured/)."""
+    guided_decoding: "StructuredOutputsParams | None" = None
+    """vLLM's older name for structured_outputs."""
     _stop: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -52,6 +57,10 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        if self.guided_decoding is not None:
+            if self.structured_outputs is not None:
+                raise RequestError("set structured_outputs or guided_decoding (its older name), not both")
+            self.structured_outputs, self.guided_decoding = self.guided_decoding, None
         self._validate()
 
     @property
@@ -91,3 +100,60 @@ class SamplingParams:
             raise bad("stop", self.stop, "must be a non-empty string or a list of them")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", self.stop_token_ids, "must be non-negative integers")
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, StructuredOutputsParams):
+                raise bad("structured_outputs", self.structured_outputs, "must be a StructuredOutputsParams")
+            if self.ignore_eos:
+                raise bad("ignore_eos", True, "cannot be combined with structured_outputs (the grammar ends "
+                                              "the output with EOS)")
+
+
+_STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """What the output must match: exactly one of a JSON schema, a regex, a choice of strings, an EBNF
+    grammar (llama.cpp's GBNF dialect, root rule `root`) or any JSON object. Names follow vLLM's
+    StructuredOutputsParams. Checked for shape here; compiled (and refused if invalid) by structured/."""
+
+    json: "str | dict | None" = None
+    """A JSON schema (a dict or its JSON text)."""
+    regex: str | None = None
+    choice: "list[str] | None" = None
+    """The output is exactly one of these strings."""
+    grammar: str | None = None
+    """An EBNF grammar whose start rule is `root`."""
+    json_object: bool | None = None
+    """Any JSON object (OpenAI's response_format json_object)."""
+    any_whitespace: bool = False
+    """JSON may hold free whitespace between tokens (vLLM's default). Off by default here: small models
+    given the freedom can emit newlines until max_tokens; off, JSON has one canonical spacing."""
+
+    def __post_init__(self) -> None:
+        set_kinds = [k for k in _STRUCTURED_KINDS if getattr(self, k) not in (None, False)]
+        if len(set_kinds) != 1:
+            raise RequestError(f"structured outputs need exactly one of {', '.join(_STRUCTURED_KINDS)}; got "
+                               f"{', '.join(set_kinds) or 'none'}")
+        if self.json is not None and not isinstance(self.json, (str, dict)):
+            raise RequestError(f"structured outputs json must be a JSON schema (an object or its text), got "
+                               f"{type(self.json).__name__}")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise RequestError(f"structured outputs {name} must be a non-empty string, got {value!r}")
+        if self.choice is not None:
+            if (not isinstance(self.choice, (list, tuple)) or not self.choice
+                    or any(not isinstance(c, str) or not c for c in self.choice)):
+                raise RequestError(f"structured outputs choice must be a non-empty list of non-empty strings, "
+                                   f"got {self.choice!r}")
+            object.__setattr__(self, "choice", list(self.choice))
+
+    @property
+    def kind(self) -> str:
+        """Which of json / regex / choice / grammar / json_object is set."""
+        return next(k for k in _STRUCTURED_KINDS if getattr(self, k) not in (None, False))
+
+
+GuidedDecodingParams = StructuredOutputsParams
+"""vLLM's older name."""

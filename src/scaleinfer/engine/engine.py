@@ -23,6 +23,8 @@ from scaleinfer.kv_cache.cache_tensors import bytes_per_token
 from scaleinfer.request import CompletionOutput, FinishReason, Request, RequestMetrics, RequestOutput
 from scaleinfer.sampling_params import SamplingParams
 from scaleinfer.scheduler import Scheduler
+from scaleinfer.structured.bitmask import GrammarState
+from scaleinfer.structured.compiler import GrammarCompiler
 from scaleinfer.tokenizer import IncrementalDetokenizer
 from scaleinfer.weights.loader import open_checkpoint
 
@@ -118,6 +120,7 @@ class LLMEngine:
                                                  config.device)
         """KV bytes of one token on each rank (its KV heads)."""
         self.stats = EngineStats()
+        self._grammars = None   # structured.GrammarCompiler, made at the first structured request
         self._parents: dict[str, _Parent] = {}
         self._parent_of: dict[str, str] = {}
         self._next_id = 0
@@ -148,6 +151,7 @@ class LLMEngine:
         else:
             prompt_text, prompt_ids = None, list(prompt)
         self._validate(prompt_ids, params)
+        compiled = self.compile_structured(params)
         parent = _Parent(request_id, prompt_text, prompt_ids)
         for i in range(params.n):
             child_params = params
@@ -159,12 +163,23 @@ class LLMEngine:
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"
             req = Request(child_id, prompt_ids, child_params, eos_token_ids=self.tokenizer.eos_token_ids,
                           prompt=prompt_text)
+            if compiled is not None:
+                req.grammar = GrammarState(compiled, self._grammars.stop_token_ids, self._grammars.vocab_size)
             detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, child_params.skip_special_tokens,
                                            child_params.stop_strings, child_params.include_stop_str_in_output)
             parent.children.append(_Child(req, detok))
             self._parent_of[child_id] = request_id
             self.scheduler.add_request(req)
         self._parents[request_id] = parent
+
+    def compile_structured(self, params: SamplingParams):
+        """The compiled grammar of params.structured_outputs (cached), None without one; RequestError if it
+        is invalid. Thread-safe: the server calls it on its own threads to refuse a bad schema early."""
+        if params.structured_outputs is None:
+            return None
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size)
+        return self._grammars.compile(params.structured_outputs)
 
     def kv_tokens_needed(self, num_tokens: int) -> int:
         """KV slots a request of `num_tokens` tokens holds at its peak: all of them under causal

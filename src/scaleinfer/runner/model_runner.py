@@ -8,6 +8,7 @@ other step, and every step with `lean_decode` off, through the model's own forwa
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future
 
 import torch
 
@@ -20,6 +21,7 @@ from scaleinfer.runner.decode_program import DecodePlan
 from scaleinfer.runner.forward_batch import ForwardBatch, StepInputs, batch_from_inputs, build_forward_batch
 from scaleinfer.sampler import Sampler, SamplingMetadata
 from scaleinfer.scheduler import ModelOutput, SchedulerOutput
+from scaleinfer.structured.bitmask import MaskPrefetch, advance, fill_bitmask
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +45,8 @@ class ModelRunner:
     lean_decode = True
     """Run decode-only steps through the decode program where it covers them; False sends every step
     through model.forward (tests compare the two)."""
+    prefetch_masks = True
+    """Fill structured-output grammar masks on a worker thread during the forward (False: after it)."""
 
     def __init__(self, model: CausalLM, model_config: ModelConfig, cache_config: CacheConfig,
                  num_blocks: int, dtype: torch.dtype, device: str = "cpu", seed: int = 0):
@@ -68,6 +72,7 @@ class ModelRunner:
         self.decode_plan: DecodePlan | None = None
         """The decode program, built at the first decode-only step (None: not built, or not covered)."""
         self._plan_built = False
+        self.mask_prefetch = MaskPrefetch()
 
     def execute(self, sched: SchedulerOutput) -> ModelOutput:
         return self.execute_batch(build_forward_batch(sched, self.block_size, self.patterns))
@@ -76,15 +81,22 @@ class ModelRunner:
     def execute_batch(self, batch: ForwardBatch) -> ModelOutput:
         """Run one step's batch and sample its requests."""
         batch = batch.to(self.device)
-        return self.sample(batch, self._forward(batch.input_ids, batch.positions, batch.meta, batch.logits_indices))
+        # Structured outputs: the grammar masks are filled while the model runs (structured/bitmask.py).
+        mask = self.mask_prefetch.start(batch.sample_requests) if self.prefetch_masks else None
+        logits = self._forward(batch.input_ids, batch.positions, batch.meta, batch.logits_indices)
+        return self.sample(batch, logits, mask)
 
     @torch.inference_mode()
-    def sample(self, batch: ForwardBatch, logits: torch.Tensor) -> ModelOutput:
-        """The batch's sampled tokens (and logprobs) from its logits."""
+    def sample(self, batch: ForwardBatch, logits: torch.Tensor, mask: Future | None = None) -> ModelOutput:
+        """The batch's sampled tokens (and logprobs) from its logits; `mask`: the grammar bitmask being
+        filled (MaskPrefetch), else it is filled here when a request has a grammar."""
         out = ModelOutput()
         if not batch.sample_requests:
             return out
         reqs = batch.sample_requests
+        grammar_mask = mask.result() if mask is not None else None
+        if mask is None and any(r.grammar is not None for r in reqs):
+            grammar_mask = fill_bitmask(reqs)
         meta = SamplingMetadata.from_params(
             [r.sampling_params for r in reqs],
             [r.prompt_token_ids for r in reqs],
@@ -93,8 +105,11 @@ class ModelRunner:
             reqs[0].eos_token_ids,
             logits.shape[-1],
         )
+        meta.grammar_mask = grammar_mask
         result = self.sampler(logits, meta)
         token_ids = result.sampled_token_ids.tolist()
+        if grammar_mask is not None:
+            advance(reqs, token_ids)
         for row, (req, token) in enumerate(zip(reqs, token_ids)):
             out.sampled_token_ids[req.request_id] = token
         if result.logprobs is not None:

@@ -29,6 +29,8 @@ from scaleinfer.serving.guard import Gate
 from scaleinfer.serving.metrics import CONTENT_TYPE, snapshot
 from scaleinfer.serving.protocol import (ERROR_RESPONSES, GENERATION_RESPONSES, ChatCompletionRequest, CompletionRequest,
                                          DetokenizeRequest, TokenizeRequest)
+from scaleinfer.serving.structured import structured_params
+from scaleinfer.serving.tools import ToolPlan, ToolStream, prepare_chat, tool_plan, tool_stream_choices
 
 if TYPE_CHECKING:
     from scaleinfer.engine.async_engine import AsyncEngine
@@ -197,11 +199,13 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         for p in raw:
             if isinstance(p, str):
                 state.check_chars(len(p), "prompt")
+        structured = structured_params(body)
         admission = state.admit(len(raw), body.n)
         try:
             prompts = [state.check_prompt(p) if isinstance(p, list) else await state.encode_text(p) for p in raw]
             head = oai.Header(_new_id("cmpl"), int(time.time()), state.config.served_model_name)
-            jobs = [(ids, state.params(body, ids), f"{head.id}-{i}") for i, ids in enumerate(prompts)]
+            jobs = [(ids, state.params(body, ids, structured), f"{head.id}-{i}") for i, ids in enumerate(prompts)]
+            await state.check_structured(jobs[0][1])
         except BaseException:
             admission.release_all()
             raise
@@ -219,25 +223,32 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         state.check_model(body.model)
         oai.refuse_unsupported(body)
-        messages = oai.chat_messages(body.messages)
+        plan, structured = tool_plan(body.tools, body.tool_choice, body.parallel_tool_calls), structured_params(body)
+        if plan is not None and plan.structured is not None:
+            if structured is not None:
+                raise RequestError(f"tool_choice={body.tool_choice!r} already constrains the output to a tool call; "
+                                   f"drop response_format / guided_* / structured_outputs")
+            structured = plan.structured
+        messages, template_kwargs = prepare_chat(oai.chat_messages(body.messages), plan, state.tokenizer.chat_template)
         state.check_chars(sum(len(m["content"]) for m in messages), "conversation")
         admission = state.admit(1, body.n)
         try:
-            ids = await state.encode_chat(messages, body.add_generation_prompt)
+            ids = await state.encode_chat(messages, body.add_generation_prompt, template_kwargs=template_kwargs)
             head = oai.Header(_new_id("chatcmpl"), int(time.time()), state.config.served_model_name)
-            job = (ids, state.params(body, ids), head.id)
+            job = (ids, state.params(body, ids, structured), head.id)
+            await state.check_structured(job[1])
         except BaseException:
             admission.release_all()
             raise
         num_top = body.top_logprobs or 0
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _sse(_stream_chat(state, head, job, body.n, num_top, usage, admission), admission)
+            return _sse(_stream_chat(state, head, job, body.n, num_top, usage, admission, plan), admission)
         try:
             (output,) = await unless_disconnected(request, state.collect([job], admission))
         finally:
             admission.release_all()
-        return oai.chat_body(head, output, num_top, state.token_text)
+        return oai.chat_body(head, output, num_top, state.token_text, plan)
 
 
 class _AdmittedStream(StreamingResponse):
@@ -278,15 +289,20 @@ async def _stream_completion(state: ServerState, head: oai.Header, jobs, n: int,
 
 
 async def _stream_chat(state: ServerState, head: oai.Header, job, n: int, num_top: int, usage: bool,
-                       admission: Admission):
+                       admission: Admission, plan: ToolPlan | None = None):
     cursor = oai.StreamCursor()
     final = None
+    tool_streams = {i: ToolStream(plan) for i in range(n)} if plan is not None else None
     try:
         for i in range(n):
             yield sse(oai.chat_chunk(head, [oai.chat_role_choice(i)], usage))
         async with contextlib.aclosing(state.stream([job], admission)) as outs:
             async for _, final in outs:
                 for delta in cursor.deltas(final):
+                    if tool_streams is not None:
+                        for choice in tool_stream_choices(tool_streams[delta.index], delta, final):
+                            yield sse(oai.chat_chunk(head, [choice], usage))
+                        continue
                     choice = oai.chat_chunk_choice(delta, final, num_top, state.token_text)
                     yield sse(oai.chat_chunk(head, [choice], usage))
         if usage:

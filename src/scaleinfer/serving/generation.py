@@ -20,7 +20,7 @@ from starlette.requests import Request
 
 from scaleinfer.errors import RequestError
 from scaleinfer.request import RequestOutput
-from scaleinfer.sampling_params import SamplingParams
+from scaleinfer.sampling_params import SamplingParams, StructuredOutputsParams
 from scaleinfer.serving.limits import ServerLimits
 from scaleinfer.serving.metrics import ServerMetrics
 from scaleinfer.serving.openai import sampling_params
@@ -169,9 +169,15 @@ class ServerState:
             raise RequestError(f"token id {bad} in the {what} is outside the vocabulary [0, {self.vocab_size})")
         return prompt_ids
 
-    def params(self, body, prompt_ids: list[int]) -> SamplingParams:
-        """The SamplingParams of a completion or chat body for this prompt."""
-        return sampling_params(body, len(prompt_ids), self.max_model_len, self.vocab_size)
+    def params(self, body, prompt_ids: list[int], structured: StructuredOutputsParams | None = None) -> SamplingParams:
+        """The SamplingParams of a completion or chat body for this prompt (`structured`: its output constraint)."""
+        return sampling_params(body, len(prompt_ids), self.max_model_len, self.vocab_size, structured)
+
+    async def check_structured(self, params: SamplingParams) -> None:
+        """Compile the request's grammar on a worker thread (cached for the engine): a bad schema, regex or
+        grammar is a 400 before any response starts, and the engine thread never compiles it."""
+        if params.structured_outputs is not None:
+            await self.off_loop(self.engine.engine.compile_structured, params)
 
     async def off_loop(self, fn: Callable, *args):
         """fn(*args) on a tokenizer thread, so a long text never stalls the other connections."""
@@ -190,18 +196,19 @@ class ServerState:
         return self.check_prompt(await self.tokenize(text))
 
     async def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
-                          check: bool = True) -> list[int]:
+                          check: bool = True, template_kwargs: dict | None = None) -> list[int]:
+        """`template_kwargs`: extra chat-template arguments (tools)."""
         if check:
             self.check_chars(sum(len(m["content"]) for m in messages), "conversation")
         try:
-            text = await self.off_loop(self._render, messages, add_generation_prompt)
+            text = await self.off_loop(self._render, messages, add_generation_prompt, template_kwargs or {})
         except Exception as exc:  # noqa: BLE001 - a template that rejects these messages is a bad request
             raise RequestError(f"the model's chat template cannot render these messages: {exc}") from exc
         ids = await self.tokenize(text, False)
         return self.check_prompt(ids, "conversation") if check else ids
 
-    def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool, kwargs: dict) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **kwargs)
 
     def close(self) -> None:
         """Stop the tokenizer threads (a later request starts new ones)."""

@@ -6,18 +6,20 @@ splits a UTF-8 character, so each text delta is whole characters).
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from scaleinfer.errors import RequestError
 from scaleinfer.request import CompletionOutput, RequestOutput
-from scaleinfer.sampling_params import SamplingParams
+from scaleinfer.sampling_params import SamplingParams, StructuredOutputsParams
 from scaleinfer.serving.protocol import MAX_SEED, ChatCompletionRequest, ChatMessage, CompletionRequest, TextPart
+from scaleinfer.serving.tools import ToolPlan, parse_output
 
 TokenText = Callable[[int], str]
 """Maps a token id to its text, for logprobs."""
 
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
 
 @dataclass(frozen=True)
@@ -42,13 +44,8 @@ def refuse_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
         if req.best_of is not None and req.best_of != req.n:
             raise RequestError(f"best_of={req.best_of} is not supported; only best_of == n ({req.n})")
         return
-    if req.tools or req.functions:
-        raise RequestError("tools / functions are not supported by this server; remove them")
-    if req.tool_choice not in (None, "none", "auto"):
-        raise RequestError(f"tool_choice={req.tool_choice!r} is not supported; this server does not call tools")
-    if req.response_format and req.response_format.get("type", "text") != "text":
-        raise RequestError(f"response_format type {req.response_format.get('type')!r} is not supported; "
-                           f"only 'text'")
+    if req.functions or req.function_call is not None:
+        raise RequestError("functions / function_call (deprecated) are not supported; send tools and tool_choice")
     if req.modalities and set(req.modalities) != {"text"}:
         raise RequestError(f"modalities={req.modalities} is not supported; only ['text']")
     if req.top_logprobs is not None and not req.logprobs:
@@ -63,8 +60,6 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
         if role is None:
             raise RequestError(f"messages[{i}].role={msg.role!r} is not supported; use one of "
                                f"{sorted(_ROLES)}")
-        if msg.tool_calls:
-            raise RequestError(f"messages[{i}].tool_calls is not supported by this server")
         if msg.content is None or isinstance(msg.content, str):
             text = msg.content or ""
         else:
@@ -73,7 +68,28 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
                 raise RequestError(f"messages[{i}] has a {bad[0]!r} content part; this server takes text only")
             text = "\n".join(p.text for p in msg.content if isinstance(p, TextPart))
         out.append({"role": role, "content": text})
+        if msg.tool_calls:
+            if role != "assistant":
+                raise RequestError(f"messages[{i}] has tool_calls but role {msg.role!r}; only assistant messages do")
+            out[-1]["tool_calls"] = [_tool_call(i, j, c) for j, c in enumerate(msg.tool_calls)]
+        if role == "tool":
+            out[-1]["tool_call_id"] = msg.tool_call_id
     return out
+
+
+def _tool_call(i: int, j: int, call) -> dict:
+    """An assistant message's tool call as chat templates read it (arguments as an object)."""
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise RequestError(f"messages[{i}].tool_calls[{j}] must be {{\"id\", \"type\": \"function\", \"function\": "
+                           f"{{\"name\", \"arguments\"}}}}")
+    args = fn.get("arguments", "{}")
+    if isinstance(args, str):
+        try:
+            args = json.loads(args or "{}")
+        except ValueError:
+            raise RequestError(f"messages[{i}].tool_calls[{j}].function.arguments is not valid JSON") from None
+    return {"id": call.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": args}}
 
 
 def completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
@@ -89,9 +105,11 @@ def completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
 
 
 def sampling_params(req: CompletionRequest | ChatCompletionRequest, num_prompt_tokens: int,
-                    max_model_len: int, vocab_size: int | None = None) -> SamplingParams:
+                    max_model_len: int, vocab_size: int | None = None,
+                    structured: StructuredOutputsParams | None = None) -> SamplingParams:
     """The request's SamplingParams. max_tokens is clamped to the room the context leaves; a top_k
-    of the vocabulary size or more means no top-k."""
+    of the vocabulary size or more means no top-k. `structured`: the output constraint (the body's
+    own, serving/structured.py, or its tool choice's)."""
     room = max_model_len - num_prompt_tokens
     if isinstance(req, ChatCompletionRequest):
         max_tokens = req.max_completion_tokens or req.max_tokens
@@ -118,6 +136,7 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, num_prompt_t
         logprobs=logprobs,
         skip_special_tokens=req.skip_special_tokens,
         include_stop_str_in_output=req.include_stop_str_in_output,
+        structured_outputs=structured,
     )
 
 
@@ -175,11 +194,19 @@ def completion_body(head: Header, outputs: list[RequestOutput], num_top: int, to
             "choices": choices, "usage": usage(outputs)}
 
 
-def chat_body(head: Header, output: RequestOutput, num_top: int, token_text: TokenText) -> dict:
-    """The whole /v1/chat/completions response."""
-    choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                "logprobs": chat_logprobs(c, 0, len(c.token_ids), num_top, token_text),
-                "finish_reason": c.finish_reason} for c in output.outputs]
+def chat_body(head: Header, output: RequestOutput, num_top: int, token_text: TokenText,
+              plan: ToolPlan | None = None) -> dict:
+    """The whole /v1/chat/completions response; with a tool plan, the tool calls in the output."""
+    choices = []
+    for c in output.outputs:
+        message, reason = {"role": "assistant", "content": c.text}, c.finish_reason
+        if plan is not None:
+            content, calls = parse_output(c.text, plan)
+            message = {"role": "assistant", "content": content, "tool_calls": calls}
+            reason = "tool_calls" if calls and reason == "stop" else reason
+        choices.append({"index": c.index, "message": message,
+                        "logprobs": chat_logprobs(c, 0, len(c.token_ids), num_top, token_text),
+                        "finish_reason": reason})
     return {"id": head.id, "object": "chat.completion", "created": head.created, "model": head.model,
             "choices": choices, "usage": usage([output])}
 

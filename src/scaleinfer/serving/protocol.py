@@ -1,6 +1,6 @@
 """The OpenAI request bodies the server accepts, as pydantic models; app.py feeds them to openai.py.
 
-Unknown fields are ignored, as OpenAI does. Fields we know but cannot honour (tools, logit_bias,
+Unknown fields are ignored, as OpenAI does. Fields we know but cannot honour (logit_bias,
 echo, ...) are accepted here and refused with a clear 400 by openai.refuse_unsupported, so the
 message names the field instead of a schema error. Numeric bounds that SamplingParams checks
 again are stated here too, so the OpenAPI schema (and a fuzzer reading it) sees them. Text with a lone
@@ -88,6 +88,13 @@ class _SamplingFields(_Request):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # structured outputs (serving/structured.py): OpenAI's response_format, vLLM's guided_* and structured_outputs
+    response_format: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict[str, Any] | None = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -124,7 +131,9 @@ class ChatMessage(_Body):
     content: str | list[TextPart | OtherPart] | None = None
     name: str | None = None
     tool_calls: list[Any] | None = None
-    """Refused: this server does not call tools."""
+    """An assistant message's earlier tool calls ({"id", "type": "function", "function": {"name", "arguments"}})."""
+    tool_call_id: str | None = None
+    """A tool message: the call it answers."""
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -139,8 +148,9 @@ class ChatCompletionRequest(_SamplingFields):
     add_generation_prompt: bool = True
     tools: list[Any] | None = None
     functions: list[Any] | None = None
+    function_call: str | dict[str, Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     modalities: list[str] | None = None
 
 

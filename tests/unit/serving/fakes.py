@@ -22,6 +22,8 @@ VOCAB = 256 + OFFSET
 class FakeTokenizer:
     eos_token_ids = (0,)
     max_token_chars = 1
+    chat_template = None
+    """No template of its own: tools reach it as a system prompt (serving/tools.py)."""
 
     def __init__(self):
         self.calls = 0
@@ -40,7 +42,7 @@ class FakeTokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return bytes(i - OFFSET for i in ids if i >= OFFSET).decode("utf-8", errors="replace")
 
-    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True, **kwargs) -> str:
         if any(m["role"] == "assistant" and m["content"] == "BOOM" for m in messages):
             raise ValueError("template says no")
         text = "".join(f"<{m['role']}>{m['content']}\n" for m in messages)
@@ -68,6 +70,17 @@ class FakeLLMEngine:
     scheduler: SimpleNamespace = field(default_factory=lambda: SimpleNamespace(num_running=0, num_waiting=0))
     num_free_blocks: int = 64
     kv_cache_usage: float = 0.0
+    structured_seen: list = field(default_factory=list)
+
+    def compile_structured(self, params: SamplingParams):
+        """Records the structured outputs asked for; a regex "[" is refused as the real engine would."""
+        from scaleinfer.errors import RequestError
+
+        spec = params.structured_outputs
+        if spec is not None:
+            if spec.regex == "[":
+                raise RequestError("invalid structured output regex: Unclosed '['")
+            self.structured_seen.append(spec)
 
 
 class FakeAsyncEngine:

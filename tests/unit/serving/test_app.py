@@ -116,7 +116,7 @@ def test_bad_completion_requests_get_400(client, payload):
 
 @pytest.mark.parametrize("payload", [
     {}, {"messages": []}, {"messages": "hi"}, {"messages": [{"content": "no role"}]},
-    {"messages": [{"role": "user", "content": 7}]}, {"messages": [{"role": "tool", "content": "x"}]},
+    {"messages": [{"role": "user", "content": 7}]}, {"messages": [{"role": "user", "content": "x", "tool_calls": [{"function": {"name": "f"}}]}]},
     {"messages": [{"role": "assistant", "content": "BOOM"}]}, {"messages": MSGS, "tools": [{"type": "function"}]},
     {"messages": MSGS, "max_completion_tokens": 0}, {"messages": MSGS, "presence_penalty": 3},
 ])

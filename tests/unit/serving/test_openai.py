@@ -52,7 +52,7 @@ def test_chat_logprobs_without_top_logprobs_is_zero_top():
 @pytest.mark.parametrize("req", [
     CompletionRequest(prompt="x", echo=True), CompletionRequest(prompt="x", suffix="y"),
     CompletionRequest(prompt="x", best_of=3), CompletionRequest(prompt="x", logit_bias={"5": 1.0}),
-    chat(tools=[{"type": "function"}]), chat(tool_choice="required"), chat(response_format={"type": "json_object"}),
+    chat(functions=[{"name": "f"}]), chat(function_call="auto"),   # tools, tool_choice, response_format: tools.py
     chat(modalities=["audio"]), chat(top_logprobs=3),
 ])
 def test_unsupported_fields_are_refused_by_name(req):
@@ -75,7 +75,8 @@ def test_chat_messages_roles_and_parts():
 
 
 @pytest.mark.parametrize("msg", [
-    {"role": "tool", "content": "x"}, {"role": "wizard", "content": "x"},
+    {"role": "user", "content": "x", "tool_calls": [{"function": {"name": "f"}}]}, {"role": "wizard", "content": "x"},
+    {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": "{nope"}}]},
     {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]},
 ])
 def test_chat_messages_refuse_what_we_cannot_render(msg):
