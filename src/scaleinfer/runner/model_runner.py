@@ -17,6 +17,7 @@ from scaleinfer.config import CacheConfig, ModelConfig
 from scaleinfer.kv_cache.cache_tensors import allocate_kv_caches
 from scaleinfer.models.interface import CausalLM, DecoderWeights
 from scaleinfer.runner.decode_program import DecodePlan
+from scaleinfer.runner.encoder_step import run_encoders
 from scaleinfer.runner.forward_batch import ForwardBatch, StepInputs, batch_from_inputs, build_forward_batch
 from scaleinfer.sampler import Sampler, SamplingMetadata
 from scaleinfer.scheduler import ModelOutput, SchedulerOutput
@@ -69,13 +70,19 @@ class ModelRunner:
         """The decode program, built at the first decode-only step (None: not built, or not covered)."""
         self._plan_built = False
 
+    @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelOutput:
+        if sched.encoder_requests:   # encoder-decoder: encoders first, their cross K/V into the cache
+            run_encoders(self.model, self.kv_caches, sched.encoder_requests, self.block_size, self.device)
         return self.execute_batch(build_forward_batch(sched, self.block_size, self.patterns))
 
     @torch.inference_mode()
     def execute_batch(self, batch: ForwardBatch) -> ModelOutput:
         """Run one step's batch and sample its requests."""
         batch = batch.to(self.device)
+        if batch.cross_meta is not None:   # encoder-decoder (models/encoder_decoder.py): the model's forward
+            return self.sample(batch, self.model.forward(batch.input_ids, batch.positions, self.kv_caches, batch.meta,
+                                                         batch.logits_indices, cross_meta=batch.cross_meta))
         return self.sample(batch, self._forward(batch.input_ids, batch.positions, batch.meta, batch.logits_indices))
 
     @torch.inference_mode()
@@ -85,6 +92,9 @@ class ModelRunner:
         if not batch.sample_requests:
             return out
         reqs = batch.sample_requests
+        for row, req in enumerate(reqs):
+            for fn in req.sampling_params.logits_processors or ():
+                logits[row] = fn(req.output_token_ids, logits[row])
         meta = SamplingMetadata.from_params(
             [r.sampling_params for r in reqs],
             [r.prompt_token_ids for r in reqs],
