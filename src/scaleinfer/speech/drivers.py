@@ -70,9 +70,12 @@ def run_offline(engine, generators: list[Generator]) -> list[Transcription]:
     return results   # type: ignore[return-value]
 
 
-async def run_async(async_engine, gen: Generator) -> Transcription:
-    """Run one transcription on the AsyncEngine (each window decode is one streamed request)."""
+async def run_async(async_engine, gen: Generator, segments: list[Segment]):
+    """Run one transcription on the AsyncEngine (each window decode is one engine request), yielding each
+    final segment as soon as it is known (`segments` is the list `gen` was made to fill), then the
+    Transcription."""
     job = next(gen)
+    sent = 0
     while True:
         last = None
         async for out in async_engine.generate(job.prompt_ids, job.params, encoder_input=job.encoder_input):
@@ -80,4 +83,10 @@ async def run_async(async_engine, gen: Generator) -> Transcription:
         try:
             job = gen.send(last)
         except StopIteration as stop:
-            return stop.value
+            result = stop.value
+            break
+        finally:
+            while sent < len(segments):
+                sent += 1
+                yield segments[sent - 1]
+    yield result
