@@ -80,8 +80,8 @@ def read_whisper_config(ct2: CT2ModelFile, cfg: dict, path: str) -> ModelConfig:
     wc = WhisperConfig(
         num_mel_bins=conv1[1], encoder_layers=ct2.count_layers("encoder"), encoder_heads=ct2.scalar("encoder/num_heads"),
         max_source_positions=ct2.variables["encoder/position_encodings/encodings"].shape[0],
-        suppress_ids=tuple(cfg.get("suppress_ids", ())), suppress_ids_begin=tuple(cfg.get("suppress_ids_begin", ())),
-        lang_ids=tuple(cfg.get("lang_ids", ())))
+        suppress_ids=tuple(cfg.get("suppress_ids") or ()),
+        suppress_ids_begin=tuple(cfg.get("suppress_ids_begin") or ()), lang_ids=tuple(cfg.get("lang_ids") or ()))
     return ModelConfig(
         architecture="whisper", vocab_size=vocab, hidden_size=d, intermediate_size=ffn,
         num_layers=ct2.count_layers("decoder"), num_heads=heads, num_kv_heads=heads, head_dim=d // heads,
