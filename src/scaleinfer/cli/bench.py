@@ -16,6 +16,8 @@ BENCH_MODES: dict[str, tuple[str, str]] = {
                                           "against a real server: no 5xx, KV blocks back, flat RSS"),
     "distributed": ("scaleinfer.bench.distributed", "one process vs data / tensor / pipeline parallel layouts on "
                                                     "the same threads: decode, prefill, mixed load, router overhead"),
+    "seq2seq": ("scaleinfer.bench.seq2seq", "Whisper transcription (5 min of audio; 32 concurrent requests): "
+                                            "real-time factor, req/s, WER, peak RSS vs faster-whisper and HF"),
 }
 
 

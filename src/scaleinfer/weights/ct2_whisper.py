@@ -97,3 +97,35 @@ def with_special_tokens(config: ModelConfig, token_to_id, path: str) -> ModelCon
         raise WeightLoadError(f"{path}/tokenizer.json lacks {missing[0]}; is it a Whisper tokenizer?")
     return dataclasses.replace(config, bos_token_id=ids["<|startoftranscript|>"],
                                eos_token_ids=(ids["<|endoftext|>"],))
+
+
+def hf_config_kwargs(config: ModelConfig) -> dict:
+    """transformers.WhisperConfig arguments of a Whisper ModelConfig (parity tests, bench seq2seq)."""
+    wc = config.arch_config
+    return dict(vocab_size=config.vocab_size, num_mel_bins=wc.num_mel_bins, encoder_layers=wc.encoder_layers,
+                encoder_attention_heads=wc.encoder_heads, decoder_layers=config.num_layers,
+                decoder_attention_heads=config.num_heads, d_model=config.hidden_size,
+                encoder_ffn_dim=config.intermediate_size, decoder_ffn_dim=config.intermediate_size,
+                max_source_positions=wc.max_source_positions, max_target_positions=config.max_position_embeddings)
+
+
+def hf_state_dict(tensors, hidden_size: int) -> dict[str, torch.Tensor]:
+    """Our checkpoint tensors (fused self-attention Q/K/V, fused cross K/V) under HF
+    WhisperForConditionalGeneration's names (separate projections; K has no bias there, CTranslate2's
+    zeros are dropped; proj_out is the tied embedding)."""
+    state = {}
+    for name, t in tensors:
+        name = name.replace(".mlp.fc", ".fc")
+        for fused, parts in ((".qkv_proj.", ("q_proj", "k_proj", "v_proj")), (".kv_proj.", ("k_proj", "v_proj"))):
+            if fused in name:
+                for part, piece in zip(parts, t.split(hidden_size)):
+                    if part == "k_proj" and name.endswith("bias"):
+                        if piece.any():
+                            raise WeightLoadError(f"{name}: the K part of the bias is not zero; HF Whisper has none")
+                        continue
+                    state[name.replace(fused.strip("."), part)] = piece
+                break
+        else:
+            state[name] = t
+    state["proj_out.weight"] = state["model.decoder.embed_tokens.weight"]
+    return state
