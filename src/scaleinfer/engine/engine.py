@@ -19,9 +19,9 @@ from scaleinfer.engine.encoder_inputs import encoder_decoder_inputs
 from scaleinfer.engine.launch import create_executor
 from scaleinfer.engine.loading import DTYPES
 from scaleinfer.engine.virtual_engines import VirtualEngines
-from scaleinfer.errors import RequestError
+from scaleinfer.errors import ConfigError, RequestError
 from scaleinfer.kv_cache.cache_tensors import bytes_per_token
-from scaleinfer.models.encoder_decoder import is_encoder_decoder
+from scaleinfer.models.encoder_decoder import encoder_decoder_class, is_encoder_decoder
 from scaleinfer.request import CompletionOutput, FinishReason, Request, RequestMetrics, RequestOutput
 from scaleinfer.sampling_params import SamplingParams
 from scaleinfer.scheduler import Scheduler
@@ -84,6 +84,9 @@ class LLMEngine:
         self.model_config = ckpt.config
         self.checkpoint_path = ckpt.path
         self.tokenizer = ckpt.tokenizer
+        if config.parallel.distributed and encoder_decoder_class(ckpt.config.architecture):
+            raise ConfigError(f"{ckpt.config.architecture} is an encoder-decoder model: tensor and pipeline "
+                              f"parallelism do not take it yet; run it in one process (data parallel replicas work)")
         self.executor = create_executor(config, ckpt)
         self.runner = self.executor.runner
         """This process's ModelRunner (rank 0's shard under tensor parallelism)."""

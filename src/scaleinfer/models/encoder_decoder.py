@@ -88,3 +88,10 @@ class EncoderDecoderLM(Protocol):
 def is_encoder_decoder(model: object) -> bool:
     """Whether `model` takes the encoder-decoder path (implements EncoderDecoderLM)."""
     return isinstance(model, EncoderDecoderLM)
+
+
+def encoder_decoder_class(architecture: str) -> bool:
+    """Whether the family of ModelConfig.architecture `architecture` is an encoder-decoder (before building it)."""
+    from scaleinfer.models.registry import family
+
+    return family(architecture).model_class.__dict__.get("is_encoder_decoder") is True

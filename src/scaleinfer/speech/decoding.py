@@ -129,8 +129,8 @@ class WindowRules:
             logits[:tb] = -math.inf
             if self.max_initial_index is not None:
                 logits[tb + self.max_initial_index + 1:] = -math.inf
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        if logprobs[tb:].logsumexp(dim=-1) > logprobs[:tb].max():
+        # Timestamps together more likely than the best text token? (The softmax normalizer cancels.)
+        if logits[tb:].float().logsumexp(dim=-1) > logits[:tb].max():
             logits[:tb] = -math.inf
 
 

@@ -41,6 +41,8 @@ class TranscriptionOptions:
     without_timestamps: bool = False
     """Decode without timestamp tokens (one segment per window; long audio is then cut at 30 s)."""
     temperatures: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    best_of: int = 5
+    """Samples drawn at a temperature above 0; the most likely (by average log-probability) is kept."""
     compression_ratio_threshold: float | None = 2.4
     log_prob_threshold: float | None = -1.0
     no_speech_threshold: float | None = 0.6
@@ -56,6 +58,8 @@ class TranscriptionOptions:
             raise RequestError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if not self.temperatures or any(not 0.0 <= t <= 2.0 for t in self.temperatures):
             raise RequestError(f"temperatures must be a non-empty list of values in [0, 2], got {self.temperatures}")
+        if not 1 <= self.best_of <= 16:
+            raise RequestError(f"best_of must be from 1 to 16, got {self.best_of}")
         self.temperatures = tuple(self.temperatures)
 
 
@@ -159,8 +163,9 @@ def _decode_with_fallback(window, prompt, tokens: WhisperTokens, tokenizer, opts
         rules = WindowRules(tokens, language, opts.task, not opts.without_timestamps, opts.max_initial_timestamp)
         room = max_length - len(prompt)
         max_tokens = room if opts.max_new_tokens is None else min(room, opts.max_new_tokens + rules.num_forced)
-        params = SamplingParams(temperature=temperature, max_tokens=max_tokens, logprobs=0, seed=opts.seed,
-                                skip_special_tokens=False, logits_processors=[rules])
+        params = SamplingParams(n=opts.best_of if temperature > 0 else 1, temperature=temperature,
+                                max_tokens=max_tokens, logprobs=0, seed=opts.seed, skip_special_tokens=False,
+                                logits_processors=[rules])
         out = yield DecodeJob(list(prompt), window, params, rules)
         if language is None:
             language, detected_prob = rules.language, rules.language_prob
@@ -185,7 +190,11 @@ def _decode_with_fallback(window, prompt, tokens: WhisperTokens, tokenizer, opts
 
 def _attempt(out: RequestOutput, rules: WindowRules, tokens: WhisperTokens, tokenizer,
              temperature: float) -> _Attempt:
-    completion = out.outputs[0]
+    """The decode's result: its most likely sample (by average log-probability) when it drew several."""
+    return max((_one(c, rules, tokens, tokenizer, temperature) for c in out.outputs), key=lambda a: a.avg_logprob)
+
+
+def _one(completion, rules: WindowRules, tokens: WhisperTokens, tokenizer, temperature: float) -> _Attempt:
     ids = completion.token_ids[rules.num_forced:]
     logprobs = [lp[t] for t, lp in zip(completion.token_ids, completion.logprobs or [])][rules.num_forced:]
     text_ids = ids[:-1] if ids and ids[-1] == tokens.eot else ids
