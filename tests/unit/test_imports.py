@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [   # bottom to top
     ("D1", ("attention", "quantization", "structured")),
     ("D2", ("models", "weights", "sampler", "spec_decode", "kv_cache")),   # kv_cache: its tensors
     ("D3", ("runner", "distributed")),   # distributed: workers / executor
-    ("L3", ("engine",)),
+    ("L3", ("engine", "speech")),   # speech: audio, features, the transcription loop over the engine
     ("L4", ("llm", "serving", "compress", "bench", "plan.command", "")),   # "": scaleinfer/__init__.py, the public API
     ("L4 cli", ("cli",)),                # nothing imports cli
     ("entry", ("__main__",)),

@@ -20,6 +20,8 @@ BENCH_MODES: dict[str, tuple[str, str]] = {
                                                     "the same threads: decode, prefill, mixed load, router overhead"),
     "embed": ("scaleinfer.bench.embed", "sentences/s of encoder models (MiniLM, MPNet): scaleinfer vs "
                                         "sentence-transformers vs onnxruntime, same threads"),
+    "seq2seq": ("scaleinfer.bench.seq2seq", "Whisper transcription (5 min of audio; 32 concurrent requests): "
+                                            "real-time factor, req/s, WER, peak RSS vs faster-whisper and HF"),
 }
 
 

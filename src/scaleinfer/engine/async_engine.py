@@ -39,14 +39,15 @@ class AsyncEngine:
 
     # ---- caller side ---------------------------------------------------------------------------
     async def generate(self, prompt: str | list[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Stream cumulative RequestOutputs; leaving the iterator early (or cancellation) aborts."""
+                       request_id: str | None = None, encoder_input=None) -> AsyncIterator[RequestOutput]:
+        """Stream cumulative RequestOutputs; leaving the iterator early (or cancellation) aborts.
+        `encoder_input`: an encoder-decoder model's (LLMEngine.add_request)."""
         request_id = request_id or await self._call(lambda e: e.new_request_id())
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
         finished = False
         try:
-            await self._call(lambda e: e.add_request(request_id, prompt, params))
+            await self._call(lambda e: e.add_request(request_id, prompt, params, encoder_input=encoder_input))
             while True:
                 item = await stream.get()
                 if isinstance(item, BaseException):

@@ -15,11 +15,13 @@ import torch
 from scaleinfer.attention.patterns import parse_pattern, union_live_ranges
 from scaleinfer.config import ALLOW_LONG_ENV, EngineConfig, allow_long_max_model_len
 from scaleinfer.distributed.pipeline import PipelineExecutor
+from scaleinfer.engine.encoder_inputs import encoder_decoder_inputs
 from scaleinfer.engine.launch import create_executor
 from scaleinfer.engine.loading import DTYPES
 from scaleinfer.engine.virtual_engines import VirtualEngines
-from scaleinfer.errors import RequestError
+from scaleinfer.errors import ConfigError, RequestError
 from scaleinfer.kv_cache.cache_tensors import bytes_per_token
+from scaleinfer.models.encoder_decoder import encoder_decoder_class, is_encoder_decoder
 from scaleinfer.request import CompletionOutput, FinishReason, Request, RequestMetrics, RequestOutput
 from scaleinfer.sampling_params import SamplingParams
 from scaleinfer.scheduler import Scheduler
@@ -84,6 +86,9 @@ class LLMEngine:
         self.model_config = ckpt.config
         self.checkpoint_path = ckpt.path
         self.tokenizer = ckpt.tokenizer
+        if config.parallel.distributed and encoder_decoder_class(ckpt.config.architecture):
+            raise ConfigError(f"{ckpt.config.architecture} is an encoder-decoder model: tensor and pipeline "
+                              f"parallelism do not take it yet; run it in one process (data parallel replicas work)")
         self.executor = create_executor(config, ckpt)
         self.runner = self.executor.runner
         """This process's ModelRunner (rank 0's shard under tensor parallelism)."""
@@ -143,14 +148,24 @@ class LLMEngine:
         self._next_id += 1
         return str(self._next_id - 1)
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt: str | list[int] | None, params: SamplingParams,
+                    encoder_input: "torch.Tensor | None" = None) -> None:
+        """`encoder_input`: an encoder-decoder model's encoder input (engine/encoder_inputs.py; `prompt` is
+        then the decoder prompt, None for the model's default)."""
         if request_id in self._parents:
             raise RequestError(f"request id {request_id!r} is already in use")
-        if isinstance(prompt, str):
+        num_encoder_tokens = 0
+        if is_encoder_decoder(self.model):
+            enc = encoder_decoder_inputs(self.model, self.tokenizer, prompt, encoder_input)
+            prompt_text, prompt_ids = enc.prompt_text, enc.decoder_ids
+            encoder_input, num_encoder_tokens = enc.encoder_input, enc.num_encoder_tokens
+        elif encoder_input is not None:
+            raise RequestError(f"{self.model_config.architecture} is a decoder-only model: it takes no encoder input")
+        elif isinstance(prompt, str):
             prompt_text, prompt_ids = prompt, self.tokenizer.encode(prompt)
         else:
-            prompt_text, prompt_ids = None, list(prompt)
-        self._validate(prompt_ids, params)
+            prompt_text, prompt_ids = None, list(prompt or [])
+        self._validate(prompt_ids, params, num_encoder_tokens)
         compiled = self.compile_structured(params)
         parent = _Parent(request_id, prompt_text, prompt_ids)
         for i in range(params.n):
@@ -162,7 +177,7 @@ class LLMEngine:
                 child_params = replace(params, n=1, seed=seed)
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"
             req = Request(child_id, prompt_ids, child_params, eos_token_ids=self.tokenizer.eos_token_ids,
-                          prompt=prompt_text)
+                          prompt=prompt_text, encoder_input=encoder_input, num_encoder_tokens=num_encoder_tokens)
             if compiled is not None:
                 req.grammar = GrammarState(compiled, self._grammars.stop_token_ids, self._grammars.vocab_size)
             detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, child_params.skip_special_tokens,
@@ -191,7 +206,7 @@ class LLMEngine:
         bs = self.config.cache.block_size
         return min(num_tokens, live + self.config.scheduler.max_num_batched_tokens + 2 * bs)
 
-    def _validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+    def _validate(self, prompt_ids: list[int], params: SamplingParams, num_encoder_tokens: int = 0) -> None:
         n = len(prompt_ids)
         if n == 0:
             raise RequestError("the prompt is empty; send at least one token")
@@ -199,7 +214,8 @@ class LLMEngine:
             raise RequestError(
                 f"the prompt has {n} tokens but the context is {self.max_model_len} tokens (room is needed for "
                 f"at least one output token); shorten the prompt or raise --max-model-len")
-        if self.kv_tokens_needed(n + 1) > self.kv_capacity_tokens:
+        bs = self.config.cache.block_size
+        if self.kv_tokens_needed(n + 1) + -(-num_encoder_tokens // bs) * bs > self.kv_capacity_tokens:
             raise RequestError(
                 f"the prompt has {n} tokens but the KV cache holds only {self.kv_capacity_tokens}; "
                 f"raise --kv-cache-memory")

@@ -57,8 +57,12 @@ class BlockManager:
         return 1.0 - self.num_free_blocks / self.num_blocks
 
     def num_blocks_needed(self, request: Request, num_tokens: int) -> int:
-        """New blocks `request` needs so that its first `num_tokens` tokens have slots."""
-        return max(0, cdiv(num_tokens, self.block_size) - len(request.block_ids))
+        """New blocks `request` needs so that its first `num_tokens` tokens have slots (and, for an
+        encoder-decoder request, its encoder states: the cross blocks, see models/encoder_decoder.py)."""
+        return max(0, cdiv(num_tokens, self.block_size) - len(request.block_ids)) + self._cross_needed(request)
+
+    def _cross_needed(self, request: Request) -> int:
+        return max(0, cdiv(request.num_encoder_tokens, self.block_size) - len(request.cross_block_ids))
 
     def can_allocate(self, request: Request, num_tokens: int) -> bool:
         return self.num_blocks_needed(request, num_tokens) <= self.num_free_blocks
@@ -70,8 +74,8 @@ class BlockManager:
         At least one prompt token is always left to compute, so the step that finishes the prompt
         produces logits.
         """
-        if self.prefix_cache is None or request.block_ids:
-            return 0
+        if self.prefix_cache is None or request.block_ids or request.num_encoder_tokens:
+            return 0   # an encoder-decoder prefix's K/V depend on the encoder states too
         max_blocks = (request.num_tokens - 1) // self.block_size
         hits = self.prefix_cache.lookup(request.all_token_ids, max_blocks)
         for block_id in hits:
@@ -83,7 +87,7 @@ class BlockManager:
 
     def cache_full_blocks(self, request: Request) -> None:
         """Register the request's blocks that are full of computed tokens in the prefix cache."""
-        if self.prefix_cache is not None:
+        if self.prefix_cache is not None and not request.num_encoder_tokens:
             num_full = request.num_computed_tokens // self.block_size
             self.prefix_cache.insert(request.request_id, request.all_token_ids, request.block_ids[:num_full])
 
@@ -92,12 +96,13 @@ class BlockManager:
         """Give `request` enough blocks for its first `num_tokens` tokens. Caller checked can_allocate."""
         num_new = self.num_blocks_needed(request, num_tokens)
         assert num_new <= self.num_free_blocks, "allocate() without can_allocate()"
-        for _ in range(num_new):
+        num_cross = self._cross_needed(request)
+        for i in range(num_new):
             block_id, _ = self.free_queue.popitem(last=False)
             if self.prefix_cache is not None:
                 self.prefix_cache.evict(block_id)
             self.ref_counts[block_id] = 1
-            request.block_ids.append(block_id)
+            (request.cross_block_ids if i < num_cross else request.block_ids).append(block_id)
 
     def free_dead_blocks(self, request: Request, live_ranges: list[tuple[int, int]]) -> int:
         """Release the request's blocks that hold no live token: every token of the block is before
@@ -126,7 +131,7 @@ class BlockManager:
 
         Blocks are released tail first so the head of a prompt (most shareable) is evicted last.
         """
-        for block_id in reversed(request.block_ids):
+        for block_id in reversed(request.cross_block_ids + request.block_ids):
             if block_id == NULL_BLOCK:
                 continue
             self.ref_counts[block_id] -= 1
@@ -134,5 +139,6 @@ class BlockManager:
             if self.ref_counts[block_id] == 0:
                 self.free_queue[block_id] = None
         request.block_ids.clear()
+        request.cross_block_ids.clear()
         if self.prefix_cache is not None:
             self.prefix_cache.forget_request(request.request_id)

@@ -18,6 +18,7 @@ from scaleinfer.models.gemma3 import Gemma3ForCausalLM
 from scaleinfer.models.gguf_config import GGUFMetadata
 from scaleinfer.models.llama import LlamaForCausalLM
 from scaleinfer.models.qwen2 import Qwen2ForCausalLM
+from scaleinfer.models.whisper import WhisperForConditionalGeneration
 
 LLAMA_PACKED = {
     "q_proj": ("qkv_proj", 0),
@@ -84,10 +85,12 @@ FAMILIES = (
            skipped_prefixes=("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
                              "model.multi_modal_projector."),
            tokenizer_kind="gemma"),
+    Family("whisper", WhisperForConditionalGeneration, (), None, "", None, {}, gguf_permuted_qk=False,
+           gguf_norm_plus_one=False, packed={}),   # CTranslate2 model.bin (weights/ct2_whisper.py)
 )
 _BY_NAME = {f.name: f for f in FAMILIES}
 _BY_HF = {a: f for f in FAMILIES for a in f.hf_architectures}
-_BY_GGUF = {f.gguf_architecture: f for f in FAMILIES}
+_BY_GGUF = {f.gguf_architecture: f for f in FAMILIES if f.gguf_architecture}   # "": no GGUF form (encoder-decoders)
 
 
 def family(name: str) -> Family:

@@ -18,6 +18,7 @@ from scaleinfer.config import CacheConfig, ModelConfig
 from scaleinfer.kv_cache.cache_tensors import allocate_kv_caches
 from scaleinfer.models.interface import CausalLM, DecoderWeights
 from scaleinfer.runner.decode_program import DecodePlan
+from scaleinfer.runner.encoder_step import run_encoders
 from scaleinfer.runner.forward_batch import ForwardBatch, StepInputs, batch_from_inputs, build_forward_batch
 from scaleinfer.sampler import Sampler, SamplingMetadata
 from scaleinfer.scheduler import ModelOutput, SchedulerOutput
@@ -74,7 +75,10 @@ class ModelRunner:
         self._plan_built = False
         self.mask_prefetch = MaskPrefetch()
 
+    @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelOutput:
+        if sched.encoder_requests:   # encoder-decoder: encoders first, their cross K/V into the cache
+            run_encoders(self.model, self.kv_caches, sched.encoder_requests, self.block_size, self.device)
         return self.execute_batch(build_forward_batch(sched, self.block_size, self.patterns))
 
     @torch.inference_mode()
@@ -83,7 +87,11 @@ class ModelRunner:
         batch = batch.to(self.device)
         # Structured outputs: the grammar masks are filled while the model runs (structured/bitmask.py).
         mask = self.mask_prefetch.start(batch.sample_requests) if self.prefetch_masks else None
-        logits = self._forward(batch.input_ids, batch.positions, batch.meta, batch.logits_indices)
+        if batch.cross_meta is not None:   # encoder-decoder (models/encoder_decoder.py): the model's forward
+            logits = self.model.forward(batch.input_ids, batch.positions, self.kv_caches, batch.meta,
+                                        batch.logits_indices, cross_meta=batch.cross_meta)
+        else:
+            logits = self._forward(batch.input_ids, batch.positions, batch.meta, batch.logits_indices)
         return self.sample(batch, logits, mask)
 
     @torch.inference_mode()
@@ -97,6 +105,9 @@ class ModelRunner:
         grammar_mask = mask.result() if mask is not None else None
         if mask is None and any(r.grammar is not None for r in reqs):
             grammar_mask = fill_bitmask(reqs)
+        for row, req in enumerate(reqs):
+            for fn in req.sampling_params.logits_processors or ():
+                logits[row] = fn(req.output_token_ids, logits[row])
         meta = SamplingMetadata.from_params(
             [r.sampling_params for r in reqs],
             [r.prompt_token_ids for r in reqs],

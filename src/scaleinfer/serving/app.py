@@ -23,6 +23,7 @@ from starlette.requests import Request
 
 from scaleinfer.errors import EngineDeadError, RequestError, ScaleInferError
 from scaleinfer.serving import openai as oai
+from scaleinfer.serving.audio import add_audio_routes
 from scaleinfer.serving.generation import (Admission, APIError, ClientGone, ServerConfig, ServerState, error_body,
                                            sse, throughput_log, unless_disconnected)
 from scaleinfer.serving.guard import Gate
@@ -66,6 +67,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     app.add_middleware(Gate, state=state)
     _add_error_handlers(app)
     _add_routes(app, state)
+    add_audio_routes(app, state)   # /v1/audio/transcriptions, /v1/audio/translations (Whisper models)
     return app
 
 

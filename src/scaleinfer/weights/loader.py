@@ -30,6 +30,10 @@ def open_checkpoint(model: str) -> Checkpoint:
     if model.endswith(".gguf") or os.path.isfile(model):
         return _open_gguf(model)
     if os.path.isdir(model):
+        from scaleinfer.weights import ctranslate2
+
+        if ctranslate2.is_ctranslate2_dir(model):  # a CTranslate2 model (faster-whisper's format)
+            return ctranslate2.open_ctranslate2_dir(model)
         if quantized.is_quantized_dir(model):  # written by `scaleinfer quantize`
             return quantized.open_quantized_dir(model)
         if not os.path.isfile(os.path.join(model, "config.json")):
