@@ -48,6 +48,10 @@ class Request:
     finish_time: float | None = None
     # Logprobs of each output token: (sampled_logprob, {token_id: logprob} for the top-N).
     output_logprobs: list[tuple[float, dict[int, float]]] = field(default_factory=list)
+    beam_candidates: int = 0
+    """Beam search: the runner reports this many top (token, logprob) pairs in `candidates` instead of
+    appending a sampled token; the engine's beam group then extends or forks the beam (0 = sample)."""
+    candidates: tuple[list[int], list[float]] | None = None
     _all_token_ids: list[int] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -72,6 +76,15 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status == RequestStatus.FINISHED
+
+    def fork(self, request_id: str) -> "Request":
+        """A new beam with this request's tokens and progress (no blocks: BlockManager.fork shares them)."""
+        child = Request(request_id, self.prompt_token_ids, self.sampling_params, self.eos_token_ids,
+                        self.arrival_time, self.prompt, list(self.output_token_ids), self.num_computed_tokens,
+                        beam_candidates=self.beam_candidates)
+        child._all_token_ids = list(self._all_token_ids)
+        child.first_token_time = self.first_token_time
+        return child
 
     def append_output_token(self, token_id: int) -> None:
         if self.first_token_time is None:

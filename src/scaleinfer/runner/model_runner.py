@@ -14,7 +14,7 @@ import torch
 from scaleinfer.attention.kv_int8 import key_channel_scale
 from scaleinfer.attention.layer import layer_patterns
 from scaleinfer.config import CacheConfig, ModelConfig
-from scaleinfer.kv_cache.cache_tensors import allocate_kv_caches
+from scaleinfer.kv_cache.cache_tensors import allocate_kv_caches, copy_blocks
 from scaleinfer.models.interface import CausalLM, DecoderWeights
 from scaleinfer.runner.decode_program import DecodePlan
 from scaleinfer.runner.forward_batch import ForwardBatch, StepInputs, batch_from_inputs, build_forward_batch
@@ -70,6 +70,8 @@ class ModelRunner:
         self._plan_built = False
 
     def execute(self, sched: SchedulerOutput) -> ModelOutput:
+        if sched.blocks_to_copy:
+            copy_blocks(self.kv_caches, sched.blocks_to_copy, self.block_size)
         return self.execute_batch(build_forward_batch(sched, self.block_size, self.patterns))
 
     @torch.inference_mode()
@@ -94,6 +96,13 @@ class ModelRunner:
             logits.shape[-1],
         )
         result = self.sampler(logits, meta)
+        beam_rows = [row for row, r in enumerate(reqs) if r.beam_candidates]
+        if beam_rows:   # beam search: the top candidates by log-probability of the raw logits
+            k = max(reqs[row].beam_candidates for row in beam_rows)
+            lps, ids = torch.log_softmax(logits[beam_rows].float(), dim=-1).topk(min(k, logits.shape[-1]), dim=-1)
+            for row, row_ids, row_lps in zip(beam_rows, ids.tolist(), lps.tolist()):
+                n = reqs[row].beam_candidates
+                out.candidates[reqs[row].request_id] = (row_ids[:n], row_lps[:n])
         token_ids = result.sampled_token_ids.tolist()
         for row, (req, token) in enumerate(zip(reqs, token_ids)):
             out.sampled_token_ids[req.request_id] = token
