@@ -138,3 +138,21 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics | None = None
+
+
+@dataclass
+class BeamSearchSequence:
+    """vLLM's shape: one sequence of LLM.beam_search, prompt included in `tokens` and `text`."""
+
+    tokens: list[int]
+    cum_logprob: float
+    text: str
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+
+@dataclass
+class BeamSearchOutput:
+    """vLLM's shape: the beams of one prompt of LLM.beam_search, best first."""
+
+    sequences: list[BeamSearchSequence]
