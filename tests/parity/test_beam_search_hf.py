@@ -123,3 +123,22 @@ def test_preemption_under_a_tiny_kv_cache(hf_beams):
     for prompt, out in zip([PROMPTS[1], PROMPTS[0]], outs):
         assert [o.token_ids for o in out.outputs] == hf_beams[prompt]
     assert_no_leaks(tiny)
+
+
+def test_completions_endpoint_returns_the_n_best(llm, hf_beams):
+    # Last in this file: the server's engine thread takes over the module's engine.
+    from fastapi.testclient import TestClient
+
+    from scaleinfer.engine.async_engine import AsyncEngine
+    from scaleinfer.serving.app import build_app
+    from scaleinfer.serving.generation import ServerConfig
+
+    engine = AsyncEngine(engine=llm.engine)
+    with TestClient(build_app(engine, ServerConfig(served_model_name="smol"))) as client:
+        body = {"prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "n": 2, "best_of": 4, "use_beam_search": True}
+        r = client.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        texts = [c["text"] for c in r.json()["choices"]]
+        assert texts == [llm.tokenizer.decode(h) for h in hf_beams[PROMPTS[0]][:2]]
+        r = client.post("/v1/completions", json={**body, "temperature": 0.8})
+        assert r.status_code == 400 and "temperature" in r.json()["error"]["message"]
