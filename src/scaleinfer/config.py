@@ -53,6 +53,9 @@ class ModelConfig:
     """Activation of the gated MLP: "silu" (SwiGLU) or "gelu_pytorch_tanh" (Gemma's GeGLU)."""
     name: str = ""
     """Human-readable model name for logs and /v1/models."""
+    arch_config: object | None = None
+    """A family's own frozen config for what the fields above (the decoder's) do not describe, e.g. an
+    encoder-decoder's encoder (models/encoder_decoder.py; models/whisper.py: WhisperConfig); else None."""
 
 
 KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16", "int8")

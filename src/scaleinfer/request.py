@@ -33,11 +33,19 @@ class Request:
     eos_token_ids: tuple[int, ...] = ()
     arrival_time: float = field(default_factory=time.monotonic)
     prompt: str | None = None
+    encoder_input: object | None = None
+    """Encoder-decoder models (models/encoder_decoder.py): what the encoder reads (a tensor: Whisper's
+    log-mel features, T5's source ids); None for decoder-only models. Kept for a recompute after preemption."""
+    num_encoder_tokens: int = 0
+    """Encoder states of the request (its cross-attention keys); 0 for decoder-only models."""
 
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     """Tokens of all_token_ids whose K/V are in the cache."""
     block_ids: list[int] = field(default_factory=list)
+    cross_block_ids: list[int] = field(default_factory=list)
+    """Blocks holding the cross-attention K/V of encoder positions 0 .. num_encoder_tokens - 1 (empty:
+    the encoder has not run since admission)."""
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
@@ -81,7 +89,8 @@ class Request:
         """A new beam with this request's tokens and progress (no blocks: BlockManager.fork shares them)."""
         child = Request(request_id, self.prompt_token_ids, self.sampling_params, self.eos_token_ids,
                         self.arrival_time, self.prompt, list(self.output_token_ids), self.num_computed_tokens,
-                        beam_candidates=self.beam_candidates)
+                        beam_candidates=self.beam_candidates, encoder_input=self.encoder_input,
+                        num_encoder_tokens=self.num_encoder_tokens)
         child._all_token_ids = list(self._all_token_ids)
         child.first_token_time = self.first_token_time
         return child

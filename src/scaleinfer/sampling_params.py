@@ -4,6 +4,7 @@ Names and semantics follow vLLM (and through it the OpenAI API). temperature == 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from scaleinfer.errors import RequestError
@@ -55,6 +56,10 @@ class SamplingParams:
     early_stopping: bool | str = False
     """Beam search stop rule, as HF: False (stop when no running beam can beat the n-th best finished one at
     its current length), True (stop once best_of sequences finished), "never" (the canonical bound)."""
+    logits_processors: list[Callable] | None = None
+    """vLLM's per-request hooks: each fn(output_token_ids: list[int], logits: Tensor [vocab]) -> logits,
+    applied in order to the request's row before penalties and sampling (Whisper's token suppression and
+    timestamp rules; offline use only: they do not travel to other processes)."""
     _stop: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -50,6 +50,9 @@ class SchedulerOutput:
     preempted: list[Request] = field(default_factory=list)
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
     """(src, dst) KV block copies (copy-on-write of forked beams) to run before the forward."""
+    encoder_requests: list[Request] = field(default_factory=list)
+    """Encoder-decoder requests admitted this step: the runner runs their encoder (batched) and stores
+    their cross-attention K/V before the step's decoder forward (models/encoder_decoder.py)."""
 
     @property
     def is_empty(self) -> bool:
@@ -146,8 +149,12 @@ class Scheduler:
                 continue
             break  # req itself was preempted: nothing left to run behind it
 
+        encoder_budget = self.config.max_num_batched_tokens   # encoder states per step; the first always fits
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not out.preempted:
             req = self.waiting[0]
+            needs_encoder = req.num_encoder_tokens > 0 and not req.cross_block_ids
+            if needs_encoder and out.encoder_requests and req.num_encoder_tokens > encoder_budget:
+                break
             if not req.block_ids:
                 req.num_computed_tokens = bm.match_prefix(req)
                 req.num_cached_tokens = req.num_computed_tokens
@@ -156,6 +163,9 @@ class Scheduler:
             if not bm.can_allocate(req, target):
                 break
             bm.allocate(req, target)
+            if needs_encoder:
+                out.encoder_requests.append(req)
+                encoder_budget -= req.num_encoder_tokens
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)

@@ -17,11 +17,13 @@ from scaleinfer.config import ALLOW_LONG_ENV, EngineConfig, allow_long_max_model
 from scaleinfer.distributed.pipeline import PipelineExecutor
 from scaleinfer.distributed.executor import UniProcExecutor
 from scaleinfer.engine.beam_search import BeamGroup
+from scaleinfer.engine.encoder_inputs import encoder_decoder_inputs
 from scaleinfer.engine.launch import create_executor
 from scaleinfer.engine.loading import DTYPES
 from scaleinfer.engine.virtual_engines import VirtualEngines
 from scaleinfer.errors import RequestError
 from scaleinfer.kv_cache.cache_tensors import bytes_per_token
+from scaleinfer.models.encoder_decoder import is_encoder_decoder
 from scaleinfer.request import CompletionOutput, FinishReason, Request, RequestMetrics, RequestOutput
 from scaleinfer.sampling_params import SamplingParams
 from scaleinfer.scheduler import Scheduler
@@ -144,16 +146,26 @@ class LLMEngine:
         self._next_id += 1
         return str(self._next_id - 1)
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt: str | list[int] | None, params: SamplingParams,
+                    encoder_input: "torch.Tensor | None" = None) -> None:
+        """`encoder_input`: an encoder-decoder model's encoder input (engine/encoder_inputs.py; `prompt` is
+        then the decoder prompt, None for the model's default)."""
         if request_id in self._parents or request_id in self._beams:
             raise RequestError(f"request id {request_id!r} is already in use")
-        if isinstance(prompt, str):
+        num_encoder_tokens = 0
+        if is_encoder_decoder(self.model):
+            enc = encoder_decoder_inputs(self.model, self.tokenizer, prompt, encoder_input)
+            prompt_text, prompt_ids = enc.prompt_text, enc.decoder_ids
+            encoder_input, num_encoder_tokens = enc.encoder_input, enc.num_encoder_tokens
+        elif encoder_input is not None:
+            raise RequestError(f"{self.model_config.architecture} is a decoder-only model: it takes no encoder input")
+        elif isinstance(prompt, str):
             prompt_text, prompt_ids = prompt, self.tokenizer.encode(prompt)
         else:
-            prompt_text, prompt_ids = None, list(prompt)
-        self._validate(prompt_ids, params)
+            prompt_text, prompt_ids = None, list(prompt or [])
+        self._validate(prompt_ids, params, num_encoder_tokens)
         if params.use_beam_search:
-            self._add_beam_request(request_id, prompt_text, prompt_ids, params)
+            self._add_beam_request(request_id, prompt_text, prompt_ids, params, encoder_input, num_encoder_tokens)
             return
         parent = _Parent(request_id, prompt_text, prompt_ids)
         for i in range(params.n):
@@ -165,7 +177,7 @@ class LLMEngine:
                 child_params = replace(params, n=1, seed=seed)
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"
             req = Request(child_id, prompt_ids, child_params, eos_token_ids=self.tokenizer.eos_token_ids,
-                          prompt=prompt_text)
+                          prompt=prompt_text, encoder_input=encoder_input, num_encoder_tokens=num_encoder_tokens)
             detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, child_params.skip_special_tokens,
                                            child_params.stop_strings, child_params.include_stop_str_in_output)
             parent.children.append(_Child(req, detok))
@@ -174,18 +186,20 @@ class LLMEngine:
         self._parents[request_id] = parent
 
     def _add_beam_request(self, request_id: str, prompt_text: str | None, prompt_ids: list[int],
-                          params: SamplingParams) -> None:
+                          params: SamplingParams, encoder_input=None, num_encoder_tokens: int = 0) -> None:
         if not isinstance(self.executor, UniProcExecutor):
             raise RequestError("beam search runs on a one-process engine (tensor / pipeline parallel ranks do not "
                                "copy KV blocks yet); drop use_beam_search or serve without parallelism")
         bs = self.config.cache.block_size
-        need = params.beam_width * -(-(len(prompt_ids) + 1) // bs)
+        need = params.beam_width * -(-(len(prompt_ids) + 1) // bs) + -(-num_encoder_tokens // bs)
         if need > self.num_kv_blocks:
             raise RequestError(f"beam search with {params.beam_width} beams of a {len(prompt_ids)}-token prompt "
                                f"needs {need} KV blocks but the cache has {self.num_kv_blocks}; "
                                f"raise --kv-cache-memory or lower best_of")
         group = BeamGroup(request_id, prompt_text, prompt_ids, params, self.tokenizer.eos_token_ids,
                           self.tokenizer, self.max_model_len)
+        root = group.beams[0].request
+        root.encoder_input, root.num_encoder_tokens = encoder_input, num_encoder_tokens
         self._beams[request_id] = group
         self.scheduler.add_request(group.beams[0].request)
 
@@ -199,7 +213,7 @@ class LLMEngine:
         bs = self.config.cache.block_size
         return min(num_tokens, live + self.config.scheduler.max_num_batched_tokens + 2 * bs)
 
-    def _validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+    def _validate(self, prompt_ids: list[int], params: SamplingParams, num_encoder_tokens: int = 0) -> None:
         n = len(prompt_ids)
         if n == 0:
             raise RequestError("the prompt is empty; send at least one token")
@@ -207,7 +221,8 @@ class LLMEngine:
             raise RequestError(
                 f"the prompt has {n} tokens but the context is {self.max_model_len} tokens (room is needed for "
                 f"at least one output token); shorten the prompt or raise --max-model-len")
-        if self.kv_tokens_needed(n + 1) > self.kv_capacity_tokens:
+        bs = self.config.cache.block_size
+        if self.kv_tokens_needed(n + 1) + -(-num_encoder_tokens // bs) * bs > self.kv_capacity_tokens:
             raise RequestError(
                 f"the prompt has {n} tokens but the KV cache holds only {self.kv_capacity_tokens}; "
                 f"raise --kv-cache-memory")

@@ -68,9 +68,13 @@ class BlockManager:
 
     def num_blocks_needed(self, request: Request, num_tokens: int) -> int:
         """New blocks `request` needs so that its first `num_tokens` tokens have slots (+1 to copy a
-        shared block it is about to write into)."""
+        shared block it is about to write into; and, for an encoder-decoder request, its encoder states:
+        the cross blocks, see models/encoder_decoder.py)."""
         cow = 1 if self._shared_write_block(request, num_tokens) is not None else 0
-        return max(0, cdiv(num_tokens, self.block_size) - len(request.block_ids)) + cow
+        return max(0, cdiv(num_tokens, self.block_size) - len(request.block_ids)) + cow + self._cross_needed(request)
+
+    def _cross_needed(self, request: Request) -> int:
+        return max(0, cdiv(request.num_encoder_tokens, self.block_size) - len(request.cross_block_ids))
 
     def _shared_write_block(self, request: Request, num_tokens: int) -> int | None:
         """Index in the block table of the block the next write lands in, if other requests share it."""
@@ -92,8 +96,8 @@ class BlockManager:
         At least one prompt token is always left to compute, so the step that finishes the prompt
         produces logits.
         """
-        if self.prefix_cache is None or request.block_ids:
-            return 0
+        if self.prefix_cache is None or request.block_ids or request.num_encoder_tokens:
+            return 0   # an encoder-decoder prefix's K/V depend on the encoder states too
         max_blocks = (request.num_tokens - 1) // self.block_size
         hits = self.prefix_cache.lookup(request.all_token_ids, max_blocks)
         for block_id in hits:
@@ -105,7 +109,7 @@ class BlockManager:
 
     def cache_full_blocks(self, request: Request) -> None:
         """Register the request's blocks that are full of computed tokens in the prefix cache."""
-        if self.prefix_cache is not None:
+        if self.prefix_cache is not None and not request.num_encoder_tokens:
             num_full = request.num_computed_tokens // self.block_size
             self.prefix_cache.insert(request.request_id, request.all_token_ids, request.block_ids[:num_full])
 
@@ -114,6 +118,9 @@ class BlockManager:
         """Give `request` enough blocks for its first `num_tokens` tokens. Caller checked can_allocate."""
         num_new = self.num_blocks_needed(request, num_tokens)
         assert num_new <= self.num_free_blocks, "allocate() without can_allocate()"
+        for _ in range(self._cross_needed(request)):
+            request.cross_block_ids.append(self._pop_free())
+            num_new -= 1
         shared = self._shared_write_block(request, num_tokens)
         if shared is not None:   # copy-on-write of a block forked beams share
             src, dst = request.block_ids[shared], self._pop_free()
@@ -132,12 +139,13 @@ class BlockManager:
         return block_id
 
     def fork(self, parent: Request, child: Request) -> None:
-        """`child` (a new beam of `parent`) shares all of the parent's blocks by reference."""
-        assert not child.block_ids
-        for block_id in parent.block_ids:
+        """`child` (a new beam of `parent`) shares all of the parent's blocks, self and cross, by reference."""
+        assert not child.block_ids and not child.cross_block_ids
+        for block_id in parent.block_ids + parent.cross_block_ids:
             if block_id != NULL_BLOCK:
                 self.ref_counts[block_id] += 1
         child.block_ids.extend(parent.block_ids)
+        child.cross_block_ids.extend(parent.cross_block_ids)
 
     def take_copies(self) -> list[tuple[int, int]]:
         """The copy-on-write copies queued since the last call (for this step's runner)."""
@@ -171,7 +179,7 @@ class BlockManager:
 
         Blocks are released tail first so the head of a prompt (most shareable) is evicted last.
         """
-        for block_id in reversed(request.block_ids):
+        for block_id in reversed(request.cross_block_ids + request.block_ids):
             if block_id == NULL_BLOCK:
                 continue
             self.ref_counts[block_id] -= 1
@@ -179,5 +187,6 @@ class BlockManager:
             if self.ref_counts[block_id] == 0:
                 self.free_queue[block_id] = None
         request.block_ids.clear()
+        request.cross_block_ids.clear()
         if self.prefix_cache is not None:
             self.prefix_cache.forget_request(request.request_id)

@@ -87,7 +87,7 @@ FAMILIES = (
 )
 _BY_NAME = {f.name: f for f in FAMILIES}
 _BY_HF = {a: f for f in FAMILIES for a in f.hf_architectures}
-_BY_GGUF = {f.gguf_architecture: f for f in FAMILIES}
+_BY_GGUF = {f.gguf_architecture: f for f in FAMILIES if f.gguf_architecture}   # "": no GGUF form (encoder-decoders)
 
 
 def family(name: str) -> Family:

@@ -14,6 +14,7 @@ import torch
 from scaleinfer.attention.metadata import AttentionMetadata, build_metadata
 from scaleinfer.attention.patterns import AttentionPattern
 from scaleinfer.request import Request
+from scaleinfer.runner.encoder_step import cross_step_metadata
 from scaleinfer.scheduler import SchedulerOutput
 
 
@@ -70,12 +71,15 @@ class ForwardBatch:
     sample_requests: list[Request]   # the requests that get a token, in logits row order
     inputs: StepInputs | None = None
     """The step as plain ints (what the other ranks of a distributed engine are sent)."""
+    cross_meta: AttentionMetadata | None = None
+    """Cross-attention reads of an encoder-decoder model's step (runner/encoder_step.py); else None."""
 
     def to(self, device: torch.device | str) -> "ForwardBatch":
         if torch.device(device).type == "cpu":
             return self
         return ForwardBatch(self.input_ids.to(device), self.positions.to(device), self.meta.to(device),
-                            self.logits_indices.to(device), self.sample_requests, self.inputs)
+                            self.logits_indices.to(device), self.sample_requests, self.inputs,
+                            None if self.cross_meta is None else self.cross_meta.to(device))
 
 
 def step_inputs(sched: SchedulerOutput) -> tuple[StepInputs, list[Request]]:
@@ -111,4 +115,6 @@ def batch_from_inputs(inputs: StepInputs, block_size: int, patterns: Sequence[At
 def build_forward_batch(sched: SchedulerOutput, block_size: int,
                         patterns: Sequence[AttentionPattern] = ()) -> ForwardBatch:
     inputs, sample_requests = step_inputs(sched)
-    return batch_from_inputs(inputs, block_size, patterns, sample_requests)
+    batch = batch_from_inputs(inputs, block_size, patterns, sample_requests)
+    batch.cross_meta = cross_step_metadata(sched, block_size)
+    return batch

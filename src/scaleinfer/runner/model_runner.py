@@ -17,6 +17,7 @@ from scaleinfer.config import CacheConfig, ModelConfig
 from scaleinfer.kv_cache.cache_tensors import allocate_kv_caches, copy_blocks
 from scaleinfer.models.interface import CausalLM, DecoderWeights
 from scaleinfer.runner.decode_program import DecodePlan
+from scaleinfer.runner.encoder_step import run_encoders
 from scaleinfer.runner.forward_batch import ForwardBatch, StepInputs, batch_from_inputs, build_forward_batch
 from scaleinfer.sampler import Sampler, SamplingMetadata
 from scaleinfer.scheduler import ModelOutput, SchedulerOutput
@@ -36,6 +37,21 @@ def int8_key_scales(weights: DecoderWeights) -> list[torch.Tensor]:
         w = qkv.weight if qkv.weight is not None else qkv.quant_method.dequantize(qkv)
         bias = qkv.bias[rows] if qkv.bias is not None else None
         out.append(key_channel_scale(w[rows], bias, layer.input_norm, h_kv, d))
+    return out
+
+
+def beam_candidates(reqs: list, logits: torch.Tensor) -> dict[str, tuple[list[int], list[float]]]:
+    """Beam requests' top candidates: log_softmax of the raw logits, then the request's logits
+    processors applied to those log-probabilities (HF's beam search order: a ban is not renormalised)."""
+    rows = [row for row, r in enumerate(reqs) if r.beam_candidates]
+    lps = torch.log_softmax(logits[rows].float(), dim=-1)
+    out = {}
+    for i, row in enumerate(rows):
+        req = reqs[row]
+        for fn in req.sampling_params.logits_processors or ():
+            lps[i] = fn(req.output_token_ids, lps[i])
+        top_lps, top_ids = lps[i].topk(min(req.beam_candidates, lps.shape[-1]))
+        out[req.request_id] = (top_ids.tolist(), top_lps.tolist())
     return out
 
 
@@ -69,15 +85,21 @@ class ModelRunner:
         """The decode program, built at the first decode-only step (None: not built, or not covered)."""
         self._plan_built = False
 
+    @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelOutput:
         if sched.blocks_to_copy:
             copy_blocks(self.kv_caches, sched.blocks_to_copy, self.block_size)
+        if sched.encoder_requests:   # encoder-decoder: encoders first, their cross K/V into the cache
+            run_encoders(self.model, self.kv_caches, sched.encoder_requests, self.block_size, self.device)
         return self.execute_batch(build_forward_batch(sched, self.block_size, self.patterns))
 
     @torch.inference_mode()
     def execute_batch(self, batch: ForwardBatch) -> ModelOutput:
         """Run one step's batch and sample its requests."""
         batch = batch.to(self.device)
+        if batch.cross_meta is not None:   # encoder-decoder (models/encoder_decoder.py): the model's forward
+            return self.sample(batch, self.model.forward(batch.input_ids, batch.positions, self.kv_caches, batch.meta,
+                                                         batch.logits_indices, cross_meta=batch.cross_meta))
         return self.sample(batch, self._forward(batch.input_ids, batch.positions, batch.meta, batch.logits_indices))
 
     @torch.inference_mode()
@@ -87,6 +109,11 @@ class ModelRunner:
         if not batch.sample_requests:
             return out
         reqs = batch.sample_requests
+        if any(r.beam_candidates for r in reqs):
+            out.candidates = beam_candidates(reqs, logits)
+        for row, req in enumerate(reqs):
+            for fn in req.sampling_params.logits_processors or ():
+                logits[row] = fn(req.output_token_ids, logits[row])
         meta = SamplingMetadata.from_params(
             [r.sampling_params for r in reqs],
             [r.prompt_token_ids for r in reqs],
@@ -96,13 +123,6 @@ class ModelRunner:
             logits.shape[-1],
         )
         result = self.sampler(logits, meta)
-        beam_rows = [row for row, r in enumerate(reqs) if r.beam_candidates]
-        if beam_rows:   # beam search: the top candidates by log-probability of the raw logits
-            k = max(reqs[row].beam_candidates for row in beam_rows)
-            lps, ids = torch.log_softmax(logits[beam_rows].float(), dim=-1).topk(min(k, logits.shape[-1]), dim=-1)
-            for row, row_ids, row_lps in zip(beam_rows, ids.tolist(), lps.tolist()):
-                n = reqs[row].beam_candidates
-                out.candidates[reqs[row].request_id] = (row_ids[:n], row_lps[:n])
         token_ids = result.sampled_token_ids.tolist()
         for row, (req, token) in enumerate(zip(reqs, token_ids)):
             out.sampled_token_ids[req.request_id] = token
