@@ -88,9 +88,9 @@ class Request:
     def fork(self, request_id: str) -> "Request":
         """A new beam with this request's tokens and progress (no blocks: BlockManager.fork shares them)."""
         child = Request(request_id, self.prompt_token_ids, self.sampling_params, self.eos_token_ids,
-                        self.arrival_time, self.prompt, list(self.output_token_ids), self.num_computed_tokens,
-                        beam_candidates=self.beam_candidates, encoder_input=self.encoder_input,
-                        num_encoder_tokens=self.num_encoder_tokens)
+                        arrival_time=self.arrival_time, prompt=self.prompt, encoder_input=self.encoder_input,
+                        num_encoder_tokens=self.num_encoder_tokens, output_token_ids=list(self.output_token_ids),
+                        num_computed_tokens=self.num_computed_tokens, beam_candidates=self.beam_candidates)
         child._all_token_ids = list(self._all_token_ids)
         child.first_token_time = self.first_token_time
         return child
