@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 
 from scaleinfer import LLM, SamplingParams  # noqa: E402
 
-from .seq2seq_tiny import build, load_hf  # noqa: E402
+from tests.parity.seq2seq_tiny import build, load_hf  # noqa: E402
 
 KINDS = ["t5", "t5-gated", "bart", "marian"]
 SOURCES = [[5, 6, 7, 8, 9, 10, 11], [20, 30, 40], [7, 81, 7, 64, 7, 33, 12, 19, 90, 4, 55, 21, 60, 3, 17]]

@@ -9,7 +9,7 @@ pytest.importorskip("transformers")
 from scaleinfer import LLM, SamplingParams  # noqa: E402
 from scaleinfer.cli import main  # noqa: E402
 
-from .seq2seq_tiny import build  # noqa: E402
+from tests.parity.seq2seq_tiny import build  # noqa: E402
 
 ENGINE = ["--quantization", "none", "--max-model-len", "64", "--kv-cache-memory", "4MiB", "--kv-cache-dtype",
           "float32", "--max-tokens", "8"]
