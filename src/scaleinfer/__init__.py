@@ -1,9 +1,9 @@
 """scaleinfer: Transformer inference that scales. Public API only."""
 from scaleinfer.config import EngineConfig
 from scaleinfer.request import CompletionOutput, RequestOutput
-from scaleinfer.sampling_params import SamplingParams
+from scaleinfer.sampling_params import BeamSearchParams, SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "EngineConfig", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "BeamSearchParams", "EngineConfig", "RequestOutput", "CompletionOutput"]
 __version__ = "0.1.0"
 
 

@@ -9,8 +9,8 @@ from scaleinfer.config import DEFAULT_MODEL, CacheConfig, EngineConfig, Parallel
 from scaleinfer.engine.encoder_outputs import (ClassificationRequestOutput, EmbeddingRequestOutput,
                                                ScoringRequestOutput, TokenClassificationRequestOutput)
 from scaleinfer.engine.engine import LLMEngine
-from scaleinfer.request import RequestOutput
-from scaleinfer.sampling_params import SamplingParams
+from scaleinfer.request import BeamSearchOutput, BeamSearchSequence, RequestOutput
+from scaleinfer.sampling_params import BeamSearchParams, SamplingParams
 
 Message = dict[str, str]
 
@@ -159,6 +159,19 @@ class LLM:
         finally:
             bar.close()
         return [finished[i] for i in ids]
+
+    def beam_search(self, prompts: Sequence[str | list[int] | dict], params: BeamSearchParams,
+                    use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """vLLM's beam search API: each prompt (text, token ids, or {"prompt": ...} / {"prompt_token_ids": ...})
+        -> its beam_width sequences, best first (prompt included in tokens and text, as vLLM returns them)."""
+        plain = [p.get("prompt_token_ids", p.get("prompt")) if isinstance(p, dict) else p for p in prompts]
+        results = []
+        for out in self.generate(plain, params.to_sampling_params(), use_tqdm):
+            seqs = [BeamSearchSequence(out.prompt_token_ids + o.token_ids, o.cumulative_logprob or 0.0,
+                                       (out.prompt or self.tokenizer.decode(out.prompt_token_ids)) + o.text,
+                                       o.finish_reason, o.stop_reason) for o in out.outputs]
+            results.append(BeamSearchOutput(seqs))
+        return results
 
     def chat(
         self,

@@ -58,6 +58,10 @@ class Request:
     output_logprobs: list[tuple[float, dict[int, float]]] = field(default_factory=list)
     grammar: object | None = None
     """structured.GrammarState of a request with structured outputs (set by the engine), else None."""
+    beam_candidates: int = 0
+    """Beam search: the runner reports this many top (token, logprob) pairs in `candidates` instead of
+    appending a sampled token; the engine's beam group then extends or forks the beam (0 = sample)."""
+    candidates: tuple[list[int], list[float]] | None = None
     _all_token_ids: list[int] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -82,6 +86,16 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status == RequestStatus.FINISHED
+
+    def fork(self, request_id: str) -> "Request":
+        """A new beam with this request's tokens and progress (no blocks: BlockManager.fork shares them)."""
+        child = Request(request_id, self.prompt_token_ids, self.sampling_params, self.eos_token_ids,
+                        arrival_time=self.arrival_time, prompt=self.prompt, encoder_input=self.encoder_input,
+                        num_encoder_tokens=self.num_encoder_tokens, output_token_ids=list(self.output_token_ids),
+                        num_computed_tokens=self.num_computed_tokens, beam_candidates=self.beam_candidates)
+        child._all_token_ids = list(self._all_token_ids)
+        child.first_token_time = self.first_token_time
+        return child
 
     def append_output_token(self, token_id: int) -> None:
         if self.first_token_time is None:
@@ -135,3 +149,21 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics | None = None
+
+
+@dataclass
+class BeamSearchSequence:
+    """vLLM's shape: one sequence of LLM.beam_search, prompt included in `tokens` and `text`."""
+
+    tokens: list[int]
+    cum_logprob: float
+    text: str
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+
+@dataclass
+class BeamSearchOutput:
+    """vLLM's shape: the beams of one prompt of LLM.beam_search, best first."""
+
+    sequences: list[BeamSearchSequence]

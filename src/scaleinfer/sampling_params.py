@@ -51,6 +51,16 @@ class SamplingParams:
     is accepted too). Compiled and checked when the request is added (structured/)."""
     guided_decoding: "StructuredOutputsParams | None" = None
     """vLLM's older name for structured_outputs."""
+    use_beam_search: bool = False
+    """Beam search (engine/beam_search.py) instead of sampling: keeps best_of (or n) beams, returns the n
+    best finished sequences. Deterministic: needs temperature=0 and no top-k / top-p / min-p / penalties."""
+    best_of: int | None = None
+    """Beam width under beam search (None = n); must be >= n."""
+    length_penalty: float = 1.0
+    """Beam search: a finished sequence scores sum(logprobs) / len(output) ** length_penalty (as HF)."""
+    early_stopping: bool | str = False
+    """Beam search stop rule, as HF: False (stop when no running beam can beat the n-th best finished one at
+    its current length), True (stop once best_of sequences finished), "never" (the canonical bound)."""
     logits_processors: list[Callable] | None = None
     """vLLM's per-request hooks: each fn(output_token_ids: list[int], logits: Tensor [vocab]) -> logits,
     applied in order to the request's row before penalties and sampling (Whisper's token suppression and
@@ -111,6 +121,38 @@ class SamplingParams:
             if self.ignore_eos:
                 raise bad("ignore_eos", True, "cannot be combined with structured_outputs (the grammar ends "
                                               "the output with EOS)")
+            if self.use_beam_search:
+                raise bad("use_beam_search", True, "cannot be combined with structured_outputs; drop one of them")
+        self._validate_beam(bad)
+
+    @property
+    def beam_width(self) -> int:
+        """Beams kept by beam search (best_of, or n)."""
+        return self.best_of if self.best_of is not None else self.n
+
+    def _validate_beam(self, bad) -> None:
+        if self.best_of is not None and (not isinstance(self.best_of, int) or not 1 <= self.best_of <= _MAX_N):
+            raise bad("best_of", self.best_of, f"must be an integer from 1 to {_MAX_N}")
+        if self.best_of is not None and self.best_of < self.n:
+            raise bad("best_of", self.best_of, f"must be >= n={self.n} (the n best of best_of are returned)")
+        if self.early_stopping not in (False, True, "never"):
+            raise bad("early_stopping", self.early_stopping, 'must be true, false or "never"')
+        if not self.use_beam_search:
+            if self.best_of is not None and self.best_of != self.n:
+                raise bad("best_of", self.best_of, "is supported with use_beam_search=true only; use n")
+            if self.length_penalty != 1.0:
+                raise bad("length_penalty", self.length_penalty, "applies to beam search only; set use_beam_search")
+            return
+        if not -10.0 <= self.length_penalty <= 10.0:
+            raise bad("length_penalty", self.length_penalty, "must be between -10 and 10")
+        if self.temperature != 0.0:
+            raise bad("temperature", self.temperature, "must be 0 with use_beam_search (beam search is deterministic)")
+        for name, off in (("top_p", 1.0), ("top_k", 0), ("min_p", 0.0), ("repetition_penalty", 1.0),
+                          ("presence_penalty", 0.0), ("frequency_penalty", 0.0)):
+            if getattr(self, name) != off:
+                raise bad(name, getattr(self, name), "is not supported with use_beam_search; leave it unset")
+        if self.seed is not None:
+            raise bad("seed", self.seed, "has no effect on beam search (it is deterministic); leave it unset")
 
 
 _STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
@@ -162,3 +204,22 @@ class StructuredOutputsParams:
 
 GuidedDecodingParams = StructuredOutputsParams
 """vLLM's older name."""
+
+
+@dataclass
+class BeamSearchParams:
+    """vLLM's LLM.beam_search parameters (a thin form of SamplingParams(use_beam_search=True))."""
+
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+    include_stop_str_in_output: bool = False
+
+    def to_sampling_params(self) -> SamplingParams:
+        """All beam_width beams are returned, best first."""
+        return SamplingParams(n=self.beam_width, best_of=self.beam_width, use_beam_search=True,
+                              temperature=self.temperature, max_tokens=self.max_tokens, ignore_eos=self.ignore_eos,
+                              length_penalty=self.length_penalty,
+                              include_stop_str_in_output=self.include_stop_str_in_output)

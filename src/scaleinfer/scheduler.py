@@ -13,6 +13,13 @@ One token budget per step is shared by everyone, which yields:
 
 Running requests are served first (oldest first), then waiting ones (FCFS), and no new request is
 admitted in a step that had to preempt.
+
+Beam search (engine/beam_search.py): a beam (`beam_candidates` > 0) gets its top candidates stored
+instead of a token, and waits with nothing to compute until its group picks the next tokens; a
+running request with nothing to compute is skipped. If only such waiting beams run and the head of
+the queue does not fit, the newest of them gives its blocks back (to the back of the queue: it keeps
+its candidates) so its siblings can catch up. Copy-on-write copies of shared beam blocks travel in
+the SchedulerOutput to the runner.
 """
 from __future__ import annotations
 
@@ -41,6 +48,8 @@ class SchedulerOutput:
     num_scheduled_tokens: list[int] = field(default_factory=list)
     num_computed_tokens: list[int] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
+    """(src, dst) KV block copies (copy-on-write of forked beams) to run before the forward."""
     encoder_requests: list[Request] = field(default_factory=list)
     """Encoder-decoder requests admitted this step: the runner runs their encoder (batched) and stores
     their cross-attention K/V before the step's decoder forward (models/encoder_decoder.py)."""
@@ -60,6 +69,8 @@ class ModelOutput:
 
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, tuple[float, dict[int, float]]] = field(default_factory=dict)
+    candidates: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
+    """Beam requests: their top (token ids, logprobs) instead of a sampled token."""
 
 
 class Scheduler:
@@ -80,6 +91,14 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         self.waiting.append(request)
         self.requests[request.request_id] = request
+
+    def add_fork(self, parent: Request, child: Request) -> None:
+        """A new beam of `parent` (engine/beam_search.py): it shares the parent's blocks and queue place."""
+        self.block_manager.fork(parent, child)
+        child.status = parent.status
+        queue = self.running if parent.status == RequestStatus.RUNNING else self.waiting
+        queue.insert(next(i for i, r in enumerate(queue) if r is parent) + 1, child)
+        self.requests[child.request_id] = child
 
     def finish_request(self, request_id: str, reason: FinishReason, stop_reason: str | int | None = None) -> None:
         """End a request early (abort, or a stop string found by the detokenizer)."""
@@ -113,6 +132,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if n == 0:   # a beam waiting for its group's next tokens
+                i += 1
+                continue
             target = req.num_computed_tokens + n
             while not bm.can_allocate(req, target):
                 victim = self.running[-1]
@@ -149,6 +171,9 @@ class Scheduler:
             self.running.append(req)
             self._add_to_output(out, req, n)
             budget -= n
+        if out.is_empty and self.waiting and self.running and not out.preempted:
+            self._preempt(self.running[-1], out, to_back=True)   # only waiting beams run: make room
+        out.blocks_to_copy = bm.take_copies()
         return out
 
     @staticmethod
@@ -157,7 +182,7 @@ class Scheduler:
         out.num_scheduled_tokens.append(n)
         out.num_computed_tokens.append(req.num_computed_tokens)
 
-    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+    def _preempt(self, req: Request, out: SchedulerOutput, to_back: bool = False) -> None:
         """Recompute-style preemption: drop the KV, requeue at the head of the waiting queue."""
         self.running.remove(req)
         self.block_manager.free(req)
@@ -165,7 +190,10 @@ class Scheduler:
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(req)
+        if to_back:
+            self.waiting.append(req)
+        else:
+            self.waiting.appendleft(req)
         out.preempted.append(req)
 
     # ---- after the model ran -------------------------------------------------------------------
@@ -180,6 +208,10 @@ class Scheduler:
             self.block_manager.cache_full_blocks(req)
             if self.kv_patterns is not None:
                 self.block_manager.free_dead_blocks(req, union_live_ranges(self.kv_patterns, req.num_computed_tokens))
+            if req.beam_candidates and req.request_id in model_out.candidates:
+                req.candidates = model_out.candidates[req.request_id]
+                touched.append(req)   # its beam group appends the token it picks (engine/beam_search.py)
+                continue
             token = model_out.sampled_token_ids.get(req.request_id)
             if token is None:
                 continue

@@ -1,8 +1,8 @@
 """The `scaleinfer` command: each family of subcommands is a module here with a register(sub) function.
 
 generate | chat | demo (generate.py), serve | router (serve.py), models | pull | quantize | eval (models.py),
-bench [MODE] | plan (bench.py), embed | export-onnx (encoders.py), transcribe (transcribe.py).
-A new command is a module with register(sub), listed in COMMANDS.
+bench [MODE] | plan (bench.py), embed | export-onnx (encoders.py), transcribe (transcribe.py),
+translate | summarize (text2text.py). A new command is a module with register(sub), listed in COMMANDS.
 Every ScaleInferError becomes one line on stderr and exit code 2; no tracebacks for bad input.
 """
 from __future__ import annotations
@@ -11,11 +11,11 @@ import argparse
 import logging
 import sys
 
-from scaleinfer.cli import bench, encoders, generate, models, serve, transcribe
+from scaleinfer.cli import bench, encoders, generate, models, serve, text2text, transcribe
 from scaleinfer.cli.common import is_worker_rank, make_llm
 from scaleinfer.errors import ScaleInferError
 
-COMMANDS = (generate, serve, models, bench, encoders, transcribe)
+COMMANDS = (generate, serve, models, bench, encoders, transcribe, text2text)
 
 
 def build_parser() -> argparse.ArgumentParser:

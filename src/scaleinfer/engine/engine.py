@@ -15,6 +15,8 @@ import torch
 from scaleinfer.attention.patterns import parse_pattern, union_live_ranges
 from scaleinfer.config import ALLOW_LONG_ENV, EngineConfig, allow_long_max_model_len
 from scaleinfer.distributed.pipeline import PipelineExecutor
+from scaleinfer.distributed.executor import UniProcExecutor
+from scaleinfer.engine.beam_search import BeamGroup
 from scaleinfer.engine.encoder_inputs import encoder_decoder_inputs
 from scaleinfer.engine.launch import create_executor
 from scaleinfer.engine.loading import DTYPES
@@ -128,6 +130,8 @@ class LLMEngine:
         self._grammars = None   # structured.GrammarCompiler, made at the first structured request
         self._parents: dict[str, _Parent] = {}
         self._parent_of: dict[str, str] = {}
+        self._beams: dict[str, BeamGroup] = {}
+        """Beam-search requests by id (engine/beam_search.py); their beams are `{id}#b{k}` in the scheduler."""
         self._next_id = 0
         logger.info(
             "model %s (%s, %d layers) loaded in %.1f s; dtype %s; KV cache %d tokens (%d blocks of %d, %.0f MiB); "
@@ -152,7 +156,7 @@ class LLMEngine:
                     encoder_input: "torch.Tensor | None" = None) -> None:
         """`encoder_input`: an encoder-decoder model's encoder input (engine/encoder_inputs.py; `prompt` is
         then the decoder prompt, None for the model's default)."""
-        if request_id in self._parents:
+        if request_id in self._parents or request_id in self._beams:
             raise RequestError(f"request id {request_id!r} is already in use")
         num_encoder_tokens = 0
         if is_encoder_decoder(self.model):
@@ -167,6 +171,9 @@ class LLMEngine:
             prompt_text, prompt_ids = None, list(prompt or [])
         self._validate(prompt_ids, params, num_encoder_tokens)
         compiled = self.compile_structured(params)
+        if params.use_beam_search:
+            self._add_beam_request(request_id, prompt_text, prompt_ids, params, encoder_input, num_encoder_tokens)
+            return
         parent = _Parent(request_id, prompt_text, prompt_ids)
         for i in range(params.n):
             child_params = params
@@ -195,6 +202,23 @@ class LLMEngine:
         if self._grammars is None:
             self._grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size)
         return self._grammars.compile(params.structured_outputs)
+    def _add_beam_request(self, request_id: str, prompt_text: str | None, prompt_ids: list[int],
+                          params: SamplingParams, encoder_input=None, num_encoder_tokens: int = 0) -> None:
+        if not isinstance(self.executor, UniProcExecutor):
+            raise RequestError("beam search runs on a one-process engine (tensor / pipeline parallel ranks do not "
+                               "copy KV blocks yet); drop use_beam_search or serve without parallelism")
+        bs = self.config.cache.block_size
+        need = params.beam_width * -(-(len(prompt_ids) + 1) // bs) + -(-num_encoder_tokens // bs)
+        if need > self.num_kv_blocks:
+            raise RequestError(f"beam search with {params.beam_width} beams of a {len(prompt_ids)}-token prompt "
+                               f"needs {need} KV blocks but the cache has {self.num_kv_blocks}; "
+                               f"raise --kv-cache-memory or lower best_of")
+        group = BeamGroup(request_id, prompt_text, prompt_ids, params, self.tokenizer.eos_token_ids,
+                          self.tokenizer, self.max_model_len)
+        root = group.beams[0].request
+        root.encoder_input, root.num_encoder_tokens = encoder_input, num_encoder_tokens
+        self._beams[request_id] = group
+        self.scheduler.add_request(group.beams[0].request)
 
     def kv_tokens_needed(self, num_tokens: int) -> int:
         """KV slots a request of `num_tokens` tokens holds at its peak: all of them under causal
@@ -225,6 +249,9 @@ class LLMEngine:
             raise RequestError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
 
     def abort_request(self, request_id: str) -> None:
+        group = self._beams.pop(request_id, None)
+        if group is not None:
+            group.finish(self.scheduler)
         parent = self._parents.pop(request_id, None)
         if parent is None:
             return
@@ -233,11 +260,11 @@ class LLMEngine:
             self.scheduler.finish_request(child.request.request_id, FinishReason.ABORT)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._parents)
+        return bool(self._parents or self._beams)
 
     @property
     def num_unfinished_requests(self) -> int:
-        return len(self._parents)
+        return len(self._parents) + len(self._beams)
 
     # ---- one step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -254,17 +281,26 @@ class LLMEngine:
         """After a step's update: statistics, text deltas, the outputs of the requests it touched."""
         self._record(sched, touched)
         parents: dict[str, _Parent] = {}
+        groups: dict[str, BeamGroup] = {}
         for req in touched:
             parent_id = self._parent_of.get(req.request_id)
             if parent_id is None:
+                group_id = BeamGroup.group_id(req.request_id)
+                if req.beam_candidates and group_id in self._beams:
+                    groups[group_id] = self._beams[group_id]
                 continue
             parent = self._parents[parent_id]
             child = next(c for c in parent.children if c.request is req)
             self._detokenize(child)
             parents[parent_id] = parent
         outputs = [self._make_output(p) for p in parents.values()]
+        for group_id, group in groups.items():
+            if group.ready():
+                group.advance(self.scheduler)
+            if group.done:
+                outputs.append(self._beams.pop(group_id).output())
         for out in outputs:
-            if out.finished:
+            if out.finished and out.request_id in self._parents:
                 parent = self._parents.pop(out.request_id)
                 for child in parent.children:
                     self._parent_of.pop(child.request.request_id, None)

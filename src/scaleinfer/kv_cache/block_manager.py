@@ -18,6 +18,14 @@ entry becomes NULL_BLOCK. A sinks + window stream then holds O((sinks + window) 
 however long it runs:
 
     request.block_ids = [4, -1, -1, -1, 8, 3]     sink block, evicted middle, live window
+
+Beam search (`fork`): a new beam shares every block of its parent by reference count. The first
+write into a shared block (the parent's partly filled last block) copies it first (copy-on-write):
+`allocate` gives the writer a fresh block and queues (src, dst) in `pending_copies`, which the
+scheduler hands to the runner to execute before the step's forward:
+
+    parent [7, 2, 9*]  fork ->  child [7, 2, 9*]   (ref counts 2, 2, 2)
+    parent writes slot 9.k  ->  parent [7, 2, 4]   copy 9 -> 4, ref count of 9 back to 1
 """
 from __future__ import annotations
 
@@ -45,6 +53,8 @@ class BlockManager:
         self.ref_counts = [0] * num_blocks
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.prefix_cache = PrefixCache(block_size) if enable_prefix_caching else None
+        self.pending_copies: list[tuple[int, int]] = []
+        """(src, dst) block copies of copy-on-write, executed by the runner before the next forward."""
 
     # ---- queries ---------------------------------------------------------------------------
     @property
@@ -57,12 +67,24 @@ class BlockManager:
         return 1.0 - self.num_free_blocks / self.num_blocks
 
     def num_blocks_needed(self, request: Request, num_tokens: int) -> int:
-        """New blocks `request` needs so that its first `num_tokens` tokens have slots (and, for an
-        encoder-decoder request, its encoder states: the cross blocks, see models/encoder_decoder.py)."""
-        return max(0, cdiv(num_tokens, self.block_size) - len(request.block_ids)) + self._cross_needed(request)
+        """New blocks `request` needs so that its first `num_tokens` tokens have slots (+1 to copy a
+        shared block it is about to write into; and, for an encoder-decoder request, its encoder states:
+        the cross blocks, see models/encoder_decoder.py)."""
+        cow = 1 if self._shared_write_block(request, num_tokens) is not None else 0
+        return max(0, cdiv(num_tokens, self.block_size) - len(request.block_ids)) + cow + self._cross_needed(request)
 
     def _cross_needed(self, request: Request) -> int:
         return max(0, cdiv(request.num_encoder_tokens, self.block_size) - len(request.cross_block_ids))
+
+    def _shared_write_block(self, request: Request, num_tokens: int) -> int | None:
+        """Index in the block table of the block the next write lands in, if other requests share it."""
+        if num_tokens <= request.num_computed_tokens:
+            return None
+        i = request.num_computed_tokens // self.block_size
+        if i < len(request.block_ids) and request.block_ids[i] != NULL_BLOCK \
+                and self.ref_counts[request.block_ids[i]] > 1:
+            return i
+        return None
 
     def can_allocate(self, request: Request, num_tokens: int) -> bool:
         return self.num_blocks_needed(request, num_tokens) <= self.num_free_blocks
@@ -96,13 +118,39 @@ class BlockManager:
         """Give `request` enough blocks for its first `num_tokens` tokens. Caller checked can_allocate."""
         num_new = self.num_blocks_needed(request, num_tokens)
         assert num_new <= self.num_free_blocks, "allocate() without can_allocate()"
-        num_cross = self._cross_needed(request)
-        for i in range(num_new):
-            block_id, _ = self.free_queue.popitem(last=False)
-            if self.prefix_cache is not None:
-                self.prefix_cache.evict(block_id)
-            self.ref_counts[block_id] = 1
-            (request.cross_block_ids if i < num_cross else request.block_ids).append(block_id)
+        for _ in range(self._cross_needed(request)):
+            request.cross_block_ids.append(self._pop_free())
+            num_new -= 1
+        shared = self._shared_write_block(request, num_tokens)
+        if shared is not None:   # copy-on-write of a block forked beams share
+            src, dst = request.block_ids[shared], self._pop_free()
+            self.ref_counts[src] -= 1
+            request.block_ids[shared] = dst
+            self.pending_copies.append((src, dst))
+            num_new -= 1
+        for _ in range(num_new):
+            request.block_ids.append(self._pop_free())
+
+    def _pop_free(self) -> int:
+        block_id, _ = self.free_queue.popitem(last=False)
+        if self.prefix_cache is not None:
+            self.prefix_cache.evict(block_id)
+        self.ref_counts[block_id] = 1
+        return block_id
+
+    def fork(self, parent: Request, child: Request) -> None:
+        """`child` (a new beam of `parent`) shares all of the parent's blocks, self and cross, by reference."""
+        assert not child.block_ids and not child.cross_block_ids
+        for block_id in parent.block_ids + parent.cross_block_ids:
+            if block_id != NULL_BLOCK:
+                self.ref_counts[block_id] += 1
+        child.block_ids.extend(parent.block_ids)
+        child.cross_block_ids.extend(parent.cross_block_ids)
+
+    def take_copies(self) -> list[tuple[int, int]]:
+        """The copy-on-write copies queued since the last call (for this step's runner)."""
+        copies, self.pending_copies = self.pending_copies, []
+        return copies
 
     def free_dead_blocks(self, request: Request, live_ranges: list[tuple[int, int]]) -> int:
         """Release the request's blocks that hold no live token: every token of the block is before

@@ -75,3 +75,19 @@ def allocate_kv_caches(cfg: ModelConfig, num_blocks: int, block_size: int, dtype
         for side in kv:
             advise_huge_pages(side)
     return caches
+
+
+def copy_blocks(kv_caches: list, pairs: list[tuple[int, int]], block_size: int) -> None:
+    """Copy whole KV blocks src -> dst in every layer (copy-on-write of beams sharing a block)."""
+    src = torch.tensor([s for s, _ in pairs], dtype=torch.long)
+    dst = torch.tensor([d for _, d in pairs], dtype=torch.long)
+    offsets = torch.arange(block_size)
+    src_slots = (src[:, None] * block_size + offsets).reshape(-1)
+    dst_slots = (dst[:, None] * block_size + offsets).reshape(-1)
+    from scaleinfer.attention.kv_int8 import Int8KV
+
+    for kv in kv_caches:
+        for side in kv:
+            for t in ((side.data, side.scale) if isinstance(side, Int8KV) else (side,)):
+                s, d = src_slots.to(t.device), dst_slots.to(t.device)
+                t.index_copy_(0, d, t.index_select(0, s))

@@ -14,11 +14,13 @@ from scaleinfer.config import ModelConfig
 from scaleinfer.errors import UnsupportedModelError
 import scaleinfer.models.gguf_config as gguf
 import scaleinfer.models.hf_config as hf
+from scaleinfer.models.bart import BartForConditionalGeneration, read_bart_config, read_marian_config
 from scaleinfer.models.gemma3 import Gemma3ForCausalLM
 from scaleinfer.models.gguf_config import GGUFMetadata
 from scaleinfer.models.llama import LlamaForCausalLM
 from scaleinfer.models.qwen2 import Qwen2ForCausalLM
 from scaleinfer.models.whisper import WhisperForConditionalGeneration
+from scaleinfer.models.t5 import T5ForConditionalGeneration, read_t5_config
 
 LLAMA_PACKED = {
     "q_proj": ("qkv_proj", 0),
@@ -87,6 +89,17 @@ FAMILIES = (
            tokenizer_kind="gemma"),
     Family("whisper", WhisperForConditionalGeneration, (), None, "", None, {}, gguf_permuted_qk=False,
            gguf_norm_plus_one=False, packed={}),   # CTranslate2 model.bin (weights/ct2_whisper.py)
+    # Text-to-text encoder-decoders (HF safetensors directories; module names are the checkpoints').
+    Family("t5", T5ForConditionalGeneration, ("T5ForConditionalGeneration",), read_t5_config, "", None, {},
+           gguf_permuted_qk=False, gguf_norm_plus_one=False, packed={},
+           skipped_prefixes=("encoder.embed_tokens.", "decoder.embed_tokens.")),
+    Family("bart", BartForConditionalGeneration, ("BartForConditionalGeneration",), read_bart_config, "", None,
+           {}, gguf_permuted_qk=False, gguf_norm_plus_one=False, packed={},
+           skipped_prefixes=("model.encoder.embed_tokens.", "model.decoder.embed_tokens.")),
+    Family("marian", BartForConditionalGeneration, ("MarianMTModel",), read_marian_config, "", None, {},
+           gguf_permuted_qk=False, gguf_norm_plus_one=False, packed={},
+           skipped_prefixes=("model.encoder.embed_tokens.", "model.decoder.embed_tokens.",
+                             "model.encoder.embed_positions.", "model.decoder.embed_positions.")),
 )
 _BY_NAME = {f.name: f for f in FAMILIES}
 _BY_HF = {a: f for f in FAMILIES for a in f.hf_architectures}

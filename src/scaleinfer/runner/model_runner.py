@@ -15,7 +15,7 @@ import torch
 from scaleinfer.attention.kv_int8 import key_channel_scale
 from scaleinfer.attention.layer import layer_patterns
 from scaleinfer.config import CacheConfig, ModelConfig
-from scaleinfer.kv_cache.cache_tensors import allocate_kv_caches
+from scaleinfer.kv_cache.cache_tensors import allocate_kv_caches, copy_blocks
 from scaleinfer.models.interface import CausalLM, DecoderWeights
 from scaleinfer.runner.decode_program import DecodePlan
 from scaleinfer.runner.encoder_step import run_encoders
@@ -39,6 +39,21 @@ def int8_key_scales(weights: DecoderWeights) -> list[torch.Tensor]:
         w = qkv.weight if qkv.weight is not None else qkv.quant_method.dequantize(qkv)
         bias = qkv.bias[rows] if qkv.bias is not None else None
         out.append(key_channel_scale(w[rows], bias, layer.input_norm, h_kv, d))
+    return out
+
+
+def beam_candidates(reqs: list, logits: torch.Tensor) -> dict[str, tuple[list[int], list[float]]]:
+    """Beam requests' top candidates: log_softmax of the raw logits, then the request's logits
+    processors applied to those log-probabilities (HF's beam search order: a ban is not renormalised)."""
+    rows = [row for row, r in enumerate(reqs) if r.beam_candidates]
+    lps = torch.log_softmax(logits[rows].float(), dim=-1)
+    out = {}
+    for i, row in enumerate(rows):
+        req = reqs[row]
+        for fn in req.sampling_params.logits_processors or ():
+            lps[i] = fn(req.output_token_ids, lps[i])
+        top_lps, top_ids = lps[i].topk(min(req.beam_candidates, lps.shape[-1]))
+        out[req.request_id] = (top_ids.tolist(), top_lps.tolist())
     return out
 
 
@@ -77,6 +92,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelOutput:
+        if sched.blocks_to_copy:
+            copy_blocks(self.kv_caches, sched.blocks_to_copy, self.block_size)
         if sched.encoder_requests:   # encoder-decoder: encoders first, their cross K/V into the cache
             run_encoders(self.model, self.kv_caches, sched.encoder_requests, self.block_size, self.device)
         return self.execute_batch(build_forward_batch(sched, self.block_size, self.patterns))
@@ -105,6 +122,8 @@ class ModelRunner:
         grammar_mask = mask.result() if mask is not None else None
         if mask is None and any(r.grammar is not None for r in reqs):
             grammar_mask = fill_bitmask(reqs)
+        if any(r.beam_candidates for r in reqs):
+            out.candidates = beam_candidates(reqs, logits)
         for row, req in enumerate(reqs):
             for fn in req.sampling_params.logits_processors or ():
                 logits[row] = fn(req.output_token_ids, logits[row])

@@ -41,8 +41,9 @@ def refuse_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
             raise RequestError("echo=true is not supported by this server; prepend the prompt yourself")
         if req.suffix:
             raise RequestError("suffix (insertion) is not supported by this server; remove it")
-        if req.best_of is not None and req.best_of != req.n:
-            raise RequestError(f"best_of={req.best_of} is not supported; only best_of == n ({req.n})")
+        if req.best_of is not None and req.best_of != req.n and not req.use_beam_search:
+            raise RequestError(f"best_of={req.best_of} is supported with use_beam_search=true only; "
+                               f"otherwise send best_of == n ({req.n})")
         return
     if req.functions or req.function_call is not None:
         raise RequestError("functions / function_call (deprecated) are not supported; send tools and tool_choice")
@@ -118,9 +119,10 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, num_prompt_t
         max_tokens = req.max_tokens
         logprobs = req.logprobs
     seed = None if req.seed is None else req.seed % (MAX_SEED + 1)
+    default_temperature = 0.0 if req.use_beam_search else 1.0
     return SamplingParams(
         n=req.n,
-        temperature=1.0 if req.temperature is None else req.temperature,
+        temperature=default_temperature if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
         top_k=0 if req.top_k is None or (vocab_size is not None and req.top_k >= vocab_size) else req.top_k,
         min_p=req.min_p or 0.0,
@@ -137,6 +139,10 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, num_prompt_t
         skip_special_tokens=req.skip_special_tokens,
         include_stop_str_in_output=req.include_stop_str_in_output,
         structured_outputs=structured,
+        use_beam_search=req.use_beam_search,
+        best_of=req.best_of if isinstance(req, CompletionRequest) else None,
+        length_penalty=req.length_penalty,
+        early_stopping=req.early_stopping,
     )
 
 

@@ -95,6 +95,10 @@ class _SamplingFields(_Request):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     structured_outputs: dict[str, Any] | None = None
+    use_beam_search: bool = False
+    """Beam search (vLLM's extra): best_of (completions) or n beams, the n best returned; temperature 0."""
+    length_penalty: float = 1.0
+    early_stopping: bool | Literal["never"] = False
 
 
 class CompletionRequest(_SamplingFields):
@@ -110,7 +114,7 @@ class CompletionRequest(_SamplingFields):
     suffix: str | None = None
     """Refused unless empty."""
     best_of: int | None = Field(None, ge=1)
-    """Accepted only when equal to n."""
+    """Beam width with use_beam_search (>= n); otherwise accepted only when equal to n."""
 
 
 class TextPart(_Body):
