@@ -1,7 +1,7 @@
 """The `scaleinfer` command: each family of subcommands is a module here with a register(sub) function.
 
 generate | chat | demo (generate.py), serve | router (serve.py), models | pull | quantize | eval (models.py),
-bench [MODE] | plan (bench.py). A new command is a module with register(sub), listed in COMMANDS.
+bench [MODE] | plan (bench.py), prune | distill (compress.py). A new command is a module with register(sub), listed in COMMANDS.
 Every ScaleInferError becomes one line on stderr and exit code 2; no tracebacks for bad input.
 """
 from __future__ import annotations
@@ -10,11 +10,11 @@ import argparse
 import logging
 import sys
 
-from scaleinfer.cli import bench, generate, models, serve
+from scaleinfer.cli import bench, compress, generate, models, serve
 from scaleinfer.cli.common import is_worker_rank, make_llm
 from scaleinfer.errors import ScaleInferError
 
-COMMANDS = (generate, serve, models, bench)
+COMMANDS = (generate, serve, models, bench, compress)
 
 
 def build_parser() -> argparse.ArgumentParser:
