@@ -38,6 +38,61 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def _progress(total: int, done: int):
+    """A tqdm bar with the loss on a terminal; otherwise one plain line per step on stderr."""
+    import sys
+
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=done, desc="distill", unit="step", file=sys.stderr)
+
+        def on_step(r):
+            bar.set_postfix(loss=f"{r['loss']:.3f}", kl=f"{r['kl']:.3f}", ce=f"{r['ce']:.3f}", refresh=False)
+            bar.update(1)
+        return on_step, bar.close
+
+    def on_line(r):
+        print(f"step {r['step']}/{total} loss {r['loss']:.4f} kl {r['kl']:.4f} ce {r['ce']:.4f} lr {r['lr']:.2e} "
+              f"{r['seconds']:.1f} s", file=sys.stderr, flush=True)
+    return on_line, lambda: None
+
+
+def cmd_distill(args) -> int:
+    import json
+    import os
+
+    from scaleinfer.compress.distill import LOG_FILE, DistillConfig, distill_to_dir
+
+    if args.threads is not None:
+        __import__("torch").set_num_threads(args.threads)
+    cfg = DistillConfig(steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
+                        warmup=args.warmup, weight_decay=args.weight_decay, temperature=args.temperature,
+                        top_k=args.top_k, alpha=args.alpha, clip=args.clip, holdout=args.holdout, seed=args.seed,
+                        save_every=args.save_every, bf16=args.bf16)
+    cfg.check()
+    done = 0
+    log = os.path.join(args.output, LOG_FILE)
+    if args.resume and os.path.isfile(log):
+        with open(log, encoding="utf-8") as f:
+            done = sum(1 for _ in f)
+    on_step, close = _progress(args.steps, min(done, args.steps))
+    try:
+        meta = distill_to_dir(args.teacher, args.student, args.text, args.output, cfg, resume=args.resume,
+                              overwrite=args.overwrite, on_step=on_step)
+    finally:
+        close()
+
+    def ppl(key):
+        return f"{meta[key]:.3f}" if meta.get(key) is not None else "-"
+    print(f"wrote {args.output}: {meta.get('steps_done', 0)} steps in {meta['seconds']:.0f} s, final loss "
+          f"{meta['final_loss']:.4f}; held-out perplexity: teacher {ppl('held_out_ppl_teacher')}, student before "
+          f"{ppl('held_out_ppl_start')}, after {ppl('held_out_ppl_end')}; load it with --model {args.output}")
+    if args.json:
+        print(json.dumps(meta))
+    return 0
+
+
 def register(sub) -> None:
     p = sub.add_parser("prune", help="structured pruning (layers, FFN channels, heads) into a smaller HF checkpoint")
     p.add_argument("--model", default=DEFAULT_MODEL, help="catalog name, .gguf file or HF directory to prune "
@@ -60,3 +115,36 @@ def register(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty directory")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.set_defaults(fn=cmd_prune)
+
+    p = sub.add_parser("distill", help="train a student on a teacher's logits (KL on top-k + next-token loss), "
+                                       "resumable; writes an HF checkpoint")
+    p.add_argument("--teacher", default=DEFAULT_MODEL, help="catalog name, .gguf or HF directory (default: "
+                                                            "%(default)s)")
+    p.add_argument("--student", required=True, help="the model to train: a `scaleinfer prune` output or any model "
+                                                    "with the teacher's tokenizer")
+    p.add_argument("--text", required=True, action="append", metavar="TEXT_FILE",
+                   help="training text (repeatable); the last --holdout of each file is held out for evaluation")
+    p.add_argument("--steps", type=int, required=True, help="optimizer steps (total, including resumed ones)")
+    p.add_argument("--output", required=True, help="directory for the student and its trainer state")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --output")
+    p.add_argument("--overwrite", action="store_true", help="start over in a non-empty --output")
+    g = p.add_argument_group("training")
+    g.add_argument("--seq-len", type=int, default=256, help="tokens per window (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=4, help="windows per step (default: %(default)s)")
+    g.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate (default: %(default)s)")
+    g.add_argument("--warmup", type=int, default=10, help="linear warm-up steps, then cosine (default: %(default)s)")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--temperature", type=float, default=2.0, help="distillation temperature (default: %(default)s)")
+    g.add_argument("--top-k", type=int, default=64, help="teacher tokens per position in the KL (default: "
+                                                         "%(default)s)")
+    g.add_argument("--alpha", type=float, default=0.9, help="weight of the KL term; 1 - alpha weighs the "
+                                                            "next-token loss (default: %(default)s)")
+    g.add_argument("--clip", type=float, default=1.0, help="gradient norm clip (default: %(default)s)")
+    g.add_argument("--holdout", type=float, default=0.1, help="fraction of each text held out (default: "
+                                                              "%(default)s)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--save-every", type=int, default=50, help="steps between checkpoints (default: %(default)s)")
+    g.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward passes")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--json", action="store_true", help="also print the run's summary as one JSON line")
+    p.set_defaults(fn=cmd_distill)
