@@ -14,6 +14,8 @@ BENCH_MODES: dict[str, tuple[str, str]] = {
                                                       "sequence length; perplexity of a long stream per pattern"),
     "soak": ("scaleinfer.bench.soak.run", "minutes of mixed traffic (streams, disconnects, malformed requests) "
                                           "against a real server: no 5xx, KV blocks back, flat RSS"),
+    "prune": ("scaleinfer.bench.prune", "pruning targets (and distilled students) vs the full model: parameters, "
+                                        "perplexity EN / ZH, prefill and decode speed in one table"),
     "distributed": ("scaleinfer.bench.distributed", "one process vs data / tensor / pipeline parallel layouts on "
                                                     "the same threads: decode, prefill, mixed load, router overhead"),
 }

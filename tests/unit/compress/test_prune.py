@@ -145,3 +145,14 @@ def _run(argv: list[str]) -> int:
         return main(argv)
     except SystemExit as exc:   # argparse's own errors
         return exc.code
+
+
+def test_bench_target_specs_parse():
+    from scaleinfer.bench.prune import parse_target
+
+    assert parse_target("layers=24") == PruneTarget(layers=24)
+    assert parse_target("layers=20+ffn=0.75") == PruneTarget(layers=20, ffn=0.75)
+    assert parse_target("kv-heads=2") == PruneTarget(kv_heads=2)
+    for bad in ("depth=3", "layers=", "ffn=big"):
+        with pytest.raises(ConfigError):
+            parse_target(bad)
