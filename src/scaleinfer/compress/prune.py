@@ -73,8 +73,8 @@ def resolve_plan(c: ModelConfig, t: PruneTarget) -> PrunePlan:
     kv = _resolve_kv(c, t)
     heads = t.heads if t.heads is not None else kv * (c.num_heads // c.num_kv_heads)
     if not 0 < heads <= c.num_heads or heads % kv or heads // kv > c.num_heads // c.num_kv_heads:
-        raise ConfigError(f"--heads {heads}: keep 1..{c.num_heads} query heads, a multiple of the {kv} KV heads "
-                          f"kept, at most {c.num_heads // c.num_kv_heads} per KV head")
+        raise ConfigError(f"--heads {heads}: query heads are kept in equal numbers per kept KV head ({kv} kept, "
+                          f"at most {c.num_heads // c.num_kv_heads} each); pass a multiple of --kv-heads")
     if t.layers is not None and not 1 <= t.layers <= c.num_layers:
         raise ConfigError(f"--layers {t.layers}: the model has {c.num_layers} layers; keep 1..{c.num_layers}")
     if t.ffn is not None and not 0 < t.ffn <= 1:
@@ -90,9 +90,9 @@ def resolve_plan(c: ModelConfig, t: PruneTarget) -> PrunePlan:
 
 
 def _resolve_kv(c: ModelConfig, t: PruneTarget) -> int:
+    """KV heads kept: --kv-heads, else all of them (or as many as --heads can be spread evenly over)."""
     if t.kv_heads is None:
-        return c.num_kv_heads if t.heads is None or t.heads % c.num_kv_heads == 0 else math.gcd(t.heads,
-                                                                                                 c.num_kv_heads)
+        return c.num_kv_heads if t.heads is None else math.gcd(t.heads, c.num_kv_heads)
     if not 1 <= t.kv_heads <= c.num_kv_heads:
         raise ConfigError(f"--kv-heads {t.kv_heads}: the model has {c.num_kv_heads} KV heads; keep "
                           f"1..{c.num_kv_heads}")
