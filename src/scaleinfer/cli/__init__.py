@@ -2,7 +2,8 @@
 
 generate | chat | demo (generate.py), serve | router (serve.py), models | pull | quantize | eval (models.py),
 bench [MODE] | plan (bench.py), embed | export-onnx (encoders.py), transcribe (transcribe.py),
-translate | summarize (text2text.py). A new command is a module with register(sub), listed in COMMANDS.
+translate | summarize (text2text.py), prune | distill (compress.py).
+A new command is a module with register(sub), listed in COMMANDS.
 Every ScaleInferError becomes one line on stderr and exit code 2; no tracebacks for bad input.
 """
 from __future__ import annotations
@@ -11,11 +12,11 @@ import argparse
 import logging
 import sys
 
-from scaleinfer.cli import bench, encoders, generate, models, serve, text2text, transcribe
+from scaleinfer.cli import bench, compress, encoders, generate, models, serve, text2text, transcribe
 from scaleinfer.cli.common import is_worker_rank, make_llm
 from scaleinfer.errors import ScaleInferError
 
-COMMANDS = (generate, serve, models, bench, encoders, transcribe, text2text)
+COMMANDS = (generate, serve, models, bench, encoders, transcribe, text2text, compress)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,6 +16,8 @@ BENCH_MODES: dict[str, tuple[str, str]] = {
                                           "against a real server: no 5xx, KV blocks back, flat RSS"),
     "structured": ("scaleinfer.bench.structured", "decode time per token with vs without a grammar (structured "
                                                   "outputs) at batch 1 and 32, masks filled during the forward or after"),
+    "prune": ("scaleinfer.bench.prune", "pruning targets (and distilled students) vs the full model: parameters, "
+                                        "perplexity EN / ZH, prefill and decode speed in one table"),
     "distributed": ("scaleinfer.bench.distributed", "one process vs data / tensor / pipeline parallel layouts on "
                                                     "the same threads: decode, prefill, mixed load, router overhead"),
     "embed": ("scaleinfer.bench.embed", "sentences/s of encoder models (MiniLM, MPNet): scaleinfer vs "

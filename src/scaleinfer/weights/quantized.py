@@ -120,13 +120,13 @@ def save_quantized(model, ckpt, mode: str, output: str, source: str = "", calibr
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, os.path.join(output, TENSOR_FILE))
-    _save_tokenizer(ckpt.tokenizer, output)
+    save_tokenizer(ckpt.tokenizer, output)
     with open(os.path.join(output, CONFIG_FILE), "w", encoding="utf-8") as f:  # last: marks the dir complete
         json.dump(config, f, indent=1)
     return config
 
 
-def _save_tokenizer(tok, output: str) -> None:
+def save_tokenizer(tok, output: str) -> None:
     tok.backend.save(os.path.join(output, "tokenizer.json"))
     specials = dict(getattr(tok, "_special_tokens", {}))
     cfg = {"add_bos_token": bool(tok.add_bos_token), "chat_template": tok.chat_template,
