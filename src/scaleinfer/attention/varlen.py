@@ -44,6 +44,11 @@ class VarlenMetadata:
     def batch(self) -> int:
         return sum(g.batch for g in self.groups)
 
+    def group_masks(self, bias: torch.Tensor) -> list[torch.Tensor]:
+        """Each group's attention mask with an additive [heads, L, L] bias folded in (padding keys -inf):
+        built once per forward when every layer shares the bias (MPNet), instead of once per layer."""
+        return [_mask(g, bias) for g in self.groups]
+
     @classmethod
     def padded(cls, batch, max_len, attention_mask: torch.Tensor) -> "VarlenMetadata":
         """Rows that are a padded [B, L] batch flattened (ONNX export: B and L may be symbolic)."""
@@ -90,24 +95,29 @@ def _groups(members: list[list[int]], seq_lens: list[int], device) -> tuple[list
     return groups, scatter.to(device)
 
 
-def _attend(block: torch.Tensor, g: AttentionGroup, bias) -> torch.Tensor:
+def _mask(g: AttentionGroup, bias: torch.Tensor | None) -> torch.Tensor | None:
+    if bias is None:
+        return g.key_mask
+    b = bias[..., :g.max_len, :g.max_len]
+    return b if g.key_mask is None else torch.where(g.key_mask, b, float("-inf"))
+
+
+def _attend(block: torch.Tensor, g: AttentionGroup, mask) -> torch.Tensor:
     """One group: [b * L, 3, heads, d] padded q/k/v rows -> [b * L, heads * d]."""
     q, k, v = block.view(g.batch, g.max_len, *block.shape[1:]).permute(2, 0, 3, 1, 4).unbind(0)  # [b, heads, L, d]
-    mask = g.key_mask
-    if bias is not None:
-        b = bias[..., :g.max_len, :g.max_len]
-        mask = b if mask is None else torch.where(mask, b, float("-inf"))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.transpose(1, 2).reshape(g.batch * g.max_len, -1)
 
 
-def varlen_attention(qkv: torch.Tensor, meta: VarlenMetadata, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """qkv: [T, 3, heads, d] packed -> [T, heads * d]. `bias`: additive [heads, L, L] (or broadcastable).
-    Per group: one gather into its padded block, one SDPA; then one gather back to packed order."""
+def varlen_attention(qkv: torch.Tensor, meta: VarlenMetadata,
+                     bias: torch.Tensor | list[torch.Tensor | None] | None = None) -> torch.Tensor:
+    """qkv: [T, 3, heads, d] packed -> [T, heads * d]. `bias`: additive [heads, L, L], or the masks of
+    meta.group_masks(bias). Per group: one gather into its padded block, one SDPA; then one gather back."""
+    masks = bias if isinstance(bias, list) else [_mask(g, bias) for g in meta.groups]
     if len(meta.groups) == 1 and meta.groups[0].gather is None:     # every row in place: no gather
-        return _attend(qkv, meta.groups[0], bias)
+        return _attend(qkv, meta.groups[0], masks[0])
     ext = torch.cat([qkv, qkv.new_zeros(1, *qkv.shape[1:])])        # row T: the zeros padding reads
-    outs = [_attend(ext.index_select(0, g.gather), g, bias) for g in meta.groups]
+    outs = [_attend(ext.index_select(0, g.gather), g, m) for g, m in zip(meta.groups, masks)]
     return torch.cat(outs).index_select(0, meta.scatter)
 
 

@@ -195,28 +195,34 @@ class EncoderEngine:
         return [EmbeddingRequestOutput(rid, x.token_ids, EmbeddingOutput(row.tolist()))
                 for rid, x, row in zip(self._ids(len(inputs)), inputs, emb)]
 
-    def _need(self, task: str, what: str) -> None:
+    def require_task(self, task: str, what: str) -> None:
         if self.config.task != task:
             raise RequestError(f"model {self.name!r} is {_TASK_NAMES[self.config.task]} model; {what} needs a "
                                f"{'sequence' if task == 'classify' else 'token'}-classification checkpoint")
 
     def classify(self, prompts: Sequence[Prompt | tuple[str, str]], truncate_prompt_tokens: int | None = None
                  ) -> list[ClassificationRequestOutput]:
-        self._need("classify", "classify")
+        self.require_task("classify", "classify")
         inputs = self.tokenize(prompts, truncate_prompt_tokens)
         out = []
         for rid, x, logits in zip(self._ids(len(inputs)), inputs, self.run(inputs, "classify")):
-            probs = torch.sigmoid(logits) if self._sigmoid() else torch.softmax(logits, -1)
+            probs = self.probabilities(logits)
             out.append(ClassificationRequestOutput(rid, x.token_ids, ClassificationOutput(
-                probs.tolist(), self.config.id2label.get(int(probs.argmax()), str(int(probs.argmax()))))))
+                probs.tolist(), self.label(int(probs.argmax())))))
         return out
 
-    def _sigmoid(self) -> bool:
-        return self.config.num_labels == 1 or self.config.problem_type == "multi_label_classification"
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Class probabilities: sigmoid for one label or multi-label models, softmax otherwise (as HF)."""
+        if self.config.num_labels == 1 or self.config.problem_type == "multi_label_classification":
+            return torch.sigmoid(logits)
+        return torch.softmax(logits, -1)
+
+    def label(self, index: int) -> str:
+        return self.config.id2label.get(index, str(index))
 
     def token_classify(self, prompts: Sequence[Prompt], truncate_prompt_tokens: int | None = None
                        ) -> list[TokenClassificationRequestOutput]:
-        self._need("token-classify", "token_classify")
+        self.require_task("token-classify", "token_classify")
         inputs = self.tokenize(prompts, truncate_prompt_tokens)
         out = []
         for rid, x, logits in zip(self._ids(len(inputs)), inputs, self.run(inputs, "token-classify")):

@@ -62,7 +62,7 @@ class MPNetLayer(nn.Module):
         self.qkv = torch.cat([a.q.weight, a.k.weight, a.v.weight]).detach()
         self.qkv_bias = torch.cat([a.q.bias, a.k.bias, a.v.bias]).detach()
 
-    def forward(self, x: torch.Tensor, meta: VarlenMetadata, bias: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, meta: VarlenMetadata, bias) -> torch.Tensor:
         a = self.attention.attn
         if self.qkv is None:
             self.fuse()
@@ -99,8 +99,9 @@ class MPNetModel(nn.Module):
                 meta: VarlenMetadata) -> torch.Tensor:
         x = self.embeddings(input_ids, positions + self.config.position_offset, None)
         bias = self.position_bias(meta.max_len, input_ids.device).to(x.dtype)
+        masks = meta.group_masks(bias)        # every layer shares the bias: fold it into the masks once
         for layer in self.encoder.layer:
-            x = layer(x, meta, bias)
+            x = layer(x, meta, masks)
         return x
 
     def fuse(self) -> None:

@@ -157,6 +157,12 @@ def _encode_vector(row: torch.Tensor, fmt: str):
     return row.tolist()
 
 
+def _classification(eng: EncoderEngine, index: int, logits: torch.Tensor) -> dict:
+    probs = eng.probabilities(logits)
+    return {"index": index, "label": eng.label(int(probs.argmax())), "probs": probs.tolist(),
+            "num_classes": len(probs)}
+
+
 def build_encoder_app(engine: EncoderEngine, config: ServerConfig) -> FastAPI:
     from scaleinfer.serving.app import _add_error_handlers, _openapi
     from scaleinfer.serving.guard import Gate
@@ -226,16 +232,10 @@ def _add_routes(app: FastAPI, state: EncoderState) -> None:
     @app.post("/v1/classify")
     async def classify(body: ClassifyRequest):
         state.check_model(body.model)
-        eng._need("classify", "/v1/classify")
+        eng.require_task("classify", "/v1/classify")
         prompts = _inputs(body.input)
         inputs = await state.call(eng.tokenize, prompts, body.truncate_prompt_tokens)
-        rows = await state.run(inputs, "classify")
-        data = []
-        for i, logits in enumerate(rows):
-            probs = torch.sigmoid(logits) if eng._sigmoid() else torch.softmax(logits, -1)
-            best = int(probs.argmax())
-            data.append({"index": i, "label": eng.config.id2label.get(best, str(best)), "probs": probs.tolist(),
-                         "num_classes": len(probs)})
+        data = [_classification(eng, i, logits) for i, logits in enumerate(await state.run(inputs, "classify"))]
         return {"id": f"classify-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
                 "model": state.config.served_model_name, "data": data, "usage": _usage(inputs)}
 
