@@ -30,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians are reported)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--output-dir", default="benchmarks/results")
+    p.add_argument("--work-only", action="store_true",
+                   help="time only the grammar work of decode steps (fill, apply, accept over random logits) "
+                        "against the free decode step; no constrained end-to-end runs (fast on a busy machine)")
 
 
 def main(args) -> int:
@@ -43,6 +46,8 @@ def main(args) -> int:
     constrained = SamplingParams(temperature=0, max_tokens=args.tokens,
                                  structured_outputs=StructuredOutputsParams(json=SCHEMA))
     runner = llm.engine.runner
+    if args.work_only:
+        return _work_only(args, llm, prompt, free)
     rows = []
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         times: dict[str, list[float]] = {"free": [], "grammar": [], "grammar, prefetch off": []}
@@ -110,6 +115,56 @@ def _grammar_work(engine) -> float | None:
     return time.perf_counter() - t
 
 
+def _work_only(args, llm, prompt: list[int], free) -> int:
+    """Per batch size: the free decode step (model) and the grammar work of a step (no model: masks filled
+    and applied to random logits, the argmax accepted), each a median over steps."""
+    import torch
+
+    from scaleinfer.sampling_params import StructuredOutputsParams
+    from scaleinfer.structured.bitmask import GrammarState, advance, apply_bitmask, fill_bitmask
+
+    compiled = llm.engine.compile_structured(_params_with(StructuredOutputsParams(json=SCHEMA)))
+    grammars = llm.engine._grammars
+    rows = []
+    for batch in (int(b) for b in args.batch_sizes.split(",")):
+        _decode_step_time(llm, prompt, free, batch, False)   # warm-up
+        step_s, cpu_s, _ = _decode_step_time(llm, prompt, free, batch, False)
+        reqs = [_Row(GrammarState(compiled, grammars.stop_token_ids, grammars.vocab_size)) for _ in range(batch)]
+        gen = torch.Generator().manual_seed(0)
+        work = []
+        for _ in range(args.tokens):
+            logits = torch.randn(batch, grammars.vocab_size, generator=gen)
+            t = time.perf_counter()
+            mask = fill_bitmask(reqs)
+            apply_bitmask(logits, mask)
+            advance(reqs, logits.argmax(dim=-1).tolist())
+            work.append(time.perf_counter() - t)
+        w = statistics.median(work)
+        rows.append({"batch": batch, "free_ms": 1e3 * step_s, "free_cpu_ms": 1e3 * cpu_s, "grammar_work_ms": 1e3 * w,
+                     "grammar_work_share": w / step_s})
+    load = os.getloadavg()
+    print(f"grammar work per decode step: {args.model}, vocabulary {grammars.vocab_size}, {args.tokens} steps, "
+          f"load average {load[0]:.1f}")
+    print(f"{'batch':>5} {'free step ms':>13} {'grammar work ms':>16} {'share':>7}")
+    for r in rows:
+        print(f"{r['batch']:>5} {r['free_ms']:>13.2f} {r['grammar_work_ms']:>16.3f} {100 * r['grammar_work_share']:>6.2f}%")
+    _write(args, llm, rows, load)
+    return 0
+
+
+class _Row:
+    """The one attribute of a Request that the bitmask functions read."""
+
+    def __init__(self, grammar):
+        self.grammar = grammar
+
+
+def _params_with(spec):
+    from scaleinfer import SamplingParams
+
+    return SamplingParams(structured_outputs=spec)
+
+
 def _report(args, llm, rows: list[dict]) -> None:
     load = os.getloadavg()
     print(f"structured outputs overhead: {args.model}, vocabulary {llm.engine.model_config.vocab_size}, "
@@ -124,6 +179,10 @@ def _report(args, llm, rows: list[dict]) -> None:
               f"{r[n + '_ms']:>9.2f} {100 * r[n + '_overhead']:>6.1f}% | {r['free_cpu_ms']:>9.2f} "
               f"{r[g + '_cpu_ms']:>9.2f} {100 * r[g + '_cpu_overhead']:>6.1f}% {r[n + '_cpu_ms']:>9.2f} "
               f"{100 * r[n + '_cpu_overhead']:>6.1f}% | {r['grammar_work_ms']:>8.3f} {100 * r['grammar_work_share']:>5.1f}%")
+    _write(args, llm, rows, load)
+
+
+def _write(args, llm, rows: list[dict], load) -> None:
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, f"structured-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     with open(path, "w") as f:
