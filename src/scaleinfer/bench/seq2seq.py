@@ -107,8 +107,12 @@ def _run_hf(model_dir: str, threads: int, audios):
     start = time.perf_counter()
     with torch.inference_mode():
         feats = torch.stack([pad_or_trim(log_mel_spectrogram(a)) for a in audios])
-        ids = model.generate(input_features=feats, language="en", task="transcribe")
-    texts = [ckpt.tokenizer.decode(row.tolist()) for row in ids]
+        tokens = [ckpt.tokenizer.backend.token_to_id(t) for t in
+                  ("<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimestamps|>")]
+        ids = model.generate(input_features=feats, decoder_input_ids=torch.tensor([tokens] * len(audios)),
+                             max_new_tokens=200, do_sample=False, num_beams=1)
+    eot = ckpt.tokenizer.backend.token_to_id("<|endoftext|>")
+    texts = [ckpt.tokenizer.decode([t for t in row.tolist() if t < eot]) for row in ids]
     return texts, time.perf_counter() - start
 
 
