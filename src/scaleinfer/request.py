@@ -48,6 +48,11 @@ class Request:
     finish_time: float | None = None
     # Logprobs of each output token: (sampled_logprob, {token_id: logprob} for the top-N).
     output_logprobs: list[tuple[float, dict[int, float]]] = field(default_factory=list)
+    spec_token_ids: list[int] = field(default_factory=list)
+    """Draft tokens proposed for the next step (speculative decoding); set by the engine's proposer."""
+    spec_draft_probs: object = None
+    """The draft model's probabilities of spec_token_ids ([k, vocab] tensor) for the rejection sampler;
+    None: the drafts are fixed guesses (n-gram, or greedy drafting)."""
     _all_token_ids: list[int] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -72,6 +77,15 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status == RequestStatus.FINISHED
+
+    def truncate_output(self, num_output_tokens: int) -> None:
+        """Keep the first `num_output_tokens` outputs (a stop string ended the text inside a run of
+        accepted draft tokens: what follows it is dropped, as without speculation)."""
+        drop = self.num_output_tokens - num_output_tokens
+        if drop > 0:
+            del self.output_token_ids[num_output_tokens:]
+            del self._all_token_ids[len(self._all_token_ids) - drop:]
+            del self.output_logprobs[num_output_tokens:]
 
     def append_output_token(self, token_id: int) -> None:
         if self.first_token_time is None:

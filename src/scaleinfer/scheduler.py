@@ -41,6 +41,9 @@ class SchedulerOutput:
     num_scheduled_tokens: list[int] = field(default_factory=list)
     num_computed_tokens: list[int] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    spec_token_ids: list[list[int]] = field(default_factory=list)
+    """Per request, the draft tokens it checks this step (speculative decoding; [] for most): its
+    num_scheduled_tokens is then 1 + len(drafts), the last known token followed by the drafts."""
 
     @property
     def is_empty(self) -> bool:
@@ -50,6 +53,10 @@ class SchedulerOutput:
         req = self.requests[i]
         return self.num_computed_tokens[i] + self.num_scheduled_tokens[i] == req.num_tokens
 
+    def drafts(self, i: int) -> list[int]:
+        """The draft tokens request i checks this step ([] when it does not speculate)."""
+        return self.spec_token_ids[i] if self.spec_token_ids else []
+
 
 @dataclass
 class ModelOutput:
@@ -57,6 +64,9 @@ class ModelOutput:
 
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, tuple[float, dict[int, float]]] = field(default_factory=dict)
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    """Requests that checked drafts: the accepted drafts followed by the target's own next token."""
+    spec_logprobs: dict[str, list[tuple[float, dict[int, float]]]] = field(default_factory=dict)
 
 
 class Scheduler:
@@ -110,6 +120,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             n = min(req.num_tokens - req.num_computed_tokens, budget)
+            drafts = self._drafts(req, n, budget)
+            if drafts:
+                n += len(drafts)
             target = req.num_computed_tokens + n
             while not bm.can_allocate(req, target):
                 victim = self.running[-1]
@@ -118,7 +131,7 @@ class Scheduler:
                     break
             else:
                 bm.allocate(req, target)
-                self._add_to_output(out, req, n)
+                self._add_to_output(out, req, n, drafts)
                 budget -= n
                 i += 1
                 continue
@@ -141,11 +154,31 @@ class Scheduler:
             budget -= n
         return out
 
+    def _drafts(self, req: Request, n: int, budget: int) -> list[int]:
+        """The drafts a decoding request checks this step: its proposal, cut to the budget, the context,
+        max_tokens (no point checking tokens it may not keep) and the free blocks ([] if none fit)."""
+        if not req.spec_token_ids or n != 1:
+            return []
+        room = min(budget - 1, self.config.max_model_len - req.num_tokens - 1)
+        max_tokens = req.sampling_params.max_tokens
+        if max_tokens is not None:
+            room = min(room, max_tokens - req.num_output_tokens - 1)
+        drafts = req.spec_token_ids[:max(0, room)]
+        if drafts and not self.block_manager.can_allocate(req, req.num_computed_tokens + 1 + len(drafts)):
+            return []   # no blocks to spare: decode normally (it may still preempt for its one token)
+        return drafts
+
     @staticmethod
-    def _add_to_output(out: SchedulerOutput, req: Request, n: int) -> None:
+    def _add_to_output(out: SchedulerOutput, req: Request, n: int, drafts: list[int] | None = None) -> None:
         out.requests.append(req)
         out.num_scheduled_tokens.append(n)
         out.num_computed_tokens.append(req.num_computed_tokens)
+        if drafts:
+            if not out.spec_token_ids:
+                out.spec_token_ids = [[] for _ in range(len(out.requests) - 1)]
+            out.spec_token_ids.append(list(drafts))
+        elif out.spec_token_ids:
+            out.spec_token_ids.append([])
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         """Recompute-style preemption: drop the KV, requeue at the head of the waiting queue."""
@@ -166,6 +199,10 @@ class Scheduler:
         for req, n in zip(sched.requests, sched.num_scheduled_tokens):
             if req.is_finished:  # aborted while the step ran
                 continue
+            if req.request_id in model_out.spec_token_ids:
+                self._update_verified(req, model_out)
+                touched.append(req)
+                continue
             req.num_computed_tokens += n
             self.block_manager.cache_full_blocks(req)
             if self.kv_patterns is not None:
@@ -182,6 +219,27 @@ class Scheduler:
                 self.running.remove(req)
                 self._finish(req, reason, stop_reason)
         return touched
+
+    def _update_verified(self, req: Request, model_out: ModelOutput) -> None:
+        """A request that checked drafts: keep the KV of its last token and the accepted drafts only (the
+        rejected ones' slots are overwritten later; blocks past the end go back), append the accepted run
+        token by token and stop where a stop rule says, dropping the rest of the run."""
+        tokens = model_out.spec_token_ids[req.request_id]
+        logprobs = model_out.spec_logprobs.get(req.request_id)
+        req.num_computed_tokens += len(tokens)   # the last known token + len(tokens) - 1 accepted drafts
+        for j, token in enumerate(tokens):
+            req.append_output_token(token)
+            if logprobs is not None:
+                req.output_logprobs.append(logprobs[j])
+            reason, stop_reason = self._check_stop(req, token)
+            if reason is not None:
+                self.running.remove(req)
+                self._finish(req, reason, stop_reason)
+                return
+        self.block_manager.trim(req, req.num_tokens)
+        self.block_manager.cache_full_blocks(req)
+        if self.kv_patterns is not None:
+            self.block_manager.free_dead_blocks(req, union_live_ranges(self.kv_patterns, req.num_computed_tokens))
 
     def _check_stop(self, req: Request, token: int) -> tuple[FinishReason | None, int | None]:
         params = req.sampling_params

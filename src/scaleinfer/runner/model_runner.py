@@ -20,6 +20,7 @@ from scaleinfer.runner.decode_program import DecodePlan
 from scaleinfer.runner.forward_batch import ForwardBatch, StepInputs, batch_from_inputs, build_forward_batch
 from scaleinfer.sampler import Sampler, SamplingMetadata
 from scaleinfer.scheduler import ModelOutput, SchedulerOutput
+from scaleinfer.spec_decode.rejection import verify
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,9 @@ class ModelRunner:
     def sample(self, batch: ForwardBatch, logits: torch.Tensor) -> ModelOutput:
         """The batch's sampled tokens (and logprobs) from its logits."""
         out = ModelOutput()
+        if batch.spec_requests:   # their k + 1 rows each follow the ordinary rows
+            verify(self.sampler, logits[len(batch.sample_requests):], batch.spec_requests, out)
+            logits = logits[:len(batch.sample_requests)]
         if not batch.sample_requests:
             return out
         reqs = batch.sample_requests

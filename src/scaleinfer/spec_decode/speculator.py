@@ -1,0 +1,64 @@
+"""Speculator: the engine's one handle on speculative decoding. Before each step it proposes drafts for
+the running requests that are decoding (n-gram lookup or the draft model, k from the controller); after
+the step it feeds the controller the step's time and each request's accepted count.
+
+Requests with and without drafts share the step: a request without a proposal decodes as usual.
+"""
+from __future__ import annotations
+
+from scaleinfer.config import SpeculativeConfig
+from scaleinfer.request import Request
+from scaleinfer.scheduler import ModelOutput, SchedulerOutput
+from scaleinfer.spec_decode.controller import SpecController, SpecStats
+from scaleinfer.spec_decode.ngram import ngram_propose
+
+
+class Speculator:
+    def __init__(self, config: SpeculativeConfig, draft=None):
+        """`draft`: a DraftProposer (spec_decode/draft.py) for method draft, None for ngram."""
+        self.config = config
+        self.draft = draft
+        self.controller = SpecController(config.num_speculative_tokens, config.adaptive,
+                                         config.disable_by_batch_size, uses_draft_model=draft is not None)
+
+    @property
+    def stats(self) -> SpecStats:
+        return self.controller.stats
+
+    def propose(self, running: list[Request]) -> None:
+        """Set spec_token_ids of the running requests that decode this step ([] for the others)."""
+        candidates = []
+        for req in running:
+            req.spec_token_ids, req.spec_draft_probs = [], None
+            left = req.sampling_params.max_tokens
+            if req.num_tokens - req.num_computed_tokens == 1 and (left is None or left - req.num_output_tokens > 1):
+                candidates.append(req)
+        if self.draft is not None:
+            self.draft.forget({r.request_id for r in running})
+        self.controller.forget({r.request_id for r in running})
+        if not candidates:
+            return
+        cfg, k_max = self.config, self.config.num_speculative_tokens
+        if self.draft is None:
+            proposals = {r.request_id: ngram_propose(r.all_token_ids, k_max, cfg.prompt_lookup_max,
+                                                     cfg.prompt_lookup_min) for r in candidates}
+            candidates = [r for r in candidates if proposals[r.request_id]]
+        ks = self.controller.choose_k([r.request_id for r in candidates], len(running))
+        if self.draft is None:
+            for r in candidates:
+                r.spec_token_ids = proposals[r.request_id][:ks[r.request_id]]
+            return
+        seconds = self.draft.propose([(r, ks[r.request_id]) for r in candidates])
+        if seconds is not None:
+            self.controller.observe_draft(seconds)
+
+    def observe(self, sched: SchedulerOutput, model_out: ModelOutput, seconds: float) -> None:
+        """After a step: its time (decode-only steps, by query rows) and each verified request's acceptance."""
+        rows = sum(sched.num_scheduled_tokens)
+        decode_only = all(n == 1 or sched.drafts(i) for i, n in enumerate(sched.num_scheduled_tokens))
+        self.controller.observe_step(rows, seconds, decode_only)
+        for i, req in enumerate(sched.requests):
+            drafts = sched.drafts(i)
+            kept = model_out.spec_token_ids.get(req.request_id)
+            if drafts and kept is not None:
+                self.controller.observe_verified(req.request_id, len(drafts), len(kept) - 1)
