@@ -14,6 +14,9 @@ BENCH_MODES: dict[str, tuple[str, str]] = {
                                                       "sequence length; perplexity of a long stream per pattern"),
     "soak": ("scaleinfer.bench.soak.run", "minutes of mixed traffic (streams, disconnects, malformed requests) "
                                           "against a real server: no 5xx, KV blocks back, flat RSS"),
+    "speculative": ("scaleinfer.bench.speculative", "batch-1 decode speed and acceptance of speculative decoding "
+                                                    "(none, n-gram, draft model, extra drafts) on code editing, "
+                                                    "summarization and chat, next to llama.cpp's prompt lookup"),
     "distributed": ("scaleinfer.bench.distributed", "one process vs data / tensor / pipeline parallel layouts on "
                                                     "the same threads: decode, prefill, mixed load, router overhead"),
 }

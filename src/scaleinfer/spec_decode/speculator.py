@@ -12,6 +12,11 @@ from scaleinfer.scheduler import ModelOutput, SchedulerOutput
 from scaleinfer.spec_decode.controller import SpecController, SpecStats
 from scaleinfer.spec_decode.ngram import ngram_propose
 
+MAX_STEP_ROWS = 16
+"""Most query rows of a decode step with drafts: the w4a8 / w8a8 decode kernels take up to 16 rows (each row
+computed alone, so a row's logits do not depend on the batch); beyond that the GEMM path runs, slower at
+these sizes and not bit-identical, so drafts are cut to keep the step within it."""
+
 
 class Speculator:
     def __init__(self, config: SpeculativeConfig, draft=None):
@@ -43,7 +48,7 @@ class Speculator:
             proposals = {r.request_id: ngram_propose(r.all_token_ids, k_max, cfg.prompt_lookup_max,
                                                      cfg.prompt_lookup_min) for r in candidates}
             candidates = [r for r in candidates if proposals[r.request_id]]
-        ks = self.controller.choose_k([r.request_id for r in candidates], len(running))
+        ks = _fit_rows(self.controller.choose_k([r.request_id for r in candidates], len(running)), len(running))
         if self.draft is None:
             for r in candidates:
                 r.spec_token_ids = proposals[r.request_id][:ks[r.request_id]]
@@ -62,3 +67,12 @@ class Speculator:
             kept = model_out.spec_token_ids.get(req.request_id)
             if drafts and kept is not None:
                 self.controller.observe_verified(req.request_id, len(drafts), len(kept) - 1)
+
+
+def _fit_rows(ks: dict[str, int], batch: int) -> dict[str, int]:
+    """Lower the largest k's until the step's rows (one per request plus the drafts) fit MAX_STEP_ROWS."""
+    ks = dict(ks)
+    while ks and batch + sum(ks.values()) > MAX_STEP_ROWS and max(ks.values()) > 0:
+        top = max(ks, key=ks.get)
+        ks[top] -= 1
+    return ks

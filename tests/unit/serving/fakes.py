@@ -68,6 +68,7 @@ class FakeLLMEngine:
     scheduler: SimpleNamespace = field(default_factory=lambda: SimpleNamespace(num_running=0, num_waiting=0))
     num_free_blocks: int = 64
     kv_cache_usage: float = 0.0
+    speculator: object = None
 
 
 class FakeAsyncEngine:
