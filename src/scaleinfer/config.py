@@ -176,6 +176,74 @@ def torchrun_env() -> dict[str, str] | None:
     return {k: os.environ[k] for k in TORCHRUN_ENV}
 
 
+SPECULATIVE_METHODS = ("ngram", "draft")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding (vLLM's names): a proposer guesses the next tokens, the model checks them all
+    in one forward pass and keeps the longest prefix its own sampling agrees with (spec_decode/)."""
+
+    method: str | None = None
+    """ngram (prompt lookup: the tokens that followed the last n tokens' previous occurrence), draft (a
+    smaller model sharing the tokenizer), or None: off (draft when only `model` is given)."""
+    model: str | None = None
+    """The draft model (method draft): catalog name, .gguf file, HF directory or hub id."""
+    num_speculative_tokens: int = 4
+    """Most tokens proposed per request and step (k); adaptive k picks 0..k from the measured acceptance."""
+    prompt_lookup_max: int = 4
+    """ngram: longest suffix matched against the earlier tokens (tried first)."""
+    prompt_lookup_min: int = 1
+    """ngram: shortest suffix matched."""
+    adaptive: bool = True
+    """Choose k per request from its measured acceptance and the measured cost of checking a token; off
+    when it does not pay. False: always propose num_speculative_tokens."""
+    disable_by_batch_size: int | None = 8
+    """No speculation in steps with more running requests than this (checking costs more than it saves
+    once the batch keeps the cores busy); None: no limit."""
+    draft_kv_cache_memory: int = 256 << 20
+    """Bytes of KV cache of the draft model."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.method is not None
+
+    def __post_init__(self) -> None:
+        if self.method is None and self.model is not None:
+            object.__setattr__(self, "method", "draft")
+        if self.method is not None and self.method not in SPECULATIVE_METHODS:
+            raise ConfigError(f"--speculative-method must be one of {', '.join(SPECULATIVE_METHODS)}, "
+                              f"got {self.method!r}")
+        if self.method == "draft" and not self.model:
+            raise ConfigError("--speculative-method draft needs --speculative-model (e.g. "
+                              "qwen2.5-coder-0.5b-instruct for qwen2.5-coder-1.5b-instruct)")
+        if self.method == "ngram" and self.model is not None:
+            raise ConfigError(f"--speculative-model {self.model!r} is for --speculative-method draft, not ngram")
+        if not 1 <= self.num_speculative_tokens <= 16:
+            raise ConfigError(f"--num-speculative-tokens must be from 1 to 16, got {self.num_speculative_tokens}")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ConfigError(f"prompt_lookup_min ({self.prompt_lookup_min}) must be >= 1 and <= prompt_lookup_max "
+                              f"({self.prompt_lookup_max})")
+        if self.disable_by_batch_size is not None and self.disable_by_batch_size < 1:
+            raise ConfigError(f"disable_by_batch_size must be >= 1 or None, got {self.disable_by_batch_size}")
+        if self.draft_kv_cache_memory <= 0:
+            raise ConfigError(f"draft_kv_cache_memory must be positive, got {self.draft_kv_cache_memory}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SpeculativeConfig":
+        """vLLM's speculative_config dict: method, model, num_speculative_tokens, prompt_lookup_max/min, ..."""
+        names = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"speculative_config has unknown keys {unknown}; known: {sorted(names)}")
+        values = dict(d)
+        if values.get("method") == "draft_model":   # vLLM's spelling
+            values["method"] = "draft"
+        if "draft_kv_cache_memory" in values:
+            values["draft_kv_cache_memory"] = parse_memory(values["draft_kv_cache_memory"], "draft_kv_cache_memory")
+        return cls(**values)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine needs, built by LLM(...) or the CLI."""
@@ -203,6 +271,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):
@@ -214,6 +283,31 @@ class EngineConfig:
                               f"got {self.quantization!r}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {self.threads}")
+
+
+def speculative_config(method: str | None = None, model: str | None = None,
+                       num_speculative_tokens: int | None = None,
+                       config: "dict | SpeculativeConfig | None" = None) -> SpeculativeConfig:
+    """SpeculativeConfig from vLLM's arguments: a speculative_config dict (or object), overridden by the
+    separate method / model / k arguments where given."""
+    base = config if isinstance(config, SpeculativeConfig) else SpeculativeConfig.from_dict(config or {})
+    values = {}
+    if method is not None:
+        values["method"] = method
+    if model is not None:
+        values["model"] = model
+    if num_speculative_tokens is not None:
+        values["num_speculative_tokens"] = num_speculative_tokens
+    if not values:
+        return base
+    from dataclasses import replace
+
+    if "model" in values and "method" not in values and base.method is None:
+        values["method"] = "draft"
+    out = replace(base, **values)
+    if not out.enabled:
+        raise ConfigError("--num-speculative-tokens needs --speculative-method ngram or --speculative-model")
+    return out
 
 
 def format_memory(num_bytes: int) -> str:

@@ -5,7 +5,9 @@ from collections.abc import Iterator, Sequence
 
 from tqdm import tqdm
 
-from scaleinfer.config import DEFAULT_MODEL, CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig, parse_memory
+from scaleinfer.config import (DEFAULT_MODEL, CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig, SpeculativeConfig,
+                               parse_memory)
+from scaleinfer.config import speculative_config as make_speculative_config
 from scaleinfer.engine.encoder_outputs import (ClassificationRequestOutput, EmbeddingRequestOutput,
                                                ScoringRequestOutput, TokenClassificationRequestOutput)
 from scaleinfer.engine.engine import LLMEngine
@@ -48,12 +50,17 @@ class LLM:
         distributed_timeout: float = ParallelConfig.distributed_timeout,
         distributed_communicator: str = ParallelConfig.communicator,
         parallel: ParallelConfig | None = None,
+        speculative_model: str | None = None,
+        num_speculative_tokens: int | None = None,
+        speculative_method: str | None = None,
+        speculative_config: dict | SpeculativeConfig | None = None,
     ):
         """Every default is the config dataclasses' own (config.py); a memory size may be a string
         such as "512MiB". `parallel` (a whole ParallelConfig) overrides the separate distributed arguments.
         data_parallel_size=N runs N engine processes here (each may itself be tensor/pipeline parallel),
         the threads split between them; generate() and chat() spread their prompts over them
-        (engine/data_parallel.py)."""
+        (engine/data_parallel.py). Speculative decoding (vLLM's names): speculative_method "ngram" or
+        "draft" with speculative_model, num_speculative_tokens (k), or a whole speculative_config dict."""
         parallel = parallel or ParallelConfig(
             tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
             data_parallel_size=data_parallel_size, distributed_init_method=distributed_init_method,
@@ -66,6 +73,8 @@ class LLM:
             scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                                       max_model_len=max_model_len),
             parallel=parallel,
+            speculative=make_speculative_config(speculative_method, speculative_model, num_speculative_tokens,
+                                                speculative_config),
         )
         self._dp = None
         self.encoder = _encoder_engine(model, dtype, device, threads, max_num_batched_tokens, max_num_seqs)

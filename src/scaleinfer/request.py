@@ -62,6 +62,11 @@ class Request:
     """Beam search: the runner reports this many top (token, logprob) pairs in `candidates` instead of
     appending a sampled token; the engine's beam group then extends or forks the beam (0 = sample)."""
     candidates: tuple[list[int], list[float]] | None = None
+    spec_token_ids: list[int] = field(default_factory=list)
+    """Draft tokens proposed for the next step (speculative decoding); set by the engine's proposer."""
+    spec_draft_probs: object = None
+    """The draft model's probabilities of spec_token_ids ([k, vocab] tensor) for the rejection sampler;
+    None: the drafts are fixed guesses (n-gram, or greedy drafting)."""
     _all_token_ids: list[int] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -96,6 +101,14 @@ class Request:
         child._all_token_ids = list(self._all_token_ids)
         child.first_token_time = self.first_token_time
         return child
+    def truncate_output(self, num_output_tokens: int) -> None:
+        """Keep the first `num_output_tokens` outputs (a stop string ended the text inside a run of
+        accepted draft tokens: what follows it is dropped, as without speculation)."""
+        drop = self.num_output_tokens - num_output_tokens
+        if drop > 0:
+            del self.output_token_ids[num_output_tokens:]
+            del self._all_token_ids[len(self._all_token_ids) - drop:]
+            del self.output_logprobs[num_output_tokens:]
 
     def append_output_token(self, token_id: int) -> None:
         if self.first_token_time is None:

@@ -207,6 +207,10 @@ class Sampler:
                 _select(meta.top_p, index), _select(meta.min_p, index), uniforms[index]))
         return tokens
 
+    def random(self, n: int) -> list[float]:
+        """n uniforms in [0, 1) from the generator of unseeded rows (speculative decoding's draws)."""
+        return torch.rand(n, dtype=torch.float64, generator=self._generator).tolist()
+
     def _uniforms(self, meta: SamplingMetadata, rows: list[int]) -> torch.Tensor:
         """[B] float64: u in [0, 1) for each random row (0 elsewhere); see the module docstring."""
         unseeded = [row for row in rows if meta.seeds[row] is None]

@@ -53,6 +53,9 @@ class SchedulerOutput:
     encoder_requests: list[Request] = field(default_factory=list)
     """Encoder-decoder requests admitted this step: the runner runs their encoder (batched) and stores
     their cross-attention K/V before the step's decoder forward (models/encoder_decoder.py)."""
+    spec_token_ids: list[list[int]] = field(default_factory=list)
+    """Per request, the draft tokens it checks this step (speculative decoding; [] for most): its
+    num_scheduled_tokens is then 1 + len(drafts), the last known token followed by the drafts."""
 
     @property
     def is_empty(self) -> bool:
@@ -61,6 +64,10 @@ class SchedulerOutput:
     def needs_sample(self, i: int) -> bool:
         req = self.requests[i]
         return self.num_computed_tokens[i] + self.num_scheduled_tokens[i] == req.num_tokens
+
+    def drafts(self, i: int) -> list[int]:
+        """The draft tokens request i checks this step ([] when it does not speculate)."""
+        return self.spec_token_ids[i] if self.spec_token_ids else []
 
 
 @dataclass
@@ -71,6 +78,9 @@ class ModelOutput:
     logprobs: dict[str, tuple[float, dict[int, float]]] = field(default_factory=dict)
     candidates: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
     """Beam requests: their top (token ids, logprobs) instead of a sampled token."""
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    """Requests that checked drafts: the accepted drafts followed by the target's own next token."""
+    spec_logprobs: dict[str, list[tuple[float, dict[int, float]]]] = field(default_factory=dict)
 
 
 class Scheduler:
@@ -135,6 +145,9 @@ class Scheduler:
             if n == 0:   # a beam waiting for its group's next tokens
                 i += 1
                 continue
+            drafts = self._drafts(req, n, budget)
+            if drafts:
+                n += len(drafts)
             target = req.num_computed_tokens + n
             while not bm.can_allocate(req, target):
                 victim = self.running[-1]
@@ -143,7 +156,7 @@ class Scheduler:
                     break
             else:
                 bm.allocate(req, target)
-                self._add_to_output(out, req, n)
+                self._add_to_output(out, req, n, drafts)
                 budget -= n
                 i += 1
                 continue
@@ -176,11 +189,31 @@ class Scheduler:
         out.blocks_to_copy = bm.take_copies()
         return out
 
+    def _drafts(self, req: Request, n: int, budget: int) -> list[int]:
+        """The drafts a decoding request checks this step: its proposal, cut to the budget, the context,
+        max_tokens (no point checking tokens it may not keep) and the free blocks ([] if none fit)."""
+        if not req.spec_token_ids or n != 1:
+            return []
+        room = min(budget - 1, self.config.max_model_len - req.num_tokens - 1)
+        max_tokens = req.sampling_params.max_tokens
+        if max_tokens is not None:
+            room = min(room, max_tokens - req.num_output_tokens - 1)
+        drafts = req.spec_token_ids[:max(0, room)]
+        if drafts and not self.block_manager.can_allocate(req, req.num_computed_tokens + 1 + len(drafts)):
+            return []   # no blocks to spare: decode normally (it may still preempt for its one token)
+        return drafts
+
     @staticmethod
-    def _add_to_output(out: SchedulerOutput, req: Request, n: int) -> None:
+    def _add_to_output(out: SchedulerOutput, req: Request, n: int, drafts: list[int] | None = None) -> None:
         out.requests.append(req)
         out.num_scheduled_tokens.append(n)
         out.num_computed_tokens.append(req.num_computed_tokens)
+        if drafts:
+            if not out.spec_token_ids:
+                out.spec_token_ids = [[] for _ in range(len(out.requests) - 1)]
+            out.spec_token_ids.append(list(drafts))
+        elif out.spec_token_ids:
+            out.spec_token_ids.append([])
 
     def _preempt(self, req: Request, out: SchedulerOutput, to_back: bool = False) -> None:
         """Recompute-style preemption: drop the KV, requeue at the head of the waiting queue."""
@@ -204,6 +237,10 @@ class Scheduler:
         for req, n in zip(sched.requests, sched.num_scheduled_tokens):
             if req.is_finished:  # aborted while the step ran
                 continue
+            if req.request_id in model_out.spec_token_ids:
+                self._update_verified(req, model_out)
+                touched.append(req)
+                continue
             req.num_computed_tokens += n
             self.block_manager.cache_full_blocks(req)
             if self.kv_patterns is not None:
@@ -224,6 +261,27 @@ class Scheduler:
                 self.running.remove(req)
                 self._finish(req, reason, stop_reason)
         return touched
+
+    def _update_verified(self, req: Request, model_out: ModelOutput) -> None:
+        """A request that checked drafts: keep the KV of its last token and the accepted drafts only (the
+        rejected ones' slots are overwritten later; blocks past the end go back), append the accepted run
+        token by token and stop where a stop rule says, dropping the rest of the run."""
+        tokens = model_out.spec_token_ids[req.request_id]
+        logprobs = model_out.spec_logprobs.get(req.request_id)
+        req.num_computed_tokens += len(tokens)   # the last known token + len(tokens) - 1 accepted drafts
+        for j, token in enumerate(tokens):
+            req.append_output_token(token)
+            if logprobs is not None:
+                req.output_logprobs.append(logprobs[j])
+            reason, stop_reason = self._check_stop(req, token)
+            if reason is not None:
+                self.running.remove(req)
+                self._finish(req, reason, stop_reason)
+                return
+        self.block_manager.trim(req, req.num_tokens)
+        self.block_manager.cache_full_blocks(req)
+        if self.kv_patterns is not None:
+            self.block_manager.free_dead_blocks(req, union_live_ranges(self.kv_patterns, req.num_computed_tokens))
 
     def _check_stop(self, req: Request, token: int) -> tuple[FinishReason | None, int | None]:
         params = req.sampling_params

@@ -18,6 +18,9 @@ BENCH_MODES: dict[str, tuple[str, str]] = {
                                                   "outputs) at batch 1 and 32, masks filled during the forward or after"),
     "prune": ("scaleinfer.bench.prune", "pruning targets (and distilled students) vs the full model: parameters, "
                                         "perplexity EN / ZH, prefill and decode speed in one table"),
+    "speculative": ("scaleinfer.bench.speculative", "batch-1 decode speed and acceptance of speculative decoding "
+                                                    "(none, n-gram, draft model, extra drafts) on code editing, "
+                                                    "summarization and chat, next to llama.cpp's prompt lookup"),
     "distributed": ("scaleinfer.bench.distributed", "one process vs data / tensor / pipeline parallel layouts on "
                                                     "the same threads: decode, prefill, mixed load, router overhead"),
     "embed": ("scaleinfer.bench.embed", "sentences/s of encoder models (MiniLM, MPNet): scaleinfer vs "

@@ -40,7 +40,30 @@ def engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attention-pattern", default=None,
                    help="override every layer's attention: causal, window=W, sinks=S,window=W (bounded KV for "
                         "endless streams), window=W,global=0:64 (Longformer), block=64,local=4,stride=8")
+    speculative_args(p)
     parallel_args(p)
+
+
+def speculative_args(p: argparse.ArgumentParser) -> None:
+    from scaleinfer.config import SPECULATIVE_METHODS, SpeculativeConfig
+
+    g = p.add_argument_group("speculative decoding (vLLM's names)")
+    g.add_argument("--speculative-method", default=None, choices=SPECULATIVE_METHODS,
+                   help="ngram: propose the tokens that followed the last n tokens earlier in prompt + output (no "
+                        "model; pays when the output repeats the input); draft: a smaller model of the same "
+                        "tokenizer (--speculative-model). Greedy outputs are unchanged, sampled ones keep the "
+                        "model's distribution (default: off)")
+    g.add_argument("--speculative-model", default=None,
+                   help="draft model (implies --speculative-method draft), e.g. qwen2.5-coder-0.5b-instruct")
+    g.add_argument("--num-speculative-tokens", type=int, default=None,
+                   help=f"most draft tokens per step; fewer (or none) when the measured acceptance does not pay "
+                        f"(default: {SpeculativeConfig.num_speculative_tokens})")
+
+
+def speculative_from_args(args):
+    from scaleinfer.config import speculative_config
+
+    return speculative_config(args.speculative_method, args.speculative_model, args.num_speculative_tokens)
 
 
 def parallel_args(p: argparse.ArgumentParser) -> None:
@@ -97,7 +120,7 @@ def make_llm(args):
                quantization=args.quantization,
                kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
                attention_pattern=args.attention_pattern, calibration=args.calibration,
-               parallel=parallel_config(args))
+               parallel=parallel_config(args), speculative_config=speculative_from_args(args))
 
 
 def is_worker_rank(args) -> bool:

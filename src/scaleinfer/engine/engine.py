@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 class _Child:
     request: Request
     detokenizer: IncrementalDetokenizer
+    num_detokenized: int = 0
 
 
 @dataclass
@@ -128,6 +129,10 @@ class LLMEngine:
         """KV bytes of one token on each rank (its KV heads)."""
         self.stats = EngineStats()
         self._grammars = None   # structured.GrammarCompiler, made at the first structured request
+        from scaleinfer.engine.speculative import build_speculator
+
+        self.speculator = build_speculator(config, self.tokenizer, self.model_config.vocab_size)
+        """Speculative decoding (spec_decode/), or None when off."""
         self._parents: dict[str, _Parent] = {}
         self._parent_of: dict[str, str] = {}
         self._beams: dict[str, BeamGroup] = {}
@@ -271,10 +276,15 @@ class LLMEngine:
         if isinstance(self.scheduler, VirtualEngines):
             return [out for sched, touched in self.scheduler.step(self.executor)
                     for out in self._outputs(sched, touched)]
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running)
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
+        start = time.perf_counter()
         model_out = self.executor.execute(sched)
+        if self.speculator is not None:
+            self.speculator.observe(sched, model_out, time.perf_counter() - start)
         return self._outputs(sched, self.scheduler.update(sched, model_out))
 
     def _outputs(self, sched, touched: list[Request]) -> list[RequestOutput]:
@@ -310,13 +320,27 @@ class LLMEngine:
         self.stats.num_steps += 1
         self.stats.last_batch_size = len(sched.requests)
         self.stats.max_batch_size = max(self.stats.max_batch_size, len(sched.requests))
-        self.stats.num_generation_tokens += len(touched)
+        self.stats.num_generation_tokens += sum(self._new_tokens(req) for req in touched)
         for req, n, start in zip(sched.requests, sched.num_scheduled_tokens, sched.num_computed_tokens):
             self.stats.num_prompt_tokens += max(0, min(start + n, req.num_prompt_tokens) - start)
 
+    def _new_tokens(self, req: Request) -> int:
+        """Output tokens of `req` not yet detokenized (1, or more after accepted draft tokens)."""
+        parent_id = self._parent_of.get(req.request_id)
+        if parent_id is None:
+            return 1
+        child = next(c for c in self._parents[parent_id].children if c.request is req)
+        return req.num_output_tokens - child.num_detokenized
+
     def _detokenize(self, child: _Child) -> None:
         req, detok = child.request, child.detokenizer
-        detok.add_tokens([req.output_token_ids[-1]])
+        new = req.output_token_ids[child.num_detokenized:]
+        for j, token in enumerate(new):   # one at a time: a stop string inside an accepted run ends it there
+            detok.add_tokens([token])
+            if detok.stop_string is not None:
+                req.truncate_output(child.num_detokenized + j + 1)
+                break
+        child.num_detokenized = req.num_output_tokens
         if detok.stop_string is not None:
             if not req.is_finished:
                 self.scheduler.finish_request(req.request_id, FinishReason.STOP, detok.stop_string)

@@ -152,6 +152,21 @@ class BlockManager:
         copies, self.pending_copies = self.pending_copies, []
         return copies
 
+    def trim(self, request: Request, num_tokens: int) -> int:
+        """Give back the request's blocks past those its first `num_tokens` tokens need (KV written for
+        draft tokens that were rejected); returns how many."""
+        keep = cdiv(num_tokens, self.block_size)
+        dropped = 0
+        while len(request.block_ids) > keep:
+            block_id = request.block_ids.pop()
+            if block_id == NULL_BLOCK:
+                continue
+            self.ref_counts[block_id] -= 1
+            if self.ref_counts[block_id] == 0:
+                self.free_queue[block_id] = None
+            dropped += 1
+        return dropped
+
     def free_dead_blocks(self, request: Request, live_ranges: list[tuple[int, int]]) -> int:
         """Release the request's blocks that hold no live token: every token of the block is before
         the next query and outside `live_ranges` (sorted [start, end) positions). Returns how many."""

@@ -23,6 +23,7 @@ from scaleinfer.runner.forward_batch import ForwardBatch, StepInputs, batch_from
 from scaleinfer.sampler import Sampler, SamplingMetadata
 from scaleinfer.scheduler import ModelOutput, SchedulerOutput
 from scaleinfer.structured.bitmask import MaskPrefetch, advance, fill_bitmask
+from scaleinfer.spec_decode.rejection import verify
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,9 @@ class ModelRunner:
         """The batch's sampled tokens (and logprobs) from its logits; `mask`: the grammar bitmask being
         filled (MaskPrefetch), else it is filled here when a request has a grammar."""
         out = ModelOutput()
+        if batch.spec_requests:   # their k + 1 rows each follow the ordinary rows
+            verify(self.sampler, logits[len(batch.sample_requests):], batch.spec_requests, out)
+            logits = logits[:len(batch.sample_requests)]
         if not batch.sample_requests:
             return out
         reqs = batch.sample_requests

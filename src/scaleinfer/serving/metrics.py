@@ -32,14 +32,22 @@ class EngineSnapshot:
     last_batch_size: int
     num_prompt_tokens: int
     num_generation_tokens: int
+    spec_num_draft_tokens: int = 0
+    """Speculative decoding (0 when off): draft tokens checked, accepted, and the steps that checked them."""
+    spec_num_accepted_tokens: int = 0
+    spec_num_verified_steps: int = 0
+    spec_mean_accepted_length: float = 0.0
 
 
 def snapshot(engine) -> EngineSnapshot:
     """Run on the engine thread via AsyncEngine.call(snapshot)."""
     stats = engine.stats
+    spec = engine.speculator.stats if engine.speculator is not None else None
     return EngineSnapshot(engine.scheduler.num_running, engine.scheduler.num_waiting, engine.kv_cache_usage,
                           engine.num_free_blocks, engine.num_kv_blocks, stats.num_steps, stats.max_batch_size,
-                          stats.last_batch_size, stats.num_prompt_tokens, stats.num_generation_tokens)
+                          stats.last_batch_size, stats.num_prompt_tokens, stats.num_generation_tokens,
+                          *((spec.num_draft_tokens, spec.num_accepted_tokens, spec.num_steps_verified,
+                             spec.mean_accepted_length) if spec is not None else ()))
 
 
 class ServerMetrics:
@@ -77,6 +85,14 @@ class ServerMetrics:
         self.steps = gauge("scaleinfer_engine_steps", "Engine steps run since start.")
         self.max_batch = gauge("scaleinfer_max_batch_size", "Most requests the engine ran in one step.")
         self.last_batch = gauge("scaleinfer_last_batch_size", "Requests in the engine's latest step.")
+        self.spec_drafts = gauge("scaleinfer_spec_decode_num_draft_tokens",
+                                 "Draft tokens checked by speculative decoding since start.")
+        self.spec_accepted = gauge("scaleinfer_spec_decode_num_accepted_tokens",
+                                   "Draft tokens the model accepted since start.")
+        self.spec_rate = gauge("scaleinfer_spec_decode_draft_acceptance_rate",
+                               "Accepted / checked draft tokens since start (0 without speculation).")
+        self.spec_length = gauge("scaleinfer_spec_decode_mean_accepted_length",
+                                 "Tokens per step that checked drafts: accepted drafts + 1 (the speed-up bound).")
 
     def record_http(self, path: str, status: int) -> None:
         route = path if path in ROUTES else "other"
@@ -103,6 +119,11 @@ class ServerMetrics:
         self.steps.set(snap.num_steps)
         self.max_batch.set(snap.max_batch_size)
         self.last_batch.set(snap.last_batch_size)
+        self.spec_drafts.set(snap.spec_num_draft_tokens)
+        self.spec_accepted.set(snap.spec_num_accepted_tokens)
+        self.spec_rate.set(snap.spec_num_accepted_tokens / snap.spec_num_draft_tokens
+                           if snap.spec_num_draft_tokens else 0.0)
+        self.spec_length.set(snap.spec_mean_accepted_length)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -81,6 +81,7 @@ class FakeLLMEngine:
             if spec.regex == "[":
                 raise RequestError("invalid structured output regex: Unclosed '['")
             self.structured_seen.append(spec)
+    speculator: object = None
 
 
 class FakeAsyncEngine:

@@ -189,6 +189,22 @@ def test_metrics(client):
         assert f"scaleinfer_{name}" in text
 
 
+def test_metrics_show_speculative_decoding(client):
+    from types import SimpleNamespace
+
+    from scaleinfer.spec_decode.controller import SpecStats
+
+    stats = SpecStats()
+    stats.record(4, 3)
+    stats.record(4, 1)
+    client.engine.engine.speculator = SimpleNamespace(stats=stats)
+    text = client.get("/metrics").text
+    assert 'scaleinfer_spec_decode_num_draft_tokens{model_name="tiny"} 8.0' in text
+    assert 'scaleinfer_spec_decode_num_accepted_tokens{model_name="tiny"} 4.0' in text
+    assert 'scaleinfer_spec_decode_draft_acceptance_rate{model_name="tiny"} 0.5' in text
+    assert 'scaleinfer_spec_decode_mean_accepted_length{model_name="tiny"} 3.0' in text
+
+
 def test_dead_engine_is_503(client):
     client.engine.is_dead = True
     assert_openai_error(client.get("/health"), 503)
