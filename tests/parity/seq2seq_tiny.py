@@ -50,6 +50,10 @@ def build(kind: str, path: str, seed: int = 0) -> str:
                 p.normal_(0, 1.0 / p.shape[-1] ** 0.5 if p.dim() > 1 else 0.1)
         if hasattr(model, "final_logits_bias"):   # a random bias: it must be loaded and added
             model.final_logits_bias.normal_(0, 0.5)
+    if kind == "bart":     # generation defaults of real checkpoints: bart-large-cnn forces <s> first
+        model.generation_config.forced_bos_token_id = 0
+    if kind == "marian":   # opus-mt never generates <pad>
+        model.generation_config.bad_words_ids = [[VOCAB - 1]]
     model.save_pretrained(path)
     with open(os.path.join(path, "tokenizer.json"), "w") as f:
         json.dump(_tokenizer_json(specials), f)

@@ -2,7 +2,8 @@
 shared, tied token embedding and a final_logits_bias on the LM head. BART has learned positions (offset 2)
 and a LayerNorm on the embeddings; Marian has sinusoidal positions (sin half, cos half), scales the
 embeddings by sqrt(d_model) and has no embedding norm. Both live here: they differ only in those three
-things (BartConfig says which).
+things (BartConfig says which). The checkpoint's position-only generation defaults are applied to the
+logits: forced_bos_token_id (the first generated token) and single-token bad_words_ids (opus-mt's <pad>).
 
 Implements models/encoder_decoder.py: the encoder runs once per request (batched, padded, plain SDPA),
 each decoder layer's cross K/V are computed once (cross_kv) and read from the paged cache; decoder
@@ -11,7 +12,9 @@ self-attention is the ordinary paged Attention. Reference: HF transformers `mode
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +47,20 @@ class BartConfig:
     decoder_start_token_id: int
     pad_token_id: int
     max_source_positions: int
+    forced_bos_token_id: int | None = None
+    """The first generated token is forced to this id (bart-large-cnn: <s>), as HF's ForcedBOS processor."""
+    suppress_ids: tuple[int, ...] = ()
+    """Tokens never generated (single-token bad_words_ids: opus-mt bans <pad>)."""
+
+
+def _generation_defaults(cfg: dict, cfg_file: str) -> dict:
+    """config.json's generation fields under generation_config.json's (HF 5 writes them there)."""
+    path = os.path.join(os.path.dirname(cfg_file), "generation_config.json")
+    gen = {}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            gen = json.load(f)
+    return {k: gen.get(k, cfg.get(k)) for k in ("forced_bos_token_id", "bad_words_ids")}
 
 
 def read_bart_config(cfg: dict, cfg_file: str, marian: bool = False) -> ModelConfig:
@@ -55,12 +72,15 @@ def read_bart_config(cfg: dict, cfg_file: str, marian: bool = False) -> ModelCon
                                     f"supported (decoder_vocab_size != vocab_size)")
     d, heads = cfg["d_model"], cfg["decoder_attention_heads"]
     activation(cfg.get("activation_function", "gelu"), cfg_file)
+    gen = _generation_defaults(cfg, cfg_file)
     arch = BartConfig(
         encoder_layers=cfg["encoder_layers"], encoder_heads=cfg["encoder_attention_heads"],
         encoder_ffn_dim=cfg["encoder_ffn_dim"], activation=cfg.get("activation_function", "gelu"),
         scale_embedding=bool(cfg.get("scale_embedding", False)), layernorm_embedding=not marian,
         sinusoidal_positions=marian, decoder_start_token_id=cfg["decoder_start_token_id"],
-        pad_token_id=cfg["pad_token_id"], max_source_positions=cfg["max_position_embeddings"])
+        pad_token_id=cfg["pad_token_id"], max_source_positions=cfg["max_position_embeddings"],
+        forced_bos_token_id=gen["forced_bos_token_id"],
+        suppress_ids=tuple(w[0] for w in gen["bad_words_ids"] or () if len(w) == 1))
     eos = cfg.get("eos_token_id")
     return ModelConfig(
         architecture="marian" if marian else "bart", vocab_size=cfg["vocab_size"], hidden_size=d,
@@ -206,4 +226,18 @@ class BartForConditionalGeneration(nn.Module):
         for layer, kv_cache in zip(self.decoder.layers, kv_caches):
             x = layer(x, kv_cache, meta, cross_meta)
         x = x.index_select(0, logits_indices)
-        return (self.lm_head(x) + self.final_logits_bias).float()
+        logits = (self.lm_head(x) + self.final_logits_bias).float()
+        return self._generation_rules(logits, positions.index_select(0, logits_indices))
+
+    def _generation_rules(self, logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The checkpoint's generation defaults that depend on nothing but the position: banned tokens get
+        -inf; the row that picks the first generated token (position 0) allows only forced_bos_token_id."""
+        bc = self.bart
+        if bc.suppress_ids:
+            logits[:, list(bc.suppress_ids)] = float("-inf")
+        if bc.forced_bos_token_id is not None:
+            first = positions == 0
+            if bool(first.any()):
+                logits[first] = torch.where(torch.arange(logits.shape[1], device=logits.device) == bc.forced_bos_token_id,
+                                            0.0, float("-inf"))
+        return logits
