@@ -24,7 +24,7 @@ from starlette.requests import Request
 from scaleinfer.errors import EngineDeadError, RequestError, ScaleInferError
 from scaleinfer.serving import openai as oai
 from scaleinfer.serving.audio import add_audio_routes
-from scaleinfer.serving.generation import (Admission, APIError, ClientGone, ServerConfig, ServerState, error_body,
+from scaleinfer.serving.generation import (Admission, AdmittedStream, APIError, ClientGone, ServerConfig, ServerState, error_body,
                                            sse, throughput_log, unless_disconnected)
 from scaleinfer.serving.guard import Gate
 from scaleinfer.serving.metrics import CONTENT_TYPE, snapshot
@@ -253,23 +253,8 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         return oai.chat_body(head, output, num_top, state.token_text, plan)
 
 
-class _AdmittedStream(StreamingResponse):
-    """An SSE response that gives its request's admission back however it ends, even unstarted."""
-
-    def __init__(self, chunks, admission: Admission):
-        super().__init__(chunks, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.admission = admission
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.admission.release_all()
-
-
 def _sse(chunks, admission: Admission) -> StreamingResponse:
-    return _AdmittedStream(chunks, admission)
+    return AdmittedStream(chunks, admission)
 
 
 async def _stream_completion(state: ServerState, head: oai.Header, jobs, n: int, num_top: int, usage: bool,

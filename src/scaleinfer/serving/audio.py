@@ -15,10 +15,10 @@ import contextlib
 import logging
 
 from fastapi import FastAPI, File, Form, UploadFile
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from scaleinfer.errors import ConfigError, ScaleInferError
-from scaleinfer.serving.generation import APIError, ServerState, error_body, sse
+from scaleinfer.serving.generation import AdmittedStream, APIError, ServerState, error_body, sse
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ async def _handle(state: ServerState, task: str, file: UploadFile, model, langua
                                   None, segments=segments)
     admission = state.admit(1, 1)
     if stream:
-        return _EventStream(_events(state, gen, segments, admission), admission)
+        return AdmittedStream(_events(state, gen, segments, admission), admission)
     try:
         result = await _collect(state, gen, segments)
     finally:
@@ -120,16 +120,3 @@ async def _events(state: ServerState, gen, segments, admission):
     except Exception as exc:  # noqa: BLE001
         logger.exception("internal error while streaming a transcription")
         yield sse(error_body(f"internal server error: {type(exc).__name__}", "internal_error", code="500"))
-
-
-class _EventStream(StreamingResponse):
-    def __init__(self, chunks, admission):
-        super().__init__(chunks, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.admission = admission
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.admission.release_all()

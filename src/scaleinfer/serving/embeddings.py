@@ -20,7 +20,6 @@ import torch
 from fastapi import FastAPI
 from pydantic import Field
 
-from scaleinfer.errors import RequestError
 from scaleinfer.serving.generation import APIError, ServerConfig
 from scaleinfer.serving.metrics import CONTENT_TYPE, ServerMetrics
 from scaleinfer.serving.protocol import _Request
@@ -89,11 +88,7 @@ class EncoderState:
         self._worker: asyncio.Task | None = None
 
     def check_model(self, model: str | None) -> None:
-        if model is None or model == self.config.served_model_name or model in self.config.model_aliases:
-            return
-        raise APIError(404, f"the model {model!r} does not exist; this server runs "
-                            f"{self.config.served_model_name!r} (see GET /v1/models)", code="model_not_found",
-                       param="model")
+        self.config.check_model(model)
 
     async def call(self, fn, *args):
         """Tokenize / validate on a worker thread (never on the event loop)."""

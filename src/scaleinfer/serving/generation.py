@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from starlette.requests import Request
+from starlette.responses import StreamingResponse
 
 from scaleinfer.errors import RequestError
 from scaleinfer.request import RequestOutput
@@ -68,6 +69,14 @@ class ServerConfig:
     limits: ServerLimits = ServerLimits()
     enable_docs: bool = True
     """Serve /docs, /redoc and /openapi.json (--disable-docs turns them off)."""
+
+    def check_model(self, model: str | None) -> None:
+        """404 unless `model` (None: not given) names what this server runs."""
+        if model is None or model == self.served_model_name or model in self.model_aliases:
+            return
+        raise APIError(404, f"the model {model!r} does not exist; this server runs "
+                            f"{self.served_model_name!r} (see GET /v1/models)", code="model_not_found",
+                       param="model")
 
 
 def error_body(message: str, type: str = "invalid_request_error", code: str | None = None,
@@ -122,11 +131,7 @@ class ServerState:
 
     # ---- checks before anything reaches the engine ---------------------------------------------
     def check_model(self, model: str | None) -> None:
-        if model is None or model == self.config.served_model_name or model in self.config.model_aliases:
-            return
-        raise APIError(404, f"the model {model!r} does not exist; this server runs "
-                            f"{self.config.served_model_name!r} (see GET /v1/models)", code="model_not_found",
-                       param="model")
+        self.config.check_model(model)
 
     def admit(self, num_prompts: int, n: int) -> Admission:
         """Count a request's prompts x n sequences as waiting, or refuse it: 400 if it can never be
@@ -359,3 +364,18 @@ async def throughput_log(state: ServerState, interval_s: float) -> None:
                         (snap.num_generation_tokens - prev.num_generation_tokens) / dt, snap.num_running,
                         snap.num_waiting, 100 * snap.kv_cache_usage)
         prev, prev_t = snap, now
+
+
+class AdmittedStream(StreamingResponse):
+    """An SSE response that gives its request's admission back however it ends, even unstarted."""
+
+    def __init__(self, chunks, admission: Admission):
+        super().__init__(chunks, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.admission = admission
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.admission.release_all()

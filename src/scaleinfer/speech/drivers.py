@@ -20,10 +20,10 @@ AudioInput = str | bytes | np.ndarray
 
 def whisper_tokens(tokenizer, model_config) -> WhisperTokens:
     """The special tokens of a loaded Whisper model (ConfigError for any other model)."""
-    wc = model_config.arch_config
     if model_config.architecture != "whisper":
         raise ConfigError(f"transcription needs a Whisper model, and {model_config.name or model_config.architecture} "
                           f"is a {model_config.architecture} model; load e.g. --model whisper-base")
+    wc = model_config.arch_config
     return WhisperTokens.from_tokenizer(tokenizer, wc.lang_ids, wc.suppress_ids, wc.suppress_ids_begin)
 
 

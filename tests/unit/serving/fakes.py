@@ -64,7 +64,8 @@ class FakeLLMEngine:
     kv_capacity_tokens: int = 1024
     num_kv_blocks: int = 64
     stats: FakeStats = field(default_factory=FakeStats)
-    model_config: SimpleNamespace = field(default_factory=lambda: SimpleNamespace(vocab_size=VOCAB, name="fake"))
+    model_config: SimpleNamespace = field(default_factory=lambda: SimpleNamespace(
+        vocab_size=VOCAB, name="fake", architecture="llama", arch_config=None))
     config: SimpleNamespace = field(default_factory=lambda: SimpleNamespace(
         dtype="float32", scheduler=SimpleNamespace(max_num_seqs=8)))
     scheduler: SimpleNamespace = field(default_factory=lambda: SimpleNamespace(num_running=0, num_waiting=0))
