@@ -13,7 +13,7 @@ decodes the same GGUF (its bytes/token: the GGUF's tensors that a token reads, +
 Prints a table and writes JSON under benchmarks/results/.
 
     .venv/bin/python benchmarks/decode_bandwidth.py --threads 2 \
-        --llamacpp-python /work/main/.venv-llamacpp/bin/python
+        --llamacpp-python .venv-llamacpp/bin/python
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Batch-1 decode speed by context length: scaleinfer on each KV cache dtype against llama.cpp, same GGUF.
 
     python benchmarks/decode_context.py --quantization w4a8 --kv float32,float16,int8 \\
-        --contexts 128,2048,4096 --llamacpp-python /work/main/.venv-llamacpp/bin/python
+        --contexts 128,2048,4096 --llamacpp-python .venv-llamacpp/bin/python
 
 For each context length C, a prompt of C random (ordinary) token ids is prefilled, then `--decode-tokens`
 greedy tokens are generated; the speed is the tokens after the first over their time (the prefill is not

@@ -2,7 +2,7 @@
 modes with llama.cpp's on the same source weights.
 
     .venv-llamacpp/bin/python benchmarks/llamacpp_requantize.py SRC.gguf DST.gguf Q4_1
-    .venv/bin/scaleinfer eval perplexity --model DST.gguf --text ../shared/data/hongloumeng-zh.txt
+    .venv/bin/scaleinfer eval perplexity --model DST.gguf --text data/hongloumeng-zh.txt
 
 Run with the llama-cpp-python venv that `make bench` builds (.venv-llamacpp). `allow_requantize` lets
 llama.cpp re-round tensors that are already quantized (e.g. Qwen2.5-Coder-0.5B's Q5_0 ones).

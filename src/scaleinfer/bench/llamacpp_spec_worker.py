@@ -38,8 +38,10 @@ def main() -> None:
     results: dict[str, dict] = {}
     for mode in ("llama.cpp", "llama.cpp prompt-lookup"):
         draft = LlamaPromptLookupDecoding(num_pred_tokens=job["num_pred_tokens"]) if "lookup" in mode else None
-        llm = Llama(job["gguf"], n_ctx=max(2048, longest), n_threads=job["threads"], n_threads_batch=job["threads"],
-                    n_batch=512, draft_model=draft, verbose=False)
+        # logits_all=True with a draft: llama-cpp-python turns logits_all on for a draft model but sizes its
+        # score buffer from the argument (n_batch rows), so the prompt's logits overflow it without this
+        llm = Llama(job["gguf"], n_ctx=max(2048, longest), logits_all=draft is not None, n_threads=job["threads"],
+                    n_threads_batch=job["threads"], n_batch=512, draft_model=draft, verbose=False)
         results[mode] = {}
         for name, ids in job["prompts"].items():
             best, tokens = 0.0, []

@@ -5,7 +5,7 @@ the same GGUF, plain and with its own prompt-lookup decoding (llama-cpp-python's
 
 Workloads (chat-templated, greedy, up to --max-tokens):
   code-edit   a Python file and an edit to make; the answer repeats most of the file (input-grounded);
-  summarize   a passage of a text file (--data-file, e.g. ../shared/data/shakespeare-en.txt) to
+  summarize   a passage of a text file (--data-file, e.g. data/shakespeare-en.txt) to
               summarize, quoting it (input-grounded);
   chat        a free-form question (nothing to copy: speculation must not slow it down).
 
@@ -78,7 +78,7 @@ def add_arguments(p) -> None:
     p.add_argument("--threads", type=int, default=2, help="threads of every engine (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=2, help="runs per workload and row; the best counts")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated (default: %(default)s)")
-    p.add_argument("--data-file", default="../shared/data/shakespeare-en.txt",
+    p.add_argument("--data-file", default="data/shakespeare-en.txt",
                    help="text whose passage the summarize workload quotes (default: %(default)s)")
     p.add_argument("--only", default=None, help="comma-separated rows: none,ngram,draft,<extra names>")
     p.add_argument("--llamacpp-python", default=None,
