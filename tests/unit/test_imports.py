@@ -27,8 +27,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [   # bottom to top
     ("D1 layers", ("layers",)),          # D1 in order: layers below attention and quantization
     ("D1", ("attention", "quantization", "structured")),
     ("D2", ("models", "weights", "sampler", "spec_decode", "kv_cache")),   # kv_cache: its tensors
-    ("D3", ("runner", "distributed", "spec_decode.draft")),   # distributed: workers / executor; the draft
-                                                             # model proposer drives a ModelRunner
+    ("D3", ("runner", "distributed")),   # distributed: workers / executor
     ("L3", ("engine", "speech")),   # speech: audio, features, the transcription loop over the engine
     ("L4", ("llm", "serving", "compress", "bench", "plan.command", "")),   # "": scaleinfer/__init__.py, the public API
     ("L4 cli", ("cli",)),                # nothing imports cli

@@ -11,7 +11,7 @@ from scaleinfer.engine.loading import DTYPES, build_model
 from scaleinfer.errors import ConfigError
 from scaleinfer.kv_cache.cache_tensors import num_blocks_for_budget
 from scaleinfer.runner.model_runner import ModelRunner
-from scaleinfer.spec_decode.draft import DraftProposer
+from scaleinfer.engine.draft_proposer import DraftProposer
 from scaleinfer.spec_decode.speculator import Speculator
 from scaleinfer.weights.loader import open_checkpoint
 

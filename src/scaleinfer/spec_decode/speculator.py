@@ -20,7 +20,7 @@ these sizes and not bit-identical, so drafts are cut to keep the step within it.
 
 class Speculator:
     def __init__(self, config: SpeculativeConfig, draft=None):
-        """`draft`: a DraftProposer (spec_decode/draft.py) for method draft, None for ngram."""
+        """`draft`: a DraftProposer (engine/draft_proposer.py) for method draft, None for ngram."""
         self.config = config
         self.draft = draft
         self.controller = SpecController(config.num_speculative_tokens, config.adaptive,
