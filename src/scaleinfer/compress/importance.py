@@ -43,7 +43,6 @@ def layer_influence(model, windows: Sequence[Sequence[int]]) -> list[float]:
     """Block Influence of every decoder layer of `model` over the token `windows` (higher = more needed)."""
     layers = model.model.layers
     sums = torch.zeros(len(layers), dtype=torch.float64)
-    tokens = 0
 
     def hook_for(i: int):
         def hook(module, args, kwargs, output):
@@ -52,13 +51,7 @@ def layer_influence(model, windows: Sequence[Sequence[int]]) -> list[float]:
         return hook
 
     handles = [layer.register_forward_hook(hook_for(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    try:
-        for batch in _batches(windows):
-            model(input_ids=batch, use_cache=False)
-            tokens += batch.numel()
-    finally:
-        for h in handles:
-            h.remove()
+    tokens = _run_hooked(model, windows, handles)
     return (sums / max(tokens, 1)).tolist()
 
 
@@ -76,7 +69,6 @@ def width_importance(model, windows: Sequence[Sequence[int]], head_dim: int) -> 
     layers = model.model.layers
     ffn_sq = [torch.zeros(layer.mlp.down_proj.in_features, dtype=torch.float64) for layer in layers]
     head_sq = [torch.zeros(layer.self_attn.o_proj.in_features // head_dim, dtype=torch.float64) for layer in layers]
-    tokens = 0
 
     def ffn_hook(i: int):
         def hook(module, args):
@@ -95,13 +87,7 @@ def width_importance(model, windows: Sequence[Sequence[int]], head_dim: int) -> 
     for i, layer in enumerate(layers):
         handles.append(layer.mlp.down_proj.register_forward_pre_hook(ffn_hook(i)))
         handles.append(layer.self_attn.o_proj.register_forward_pre_hook(head_hook(i)))
-    try:
-        for batch in _batches(windows):
-            model(input_ids=batch, use_cache=False)
-            tokens += batch.numel()
-    finally:
-        for h in handles:
-            h.remove()
+    tokens = _run_hooked(model, windows, handles)
     n = max(tokens, 1)
     ffn = [torch.linalg.vector_norm(layer.mlp.down_proj.weight.double(), dim=0) * (sq / n).sqrt()
            for layer, sq in zip(layers, ffn_sq)]
@@ -127,3 +113,16 @@ def keep_heads(scores: torch.Tensor, num_kv_heads: int, keep_kv: int, keep_q: in
 def keep_top(scores: torch.Tensor, k: int) -> list[int]:
     """Indices of the `k` largest scores, in their original order."""
     return sorted(torch.topk(scores, k).indices.tolist())
+
+
+def _run_hooked(model, windows: Sequence[Sequence[int]], handles: list) -> int:
+    """Run `model` over the windows with its hooks in place, then remove them; the tokens seen."""
+    tokens = 0
+    try:
+        for batch in _batches(windows):
+            model(input_ids=batch, use_cache=False)
+            tokens += batch.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    return tokens

@@ -170,17 +170,9 @@ def shrink_width(state: dict[str, torch.Tensor], hf_config: dict, head_dim: int,
 
 # ---- the workflow ------------------------------------------------------------------------------------
 def read_calibration(path: str, tokenizer, window: int, max_windows: int) -> list[list[int]]:
-    from scaleinfer.quantization.gptq import calibration_windows
+    from scaleinfer.quantization.gptq import calibration_file_windows
 
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read the calibration text {path!r}: {exc}") from None
-    try:
-        return calibration_windows(tokenizer, text, window=window, max_windows=max_windows)
-    except ValueError as exc:
-        raise ConfigError(f"--calibration {path}: {exc}") from None
+    return calibration_file_windows(tokenizer, path, window=window, max_windows=max_windows)
 
 
 def prune(src: Source, windows: list[list[int]], plan: PrunePlan) -> tuple[dict, dict, dict]:

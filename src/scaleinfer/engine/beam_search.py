@@ -24,9 +24,21 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from scaleinfer.errors import RequestError
 from scaleinfer.request import CompletionOutput, FinishReason, Request, RequestMetrics, RequestOutput
 from scaleinfer.sampling_params import SamplingParams
 from scaleinfer.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+def check_beam_fits(params: SamplingParams, prompt_len: int, num_encoder_tokens: int, block_size: int,
+                    num_kv_blocks: int) -> None:
+    """RequestError when the beams of a request could never fit the KV cache together (each beam's prompt
+    blocks, plus the shared cross blocks of an encoder-decoder)."""
+    need = params.beam_width * -(-(prompt_len + 1) // block_size) + -(-num_encoder_tokens // block_size)
+    if need > num_kv_blocks:
+        raise RequestError(f"beam search with {params.beam_width} beams of a {prompt_len}-token prompt "
+                           f"needs {need} KV blocks but the cache has {num_kv_blocks}; "
+                           f"raise --kv-cache-memory or lower best_of")
 
 
 @dataclass
@@ -56,7 +68,8 @@ class BeamGroup:
     """The beams of one request (ids `{request_id}#b{k}`), advanced one token at a time."""
 
     def __init__(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams,
-                 eos_token_ids: tuple[int, ...], tokenizer: Tokenizer, max_model_len: int):
+                 eos_token_ids: tuple[int, ...], tokenizer: Tokenizer, max_model_len: int,
+                 encoder_input=None, num_encoder_tokens: int = 0):
         self.request_id, self.prompt, self.prompt_ids = request_id, prompt, list(prompt_ids)
         self.params, self.tokenizer, self.max_model_len = params, tokenizer, max_model_len
         self.width = params.beam_width
@@ -67,7 +80,8 @@ class BeamGroup:
         if params.max_tokens is not None:
             self.max_output = min(self.max_output, params.max_tokens)
         root = Request(f"{request_id}#b0", self.prompt_ids, params, eos_token_ids, prompt=prompt,
-                       beam_candidates=self.keep + len(self.stop_ids))
+                       beam_candidates=self.keep + len(self.stop_ids), encoder_input=encoder_input,
+                       num_encoder_tokens=num_encoder_tokens)
         self.beams = [_Beam(root)]
         self.finished: list[Hypothesis] = []
         self.improvable = True

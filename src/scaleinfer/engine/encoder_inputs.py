@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from scaleinfer.errors import RequestError
+from scaleinfer.models.encoder_decoder import is_encoder_decoder
 
 
 @dataclass
@@ -39,3 +40,17 @@ def encoder_decoder_inputs(model, tokenizer, prompt: str | list[int] | None,
     if not isinstance(encoder_input, torch.Tensor):
         raise RequestError(f"encoder_input must be a torch.Tensor, got {type(encoder_input).__name__}")
     return EncoderDecoderInputs(text, decoder_ids, encoder_input, model.encoder_len(encoder_input))
+
+
+def request_inputs(model, architecture: str, tokenizer, prompt: str | list[int] | None,
+                   encoder_input: torch.Tensor | None) -> tuple[str | None, list[int], torch.Tensor | None, int]:
+    """(prompt text, decoder prompt ids, encoder input, encoder tokens) of what add_request was given, for a
+    decoder-only model (no encoder input allowed) or an encoder-decoder."""
+    if is_encoder_decoder(model):
+        enc = encoder_decoder_inputs(model, tokenizer, prompt, encoder_input)
+        return enc.prompt_text, enc.decoder_ids, enc.encoder_input, enc.num_encoder_tokens
+    if encoder_input is not None:
+        raise RequestError(f"{architecture} is a decoder-only model: it takes no encoder input")
+    if isinstance(prompt, str):
+        return prompt, tokenizer.encode(prompt), None, 0
+    return None, list(prompt or []), None, 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -16,15 +16,16 @@ from scaleinfer.attention.patterns import parse_pattern, union_live_ranges
 from scaleinfer.config import ALLOW_LONG_ENV, EngineConfig, allow_long_max_model_len
 from scaleinfer.distributed.pipeline import PipelineExecutor
 from scaleinfer.distributed.executor import UniProcExecutor
-from scaleinfer.engine.beam_search import BeamGroup
-from scaleinfer.engine.encoder_inputs import encoder_decoder_inputs
+from scaleinfer.engine.beam_search import BeamGroup, check_beam_fits
+from scaleinfer.engine.encoder_inputs import request_inputs
 from scaleinfer.engine.launch import create_executor
 from scaleinfer.engine.loading import DTYPES
+from scaleinfer.engine.outputs import Child, Parent, make_output
 from scaleinfer.engine.virtual_engines import VirtualEngines
 from scaleinfer.errors import ConfigError, RequestError
 from scaleinfer.kv_cache.cache_tensors import bytes_per_token
-from scaleinfer.models.encoder_decoder import encoder_decoder_class, is_encoder_decoder
-from scaleinfer.request import CompletionOutput, FinishReason, Request, RequestMetrics, RequestOutput
+from scaleinfer.models.encoder_decoder import encoder_decoder_class
+from scaleinfer.request import FinishReason, Request, RequestOutput
 from scaleinfer.sampling_params import SamplingParams
 from scaleinfer.scheduler import Scheduler
 from scaleinfer.structured.bitmask import GrammarState
@@ -33,25 +34,6 @@ from scaleinfer.tokenizer import IncrementalDetokenizer
 from scaleinfer.weights.loader import open_checkpoint
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class _Child:
-    request: Request
-    detokenizer: IncrementalDetokenizer
-    num_detokenized: int = 0
-
-
-@dataclass
-class _Parent:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    children: list[_Child] = field(default_factory=list)
-
-    @property
-    def finished(self) -> bool:
-        return all(c.request.is_finished for c in self.children)
 
 
 @dataclass
@@ -133,7 +115,7 @@ class LLMEngine:
 
         self.speculator = build_speculator(config, self.tokenizer, self.model_config.vocab_size)
         """Speculative decoding (spec_decode/), or None when off."""
-        self._parents: dict[str, _Parent] = {}
+        self._parents: dict[str, Parent] = {}
         self._parent_of: dict[str, str] = {}
         self._beams: dict[str, BeamGroup] = {}
         """Beam-search requests by id (engine/beam_search.py); their beams are `{id}#b{k}` in the scheduler."""
@@ -163,23 +145,14 @@ class LLMEngine:
         then the decoder prompt, None for the model's default)."""
         if request_id in self._parents or request_id in self._beams:
             raise RequestError(f"request id {request_id!r} is already in use")
-        num_encoder_tokens = 0
-        if is_encoder_decoder(self.model):
-            enc = encoder_decoder_inputs(self.model, self.tokenizer, prompt, encoder_input)
-            prompt_text, prompt_ids = enc.prompt_text, enc.decoder_ids
-            encoder_input, num_encoder_tokens = enc.encoder_input, enc.num_encoder_tokens
-        elif encoder_input is not None:
-            raise RequestError(f"{self.model_config.architecture} is a decoder-only model: it takes no encoder input")
-        elif isinstance(prompt, str):
-            prompt_text, prompt_ids = prompt, self.tokenizer.encode(prompt)
-        else:
-            prompt_text, prompt_ids = None, list(prompt or [])
+        prompt_text, prompt_ids, encoder_input, num_encoder_tokens = request_inputs(
+            self.model, self.model_config.architecture, self.tokenizer, prompt, encoder_input)
         self._validate(prompt_ids, params, num_encoder_tokens)
         compiled = self.compile_structured(params)
         if params.use_beam_search:
             self._add_beam_request(request_id, prompt_text, prompt_ids, params, encoder_input, num_encoder_tokens)
             return
-        parent = _Parent(request_id, prompt_text, prompt_ids)
+        parent = Parent(request_id, prompt_text, prompt_ids)
         for i in range(params.n):
             child_params = params
             if params.n > 1:
@@ -194,7 +167,7 @@ class LLMEngine:
                 req.grammar = GrammarState(compiled, self._grammars.stop_token_ids, self._grammars.vocab_size)
             detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, child_params.skip_special_tokens,
                                            child_params.stop_strings, child_params.include_stop_str_in_output)
-            parent.children.append(_Child(req, detok))
+            parent.children.append(Child(req, detok))
             self._parent_of[child_id] = request_id
             self.scheduler.add_request(req)
         self._parents[request_id] = parent
@@ -207,21 +180,15 @@ class LLMEngine:
         if self._grammars is None:
             self._grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size)
         return self._grammars.compile(params.structured_outputs)
+
     def _add_beam_request(self, request_id: str, prompt_text: str | None, prompt_ids: list[int],
                           params: SamplingParams, encoder_input=None, num_encoder_tokens: int = 0) -> None:
         if not isinstance(self.executor, UniProcExecutor):
             raise RequestError("beam search runs on a one-process engine (tensor / pipeline parallel ranks do not "
                                "copy KV blocks yet); drop use_beam_search or serve without parallelism")
-        bs = self.config.cache.block_size
-        need = params.beam_width * -(-(len(prompt_ids) + 1) // bs) + -(-num_encoder_tokens // bs)
-        if need > self.num_kv_blocks:
-            raise RequestError(f"beam search with {params.beam_width} beams of a {len(prompt_ids)}-token prompt "
-                               f"needs {need} KV blocks but the cache has {self.num_kv_blocks}; "
-                               f"raise --kv-cache-memory or lower best_of")
+        check_beam_fits(params, len(prompt_ids), num_encoder_tokens, self.config.cache.block_size, self.num_kv_blocks)
         group = BeamGroup(request_id, prompt_text, prompt_ids, params, self.tokenizer.eos_token_ids,
-                          self.tokenizer, self.max_model_len)
-        root = group.beams[0].request
-        root.encoder_input, root.num_encoder_tokens = encoder_input, num_encoder_tokens
+                          self.tokenizer, self.max_model_len, encoder_input, num_encoder_tokens)
         self._beams[request_id] = group
         self.scheduler.add_request(group.beams[0].request)
 
@@ -290,7 +257,7 @@ class LLMEngine:
     def _outputs(self, sched, touched: list[Request]) -> list[RequestOutput]:
         """After a step's update: statistics, text deltas, the outputs of the requests it touched."""
         self._record(sched, touched)
-        parents: dict[str, _Parent] = {}
+        parents: dict[str, Parent] = {}
         groups: dict[str, BeamGroup] = {}
         for req in touched:
             parent_id = self._parent_of.get(req.request_id)
@@ -303,7 +270,7 @@ class LLMEngine:
             child = next(c for c in parent.children if c.request is req)
             self._detokenize(child)
             parents[parent_id] = parent
-        outputs = [self._make_output(p) for p in parents.values()]
+        outputs = [make_output(p) for p in parents.values()]
         for group_id, group in groups.items():
             if group.ready():
                 group.advance(self.scheduler)
@@ -332,7 +299,7 @@ class LLMEngine:
         child = next(c for c in self._parents[parent_id].children if c.request is req)
         return req.num_output_tokens - child.num_detokenized
 
-    def _detokenize(self, child: _Child) -> None:
+    def _detokenize(self, child: Child) -> None:
         req, detok = child.request, child.detokenizer
         new = req.output_token_ids[child.num_detokenized:]
         for j, token in enumerate(new):   # one at a time: a stop string inside an accepted run ends it there
@@ -348,28 +315,6 @@ class LLMEngine:
                 req.finish_reason, req.stop_reason = FinishReason.STOP, detok.stop_string
         elif req.is_finished:
             detok.flush()
-
-    def _make_output(self, parent: _Parent) -> RequestOutput:
-        outputs = []
-        for i, child in enumerate(parent.children):
-            req = child.request
-            logprobs = cumulative = None
-            if req.sampling_params.logprobs is not None:
-                logprobs = []
-                cumulative = 0.0
-                for token, (lp, top) in zip(req.output_token_ids, req.output_logprobs):
-                    logprobs.append({**top, token: lp})
-                    cumulative += lp
-            outputs.append(CompletionOutput(
-                index=i, text=child.detokenizer.text, token_ids=list(req.output_token_ids),
-                finish_reason=req.finish_reason.value if req.finish_reason else None,
-                stop_reason=req.stop_reason, logprobs=logprobs, cumulative_logprob=cumulative))
-        first = parent.children[0].request
-        metrics = RequestMetrics(first.arrival_time, first.first_token_time,
-                                 max((c.request.finish_time or 0.0) for c in parent.children) or None,
-                                 len(parent.prompt_token_ids), sum(len(o.token_ids) for o in outputs))
-        return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outputs,
-                             parent.finished, metrics)
 
     def compute_logits(self, token_ids: list[int]) -> "torch.Tensor":
         """[len, vocab] logits of every position of one sequence (parity tests, perplexity).

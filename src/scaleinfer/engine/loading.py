@@ -97,19 +97,11 @@ def _gptq(model, ckpt: Checkpoint, mode: str, windows: list[list[int]]) -> None:
 def _calibration_windows(ckpt: Checkpoint, path: str, mode: str) -> list[list[int]]:
     """Token windows of the calibration text file `path`, checked before any weight is loaded."""
     from scaleinfer.quantization.base import calibrated_modes
-    from scaleinfer.quantization.gptq import calibration_windows
+    from scaleinfer.quantization.gptq import calibration_file_windows
 
     if mode not in calibrated_modes():
         raise ConfigError(f"--calibration applies to --quantization {', '.join(calibrated_modes())}, not {mode}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read the calibration text {path!r}: {e}") from None
-    try:
-        return calibration_windows(ckpt.tokenizer, text)
-    except ValueError as e:
-        raise ConfigError(f"--calibration {path}: {e}") from None
+    return calibration_file_windows(ckpt.tokenizer, path)
 
 
 def quantize_to_dir(model: str, mode: str, output: str, *, overwrite: bool = False,

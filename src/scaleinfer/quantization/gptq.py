@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import torch
 
+from scaleinfer.errors import ConfigError
 from scaleinfer.layers.linear import Linear
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,20 @@ def calibration_windows(tokenizer, text: str, window: int = 512, max_windows: in
     if not out:
         raise ValueError(f"the calibration text has {len(ids)} tokens; it needs at least {size} (one window)")
     return out
+
+
+def calibration_file_windows(tokenizer, path: str, window: int = 512, max_windows: int = 32) -> list[list[int]]:
+    """calibration_windows of the UTF-8 text file `path`; ConfigError (one line) when it cannot be read or
+    is too short."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the calibration text {path!r}: {exc}") from None
+    try:
+        return calibration_windows(tokenizer, text, window=window, max_windows=max_windows)
+    except ValueError as exc:
+        raise ConfigError(f"--calibration {path}: {exc}") from None
 
 
 def decoder_linears(model) -> dict[str, Linear]:

@@ -16,7 +16,6 @@ Tensors are read through one memory map and converted to float32 one at a time (
 """
 from __future__ import annotations
 
-import json
 import mmap
 import os
 import struct
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from scaleinfer.errors import WeightLoadError
+from scaleinfer.weights.safetensors import read_json
 
 _DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16, 5: "bfloat16"}
 MAX_BINARY_VERSION = 6
@@ -137,14 +137,6 @@ class CT2ModelFile:
         while any(k.startswith(f"{prefix}/layer_{n}/") for k in self.variables):
             n += 1
         return n
-
-
-def read_json(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError) as exc:
-        raise WeightLoadError(f"cannot read {path} ({exc}); reinstall the model") from None
 
 
 def is_ctranslate2_dir(path: str) -> bool:

@@ -17,12 +17,13 @@ from scaleinfer.models.registry import hf_family
 _INDEX_FILE = "model.safetensors.index.json"
 
 
-def _read_json(path: str) -> dict:
+def read_json(path: str) -> dict:
+    """A model file's JSON (config.json, an index); WeightLoadError (one line) when unreadable."""
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (OSError, ValueError) as exc:
-        raise WeightLoadError(f"cannot read {path} ({exc}); re-download the model") from None
+        raise WeightLoadError(f"cannot read {path} ({exc}); re-download or reinstall the model") from None
 
 
 def read_model_config(path: str) -> ModelConfig:
@@ -32,7 +33,7 @@ def read_model_config(path: str) -> ModelConfig:
     if not os.path.isfile(cfg_file):
         raise WeightLoadError(f"{path} has no config.json; pass an HF model directory, a .gguf file or a catalog "
                               f"name (see `scaleinfer models`)")
-    cfg = _read_json(cfg_file)
+    cfg = read_json(cfg_file)
     return hf_family(cfg.get("architectures") or [], cfg_file).read_hf_config(cfg, cfg_file)
 
 
@@ -40,7 +41,7 @@ def weight_files(path: str) -> list[str]:
     """The safetensors files of a directory: the shards its index names, or every *.safetensors."""
     index = os.path.join(path, _INDEX_FILE)
     if os.path.isfile(index):
-        weight_map = _read_json(index).get("weight_map") or {}
+        weight_map = read_json(index).get("weight_map") or {}
         files = [os.path.join(path, shard) for shard in sorted(set(weight_map.values()))]
     else:
         files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
