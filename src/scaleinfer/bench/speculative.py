@@ -78,6 +78,9 @@ def add_arguments(p) -> None:
     p.add_argument("--threads", type=int, default=2, help="threads of every engine (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=2, help="runs per workload and row; the best counts")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated (default: %(default)s)")
+    p.add_argument("--fixed-k", action="store_true",
+                   help="always propose k tokens (adaptive k off): measures a draft's acceptance on every step "
+                        "instead of only until adaptive k turns it off")
     p.add_argument("--data-file", default="data/shakespeare-en.txt",
                    help="text whose passage the summarize workload quotes (default: %(default)s)")
     p.add_argument("--only", default=None, help="comma-separated rows: none,ngram,draft,<extra names>")
@@ -120,6 +123,8 @@ def rows_from(args) -> list[tuple[str, dict | None]]:
         if not sep or not name or not model:
             raise ConfigError(f"--extra-draft {spec!r}: write NAME=MODEL, e.g. 'distilled=out/student'")
         rows.append((name, {"method": "draft", "model": model, "num_speculative_tokens": args.num_speculative_tokens}))
+    if getattr(args, "fixed_k", False):
+        rows = [(name, spec if spec is None else {**spec, "adaptive": False}) for name, spec in rows]
     if args.only:
         keep = {n.strip() for n in args.only.split(",")}
         rows = [r for r in rows if r[0] in keep]
