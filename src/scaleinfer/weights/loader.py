@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 HUB_TIMEOUT_S = 10.0
 """Seconds to wait for the Hugging Face hub before telling the user it is unreachable."""
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt"]
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.spm", "spiece.model"]  # .spm, spiece.model: Marian, T5
 
 
 def open_checkpoint(model: str) -> Checkpoint:
