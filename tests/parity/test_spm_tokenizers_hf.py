@@ -175,3 +175,49 @@ def test_hub_id_from_offline_cache(marian, tmp_path):
                              text=True, timeout=300)
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1, missing.stderr
     assert "unreachable" in missing.stderr
+
+
+class NotWeights:
+    pass
+
+
+def test_pytorch_bin_only_checkpoint(marian, tmp_path, capsys):
+    """opus-mt repos hold pytorch_model.bin (every key, tied and positional ones included), not safetensors."""
+    from scaleinfer.errors import WeightLoadError
+    from scaleinfer.weights.loader import open_checkpoint
+
+    path = tmp_path / "bin"
+    shutil.copytree(marian, path)
+    (path / "model.safetensors").unlink()
+    torch.save(T.MarianMTModel.from_pretrained(marian).state_dict(), path / "pytorch_model.bin")
+    args = ["translate", "Hello world", "I love 🍕 pizza", "--num-beams", "4", *ENGINE]
+    assert main([*args, "--model", marian]) == 0
+    want = capsys.readouterr().out
+    assert main([*args, "--model", str(path)]) == 0
+    assert capsys.readouterr().out == want
+    torch.save({"x": NotWeights()}, path / "pytorch_model.bin")   # a pickled object: refused, never run
+    with pytest.raises(WeightLoadError, match="cannot read .* as a PyTorch state dict"):
+        open_checkpoint(str(path))
+
+
+def test_hub_download_takes_bin_when_no_safetensors(monkeypatch, tmp_path):
+    import huggingface_hub
+    from types import SimpleNamespace
+
+    from scaleinfer.weights import loader
+
+    calls = []
+
+    def snapshot_download(repo_id, allow_patterns, local_files_only=False, **kw):
+        if local_files_only:
+            raise FileNotFoundError("not cached")
+        calls.append(allow_patterns)
+        return str(tmp_path)
+
+    files = {"org/old": ["config.json", "pytorch_model.bin", "source.spm"], "org/new": ["model.safetensors"]}
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda self, repo_id, timeout=None: SimpleNamespace(
+        siblings=[SimpleNamespace(rfilename=f) for f in files[repo_id]]))
+    assert loader._download("org/old") == str(tmp_path) and loader._download("org/new") == str(tmp_path)
+    assert "pytorch_model*.bin" in calls[0] and "pytorch_model*.bin" not in calls[1]
+    assert {"*.spm", "spiece.model", "*.safetensors", "*.json"} <= set(calls[0])
