@@ -221,3 +221,27 @@ def test_hub_download_takes_bin_when_no_safetensors(monkeypatch, tmp_path):
     assert loader._download("org/old") == str(tmp_path) and loader._download("org/new") == str(tmp_path)
     assert "pytorch_model*.bin" in calls[0] and "pytorch_model*.bin" not in calls[1]
     assert {"*.spm", "spiece.model", "*.safetensors", "*.json"} <= set(calls[0])
+
+
+def test_marian_separate_vocabs_equal_hf(marian, tmp_path):
+    """separate_vocabs (tokenizer_config): inputs numbered by vocab.json, outputs read through
+    target_vocab.json and the target model, as HF does."""
+    path = tmp_path / "sep"
+    shutil.copytree(marian, path)
+    t = spm.SentencePieceProcessor(model_file=str(path / "target.spm"))
+    target = {"</s>": 0, "<unk>": 1, "<pad>": 2}
+    for piece in (t.id_to_piece(i) for i in range(t.get_piece_size())):
+        target.setdefault(piece, len(target))
+    (path / "target_vocab.json").write_text(json.dumps(target))
+    cfg = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**cfg, "separate_vocabs": True,
+                                                            "target_vocab_file": "target_vocab.json"}))
+    ref = T.MarianTokenizer(str(path / "source.spm"), str(path / "target.spm"), str(path / "vocab.json"),
+                            target_vocab_file=str(path / "target_vocab.json"), separate_vocabs=True)
+    ours = Tokenizer.from_hf_dir(str(path))
+    for text in TEXTS:
+        assert ours.encode(text) == ref(text).input_ids, text
+    for text in ("贾宝玉和林黛玉", "你好，世界", "mixed 中文"):
+        ids = ref(text_target=text).input_ids
+        assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=True), text
+        assert ours.decode(ids, skip_special_tokens=False) == ref.decode(ids), text
