@@ -245,3 +245,34 @@ def test_marian_separate_vocabs_equal_hf(marian, tmp_path):
         ids = ref(text_target=text).input_ids
         assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=True), text
         assert ours.decode(ids, skip_special_tokens=False) == ref.decode(ids), text
+
+
+def test_bart_vocab_and_merges_only_equals_hf(tmp_path, capsys):
+    """A BART dir with vocab.json + merges.txt (byte-level BPE, trained here) and no tokenizer.json."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    path = tmp_path / "bart"
+    path.mkdir()
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(_english() + _chinese()[:20], vocab_size=500,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"], show_progress=False)
+    bpe.save_model(str(path))
+    cfg = T.BartConfig(vocab_size=bpe.get_vocab_size(), d_model=32, encoder_layers=2, decoder_layers=2,
+                       encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=48,
+                       max_position_embeddings=64)
+    torch.manual_seed(2)
+    model = T.BartForConditionalGeneration(cfg).eval()
+    _randomize(model)
+    model.save_pretrained(str(path))
+    ours, ref = Tokenizer.from_hf_dir(str(path)), T.AutoTokenizer.from_pretrained(str(path))
+    assert not os.path.exists(path / "tokenizer.json")
+    for text in TEXTS + [" lead space <mask> x</s>"]:
+        ids = ref(text).input_ids
+        assert ours.encode(text) == ids, text
+        for skip in (True, False):
+            assert ours.decode(ids, skip) == ref.decode(ids, skip_special_tokens=skip), text
+    text = "To be, or not to be: 你好 🍕"
+    out = model.generate(torch.tensor([ref(text).input_ids]), do_sample=False, num_beams=1, max_new_tokens=8)
+    want = ref.decode(out[0], skip_special_tokens=True).strip()
+    assert main(["summarize", text, "--model", str(path), "--num-beams", "1", *ENGINE]) == 0
+    assert capsys.readouterr().out.splitlines() == [want]

@@ -100,10 +100,11 @@ class Tokenizer:
     def from_hf_dir(cls, path: str, extra_eos_token_ids: Sequence[int] = ()) -> "Tokenizer":
         """From an HF model directory: tokenizer.json, tokenizer_config.json (template, bos/eos, add_bos),
         chat_template.jinja and generation_config.json (extra eos ids) when present. Without a
-        tokenizer.json: a Marian SentencePiece tokenizer (spm.MarianSpmTokenizer) or T5's spiece.model."""
+        tokenizer.json: a Marian SentencePiece tokenizer (spm.MarianSpmTokenizer), T5's spiece.model, or
+        BART / RoBERTa's vocab.json + merges.txt (bpe_files.py)."""
         from tokenizers import Tokenizer as Backend
 
-        from scaleinfer.tokenizer import spm
+        from scaleinfer.tokenizer import bpe_files, spm
 
         tok_file = os.path.join(path, "tokenizer.json")
         cfg = _read_json_if_present(os.path.join(path, "tokenizer_config.json"))
@@ -116,9 +117,11 @@ class Tokenizer:
             return spm.MarianSpmTokenizer(path, cfg, extra_eos_token_ids)
         elif spm.is_spiece_dir(path):  # T5: spiece.model only
             backend = spm.t5_backend(path, cfg)
+        elif bpe_files.is_bpe_dir(path):  # BART / RoBERTa: vocab.json + merges.txt
+            backend = bpe_files.byte_bpe_backend(path, cfg)
         else:
-            raise WeightLoadError(f"{path} has no tokenizer.json (nor a SentencePiece model: spiece.model, or "
-                                  f"source.spm + vocab.json); save one with "
+            raise WeightLoadError(f"{path} has no tokenizer.json (nor spiece.model, source.spm + vocab.json, or "
+                                  f"vocab.json + merges.txt); save one with "
                                   f"AutoTokenizer.from_pretrained(...).save_pretrained()")
         template = cfg.get("chat_template")
         if isinstance(template, list):  # named templates: take the default one
