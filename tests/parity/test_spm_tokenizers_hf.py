@@ -276,3 +276,27 @@ def test_bart_vocab_and_merges_only_equals_hf(tmp_path, capsys):
     want = ref.decode(out[0], skip_special_tokens=True).strip()
     assert main(["summarize", text, "--model", str(path), "--num-beams", "1", *ENGINE]) == 0
     assert capsys.readouterr().out.splitlines() == [want]
+
+
+def test_translate_target_lang_token(marian, capsys):
+    """--target-lang on a multilingual Marian model puts its >>xxx<< token first; an unknown one is refused."""
+    args = ["translate", "Good morning", "--num-beams", "1", "--model", marian, *ENGINE]
+    assert main([*args, "--prefix", ">>yue<< "]) == 0
+    want = capsys.readouterr().out
+    assert main([*args, "--target-lang", "yue"]) == 0
+    assert capsys.readouterr().out == want
+    assert main([*args, "--target-lang", "xx"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cmn_Hans, yue" in err
+
+
+def test_marian_tokenizer_saved_by_quantize_reloads(marian, tmp_path):
+    from scaleinfer.weights.quantized import save_tokenizer
+
+    ours = Tokenizer.from_hf_dir(marian)
+    save_tokenizer(ours, str(tmp_path))
+    again = Tokenizer.from_hf_dir(str(tmp_path))
+    for text in TEXTS:
+        assert again.encode(text) == ours.encode(text) and again.decode(ours.encode(text)) == ours.decode(
+            ours.encode(text)), text
+    assert again.eos_token_ids == ours.eos_token_ids

@@ -61,7 +61,10 @@ class MarianSpmTokenizer:
     add_bos_token = False
     backend = None
 
+    FILES = ("source.spm", "target.spm", "vocab.json", "target_vocab.json", "tokenizer_config.json")
+
     def __init__(self, path: str, cfg: dict, extra_eos_token_ids: Sequence[int] = ()):
+        self.path = path
         def name(key: str, default: str) -> str:
             tok = cfg.get(key, default)
             return tok.get("content") if isinstance(tok, dict) else (tok or default)
@@ -168,6 +171,14 @@ class MarianSpmTokenizer:
 
     def token_text(self, token_id: int) -> str:
         return self.decode([token_id], skip_special_tokens=False)
+
+    def save_files(self, output: str) -> None:
+        """Copy the tokenizer's files into `output` (a `scaleinfer quantize` directory)."""
+        import shutil
+
+        for name in self.FILES:
+            if os.path.isfile(os.path.join(self.path, name)):
+                shutil.copyfile(os.path.join(self.path, name), os.path.join(output, name))
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True, tokenize: bool = False, **kwargs):
         raise RequestError("this model has no chat template; send a plain prompt")
