@@ -2,7 +2,8 @@
 arguments or as lines of stdin, one output line per input, all inputs batched through one engine.
 
 T5 is steered by a task prefix ("translate English to German: ", "summarize: "), which these commands
-add for a T5 model (--prefix overrides it; Marian and BART models are trained for one task and get none).
+add for a T5 model (--prefix overrides it; Marian and BART models are trained for one task and get none,
+except a multilingual Marian model's `>>xxx<<` target-language token for --target-lang xxx).
 Beam search by default (--num-beams 4, as translation models are usually decoded); --num-beams 1 is greedy.
 """
 from __future__ import annotations
@@ -20,15 +21,22 @@ def _language(code: str) -> str:
     return LANGUAGES.get(code.lower(), code)
 
 
-def task_prefix(args, architecture: str) -> str:
-    """The text put before each input: --prefix, or T5's task prefix, or nothing."""
+def task_prefix(args, architecture: str, language_codes=()) -> str:
+    """The text put before each input: --prefix, or T5's task prefix, or a multilingual Marian model's
+    target-language token (`>>cmn_Hans<< ` for --target-lang cmn_Hans), or nothing."""
     if args.prefix is not None:
         return args.prefix
+    if language_codes and args.target_lang:
+        if f">>{args.target_lang}<<" not in language_codes:
+            raise ConfigError(f"--target-lang {args.target_lang}: this model's target languages are "
+                              f"{', '.join(c[2:-2] for c in sorted(language_codes)[:20])}"
+                              f"{' ...' if len(language_codes) > 20 else ''}")
+        return f">>{args.target_lang}<< "
     if architecture != "t5":
         return ""
     if args.command == "summarize":
         return "summarize: "
-    return f"translate {_language(args.source_lang)} to {_language(args.target_lang)}: "
+    return f"translate {_language(args.source_lang)} to {_language(args.target_lang or 'de')}: "
 
 
 def read_inputs(args) -> list[str]:
@@ -52,7 +60,7 @@ def cmd_text2text(args) -> int:
         raise ConfigError(f"{args.model} is a decoder-only model ({engine.model_config.architecture}); `scaleinfer "
                           f"{args.command}` needs a text-to-text encoder-decoder (T5, BART, Marian), e.g. "
                           f"--model Helsinki-NLP/opus-mt-en-de; use `scaleinfer generate` for this one")
-    prefix = task_prefix(args, engine.model_config.architecture)
+    prefix = task_prefix(args, engine.model_config.architecture, getattr(llm.tokenizer, "language_codes", ()))
     if args.num_beams > 1:
         params = SamplingParams(temperature=0, use_beam_search=True, n=1, best_of=args.num_beams,
                                 max_tokens=args.max_tokens, length_penalty=args.length_penalty)
@@ -71,7 +79,8 @@ def register(sub) -> None:
         p.add_argument("texts", nargs="*", help="texts to process (default: one per line of stdin)")
         if name == "translate":
             p.add_argument("--source-lang", default="en", help="source language for T5's prefix (default: en)")
-            p.add_argument("--target-lang", default="de", help="target language for T5's prefix (default: de)")
+            p.add_argument("--target-lang", default=None, help="target language: T5's prefix (default: de), or a "
+                                                               "multilingual Marian model's >>xxx<< token")
         else:
             p.set_defaults(source_lang="", target_lang="")
         p.add_argument("--prefix", default=None, help="text put before every input (default: T5's task prefix, "

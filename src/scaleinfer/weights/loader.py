@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 HUB_TIMEOUT_S = 10.0
 """Seconds to wait for the Hugging Face hub before telling the user it is unreachable."""
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt"]
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.spm", "spiece.model"]  # .spm, spiece.model: Marian, T5
 
 
 def open_checkpoint(model: str) -> Checkpoint:
@@ -87,8 +87,11 @@ def _download(repo_id: str) -> str:
         pass
     try:
         # A bounded call first: snapshot_download alone can wait far longer on a network that drops packets.
-        HfApi().model_info(repo_id, timeout=HUB_TIMEOUT_S)
-        return snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS, etag_timeout=HUB_TIMEOUT_S)
+        info = HfApi().model_info(repo_id, timeout=HUB_TIMEOUT_S)
+        names = [s.rfilename for s in info.siblings or []]
+        patterns = _HUB_PATTERNS if any(n.endswith(".safetensors") for n in names) else \
+            [*_HUB_PATTERNS, "pytorch_model*.bin"]   # older repos (opus-mt) hold only a PyTorch state dict
+        return snapshot_download(repo_id, allow_patterns=patterns, etag_timeout=HUB_TIMEOUT_S)
     except (RepositoryNotFoundError, GatedRepoError):
         raise WeightLoadError(f"{repo_id!r} is not a local path, and the Hugging Face hub has no public model "
                               f"by that name (or it is gated); check the spelling or pass a local file") from None

@@ -127,12 +127,15 @@ def save_quantized(model, ckpt, mode: str, output: str, source: str = "", calibr
 
 
 def save_tokenizer(tok, output: str) -> None:
-    tok.backend.save(os.path.join(output, "tokenizer.json"))
-    specials = dict(getattr(tok, "_special_tokens", {}))
-    cfg = {"add_bos_token": bool(tok.add_bos_token), "chat_template": tok.chat_template,
-           **{k: specials.get(k) for k in ("bos_token", "eos_token", "unk_token", "pad_token") if specials.get(k)}}
-    with open(os.path.join(output, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-        json.dump(cfg, f, indent=1, ensure_ascii=False)
+    if tok.backend is None:  # a SentencePiece tokenizer with no tokenizer.json (Marian): copy its files
+        tok.save_files(output)
+    else:
+        tok.backend.save(os.path.join(output, "tokenizer.json"))
+        specials = dict(getattr(tok, "_special_tokens", {}))
+        cfg = {"add_bos_token": bool(tok.add_bos_token), "chat_template": tok.chat_template,
+               **{k: specials.get(k) for k in ("bos_token", "eos_token", "unk_token", "pad_token") if specials.get(k)}}
+        with open(os.path.join(output, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(cfg, f, indent=1, ensure_ascii=False)
     with open(os.path.join(output, "generation_config.json"), "w", encoding="utf-8") as f:
         json.dump({"eos_token_id": list(tok.eos_token_ids)}, f, indent=1)
 

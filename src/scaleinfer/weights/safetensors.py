@@ -15,6 +15,7 @@ from scaleinfer.errors import WeightLoadError
 from scaleinfer.models.registry import hf_family
 
 _INDEX_FILE = "model.safetensors.index.json"
+_BIN_INDEX_FILE = "pytorch_model.bin.index.json"
 
 
 def read_json(path: str) -> dict:
@@ -50,8 +51,35 @@ def weight_files(path: str) -> list[str]:
         raise WeightLoadError(f"{path} lacks the weight shard {os.path.basename(missing[0])} named in "
                               f"{_INDEX_FILE}; the download is incomplete")
     if not files:
-        raise WeightLoadError(f"{path} has no *.safetensors weights; only safetensors checkpoints are supported")
+        files = _torch_bin_files(path)
+    if not files:
+        raise WeightLoadError(f"{path} has no *.safetensors weights (nor a pytorch_model.bin); only safetensors "
+                              f"and PyTorch state-dict checkpoints are supported")
     return files
+
+
+def _torch_bin_files(path: str) -> list[str]:
+    """pytorch_model.bin (or the shards its index names): older hub repos (opus-mt) ship only these."""
+    index = os.path.join(path, _BIN_INDEX_FILE)
+    if os.path.isfile(index):
+        shards = sorted(set((read_json(index).get("weight_map") or {}).values()))
+        return [os.path.join(path, shard) for shard in shards if os.path.isfile(os.path.join(path, shard))]
+    single = os.path.join(path, "pytorch_model.bin")
+    return [single] if os.path.isfile(single) else []
+
+
+def _load_bin(file: str) -> dict:
+    """A PyTorch state dict, read with the restricted unpickler (weights_only: tensors and plain data only,
+    never arbitrary code), memory-mapped."""
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # UnpicklingError (not plain weights), a truncated or foreign file
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise WeightLoadError(f"cannot read {file} as a PyTorch state dict ({first}); the file is corrupt or not "
+                              f"plain weights") from None
+    if not isinstance(state, dict):
+        raise WeightLoadError(f"{file} holds no state dict of tensors")
+    return state
 
 
 def _open(file: str):
@@ -66,6 +94,9 @@ def _open(file: str):
 def count_tensors(files: list[str]) -> int:
     total = 0
     for file in files:
+        if file.endswith(".bin"):
+            total += sum(isinstance(t, torch.Tensor) for t in _load_bin(file).values())
+            continue
         with _open(file) as f:
             total += len(f.keys())
     return total
@@ -74,6 +105,9 @@ def count_tensors(files: list[str]) -> int:
 def iter_tensors(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, float32 tensor) for every tensor of every shard, as the files store them."""
     for file in files:
+        if file.endswith(".bin"):
+            yield from ((name, t.float()) for name, t in _load_bin(file).items() if isinstance(t, torch.Tensor))
+            continue
         with _open(file) as f:
             for name in f.keys():
                 try:

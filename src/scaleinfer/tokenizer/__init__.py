@@ -12,28 +12,11 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 
 from scaleinfer.errors import RequestError, UnsupportedModelError, WeightLoadError
+from scaleinfer.tokenizer.gguf_vocab import (PRE_TOKENIZER_SPLITS, _LLAMA3_NAMES, _byte_level_backend,  # noqa: F401
+                                             _merges_from_vocab, _sentencepiece_backend)
 
 logger = logging.getLogger(__name__)
 
-# Pre-tokenizer split patterns, by GGUF `tokenizer.ggml.pre` (llama.cpp's LLAMA_VOCAB_PRE_TYPE_* names).
-# Each is the split the model's own tokenizer.json applies before byte-level BPE.
-_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"  # numbers in threes
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"  # one digit per piece
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_DIGITS_THEN_GPT2 = [r"\p{N}", _GPT2_SPLIT]  # every digit alone, then GPT-2's split (StarCoder's vocabulary)
-PRE_TOKENIZER_SPLITS: dict[str, list[str]] = {
-    "gpt-2": [_GPT2_SPLIT], "mpt": [_GPT2_SPLIT], "olmo": [_GPT2_SPLIT],
-    "smollm": _DIGITS_THEN_GPT2, "starcoder": _DIGITS_THEN_GPT2, "refact": _DIGITS_THEN_GPT2,
-    "llama3": [_LLAMA3_SPLIT], "llama-v3": [_LLAMA3_SPLIT], "llama-bpe": [_LLAMA3_SPLIT],
-    "dbrx": [_LLAMA3_SPLIT], "smaug-bpe": [_LLAMA3_SPLIT], "falcon3": [_LLAMA3_SPLIT],
-    "qwen2": [_QWEN2_SPLIT], "deepseek-r1-qwen": [_QWEN2_SPLIT], "megrez": [_QWEN2_SPLIT],
-}
-"""GGUF pre-tokenizer name -> regexes applied in turn (pieces are split further by each)."""
-_LLAMA3_NAMES = ("llama3", "llama-v3", "llama-bpe", "falcon3")
-"""llama.cpp's LLAMA3 pre-type: a piece found whole in the vocabulary skips BPE (ignore_merges, as in
-Llama 3's tokenizer.json), and BOS is added unless the file says otherwise."""
 SUPPORTED_GGUF_TOKENIZERS = ("gpt2", "llama")
 _CONTROL, _USER_DEFINED = 3, 4  # GGUF token types (llama.cpp's LLAMA_TOKEN_TYPE_*)
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|endoftext|>", "<|end|>")
@@ -116,18 +99,30 @@ class Tokenizer:
     @classmethod
     def from_hf_dir(cls, path: str, extra_eos_token_ids: Sequence[int] = ()) -> "Tokenizer":
         """From an HF model directory: tokenizer.json, tokenizer_config.json (template, bos/eos, add_bos),
-        chat_template.jinja and generation_config.json (extra eos ids) when present."""
+        chat_template.jinja and generation_config.json (extra eos ids) when present. Without a
+        tokenizer.json: a Marian SentencePiece tokenizer (spm.MarianSpmTokenizer), T5's spiece.model, or
+        BART / RoBERTa's vocab.json + merges.txt (bpe_files.py)."""
         from tokenizers import Tokenizer as Backend
 
+        from scaleinfer.tokenizer import bpe_files, spm
+
         tok_file = os.path.join(path, "tokenizer.json")
-        if not os.path.isfile(tok_file):
-            raise WeightLoadError(f"{path} has no tokenizer.json; only fast (HF `tokenizers`) tokenizers are "
-                                  f"supported: save one with AutoTokenizer.from_pretrained(...).save_pretrained()")
-        try:
-            backend = Backend.from_file(tok_file)
-        except Exception as exc:  # the Rust side raises a plain Exception on bad JSON
-            raise WeightLoadError(f"cannot read {tok_file} ({exc}); re-download the model") from None
         cfg = _read_json_if_present(os.path.join(path, "tokenizer_config.json"))
+        if os.path.isfile(tok_file):
+            try:
+                backend = Backend.from_file(tok_file)
+            except Exception as exc:  # the Rust side raises a plain Exception on bad JSON
+                raise WeightLoadError(f"cannot read {tok_file} ({exc}); re-download the model") from None
+        elif spm.is_marian_dir(path):  # opus-mt: source.spm / target.spm / vocab.json
+            return spm.MarianSpmTokenizer(path, cfg, extra_eos_token_ids)
+        elif spm.is_spiece_dir(path):  # T5: spiece.model only
+            backend = spm.t5_backend(path, cfg)
+        elif bpe_files.is_bpe_dir(path):  # BART / RoBERTa: vocab.json + merges.txt
+            backend = bpe_files.byte_bpe_backend(path, cfg)
+        else:
+            raise WeightLoadError(f"{path} has no tokenizer.json (nor spiece.model, source.spm + vocab.json, or "
+                                  f"vocab.json + merges.txt); save one with "
+                                  f"AutoTokenizer.from_pretrained(...).save_pretrained()")
         template = cfg.get("chat_template")
         if isinstance(template, list):  # named templates: take the default one
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
@@ -228,78 +223,6 @@ class Tokenizer:
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
 
-def _byte_level_backend(fields: Mapping, tokens: list[str], pre: str):
-    """GPT-2 style BPE over bytes spelled as characters, split first by the model's pre-tokenizer regexes."""
-    from tokenizers import Regex, decoders, models, pre_tokenizers
-    from tokenizers import Tokenizer as Backend
-
-    merges = [tuple(m.split(" ", 1)) for m in fields.get("tokenizer.ggml.merges") or []]
-    backend = Backend(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False,
-                                 ignore_merges=pre in _LLAMA3_NAMES))
-    if pre not in PRE_TOKENIZER_SPLITS:
-        logger.warning("unknown GGUF pre-tokenizer %r; splitting text like GPT-2 (known: %s)", pre,
-                       ", ".join(PRE_TOKENIZER_SPLITS))
-    splits = [pre_tokenizers.Split(Regex(p), behavior="isolated") for p in PRE_TOKENIZER_SPLITS.get(pre, [_GPT2_SPLIT])]
-    backend.pre_tokenizer = pre_tokenizers.Sequence(splits + [pre_tokenizers.ByteLevel(add_prefix_space=False,
-                                                                                       use_regex=False)])
-    backend.decoder = decoders.ByteLevel()
-    return backend
-
-
-_SPACE = "\u2581"  # SentencePiece's visible space
-
-
-def _sentencepiece_backend(fields: Mapping, tokens: list[str], gemma: bool):
-    """SentencePiece BPE from a GGUF vocabulary: spaces become "\u2581", text outside the vocabulary
-    falls back to <0xNN> byte tokens, and merges (absent from such files) are recovered from the
-    vocabulary. Returns the backend and the vocabulary as the backend spells it.
-
-    Gemma files differ from Llama 2's in three ways, all matched to HF transformers' reading of the same
-    file: no space is prepended to the text; tokens made only of spaces are stored with real spaces
-    where the model's pieces use "\u2581"; and the merge order is the order of the vocabulary, not the
-    scores (which are equal for many of its tokens)."""
-    from tokenizers import decoders, models, normalizers, pre_tokenizers
-    from tokenizers import Tokenizer as Backend
-
-    if gemma:
-        vocab = [_SPACE * len(t) if " " in t and not t.strip() else t for t in tokens]
-        priority = [-i for i in range(len(vocab))]
-    else:
-        vocab = tokens
-        scores = fields.get("tokenizer.ggml.scores")
-        priority = list(scores) if scores is not None else [-i for i in range(len(vocab))]
-    ids = {t: i for i, t in enumerate(vocab)}
-    merges = [tuple(m.split(" ", 1)) for m in fields.get("tokenizer.ggml.merges") or []] or \
-        _merges_from_vocab(vocab, ids, priority)
-    unk = fields.get("tokenizer.ggml.unknown_token_id")
-    backend = Backend(models.BPE(vocab=ids, merges=merges, byte_fallback=True, fuse_unk=True, dropout=None,
-                                 unk_token=vocab[unk] if unk is not None and 0 <= unk < len(vocab) else None))
-    add_prefix = bool(fields.get("tokenizer.ggml.add_space_prefix", not gemma))
-    if add_prefix:  # Llama 2: "Hello" is spelled "\u2581Hello"
-        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement=_SPACE, prepend_scheme="first", split=False)
-        backend.decoder = decoders.Sequence([decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse(),
-                                             decoders.Strip(" ", 1, 0)])
-    else:
-        backend.normalizer = normalizers.Replace(" ", _SPACE)
-        backend.decoder = decoders.Sequence([decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
-    return backend, vocab
-
-
-def _merges_from_vocab(vocab: list[str], ids: dict[str, int], priority: list[float]) -> list[tuple[str, str]]:
-    """The BPE merges a SentencePiece vocabulary implies: every way to cut a token into two tokens of the
-    vocabulary is a merge, ranked by the priority of the token it makes (higher first); cuts of one token
-    rank longer left parts first."""
-    ranked = []
-    for index, token in enumerate(vocab):
-        if ids.get(token) != index:  # a duplicate spelling: the last one wins, as in the vocabulary dict
-            continue
-        cuts = [(token[:k], token[k:]) for k in range(1, len(token)) if token[:k] in ids and token[k:] in ids]
-        cuts.sort(key=lambda lr: (ids[lr[0]], ids[lr[1]]))
-        ranked.extend((priority[index], len(left), len(right), left, right) for left, right in cuts)
-    ranked.sort(key=lambda m: (m[0], m[1], m[2]), reverse=True)  # stable: ties keep vocabulary order
-    return [(m[3], m[4]) for m in ranked]
-
-
 def _read_json_if_present(path: str) -> dict:
     if not os.path.isfile(path):
         return {}
@@ -358,98 +281,4 @@ def _compile_template(source: str):
                            f"send a plain prompt instead") from None
 
 
-class IncrementalDetokenizer:
-    """Turns a growing list of output ids into text deltas that never split a character or leak a stop string.
-
-    Decoding (as TGI and vLLM do): each call decodes only a short window, the tokens from
-    `prefix_offset` on, and compares it with the same window without the new tokens; the difference is
-    the new text. While that text ends in U+FFFD (an unfinished UTF-8 sequence: a CJK character or
-    emoji split across byte tokens) nothing moves, so the next token completes it and it appears once.
-
-    Stop strings: new text joins `pending`, the part not yet released. A stop string found there ends
-    the request (cut before it, or after it with include_stop_str_in_output). Otherwise the longest
-    suffix of `pending` that could begin a stop string is held back and the rest released; text before
-    that point can never become part of a stop string, so nothing released is ever taken back.
-    Work per call is O(window + longest stop string), independent of the output length.
-    """
-
-    _PROMPT_CONTEXT = 6
-    """Prompt tokens decoded along with the first outputs, so a leading space decodes as in the full text."""
-    _MAX_UNFINISHED = 16
-    """Tokens to wait for an unfinished character before giving up and releasing U+FFFD (garbage output)."""
-
-    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: Sequence[int], skip_special_tokens: bool = True,
-                 stop: Sequence[str] | None = None, include_stop_str_in_output: bool = False):
-        self.tokenizer = tokenizer
-        self.skip_special_tokens = skip_special_tokens
-        self.stop = [s for s in (stop or []) if s]
-        self.include_stop_str_in_output = include_stop_str_in_output
-        self.stop_string: str | None = None
-        """The stop string that ended the output, or None."""
-        self._ids = list(prompt_token_ids[-self._PROMPT_CONTEXT:])
-        self._prefix_offset = 0
-        self._read_offset = len(self._ids)
-        self._released: list[str] = []
-        self._pending = ""
-        self._finished = False
-
-    @property
-    def text(self) -> str:
-        """All text released so far (the full output once finished, without a stop string unless asked)."""
-        if len(self._released) != 1:  # join lazily: add_tokens stays O(new text)
-            self._released = ["".join(self._released)]
-        return self._released[0]
-
-    @property
-    def finished(self) -> bool:
-        """A stop string was found or flush() was called; further tokens are ignored."""
-        return self._finished
-
-    def add_tokens(self, new_ids: Sequence[int]) -> str:
-        """Feed new token ids; returns the newly releasable text (often "", never a partial character)."""
-        if self._finished or not new_ids:
-            return ""
-        self._ids.extend(new_ids)
-        new_text = self._decode_new()
-        return self._release(new_text) if new_text else ""
-
-    def flush(self) -> str:
-        """The request ended without a stop string: release whatever was held back."""
-        if self._finished:
-            return ""
-        self._finished = True
-        delta, self._pending = self._pending, ""
-        self._released.append(delta)
-        return delta
-
-    def _decode_new(self) -> str:
-        decode, skip = self.tokenizer.decode, self.skip_special_tokens
-        full = decode(self._ids[self._prefix_offset:], skip)
-        if full.endswith("\ufffd") and len(self._ids) - self._read_offset < self._MAX_UNFINISHED:
-            return ""  # an unfinished character: wait for the token that completes it
-        prefix = decode(self._ids[self._prefix_offset:self._read_offset], skip)
-        self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
-        return full[len(prefix):]
-
-    def _release(self, new_text: str) -> str:
-        if not self.stop:
-            self._released.append(new_text)
-            return new_text
-        pending = self._pending + new_text
-        hits = [(pending.find(s), n, s) for n, s in enumerate(self.stop)]
-        hits = [h for h in hits if h[0] >= 0]
-        if hits:
-            start, _, stop = min(hits)  # earliest in the text; ties go to the first listed
-            end = start + len(stop) if self.include_stop_str_in_output else start
-            self.stop_string, self._finished, self._pending = stop, True, ""
-            self._released.append(pending[:end])
-            return pending[:end]
-        hold = 0
-        for s in self.stop:  # longest suffix of pending that starts some stop string
-            for k in range(min(len(s) - 1, len(pending)), hold, -1):
-                if pending.endswith(s[:k]):
-                    hold = k
-                    break
-        delta, self._pending = pending[:len(pending) - hold], pending[len(pending) - hold:]
-        self._released.append(delta)
-        return delta
+from scaleinfer.tokenizer.detokenizer import IncrementalDetokenizer  # noqa: E402,F401  (re-exported)
