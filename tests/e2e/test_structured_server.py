@@ -128,6 +128,13 @@ def test_streamed_tool_arguments_equal_the_whole_call(client, model_name, choice
     assert pieces > 1 and all(i.startswith("call_") for i in ids.values())   # streamed piece by piece
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_dead_end_finishes_with_error(client, model_name, stream):
+    content, _, reason = _ask(client, model_name, ASK, stream, max_tokens=8,
+                              extra_body={"guided_grammar": 'root ::= "a" [^\\x00-\\U0010FFFF]'})
+    assert (content, reason) == ("a", "error")
+
+
 @pytest.mark.parametrize("body", [
     {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer",
                                                                                         "minimum": 9, "maximum": 1}}}},
