@@ -23,6 +23,7 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"      # EOS, a stop token id or a stop string
     LENGTH = "length"  # max_tokens or the context length
     ABORT = "abort"    # cancelled by the client
+    ERROR = "error"    # cannot go on: a structured-output grammar reached a dead end (stop_reason says so)
 
 
 @dataclass

@@ -33,6 +33,9 @@ from scaleinfer.config import CacheConfig, SchedulerConfig
 from scaleinfer.kv_cache.block_manager import BlockManager
 from scaleinfer.request import FinishReason, Request, RequestStatus
 
+DEAD_END = "grammar_dead_end"
+"""stop_reason of a request whose structured-output grammar allowed no token (finish_reason "error")."""
+
 
 @dataclass
 class SchedulerOutput:
@@ -283,8 +286,10 @@ class Scheduler:
         if self.kv_patterns is not None:
             self.block_manager.free_dead_blocks(req, union_live_ranges(self.kv_patterns, req.num_computed_tokens))
 
-    def _check_stop(self, req: Request, token: int) -> tuple[FinishReason | None, int | None]:
+    def _check_stop(self, req: Request, token: int) -> tuple[FinishReason | None, int | str | None]:
         params = req.sampling_params
+        if req.grammar is not None and req.grammar.dead_end:   # structured/bitmask.py: no token allowed
+            return FinishReason.ERROR, DEAD_END
         if req.num_output_tokens > params.min_tokens:
             if token in params.stop_token_ids:
                 return FinishReason.STOP, token

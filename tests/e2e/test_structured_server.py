@@ -110,6 +110,31 @@ def test_tools_without_a_tools_template(client, model_name, stream):
     assert (reason == "tool_calls" and calls) or (content and not calls)
 
 
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_streamed_tool_arguments_equal_the_whole_call(client, model_name, choice):
+    kw = dict(model=model_name, messages=ASK, temperature=0, max_tokens=60, tools=TOOLS, tool_choice=choice,
+              parallel_tool_calls=False)
+    whole = client.chat.completions.create(**kw).choices[0].message.tool_calls
+    names, args, pieces, ids = {}, {}, 0, {}
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        for tc in chunk.choices[0].delta.tool_calls or []:
+            if tc.id:
+                ids[tc.index] = tc.id
+            names[tc.index] = names.get(tc.index, "") + (tc.function.name or "")
+            if tc.function.arguments:
+                args[tc.index] = args.get(tc.index, "") + tc.function.arguments
+                pieces += 1
+    assert [(c.function.name, c.function.arguments) for c in whole] == [(names[i], args[i]) for i in sorted(args)]
+    assert pieces > 1 and all(i.startswith("call_") for i in ids.values())   # streamed piece by piece
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_dead_end_finishes_with_error(client, model_name, stream):
+    content, _, reason = _ask(client, model_name, ASK, stream, max_tokens=8,
+                              extra_body={"guided_grammar": 'root ::= "a" [^\\x00-\\U0010FFFF]'})
+    assert (content, reason) == ("a", "error")
+
+
 @pytest.mark.parametrize("body", [
     {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer",
                                                                                         "minimum": 9, "maximum": 1}}}},

@@ -101,3 +101,12 @@ def test_invalid_grammars_are_refused_at_add_and_harm_nothing(llm, spec):
         llm.generate("x", SamplingParams(max_tokens=4, structured_outputs=StructuredOutputsParams(**spec)))
     assert not llm.engine.has_unfinished_requests()
     assert llm.generate("Hi", SamplingParams(temperature=0, max_tokens=3))[0].outputs[0].finish_reason == "length"
+
+
+def test_a_dead_end_mid_generation_finishes_with_error_not_a_fake_stop(llm):
+    """A grammar with a dead end after "a" (not detectable from its first step): the request ends
+    with finish_reason "error" and stop_reason "grammar_dead_end", its text what the grammar allowed."""
+    spec = StructuredOutputsParams(grammar='root ::= "a" [^\\x00-\\U0010FFFF]')
+    out = llm.generate("Say a.", SamplingParams(temperature=0, max_tokens=8, structured_outputs=spec))[0].outputs[0]
+    assert (out.finish_reason, out.stop_reason, out.text) == ("error", "grammar_dead_end", "a")
+    assert not llm.engine.has_unfinished_requests()

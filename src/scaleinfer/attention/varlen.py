@@ -25,8 +25,9 @@ class AttentionGroup:
     batch: int
     max_len: int
     gather: torch.Tensor | None
-    """[batch * max_len]: the packed row of each padded slot, T (a zero row) for padding; None: the rows
-    are already this group's padded block, in order."""
+    """[batch * max_len]: the packed row of each padded slot; a padding slot repeats its sequence's first
+    row (a masked key, a query whose output is never read), so no zero row has to be appended to q/k/v;
+    None: the rows are already this group's padded block, in order."""
     key_mask: torch.Tensor | None
     """[batch, 1, 1, max_len] bool, True for real keys; None when every key is real."""
 
@@ -83,9 +84,10 @@ def _groups(members: list[list[int]], seq_lens: list[int], device) -> tuple[list
     for group in members:
         lens = [seq_lens[i] for i in group]
         longest = max(lens)
-        gather = torch.full((len(group), longest), total, dtype=torch.long)
+        gather = torch.empty((len(group), longest), dtype=torch.long)
         for j, i in enumerate(group):
             gather[j, :lens[j]] = torch.arange(starts[i], starts[i] + lens[j])
+            gather[j, lens[j]:] = starts[i]
             scatter[starts[i]:starts[i] + lens[j]] = torch.arange(lens[j]) + offset + j * longest
         mask = None
         if any(n != longest for n in lens):
@@ -102,23 +104,31 @@ def _mask(g: AttentionGroup, bias: torch.Tensor | None) -> torch.Tensor | None:
     return b if g.key_mask is None else torch.where(g.key_mask, b, float("-inf"))
 
 
-def _attend(block: torch.Tensor, g: AttentionGroup, mask) -> torch.Tensor:
-    """One group: [b * L, 3, heads, d] padded q/k/v rows -> [b * L, heads * d]."""
+def _attend(block: torch.Tensor, g: AttentionGroup, mask, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One group: [b * L, 3, heads, d] padded q/k/v rows -> [b * L, heads * d] (written into `out` if given)."""
     q, k, v = block.view(g.batch, g.max_len, *block.shape[1:]).permute(2, 0, 3, 1, 4).unbind(0)  # [b, heads, L, d]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return out.transpose(1, 2).reshape(g.batch * g.max_len, -1)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
+    if out is None:
+        return o.reshape(g.batch * g.max_len, -1)
+    out.view(o.shape).copy_(o)
+    return out
 
 
 def varlen_attention(qkv: torch.Tensor, meta: VarlenMetadata,
                      bias: torch.Tensor | list[torch.Tensor | None] | None = None) -> torch.Tensor:
     """qkv: [T, 3, heads, d] packed -> [T, heads * d]. `bias`: additive [heads, L, L], or the masks of
-    meta.group_masks(bias). Per group: one gather into its padded block, one SDPA; then one gather back."""
+    meta.group_masks(bias). Per group: one gather into its padded block, one SDPA written into its slice of
+    the padded output; then one gather back."""
     masks = bias if isinstance(bias, list) else [_mask(g, bias) for g in meta.groups]
     if len(meta.groups) == 1 and meta.groups[0].gather is None:     # every row in place: no gather
         return _attend(qkv, meta.groups[0], masks[0])
-    ext = torch.cat([qkv, qkv.new_zeros(1, *qkv.shape[1:])])        # row T: the zeros padding reads
-    outs = [_attend(ext.index_select(0, g.gather), g, m) for g, m in zip(meta.groups, masks)]
-    return torch.cat(outs).index_select(0, meta.scatter)
+    padded = qkv.new_empty(sum(g.batch * g.max_len for g in meta.groups), qkv.shape[2] * qkv.shape[3])
+    offset = 0
+    for g, m in zip(meta.groups, masks):     # each group's output straight into its slice: no cat
+        rows = g.batch * g.max_len
+        _attend(qkv.index_select(0, g.gather), g, m, padded[offset:offset + rows])
+        offset += rows
+    return padded.index_select(0, meta.scatter)
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: list[int],

@@ -1,5 +1,6 @@
 """`scaleinfer bench embed`: sentences/s of encoder models on mixed-length sentences (built from data/*.txt),
-scaleinfer vs sentence-transformers (HF) vs onnxruntime (our ONNX export), same threads, one run each;
+scaleinfer vs sentence-transformers (HF) vs onnxruntime (our ONNX export), same threads, interleaved
+chunk by chunk (a shared machine's load changes hit every engine alike);
 a table on stdout and JSON under benchmarks/results. Also the agreement (min cosine) with
 sentence-transformers, so a fast wrong answer cannot pass for a fast one."""
 from __future__ import annotations
@@ -32,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the `scaleinfer` row's compute dtype (the scaleinfer-bf16 row is always bfloat16)")
     p.add_argument("--max-num-batched-tokens", type=int, default=8192, help="scaleinfer's batch token budget")
     p.add_argument("--st-batch-size", type=int, default=32, help="sentence-transformers' batch size (its default)")
+    p.add_argument("--chunk", type=int, default=500,
+                   help="sentences per interleaved round: every engine embeds a chunk before the next chunk")
     p.add_argument("--data-dir", default=DATA_DIR)
     p.add_argument("--output-dir", default="benchmarks/results")
 
@@ -68,35 +71,27 @@ def _time(fn) -> tuple[float, object]:
 
 
 def run_model(model: str, texts: list[str], args, engines: list[str]) -> dict:
+    """Every engine embeds the same chunks of `texts` in interleaved rounds (chunk 1 by every engine, then
+    chunk 2 ...), so a change in the machine's load hits all of them alike; per engine the summed time."""
     from scaleinfer import catalog
     from scaleinfer.engine.encoder_engine import EncoderEngine
 
     path = catalog.resolve(model)
     ours = EncoderEngine(path, name=model, dtype=args.dtype, max_num_batched_tokens=args.max_num_batched_tokens,
                          max_num_seqs=1024)
-    ours.embed_tensor(texts[:64], truncate_prompt_tokens=-1)   # warm-up (allocator, oneDNN primitives)
-    rows, results = {}, {}
+    runs = {}
     if "scaleinfer" in engines:
-        secs, (emb, _) = _time(lambda: ours.embed_tensor(texts, truncate_prompt_tokens=-1))
-        results["scaleinfer"] = emb
-        rows["scaleinfer"] = secs
+        runs["scaleinfer"] = lambda chunk: ours.embed_tensor(chunk, truncate_prompt_tokens=-1)[0]
     if "scaleinfer-bf16" in engines:   # AMX / AVX512-BF16 matmuls: faster, ~1e-4 from float32 (see min cosine)
         bf16 = EncoderEngine(path, name=model, dtype="bfloat16", max_num_batched_tokens=args.max_num_batched_tokens,
                              max_num_seqs=1024)
-        bf16.embed_tensor(texts[:64], truncate_prompt_tokens=-1)
-        secs, (emb, _) = _time(lambda: bf16.embed_tensor(texts, truncate_prompt_tokens=-1))
-        results["scaleinfer-bf16"] = emb
-        rows["scaleinfer-bf16"] = secs
-        del bf16
+        runs["scaleinfer-bf16"] = lambda chunk: bf16.embed_tensor(chunk, truncate_prompt_tokens=-1)[0]
     if "sentence-transformers" in engines:
         from sentence_transformers import SentenceTransformer
 
         st = SentenceTransformer(path, device="cpu")
-        st.encode(texts[:64], batch_size=args.st_batch_size)
-        secs, emb = _time(lambda: st.encode(texts, batch_size=args.st_batch_size, convert_to_tensor=True))
-        results["sentence-transformers"] = emb.float()
-        rows["sentence-transformers"] = secs
-        del st
+        runs["sentence-transformers"] = lambda chunk: st.encode(chunk, batch_size=args.st_batch_size,
+                                                                convert_to_tensor=True).float()
     if "onnxruntime" in engines:
         from scaleinfer.runner.onnx_runner import OnnxEncoder
 
@@ -105,10 +100,17 @@ def run_model(model: str, texts: list[str], args, engines: list[str]) -> dict:
         ort = EncoderEngine.__new__(EncoderEngine)
         ort.__dict__.update(fp32.__dict__)
         ort.runner, ort.max_num_batched_tokens = runner, 2048   # padded batches: a smaller budget
-        ort.embed_tensor(texts[:64], truncate_prompt_tokens=-1)
-        secs, (emb, _) = _time(lambda: ort.embed_tensor(texts, truncate_prompt_tokens=-1))
-        results["onnxruntime"] = emb
-        rows["onnxruntime"] = secs
+        runs["onnxruntime"] = lambda chunk: ort.embed_tensor(chunk, truncate_prompt_tokens=-1)[0]
+    for run in runs.values():
+        run(texts[:64])                  # warm-up (allocator, oneDNN primitives, onnxruntime session)
+    rows = {name: 0.0 for name in runs}
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in runs}
+    for i in range(0, len(texts), args.chunk):
+        for name, run in runs.items():
+            secs, emb = _time(lambda: run(texts[i:i + args.chunk]))
+            rows[name] += secs
+            parts[name].append(emb)
+    results = {name: torch.cat(p) for name, p in parts.items()}
     ref = results.get("sentence-transformers")
     report = {}
     for name, secs in rows.items():
@@ -130,6 +132,7 @@ def main(args) -> int:
     result = {"bench": "embed", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "threads": threads, "num_sentences": len(texts), "dtype": args.dtype,
               "max_num_batched_tokens": args.max_num_batched_tokens, "st_batch_size": args.st_batch_size,
+              "chunk": args.chunk,
               "load_before": [round(x, 2) for x in load], "cpu": platform.processor() or platform.machine(),
               "torch": torch.__version__, "models": {}}
     print(f"{len(texts)} sentences, {threads} threads, load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scaleinfer.attention.varlen import VarlenMetadata, varlen_attention
+from scaleinfer.layers.onednn_linear import linear_act, linear_add
 from scaleinfer.models.encoder_config import EncoderConfig
 
 ACTIVATIONS = {
@@ -75,7 +76,9 @@ class BertLayer(nn.Module):
         super().__init__()
         self.num_heads = cfg.num_heads
         self.head_dim = cfg.hidden_size // cfg.num_heads
-        self.act = ACTIVATIONS[cfg.hidden_act]
+        self.act = cfg.hidden_act if cfg.hidden_act in ACTIVATIONS else None
+        if self.act is None:
+            raise ValueError(f"unsupported hidden_act {cfg.hidden_act!r}")
         self.attention = _Attention(cfg)
         self.intermediate = _Dense(cfg.hidden_size, cfg.intermediate_size)
         self.output = _Output(cfg)
@@ -91,12 +94,17 @@ class BertLayer(nn.Module):
     def forward(self, x: torch.Tensor, meta: VarlenMetadata, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.qkv is None:
             self.fuse()
-        qkv = F.linear(x, self.qkv, self.qkv_bias).view(x.shape[0], 3, self.num_heads, self.head_dim)
+        qkv = linear_act(x, self.qkv, self.qkv_bias).view(x.shape[0], 3, self.num_heads, self.head_dim)
         attn = varlen_attention(qkv, meta, bias)
         out = self.attention.output
-        x = out.LayerNorm(out.dense(attn) + x)
-        h = self.act(self.intermediate.dense(x))
-        return self.output.LayerNorm(self.output.dense(h) + x)
+        x = out.LayerNorm(linear_add(attn, out.dense.weight, out.dense.bias, x))
+        return feed_forward(self, x)
+
+
+def feed_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """LayerNorm(x + W2 act(W1 x)): the activation and the residual add fused into the matmuls."""
+    h = linear_act(x, layer.intermediate.dense.weight, layer.intermediate.dense.bias, layer.act)
+    return layer.output.LayerNorm(linear_add(h, layer.output.dense.weight, layer.output.dense.bias, x))
 
 
 class _Encoder(nn.Module):

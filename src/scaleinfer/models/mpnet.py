@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from scaleinfer.attention.varlen import VarlenMetadata, varlen_attention
-from scaleinfer.models.bert import ACTIVATIONS, BertEmbeddings, _Dense, _Output
+from scaleinfer.layers.onednn_linear import linear_act, linear_add
+from scaleinfer.models.bert import ACTIVATIONS, BertEmbeddings, _Dense, _Output, feed_forward
 from scaleinfer.models.encoder_config import EncoderConfig
 
 MAX_DISTANCE = 128
@@ -50,7 +51,9 @@ class MPNetLayer(nn.Module):
         super().__init__()
         self.num_heads = cfg.num_heads
         self.head_dim = cfg.hidden_size // cfg.num_heads
-        self.act = ACTIVATIONS[cfg.hidden_act]
+        self.act = cfg.hidden_act if cfg.hidden_act in ACTIVATIONS else None
+        if self.act is None:
+            raise ValueError(f"unsupported hidden_act {cfg.hidden_act!r}")
         self.attention = _MPNetAttention(cfg)
         self.intermediate = _Dense(cfg.hidden_size, cfg.intermediate_size)
         self.output = _Output(cfg)
@@ -66,11 +69,10 @@ class MPNetLayer(nn.Module):
         a = self.attention.attn
         if self.qkv is None:
             self.fuse()
-        qkv = F.linear(x, self.qkv, self.qkv_bias).view(x.shape[0], 3, self.num_heads, self.head_dim)
+        qkv = linear_act(x, self.qkv, self.qkv_bias).view(x.shape[0], 3, self.num_heads, self.head_dim)
         attn = varlen_attention(qkv, meta, bias)
-        x = self.attention.LayerNorm(a.o(attn) + x)
-        h = self.act(self.intermediate.dense(x))
-        return self.output.LayerNorm(self.output.dense(h) + x)
+        x = self.attention.LayerNorm(linear_add(attn, a.o.weight, a.o.bias, x))
+        return feed_forward(self, x)
 
 
 class _MPNetEncoder(nn.Module):

@@ -20,6 +20,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from scaleinfer.errors import RequestError
+from scaleinfer.serving.tool_json import scan_array, scan_call
 from scaleinfer.sampling_params import StructuredOutputsParams
 
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
@@ -147,10 +148,10 @@ def parse_output(text: str, plan: ToolPlan) -> tuple[str | None, list[dict]]:
         return None, [new_call(plan.name, text)]
     if plan.mode == "required":
         try:
-            calls = json.loads(text)
+            json.loads(text)
         except ValueError:
             return text, []   # cut short by max_tokens: no call to report
-        return None, [new_call(c["name"], c["arguments"]) for c in calls]
+        return None, [new_call(c.name, c.arguments(text, True)) for c in scan_array(text)]
     start = text.find(TOOL_CALL_OPEN)
     if start < 0:
         call = _bare_call(text, plan)
@@ -163,7 +164,8 @@ def parse_output(text: str, plan: ToolPlan) -> tuple[str | None, list[dict]]:
             return text, []   # not a well-formed call: leave the text as the model wrote it
         if not isinstance(call, dict) or not isinstance(call.get("name"), str):
             return text, []
-        calls.append(new_call(call["name"], call.get("arguments", {})))
+        args = scan_call(body, 0).arguments(body, True)   # as written: what the stream sent
+        calls.append(new_call(call["name"], args if args is not None else call.get("arguments", {})))
     content = text[:start].strip()
     return content or None, calls
 
@@ -195,12 +197,20 @@ _FENCE = re.compile(r"^```(?:json)?\s*|\s*```$")
 @dataclass
 class ToolStream:
     """Streams one choice under a tool plan: text before a tool call goes out as content deltas (holding
-    back what could be the start of "<tool_call>"); tool calls go out whole when the choice finishes."""
+    back what could be the start of "<tool_call>"); a tool call goes out as OpenAI streams it: a first
+    delta with its id, type and name once the name is written, then its arguments piece by piece as the
+    model writes them (tool_json.py finds them), so the concatenated argument deltas equal the
+    non-streamed call's arguments. A bare call object in "auto" mode (no <tool_call> tags) cannot be told
+    from text until the end and goes out whole when the choice finishes."""
 
     plan: ToolPlan
     text: str = ""
     sent: int = 0
     calls: list[dict] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
+    """The ids of the calls whose first delta went out."""
+    args_sent: list[str] = field(default_factory=list)
+    """The arguments text sent so far, per call."""
 
     def content_delta(self, text: str, finished: bool) -> str:
         """The content to send now for the choice's text so far."""
@@ -221,29 +231,95 @@ class ToolStream:
         delta, self.sent = text[self.sent:end] if end > self.sent else "", max(self.sent, end)
         return delta
 
+    def progress(self, text: str) -> list[tuple[str | None, str | None]]:
+        """(name, arguments so far) of each call in the text so far, in order."""
+        if self.plan.mode == "named":
+            return [(self.plan.name, text)]
+        if self.plan.mode == "required":
+            return [(c.name, c.arguments(text)) for c in scan_array(text)]
+        out, pos = [], 0
+        while (start := text.find(TOOL_CALL_OPEN, pos)) >= 0:
+            call = scan_call(text, start + len(TOOL_CALL_OPEN))
+            if call.malformed:
+                break
+            out.append((call.name, call.arguments(text)))
+            if call.end is None:
+                break
+            pos = call.end
+        return out
+
+    def call_deltas(self, text: str) -> list[dict]:
+        """The tool_calls delta entries to send now (new calls' heads, arguments pieces)."""
+        self.text = text
+        return self._deltas(self.progress(text))
+
+    def _deltas(self, progress) -> list[dict]:
+        out = []
+        for k, (name, args) in enumerate(progress):
+            if name is None:
+                break
+            entry: dict = {"index": k}
+            if k == len(self.ids):
+                self.ids.append(f"call_{uuid.uuid4().hex[:24]}")
+                self.args_sent.append("")
+                entry.update(id=self.ids[k], type="function", function={"name": name, "arguments": ""})
+            if args and len(args) > len(self.args_sent[k]) and args.startswith(self.args_sent[k]):
+                entry.setdefault("function", {})["arguments"] = args[len(self.args_sent[k]):]
+                self.args_sent[k] = args
+            if len(entry) > 1:
+                out.append(entry)
+        return out
+
     def finish(self) -> tuple[str, list[dict]]:
-        """At the end: any content not yet sent (an unparsable call stays text), and the tool calls."""
+        """At the end: any content not yet sent (an unparsable call stays text), and the tool calls
+        (with the ids their streamed heads had)."""
         content, self.calls = parse_output(self.text, self.plan)
+        for call, call_id in zip(self.calls, self.ids):
+            call["id"] = call_id
         rest = ""
-        if not self.calls:
+        if not self.calls and not self.ids:      # calls already streamed and cut short: no content
             rest = (content or "")[self.sent:] if self.plan.mode == "auto" else (content or "")
         return rest, self.calls
+
+    def closing_deltas(self) -> list[dict]:
+        """After finish(): the rest of every final call (what the stream has not sent)."""
+        return self._deltas([(c["function"]["name"], c["function"]["arguments"]) for c in self.calls])
 
 
 def tool_stream_choices(stream: ToolStream, delta, output) -> list[dict]:
     """The chunk choices (OpenAI's shape) for one choice's stream delta under a tool plan: content
-    deltas as they come, then at the end the tool calls and finish_reason "tool_calls"."""
+    deltas as they come, tool call heads and argument pieces as they are written, then an empty delta
+    with finish_reason "tool_calls"."""
     c = output.outputs[delta.index]
     finished = delta.finish_reason is not None
     out = []
     text = stream.content_delta(c.text, finished)
+    calls = stream.call_deltas(c.text)
     if finished:
-        rest, calls = stream.finish()
+        rest, _ = stream.finish()
         text += rest
+        calls += stream.closing_deltas()
     if text:
         out.append({"index": delta.index, "delta": {"content": text}, "logprobs": None, "finish_reason": None})
+    if calls:
+        out.append({"index": delta.index, "delta": {"tool_calls": _merge(calls)}, "logprobs": None,
+                    "finish_reason": None})
     if finished:
         reason = "tool_calls" if stream.calls and delta.finish_reason == "stop" else delta.finish_reason
-        body = {"tool_calls": [{"index": k, **call} for k, call in enumerate(stream.calls)]} if stream.calls else {}
-        out.append({"index": delta.index, "delta": body, "logprobs": None, "finish_reason": reason})
+        out.append({"index": delta.index, "delta": {}, "logprobs": None, "finish_reason": reason})
     return out
+
+
+def _merge(entries: list[dict]) -> list[dict]:
+    """One tool_calls delta entry per call index (argument pieces joined)."""
+    merged: dict[int, dict] = {}
+    for e in entries:
+        m = merged.setdefault(e["index"], {"index": e["index"]})
+        for key, value in e.items():
+            if key == "function":
+                fn = m.setdefault("function", {})
+                for k, v in value.items():
+                    fn[k] = fn.get(k, "") + v if k == "arguments" else v
+            elif key != "index":
+                m[key] = value
+    return list(merged.values())

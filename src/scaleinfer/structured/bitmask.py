@@ -6,8 +6,11 @@ rows of unconstrained requests are left out (`rows`), so a mixed batch masks onl
 The mask of a request depends only on the tokens it has accepted, so it can be filled while the model
 computes the step's logits (MaskPrefetch: a worker thread; xgrammar releases the GIL while it fills).
 Once a grammar is complete only its stop tokens (the model's EOS ids) are allowed, so the request ends
-with EOS exactly when its output is complete. A row that allows nothing (a grammar with a dead end)
-allows the stop tokens instead: the request ends rather than sampling garbage or running forever.
+with EOS exactly when its output is complete. A row that allows nothing (a grammar with a dead end, e.g.
+an EBNF rule that can never finish) allows the stop tokens instead, so the sampler still has something
+to pick, and the state is marked `dead_end`: the scheduler then ends the request with finish_reason
+"error" and stop_reason "grammar_dead_end" (not "stop": the output is incomplete and will not parse).
+A sampled token the grammar does not accept (no mask was applied) is a dead end too.
 """
 from __future__ import annotations
 
@@ -32,7 +35,9 @@ class GrammarState:
         """The model's logits width (the whole vocabulary, also under tensor parallelism)."""
         self.num_accepted = 0
         self.failed = False
-        """A token the grammar did not allow was sampled (a dead end): masks stop applying."""
+        """A token the grammar did not allow was sampled: masks stop applying, the request ends (dead_end)."""
+        self.stuck = False
+        """The grammar allowed no token at all (fill_bitmask)."""
 
     def accept(self, token_id: int) -> None:
         if self.failed or self.matcher.is_terminated():
@@ -41,12 +46,18 @@ class GrammarState:
             self.num_accepted += 1
             return
         self.failed = True
-        logger.warning("structured output: the grammar did not accept token %d after %d tokens (a dead end); "
-                       "the request ends unconstrained", token_id, self.num_accepted)
+        if not self.stuck:
+            logger.warning("structured output: the grammar did not accept token %d after %d tokens; the request "
+                           "ends with finish_reason 'error'", token_id, self.num_accepted)
 
     @property
     def is_terminated(self) -> bool:
         return self.matcher.is_terminated()
+
+    @property
+    def dead_end(self) -> bool:
+        """The output cannot be completed under the grammar: the request must end (finish_reason "error")."""
+        return self.stuck or self.failed
 
 
 @dataclass
@@ -68,8 +79,9 @@ def fill_bitmask(requests: list) -> BatchMask | None:
     empty = [row for row in rows if not bool(bitmask[row].any())]
     for row in empty:   # a dead end: allow the stop tokens, so the request ends now
         state = requests[row].grammar
-        logger.warning("structured output: the grammar allows no token after %d tokens; ending the request",
-                       state.num_accepted)
+        state.stuck = True
+        logger.warning("structured output: the grammar allows no token after %d tokens (a dead end); the request "
+                       "ends with finish_reason 'error'", state.num_accepted)
         for token in state.stop_token_ids:
             bitmask[row, token // 32] |= _bit(token % 32)
     return BatchMask(bitmask, rows)

@@ -4,7 +4,8 @@ The vocabulary is handed to xgrammar from our Tokenizer (HF `tokenizers` backend
 (byte-level BPE or SentencePiece byte fallback) read from the vocabulary itself. Compiled grammars are
 cached by their canonical spec, so a schema sent by every request is compiled once. Anything xgrammar
 refuses (malformed JSON, an unsupported or contradictory schema, a bad regex or EBNF) becomes a
-RequestError naming the field; a grammar whose first step allows no token at all is refused too.
+RequestError naming the field; so do contradictions xgrammar lets through (structured/schema_check.py)
+and a grammar whose first step allows no token at all.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from collections import OrderedDict
 
 from scaleinfer.errors import RequestError
 from scaleinfer.sampling_params import StructuredOutputsParams
+from scaleinfer.structured.schema_check import schema_problem
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +108,9 @@ class GrammarCompiler:
         try:
             if kind == "json":
                 schema = value if isinstance(value, str) else json.dumps(value)
+                problem = schema_problem(json.loads(schema))   # contradictions xgrammar lets through
+                if problem is not None:
+                    raise RequestError(f"invalid structured output JSON schema: {problem}")
                 return self._compiler.compile_json_schema(schema, any_whitespace=spec.any_whitespace)
             if kind == "json_object":
                 return self._compiler.compile_json_schema('{"type": "object"}', any_whitespace=spec.any_whitespace,
@@ -115,6 +120,8 @@ class GrammarCompiler:
             if kind == "choice":
                 return self._compiler.compile_grammar(choice_grammar(value))
             return self._compiler.compile_grammar(value)
+        except RequestError:
+            raise
         except Exception as exc:  # noqa: BLE001 - xgrammar raises RuntimeError / ValueError with its reason
             raise RequestError(f"invalid structured output {_NAMES[kind]}: {_reason(exc)}") from None
 

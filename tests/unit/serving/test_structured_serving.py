@@ -154,7 +154,9 @@ def test_named_tool_choice_answers_with_tool_calls(client):  # noqa: F811
     assert choice["message"]["content"] is None and choice["finish_reason"] == "length"
     events = sse_events(client.post("/v1/chat/completions", json={**body, "stream": True}).text)
     deltas = [e["choices"][0]["delta"] for e in events]
-    assert deltas[-1]["tool_calls"][0]["index"] == 0 and deltas[-1]["tool_calls"][0]["function"]["name"] == "now"
+    calls = [tc for d in deltas for tc in d.get("tool_calls", [])]
+    assert calls[0]["index"] == 0 and calls[0]["function"]["name"] == "now" and calls[0]["id"].startswith("call_")
+    assert "".join(tc["function"].get("arguments", "") for tc in calls) == "abc"   # the streamed pieces
     assert not any(d.get("content") for d in deltas)
 
 
