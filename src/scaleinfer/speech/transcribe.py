@@ -14,6 +14,7 @@ windows batch in the engine's steps) or one over the async engine (the server).
 """
 from __future__ import annotations
 
+import logging
 import zlib
 from collections.abc import Generator
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from scaleinfer.sampling_params import SamplingParams
 from scaleinfer.speech.decoding import TIME_PRECISION, WhisperTokens, WindowRules
 from scaleinfer.speech.features import HOP_LENGTH, N_FRAMES, SAMPLE_RATE, pad_or_trim
 
+logger = logging.getLogger(__name__)
 TASKS = ("transcribe", "translate")
 FRAME_SECONDS = HOP_LENGTH / SAMPLE_RATE
 INPUT_STRIDE = 2
@@ -140,6 +142,8 @@ def transcription_steps(features: torch.Tensor, tokens: WhisperTokens, tokenizer
             all_tokens += piece
             segments.append(Segment(len(segments) + 1, start, end, text, piece, attempt.temperature,
                                     attempt.avg_logprob, attempt.compression_ratio, attempt.no_speech_prob, seek))
+        logger.debug("seek %d -> %d frames (%.2f s), %d segments so far", seek, next_seek,
+                     next_seek * FRAME_SECONDS, len(segments))
         seek = next_seek
         if not opts.condition_on_previous_text or attempt.temperature > opts.prompt_reset_on_temperature:
             reset_since = len(all_tokens)
@@ -171,6 +175,9 @@ def _decode_with_fallback(window, prompt, tokens: WhisperTokens, tokenizer, opts
             language, detected_prob = rules.language, rules.language_prob
         attempt = _attempt(out, rules, tokens, tokenizer, temperature)
         tried.append(attempt)
+        logger.debug("window: temperature %.1f, %d tokens, compression ratio %.2f, avg logprob %.3f, no speech %.3f",
+                     temperature, len(attempt.tokens), attempt.compression_ratio, attempt.avg_logprob,
+                     attempt.no_speech_prob)
         fallback = False
         if opts.compression_ratio_threshold is not None:
             if attempt.compression_ratio > opts.compression_ratio_threshold:
