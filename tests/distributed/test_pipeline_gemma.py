@@ -13,7 +13,7 @@ from scaleinfer.distributed.stages import PPMissingLayer, stage_bounds
 from scaleinfer.weights.loader import open_checkpoint
 from tests.distributed.models import GEMMA, needs
 from tests.distributed.test_pipeline_parallel import _mixed
-from tests.distributed.test_tensor_parallel import _compare, _pair, _run
+from tests.distributed.test_tensor_parallel import _compare, _run
 
 pytestmark = needs(GEMMA)
 
@@ -58,14 +58,6 @@ def test_default_split_counts_gemmas_head():
     """Gemma 3 270M's head (262144 x 640) outweighs its 18 layers: the first stage takes all but one."""
     cfg = open_checkpoint(GEMMA).config
     assert stage_bounds(cfg, 2) == [0, 17, 18]
-
-
-def test_tp2_gemma_w8a8_matches_one_process():
-    """TP=2 on Gemma 3 with w8a8 linears (its one KV head replicated): the same greedy tokens, logits within
-    twice what a 1e-6 nudge of the embedding moves them (int8 activations amplify the row-parallel sums)."""
-    single, tp, llm = _pair(GEMMA, sensitivity=True, quantization="w8a8")
-    assert llm.engine.runner.model_config.num_heads == 2
-    _compare(single, tp, tolerance=max(2 * single["sensitivity"], 1e-4 * single["logits"].abs().max().item()))
 
 
 def test_tp2_pp2_gemma_fp32_matches_one_process(reference):
