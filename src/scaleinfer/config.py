@@ -133,6 +133,9 @@ class ParallelConfig:
     pipeline_micro_batches: int | None = None
     """Steps in flight through a pipeline (virtual engines, each with its own requests and share of the KV
     cache): None, one per stage; 1, one step at a time."""
+    pipeline_layer_partition: tuple[int, ...] | None = None
+    """Layers per pipeline stage, in order (vLLM's VLLM_PP_LAYER_PARTITION); None: balanced by cost, the
+    last stage's LM head counted (distributed/stages.py)."""
 
     @property
     def num_ranks(self) -> int:
@@ -151,6 +154,10 @@ class ParallelConfig:
                 raise ConfigError(f"{flag} must be >= 1, got {value}")
         if self.pipeline_micro_batches is not None and self.pipeline_micro_batches < 1:
             raise ConfigError(f"pipeline_micro_batches must be >= 1, got {self.pipeline_micro_batches}")
+        if self.pipeline_layer_partition is not None and len(self.pipeline_layer_partition) != \
+                self.pipeline_parallel_size:
+            raise ConfigError(f"--pipeline-layer-partition gives {len(self.pipeline_layer_partition)} stages, "
+                              f"--pipeline-parallel-size is {self.pipeline_parallel_size}")
         if self.distributed_timeout <= 0:
             raise ConfigError(f"--distributed-timeout must be positive seconds, got {self.distributed_timeout}")
         if self.communicator not in DISTRIBUTED_COMMUNICATORS:

@@ -28,6 +28,10 @@ def test_quick_bench_distributed_writes_its_table_and_json(tmp_path):
     for name in ("tp2", "pp2"):
         status = rows[name]["status"]
         assert status == "ok" or status.startswith(("unsupported: ", "failed: ")), status
+    if rows["pp2"]["status"] == "ok":   # the bubble: the driver's stage-0 compute and logits wait, shares of the load
+        mixed = rows["pp2"]["mixed"]
+        assert 0 < mixed["stage0_busy"] <= 1 and 0 <= mixed["stage0_wait"] <= 1
+        assert "stage0_busy" not in rows["1proc"]["mixed"]
     assert record["router_overhead"]["requests"] == 5 and len(record["loadavg"]["start"]) == 3
     table = done.stdout
     assert "| DP=2 x 1 thread | ok |" in table and "router overhead per request" in table

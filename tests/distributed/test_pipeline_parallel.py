@@ -10,7 +10,7 @@ import torch
 
 from scaleinfer import LLM, SamplingParams
 from scaleinfer.config import ParallelConfig
-from scaleinfer.distributed.stages import PPMissingLayer
+from scaleinfer.distributed.stages import PPMissingLayer, stage_bounds
 from tests.distributed.models import QWEN, needs
 from tests.distributed.test_tensor_parallel import _compare, _run
 
@@ -46,7 +46,7 @@ def fp32_reference() -> dict:
     return out
 
 
-def test_pp2_fp32_matches_one_process_and_holds_half_the_layers(fp32_reference):
+def test_pp2_fp32_matches_one_process_and_holds_only_its_layers(fp32_reference):
     llm = _engine(2, quantization="none", kv_cache_dtype="float32")
     try:
         got = _run(llm)
@@ -55,8 +55,8 @@ def test_pp2_fp32_matches_one_process_and_holds_half_the_layers(fp32_reference):
         runner = llm.engine.runner
         assert runner.decode_plan is not None and runner.decode_plan.program is not None  # stage 0's program
         model = runner.model
-        half = len(fp32_reference["layer_params"]) // 2
-        assert len(model.layers) == half and len(runner.kv_caches) == half
+        half = stage_bounds(model.config, 2)[1]   # 17 of 24: the last stage's head weighs 9 layers
+        assert half == 17 and len(model.layers) == half and len(runner.kv_caches) == half
         assert isinstance(model.norm, PPMissingLayer) and isinstance(model.lm_head, PPMissingLayer)
         held = sum(p.numel() for p in model.parameters())
         assert held == fp32_reference["embed_params"] + sum(fp32_reference["layer_params"][:half])
@@ -87,7 +87,7 @@ def test_tp2_pp2_fp32_matches_one_process(fp32_reference):
     llm = _engine(2, tp=2, quantization="none", kv_cache_dtype="float32")
     try:
         got = _run(llm)
-        assert llm.engine.runner.model_config.num_heads == 7 and len(llm.engine.runner.kv_caches) == 12
+        assert llm.engine.runner.model_config.num_heads == 7 and len(llm.engine.runner.kv_caches) == 17
     finally:
         llm.engine.shutdown()
     _compare(fp32_reference, got)

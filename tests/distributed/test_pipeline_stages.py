@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import signal
 import time
+from dataclasses import replace
 
 import pytest
 import torch
 
 from scaleinfer import LLM, SamplingParams
-from scaleinfer.config import ModelConfig
-from scaleinfer.distributed.stages import plan_stage, stage_tensors
+from scaleinfer.config import ModelConfig, ParallelConfig
+from scaleinfer.distributed.stages import head_layers, plan_stage, stage_bounds, stage_tensors
 from scaleinfer.errors import ConfigError, DistributedError, EngineDeadError
 
 TIMEOUT = 20
@@ -23,17 +24,36 @@ def _cfg(layers: int, arch: str = "LlamaForCausalLM") -> ModelConfig:
 
 
 @pytest.mark.parametrize("layers, size, expected", [
-    (24, 2, [(0, 12), (12, 24)]), (30, 4, [(0, 8), (8, 16), (16, 23), (23, 30)]), (3, 3, [(0, 1), (1, 2), (2, 3)])])
+    (24, 2, [(0, 12), (12, 24)]), (30, 4, [(0, 8), (8, 15), (15, 23), (23, 30)]), (3, 3, [(0, 1), (1, 2), (2, 3)])])
 def test_layers_split_contiguously_and_evenly(layers, size, expected):
+    """The tiny config's head (64 x 32) weighs 0.22 of a layer (32 x 96 + 3 x 32 x 64): nearly even."""
+    assert abs(head_layers(_cfg(layers)) - 2048 / 9216) < 1e-9
     assert [(s.start, s.stop) for s in (plan_stage(_cfg(layers), r, size) for r in range(size))] == expected
+
+
+def test_a_heavy_head_moves_layers_to_the_first_stages():
+    """A head worth just under 5 layers (as Qwen2.5-1.5B's) on 28 layers: 16 + (12 + 5) for PP=2; every
+    stage keeps at least one layer however heavy the head."""
+    cfg = replace(_cfg(28), vocab_size=1430)
+    assert stage_bounds(cfg, 2) == [0, 16, 28]
+    assert stage_bounds(replace(cfg, vocab_size=10 ** 6), 3) == [0, 26, 27, 28]
+
+
+def test_an_explicit_partition_is_followed_or_refused_in_one_line():
+    assert [(s.start, s.stop) for s in (plan_stage(_cfg(28), r, 2, (14, 14)) for r in range(2))] == [(0, 14),
+                                                                                                     (14, 28)]
+    for bad in ((14, 13), (28, 0), (10, 10, 8)):
+        with pytest.raises(ConfigError, match="--pipeline-layer-partition") as err:
+            stage_bounds(_cfg(28), 2, bad)
+        assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="gives 3 stages"):
+        ParallelConfig(pipeline_parallel_size=2, pipeline_layer_partition=(10, 10, 8))
 
 
 def test_refusals_are_one_line():
     with pytest.raises(ConfigError, match="exceeds the model's 2 layers"):
         plan_stage(_cfg(2), 0, 3)
-    with pytest.raises(ConfigError, match="Gemma 3") as err:
-        plan_stage(_cfg(4, "Gemma3ForCausalLM"), 0, 2)
-    assert "\n" not in str(err.value)
+    assert plan_stage(_cfg(4, "Gemma3ForCausalLM"), 1, 2).stop == 4   # Gemma 3 splits too
 
 
 def test_a_stage_loads_only_its_tensors():

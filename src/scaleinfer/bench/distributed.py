@@ -151,10 +151,15 @@ def run_rounds(layouts: list[Layout], w: probe.Workload, rounds: int, llamacpp) 
             unit.results["prefill_rounds"].append(probe.prefill_tok_s(unit.url, w, unit.model))
     for lay in live:
         print(f"mixed load on {lay.label}", file=sys.stderr, flush=True)
-        before = _cpu_s(lay)
-        lay.results["mixed"] = probe.mixed(lay.url, w, lay.model)
+        before, stage0 = _cpu_s(lay), probe.pipeline_seconds(lay.url)
+        lay.results["mixed"] = m = probe.mixed(lay.url, w, lay.model)
         # CPU of the process we started (for DP: the router alone, its replicas are other processes)
-        lay.results["mixed"]["main_process_cpu_s"] = _cpu_s(lay) - before
+        m["main_process_cpu_s"] = _cpu_s(lay) - before
+        # PP: the share of the mixed load's wall time the driver computed stage 0 and waited for logits
+        # (the bubble stage 0 sees; the rest is scheduling, sampling and HTTP on the driver)
+        compute, wait = (b - a for a, b in zip(stage0, probe.pipeline_seconds(lay.url)))
+        if compute > 0:
+            m["stage0_busy"], m["stage0_wait"] = compute / m["duration_s"], wait / m["duration_s"]
         lay.results["decode_tok_s"] = statistics.median(lay.results["decode_rounds"])
         lay.results["prefill_tok_s"] = statistics.median(lay.results["prefill_rounds"])
 
@@ -185,16 +190,22 @@ def _f(value, fmt: str = "{:.1f}") -> str:
     return "-" if value is None else fmt.format(value)
 
 
+def _bubble(m: dict | None) -> str:
+    if not m or "stage0_busy" not in m:
+        return "-"
+    return f"{100 * m['stage0_busy']:.0f}% / {100 * m['stage0_wait']:.0f}%"
+
+
 def format_table(layouts: list[Layout], llama: dict | None, overhead: dict | None, prefill_len: int) -> str:
     base = next((lay.results.get("mixed") for lay in layouts if lay.name == "1proc"), None)
     lines = [f"| layout | status | decode tok/s | pp{prefill_len} tok/s | mixed tok/s | TTFT p50 ms | TTFT p99 ms "
-             f"| mixed vs 1 process |", "|" + "---|" * 8]
+             f"| mixed vs 1 process | PP stage 0 busy / waits |", "|" + "---|" * 9]
     for lay in layouts:
         m, r = lay.results.get("mixed"), lay.results
         ratio = f"{m['output_tok_s'] / base['output_tok_s']:.2f}x" if m and base else "-"
         lines.append(f"| {lay.label} | {lay.status} | {_f(r.get('decode_tok_s'))} | {_f(r.get('prefill_tok_s'))} | "
                      f"{_f(m and m['output_tok_s'])} | {_f(m and m['ttft_p50_ms'], '{:.0f}')} | "
-                     f"{_f(m and m['ttft_p99_ms'], '{:.0f}')} | {ratio} |")
+                     f"{_f(m and m['ttft_p99_ms'], '{:.0f}')} | {ratio} | {_bubble(m)} |")
     if llama is not None:
         lines.append(f"| llama.cpp (same GGUF) | ok | {_f(llama['decode_tok_s'])} | {_f(llama['prefill_tok_s'])} "
                      f"| - | - | - | - |")

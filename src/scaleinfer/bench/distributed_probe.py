@@ -91,3 +91,15 @@ def router_overhead(direct: str, routed: str, w: Workload, model: str) -> dict:
     return {"requests": len(d), "direct_median_ms": statistics.median(d) * 1000,
             "routed_median_ms": statistics.median(r) * 1000, "overhead_median_ms": statistics.median(diffs) * 1000,
             "overhead_mean_ms": statistics.fmean(diffs) * 1000}
+
+
+def pipeline_seconds(url: str) -> tuple[float, float]:
+    """The driver's (stage-0 compute, waiting for logits) seconds since start, from /metrics (0, 0 without PP)."""
+    text = httpx.get(f"{url}/metrics", timeout=60).text
+    values = {}
+    for line in text.splitlines():
+        for name in ("scaleinfer_pipeline_stage0_compute_seconds", "scaleinfer_pipeline_logits_wait_seconds"):
+            if line.startswith(name + "{"):
+                values[name] = float(line.rsplit(" ", 1)[1])
+    return (values.get("scaleinfer_pipeline_stage0_compute_seconds", 0.0),
+            values.get("scaleinfer_pipeline_logits_wait_seconds", 0.0))

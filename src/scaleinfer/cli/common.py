@@ -73,6 +73,8 @@ def parallel_args(p: argparse.ArgumentParser) -> None:
                         "(default: %(default)s)")
     g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=ParallelConfig.pipeline_parallel_size,
                    help="ranks that hold contiguous layer stages (default: %(default)s)")
+    g.add_argument("--pipeline-layer-partition", type=_partition, default=None, metavar="N,N,...",
+                   help="layers per pipeline stage, e.g. 16,12 (default: balanced by cost, the LM head counted)")
     g.add_argument("--data-parallel-size", "-dp", type=int, default=ParallelConfig.data_parallel_size,
                    help="engine replicas behind one endpoint (default: %(default)s)")
     g.add_argument("--distributed-init-method", default=None, metavar="tcp://HOST:PORT",
@@ -89,9 +91,20 @@ def parallel_args(p: argparse.ArgumentParser) -> None:
                         "%(default)s)")
 
 
+def _partition(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: write layer counts separated by commas, e.g. 16,12") from None
+    if min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: every stage needs at least one layer")
+    return counts
+
+
 def parallel_config(args) -> ParallelConfig:
     return ParallelConfig(tensor_parallel_size=args.tensor_parallel_size,
                           pipeline_parallel_size=args.pipeline_parallel_size,
+                          pipeline_layer_partition=args.pipeline_layer_partition,
                           data_parallel_size=args.data_parallel_size,
                           distributed_init_method=args.distributed_init_method, rank=args.rank,
                           world_size=args.world_size, distributed_timeout=args.distributed_timeout,

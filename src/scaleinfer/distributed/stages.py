@@ -5,7 +5,13 @@ checkpoint tensors it loads, and the model cut down to them.
     stage s      layers [n_{s-1}, n_s)
     last stage   its layers, the final norm and the LM head (a tied head keeps the embedding's weight)
 
-The layers are split as evenly as possible (the first stages take one more where they do not divide).
+The split balances each stage's work, not its layer count: the last stage also runs the LM head, which
+costs as much as several layers (Qwen2.5-1.5B: vocab x hidden = 233M weights, 5 layers' worth; measured
+~5x one layer's matmuls on a decode step), so counting layers alone leaves the first stage idle about a
+quarter of every step. A stage's cost is its weights read per decode token (the layers' projections, the
+head's vocab x hidden); the boundaries fall where the running cost crosses s/size of the total, each stage
+holding at least one layer. `--pipeline-layer-partition 16,12` (vLLM's VLLM_PP_LAYER_PARTITION) sets the
+split by hand.
 Before loading, `prepare_stage` swaps every module another stage holds for a `PPMissingLayer` (no
 parameters: the loader expects nothing of it) and `stage_tensors` drops their checkpoint tensors, so a
 stage reads, quantizes and keeps only its own weights; checkpoint names keep their global layer index
@@ -53,21 +59,41 @@ class PPStage:
         return self.rank == self.size - 1
 
 
-def plan_stage(cfg: ModelConfig, rank: int, size: int) -> PPStage:
-    """Stage `rank` of `size` over the model's layers, or a one-line ConfigError."""
+def head_layers(cfg: ModelConfig) -> float:
+    """The LM head's cost in layers: its weights (vocab x hidden) over one layer's projections."""
+    h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    layer = h * (2 * q + 2 * kv) + 3 * h * cfg.intermediate_size
+    return cfg.vocab_size * h / layer
+
+
+def stage_bounds(cfg: ModelConfig, size: int, partition: tuple[int, ...] | None = None) -> list[int]:
+    """The layer index where each stage starts, and the layer count last: [0, b1, ..., num_layers]."""
     n = cfg.num_layers
     if size > n:
         raise ConfigError(f"--pipeline-parallel-size {size} exceeds the model's {n} layers; use at most {n}")
-    if cfg.architecture.startswith("Gemma3"):
-        raise ConfigError("pipeline parallelism does not split Gemma 3 yet (its layers carry no residual stream "
-                          "seam); use --tensor-parallel-size")
-    bounds = [sum(n // size + (1 if i < n % size else 0) for i in range(s)) for s in range(size + 1)]
-    return PPStage(rank, size, bounds[rank], bounds[rank + 1], n)
+    if partition is not None:
+        if len(partition) != size or sum(partition) != n or min(partition) < 1:
+            raise ConfigError(f"--pipeline-layer-partition {','.join(map(str, partition))}: give {size} layer "
+                              f"counts, each at least 1, that sum to the model's {n} layers")
+        return [sum(partition[:s]) for s in range(size + 1)]
+    total = n + head_layers(cfg)
+    bounds = [0]
+    for s in range(1, size):
+        b = int(s * total / size + 0.5)
+        bounds.append(min(max(b, bounds[-1] + 1), n - (size - s)))
+    return bounds + [n]
+
+
+def plan_stage(cfg: ModelConfig, rank: int, size: int, partition: tuple[int, ...] | None = None) -> PPStage:
+    """Stage `rank` of `size` over the model's layers, or a one-line ConfigError."""
+    bounds = stage_bounds(cfg, size, partition)
+    return PPStage(rank, size, bounds[rank], bounds[rank + 1], cfg.num_layers)
 
 
 def stage_config(cfg: ModelConfig, stage: PPStage) -> ModelConfig:
     """The config of the stage's KV cache and runner: its own layers only."""
-    return replace(cfg, num_layers=stage.stop - stage.start)
+    types = cfg.layer_types[stage.start:stage.stop] if cfg.layer_types else cfg.layer_types   # Gemma 3's kinds
+    return replace(cfg, num_layers=stage.stop - stage.start, layer_types=types)
 
 
 def _kept(name: str, stage: PPStage, tied: bool) -> bool:

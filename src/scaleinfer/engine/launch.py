@@ -149,7 +149,8 @@ def _build_rank(config: EngineConfig, ckpt: Checkpoint, role: Role):
     if config.device == "cuda":   # one GPU per rank of this host
         config = replace(config, device=f"cuda:{role.rank % torch.cuda.device_count()}")
     try:
-        stage = plan_stage(ckpt.config, state.pp_rank, state.pp_size) if state.pp_size > 1 else None
+        stage = (plan_stage(ckpt.config, state.pp_rank, state.pp_size, pc.pipeline_layer_partition)
+                 if state.pp_size > 1 else None)
         links, comm_state = pipeline_links(state, stage) if stage is not None else (None, state)
         if state.tp_size > 1 or stage is None:
             comm = make_communicator(comm_state, pc.communicator, pc.distributed_timeout, config.device)

@@ -151,7 +151,19 @@ class Gemma3ForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata, logits_indices) -> torch.Tensor:
-        x = self.embed_tokens(input_ids) * self.embed_scale  # [num_tokens, hidden]
+        x, _ = self.run_layers(self.embed(input_ids), None, positions, kv_caches, meta)
+        return self.compute_head(x, None, logits_indices)
+
+    # The three parts of forward, for a pipeline stage (models/interface.py: PipelineStageModel). Gemma's
+    # layers add their (post-normed) outputs to x themselves: the stream between stages is x, no residual.
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids) * self.embed_scale  # [num_tokens, hidden]
+
+    def run_layers(self, x, residual, positions, kv_caches, meta: AttentionMetadata):
+        """(x, None) after the layers this model holds (a pipeline stage's own), one KV cache each; each
+        layer keeps its own kind (sliding or global) and RoPE table wherever the stage starts."""
+        if residual is not None:
+            x = x + residual
         rope = {}
         if self.rotary_global is not None:
             rope[False] = self.rotary_global.lookup(positions, x.dtype)
@@ -160,7 +172,12 @@ class Gemma3ForCausalLM(nn.Module):
         for layer, kv_cache in zip(self.layers, kv_caches):
             cos, sin = rope[layer.sliding]
             x = layer(x, cos, sin, kv_cache, meta)
+        return x, None
+
+    def compute_head(self, x, residual, logits_indices) -> torch.Tensor:
         # Only the rows that need logits go through the final norm and the LM head.
+        if residual is not None:
+            x = x + residual
         x = self.norm(x.index_select(0, logits_indices))
         logits = self.lm_head(x).float()
         cap = self.config.final_logit_softcapping

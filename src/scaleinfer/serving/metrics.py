@@ -37,17 +37,22 @@ class EngineSnapshot:
     spec_num_accepted_tokens: int = 0
     spec_num_verified_steps: int = 0
     spec_mean_accepted_length: float = 0.0
+    pipeline_stage0_s: float = 0.0
+    """Pipeline parallel (0 otherwise): seconds the driver computed its stage, and waited for logits."""
+    pipeline_wait_s: float = 0.0
 
 
 def snapshot(engine) -> EngineSnapshot:
     """Run on the engine thread via AsyncEngine.call(snapshot)."""
     stats = engine.stats
     spec = engine.speculator.stats if engine.speculator is not None else None
+    executor = getattr(engine, "executor", None)   # a pipeline executor counts its stage and its waits
     return EngineSnapshot(engine.scheduler.num_running, engine.scheduler.num_waiting, engine.kv_cache_usage,
                           engine.num_free_blocks, engine.num_kv_blocks, stats.num_steps, stats.max_batch_size,
                           stats.last_batch_size, stats.num_prompt_tokens, stats.num_generation_tokens,
                           *((spec.num_draft_tokens, spec.num_accepted_tokens, spec.num_steps_verified,
-                             spec.mean_accepted_length) if spec is not None else ()))
+                             spec.mean_accepted_length) if spec is not None else (0, 0, 0, 0.0)),
+                          getattr(executor, "stage_seconds", 0.0), getattr(executor, "wait_seconds", 0.0))
 
 
 class ServerMetrics:
@@ -93,6 +98,10 @@ class ServerMetrics:
                                "Accepted / checked draft tokens since start (0 without speculation).")
         self.spec_length = gauge("scaleinfer_spec_decode_mean_accepted_length",
                                  "Tokens per step that checked drafts: accepted drafts + 1 (the speed-up bound).")
+        self.pp_stage0 = gauge("scaleinfer_pipeline_stage0_compute_seconds",
+                               "Seconds the driver computed its pipeline stage since start (0 without PP).")
+        self.pp_wait = gauge("scaleinfer_pipeline_logits_wait_seconds",
+                             "Seconds the driver waited for the last stage's logits since start (the bubble).")
 
     def record_http(self, path: str, status: int) -> None:
         route = path if path in ROUTES else "other"
@@ -124,6 +133,8 @@ class ServerMetrics:
         self.spec_rate.set(snap.spec_num_accepted_tokens / snap.spec_num_draft_tokens
                            if snap.spec_num_draft_tokens else 0.0)
         self.spec_length.set(snap.spec_mean_accepted_length)
+        self.pp_stage0.set(snap.pipeline_stage0_s)
+        self.pp_wait.set(snap.pipeline_wait_s)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
