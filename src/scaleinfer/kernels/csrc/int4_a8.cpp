@@ -102,75 +102,109 @@ __attribute__((target("avx2,fma"))) float row_avx2(const uint8_t* q, const float
 // g+1, and one permute spreads the two groups' combined scales over those lanes. The nibbles of a pair:
 // its 32 bytes broadcast to both halves, shifted by 0 (low half) or 4 (high half) per 16-bit lane and
 // masked, 3 instructions for 64 weights.
-// R output rows at once (one input row): the activation loads, the combined-scale vectors' set-up and
-// the index arithmetic are shared by the R rows, and the R sums are reduced once at the end. Per 16
-// groups: c16[r] = scale[r][g..g+15] * dx[g..g+15] and acc[r] += min[r][g..g+15] * sx[g..g+15] (the
-// min term folds into the same accumulator: every lane ends in the row's sum), then 8 pairs of
-// groups. The last (groups % 16) groups take masked loads.
-template <int R>
+// R output rows x MR input rows at once: each weight byte is loaded and unpacked once for all MR input
+// rows (a multi-row GEMV: verification of k + 1 draft rows, a decode batch), the activation loads, the
+// combined-scale vectors' set-up and the index arithmetic are shared. Every (output, input) pair has an
+// accumulator of its own that takes the same operations in the same order whatever R and MR are, so an
+// input row's outputs are bit-identical to running it alone (batch invariance; tested). Per 16 groups:
+// c16[r][m] = scale[r][g..g+15] * dx[m][g..g+15] and acc[r][m] += min[r][g..g+15] * sx[m][g..g+15] (the
+// min term folds into the same accumulator: every lane ends in the row's sum), then 8 pairs of groups.
+// The last (groups % 16) groups take masked loads. x rows are K bytes apart, dx / sx rows `groups` floats;
+// y rows ldy floats.
+template <int R, int MR>
 SI_VNNI512 inline __attribute__((always_inline)) void block_vnni512(
     const uint8_t* q, const uint16_t* scale, const uint16_t* mn, const int8_t* xq, const float* dx,
-    const float* sx, int64_t groups, float* y) {
+    const float* sx, int64_t groups, float* y, int64_t ldy) {
+  const int64_t K = groups * 32;
   const __m512i idx = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
   const __m512i shifts = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
   const __m512i mask512 = _mm512_set1_epi8(0x0F);
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  __m512 acc[R][MR];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_setzero_ps();
   const int64_t even = groups & ~int64_t(1);
   for (int64_t g = 0; g < even; g += 16) {
     const int64_t left = even - g;
     const int pairs = left >= 16 ? 8 : static_cast<int>(left / 2);
     const __mmask16 lm = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
-    const __m512 d16 = _mm512_maskz_loadu_ps(lm, dx + g);
-    const __m512 s16 = _mm512_maskz_loadu_ps(lm, sx + g);
-    __m512 c16[R];
+    __m512 c16[R][MR];
     for (int r = 0; r < R; ++r) {
-      c16[r] = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lm, scale + r * groups + g)), d16);
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lm, mn + r * groups + g)), s16, acc[r]);
+      const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lm, scale + r * groups + g));
+      const __m512 n = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lm, mn + r * groups + g));
+      for (int m = 0; m < MR; ++m) {
+        c16[r][m] = _mm512_mul_ps(s, _mm512_maskz_loadu_ps(lm, dx + m * groups + g));
+        acc[r][m] = _mm512_fmadd_ps(n, _mm512_maskz_loadu_ps(lm, sx + m * groups + g), acc[r][m]);
+      }
     }
     for (int j = 0; j < pairs; ++j) {
-      const __m512i x = _mm512_loadu_si512(xq + (g + 2 * j) * 32);
+      __m512i x[MR];
+      for (int m = 0; m < MR; ++m) x[m] = _mm512_loadu_si512(xq + m * K + (g + 2 * j) * 32);
       const __m512i i0 = _mm512_add_epi32(idx, _mm512_set1_epi32(2 * j));
       for (int r = 0; r < R; ++r) {
         const __m512i w = _mm512_and_si512(_mm512_srlv_epi16(_mm512_broadcast_i64x4(_mm256_loadu_si256(
             reinterpret_cast<const __m256i*>(q + (r * groups + g + 2 * j) * 16))), shifts), mask512);
-        const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, x);
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(i0, c16[r]), acc[r]);
+        for (int m = 0; m < MR; ++m) {
+          const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, x[m]);
+          acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(i0, c16[r][m]), acc[r][m]);
+        }
       }
     }
   }
-  for (int r = 0; r < R; ++r) {
-    float total = _mm512_reduce_add_ps(acc[r]);
-    if (even < groups) {  // an odd last group, in natural order
-      const int64_t g = even;
-      const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), nibbles(q + (r * groups + g) * 16),
-                                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + g * 32)));
-      total += hsum(_mm256_cvtepi32_ps(p)) * h2f(scale[r * groups + g]) * dx[g] + h2f(mn[r * groups + g]) * sx[g];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MR; ++m) {
+      float total = _mm512_reduce_add_ps(acc[r][m]);
+      if (even < groups) {  // an odd last group, in natural order
+        const int64_t g = even;
+        const __m256i p = _mm256_dpbusd_epi32(
+            _mm256_setzero_si256(), nibbles(q + (r * groups + g) * 16),
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + g * 32)));
+        total += hsum(_mm256_cvtepi32_ps(p)) * h2f(scale[r * groups + g]) * dx[m * groups + g] +
+                 h2f(mn[r * groups + g]) * sx[m * groups + g];
+      }
+      y[m * ldy + r] = total;
     }
-    y[r] = total;
-  }
 }
 
-// Rows n0..n1 of one input row, four at a time.
-SI_VNNI512 void rows_vnni512(const uint8_t* q, const uint16_t* scale, const uint16_t* mn, const int8_t* xq,
-                             const float* dx, const float* sx, int64_t groups, int64_t n0, int64_t n1, float* y) {
+// Weight rows n0..n1 (R at a time) for MR input rows.
+template <int R, int MR>
+SI_VNNI512 void rows_block(const uint8_t* q, const uint16_t* scale, const uint16_t* mn, const int8_t* xq,
+                           const float* dx, const float* sx, int64_t groups, int64_t n0, int64_t n1, float* y,
+                           int64_t ldy) {
   int64_t n = n0;
   const int64_t rb = groups * 16;
-  for (; n + 4 <= n1; n += 4) {
-    // The four rows' bytes kPrefetch ahead (scales and minimums: a quarter as far, they are 4x denser).
+  for (; n + R <= n1; n += R) {
+    // The rows' bytes kPrefetch ahead (scales and minimums: a quarter as far, they are 4x denser).
     // Prefetches past the end of the tensor are harmless: they never fault.
     const char* p = reinterpret_cast<const char*>(q + n * rb) + kPrefetch;
-    for (int64_t o = 0; o < 4 * rb; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
+    for (int64_t o = 0; o < R * rb; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
     const char* ps = reinterpret_cast<const char*>(scale + n * groups) + kPrefetch / 4;
     const char* pm = reinterpret_cast<const char*>(mn + n * groups) + kPrefetch / 4;
-    for (int64_t o = 0; o < 8 * groups; o += 64) {
+    for (int64_t o = 0; o < 2 * R * groups; o += 64) {
       _mm_prefetch(ps + o, _MM_HINT_T0);
       _mm_prefetch(pm + o, _MM_HINT_T0);
     }
-    block_vnni512<4>(q + n * groups * 16, scale + n * groups, mn + n * groups, xq, dx, sx, groups, y + n);
+    block_vnni512<R, MR>(q + n * rb, scale + n * groups, mn + n * groups, xq, dx, sx, groups, y + n, ldy);
   }
   for (; n < n1; ++n)
-    block_vnni512<1>(q + n * groups * 16, scale + n * groups, mn + n * groups, xq, dx, sx, groups, y + n);
+    block_vnni512<1, MR>(q + n * rb, scale + n * groups, mn + n * groups, xq, dx, sx, groups, y + n, ldy);
+}
+
+// Rows n0..n1 of y for all M input rows: input rows in blocks of up to 8 (R * MR <= 8 accumulators,
+// plus as many combined-scale vectors, stay in the 32 vector registers).
+SI_VNNI512 void rows_vnni512(const uint8_t* q, const uint16_t* scale, const uint16_t* mn, const int8_t* xq,
+                             const float* dx, const float* sx, int64_t groups, int64_t M, int64_t n0, int64_t n1,
+                             float* y, int64_t ldy) {
+  const int64_t K = groups * 32;
+  for (int64_t m = 0; m < M;) {
+    const int64_t left = M - m;
+    const int8_t* x = xq + m * K;
+    const float *d = dx + m * groups, *s = sx + m * groups;
+    float* ym = y + m * ldy;
+    if (left >= 8) rows_block<1, 8>(q, scale, mn, x, d, s, groups, n0, n1, ym, ldy), m += 8;
+    else if (left >= 4) rows_block<2, 4>(q, scale, mn, x, d, s, groups, n0, n1, ym, ldy), m += 4;
+    else if (left >= 2) rows_block<2, 2>(q, scale, mn, x, d, s, groups, n0, n1, ym, ldy), m += 2;
+    else rows_block<4, 1>(q, scale, mn, x, d, s, groups, n0, n1, ym, ldy), m += 1;
+  }
 }
 
 // Re-order one row of quantized activations for block_vnni512: per pair of groups,
@@ -232,9 +266,7 @@ torch::Tensor int4_a8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor sca
   float* yp = y.data_ptr<float>();
   if (vnni512) {
     parallel_row_chunks(N, 32, [&](int64_t n0, int64_t n1) {
-      for (int64_t m = 0; m < M; ++m)
-        rows_vnni512(qp, sp, mp, xq.data() + m * K, dx.data() + m * groups, sx.data() + m * groups, groups, n0,
-                     n1, yp + m * N);
+      rows_vnni512(qp, sp, mp, xq.data(), dx.data(), sx.data(), groups, M, n0, n1, yp, N);
     });
     return y;
   }

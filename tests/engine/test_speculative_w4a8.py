@@ -1,0 +1,52 @@
+"""Speculative decoding on w4a8 weights never changes a greedy output: the target verifies k + 1 draft rows
+per request in one decode step, so every w4a8 kernel of a decode step (csrc/int4_a8.cpp's multi-row GEMV,
+the block-32 int8 LM head) must give a row the same bits whatever rows run with it (tests/kernels/
+test_w4a8_batch_invariance.py). n-gram and draft-model proposers, batch 1 and mixed batches of four
+requests, on real SmolLM2-135M weights.
+
+Known gap (strict xfail below): in a mixed batch, a prompt of at most W4A8_MAX_ROWS tokens prefilled in
+the same step as other requests' rows runs the GEMM of csrc/a8_gemm.cpp (more than 16 rows in the step)
+instead of the decode kernel it runs alone, and the two sum a group's float terms in a different order,
+so its KV (and then its greedy tokens) can differ from the request run alone."""
+from __future__ import annotations
+
+import pytest
+
+from scaleinfer import LLM
+
+from test_speculative import MAX_TOKENS, NGRAM, PROMPTS, _corrupting, greedy, ids
+
+
+def make(spec=None):
+    return LLM("smollm2-135m-instruct", quantization="w4a8", max_model_len=512, kv_cache_memory="64MiB",
+               speculative_config=spec)
+
+
+@pytest.fixture(scope="module")
+def plain():
+    llm = make()
+    return [llm.generate([p], greedy(n))[0].outputs[0].token_ids for p, n in zip(PROMPTS, MAX_TOKENS)]
+
+
+def test_w4a8_ngram_equals_plain_batch_1(plain):
+    llm = make(NGRAM)
+    for p, n, want in zip(PROMPTS, MAX_TOKENS, plain):
+        assert llm.generate([p], greedy(n))[0].outputs[0].token_ids == want
+    stats = llm.engine.speculator.stats
+    assert stats.num_accepted_tokens > 10 and stats.num_draft_tokens > stats.num_accepted_tokens
+
+
+def test_w4a8_draft_model_equals_plain_batch_1(plain):
+    llm = make({"model": "smollm2-135m-instruct", "num_speculative_tokens": 3, "adaptive": False})
+    _corrupting(llm.engine.speculator.draft)
+    for i in (0, 2):
+        assert llm.generate([PROMPTS[i]], greedy(MAX_TOKENS[i]))[0].outputs[0].token_ids == plain[i]
+    stats = llm.engine.speculator.stats
+    assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
+
+
+@pytest.mark.xfail(strict=True, reason="a short prompt prefilled with other rows runs the a8 GEMM, not the "
+                                       "decode kernel (module docstring)")
+def test_w4a8_ngram_mixed_batch_equals_plain(plain):
+    llm = make(NGRAM)
+    assert ids(llm.generate(PROMPTS, [greedy(n) for n in MAX_TOKENS])) == plain
