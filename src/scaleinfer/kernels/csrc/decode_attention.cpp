@@ -29,40 +29,52 @@ namespace {
 
 using namespace kv;
 
+// The vector width of a rows_vec instance: 16 lanes of AVX-512 or 8 of AVX2, the K/V loads of kv_access.h.
+struct V512 {
+  static constexpr int64_t W = 16;
+  template <KvType T> SI_AVX512 static __m512 load(const void* p) { return load16<T>(p); }
+  SI_AVX512 static __m512 set1(float x) { return _mm512_set1_ps(x); }
+  SI_AVX512 static __m512 loadf(const float* p) { return _mm512_loadu_ps(p); }
+  SI_AVX512 static __m512 mul(__m512 a, __m512 b) { return _mm512_mul_ps(a, b); }
+  SI_AVX512 static void store(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
+};
+struct V256 {
+  static constexpr int64_t W = 8;
+  template <KvType T> SI_AVX2 static __m256 load(const void* p) { return load8<T>(p); }
+  SI_AVX2 static __m256 set1(float x) { return _mm256_set1_ps(x); }
+  SI_AVX2 static __m256 loadf(const float* p) { return _mm256_loadu_ps(p); }
+  SI_AVX2 static __m256 mul(__m256 a, __m256 b) { return _mm256_mul_ps(a, b); }
+  SI_AVX2 static void store(float* p, __m256 x) { _mm256_storeu_ps(p, x); }
+};
+
 // Rows r = slots[i] * Hkv + h (i < n) of a side as fp32 into out [n, D]: x (* scale[r] for int8) (* chan[h]),
 // in that order, as attention/kv_int8.py's read computes them (so the values are bit-identical to it).
-template <KvType T>
-SI_AVX512 void rows_512(const KvSide& s, const int64_t* slots, int64_t n, int64_t Hkv, int64_t h, int64_t D, float* out) {
+// One body for both vector widths (D a multiple of V::W), compiled per width by rows_512 / rows_256.
+template <class V, KvType T>
+SI_BODY void rows_vec(const KvSide& s, const int64_t* slots, int64_t n, int64_t Hkv, int64_t h, int64_t D, float* out) {
   const char* base = static_cast<const char*>(s.data);
   const float* ch = s.chan ? s.chan + h * D : nullptr;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t r = slots[i] * Hkv + h;
     const char* src = base + r * D * kv_bytes<T>();
-    const __m512 sc = _mm512_set1_ps(T == KvType::i8 ? s.scale[r] : 1.f);
-    for (int64_t c = 0; c < D; c += 16) {
-      __m512 x = load16<T>(src + c * kv_bytes<T>());
-      if (T == KvType::i8) x = _mm512_mul_ps(x, sc);
-      if (ch) x = _mm512_mul_ps(x, _mm512_loadu_ps(ch + c));
-      _mm512_storeu_ps(out + i * D + c, x);
+    const auto sc = V::set1(T == KvType::i8 ? s.scale[r] : 1.f);
+    for (int64_t c = 0; c < D; c += V::W) {
+      auto x = V::template load<T>(src + c * kv_bytes<T>());
+      if (T == KvType::i8) x = V::mul(x, sc);
+      if (ch) x = V::mul(x, V::loadf(ch + c));
+      V::store(out + i * D + c, x);
     }
   }
 }
 
 template <KvType T>
+SI_AVX512 void rows_512(const KvSide& s, const int64_t* slots, int64_t n, int64_t Hkv, int64_t h, int64_t D, float* out) {
+  rows_vec<V512, T>(s, slots, n, Hkv, h, D, out);
+}
+
+template <KvType T>
 SI_AVX2 void rows_256(const KvSide& s, const int64_t* slots, int64_t n, int64_t Hkv, int64_t h, int64_t D, float* out) {
-  const char* base = static_cast<const char*>(s.data);
-  const float* ch = s.chan ? s.chan + h * D : nullptr;
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t r = slots[i] * Hkv + h;
-    const char* src = base + r * D * kv_bytes<T>();
-    const __m256 sc = _mm256_set1_ps(T == KvType::i8 ? s.scale[r] : 1.f);
-    for (int64_t c = 0; c < D; c += 8) {
-      __m256 x = load8<T>(src + c * kv_bytes<T>());
-      if (T == KvType::i8) x = _mm256_mul_ps(x, sc);
-      if (ch) x = _mm256_mul_ps(x, _mm256_loadu_ps(ch + c));
-      _mm256_storeu_ps(out + i * D + c, x);
-    }
-  }
+  rows_vec<V256, T>(s, slots, n, Hkv, h, D, out);
 }
 
 template <KvType T>
