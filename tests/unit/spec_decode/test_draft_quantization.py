@@ -8,7 +8,7 @@ from scaleinfer.engine.speculative import DRAFT_QUANTIZATION, draft_quantization
 
 def test_auto_quantizes_a_dense_draft_on_cpu():
     assert draft_quantization(EngineConfig(quantization="auto", device="cpu"), stored=False) == DRAFT_QUANTIZATION
-    assert DRAFT_QUANTIZATION == "w4a8"
+    assert DRAFT_QUANTIZATION == "w8a8"
 
 
 def test_a_stored_quantized_draft_keeps_auto():
