@@ -44,7 +44,9 @@ def _thp_mode() -> str:
 def test_a_big_tensor_becomes_eligible_and_keeps_its_values():
     if _thp_mode() != "madvise":
         pytest.skip(f"THP mode is {_thp_mode()!r}: eligibility does not depend on the advice")
-    t = torch.empty(8 * HUGE_PAGE, dtype=torch.uint8)
+    # 24 huge pages = 48 MiB: above glibc's largest dynamic mmap threshold (32 MiB), so the tensor is always a
+    # fresh mapping; a smaller one can come from heap memory an earlier test in this process already advised
+    t = torch.empty(24 * HUGE_PAGE, dtype=torch.uint8)
     assert not _thp_eligible(_first_huge(t))
     assert advise_huge_pages(t)
     assert _thp_eligible(_first_huge(t))
