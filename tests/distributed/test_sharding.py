@@ -5,15 +5,19 @@ cut along whole groups and dequantize to the full weight's columns; KV heads are
 than the ranks; sizes that cannot be split are one-line ConfigErrors."""
 from __future__ import annotations
 
+import threading
 from dataclasses import replace
 
 import pytest
 import torch
 
 from scaleinfer.config import ModelConfig
-from scaleinfer.distributed.sharding import plan_shard, shard_config, shard_tensors, slice_tensor
+from scaleinfer.distributed.sharding import plan_shard, shard_config, shard_tensors, share_row_amax, slice_tensor
 from scaleinfer.errors import ConfigError
+from scaleinfer.layers.linear import Linear
+from scaleinfer.layers.parallel import RowParallel
 from scaleinfer.quantization.int4 import PackedInt4, dequantize_groupwise, quantize_groupwise
+from scaleinfer.quantization.int8 import W8A8
 
 QWEN = ModelConfig(architecture="qwen2", vocab_size=1003, hidden_size=128, intermediate_size=352, num_layers=1,
                    num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=64, attention_bias=True)
@@ -90,3 +94,67 @@ def test_sizes_that_do_not_split_are_one_line_errors():
         plan_shard(QWEN, 0, 3)
     with pytest.raises(ConfigError, match="KV heads"):
         plan_shard(replace(QWEN, num_heads=6, num_kv_heads=3), 0, 2)
+
+
+class _ThreadComm:
+    """One rank of a group of threads: the sum collective over a shared list (what RowParallel needs)."""
+
+    def __init__(self, rank: int, shared: dict):
+        self.rank, self.world_size, self.shared = rank, shared["size"], shared
+
+    def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
+        self.shared["parts"][self.rank] = t.clone()
+        self.shared["barrier"].wait()
+        total = sum(self.shared["parts"][1:], self.shared["parts"][0].clone())
+        self.shared["barrier"].wait()
+        return t.copy_(total)
+
+
+def _run_ranks(size: int, fn) -> list:
+    shared = {"size": size, "parts": [None] * size, "barrier": threading.Barrier(size, timeout=60)}
+    out = [None] * size
+    threads = [threading.Thread(target=lambda r=r: out.__setitem__(r, fn(_ThreadComm(r, shared))))
+               for r in range(size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads) and None not in out
+    return out
+
+
+@pytest.mark.parametrize("rows", [4, 24])   # the int8 weight-only kernel below 16 rows, int8 x int8 above
+def test_row_parallel_w8a8_shards_round_on_one_process_scales(rows):
+    """Each rank of a row-parallel w8a8 linear holds some input columns; activations and per-channel weights
+    are rounded on the whole row's scale (the group's maximum), so the summed partials are one process's
+    output up to float summation order. Outliers sit in one rank's columns, as Gemma 3's activations do:
+    with a scale per shard the other rank's columns round differently and the sum moves by ~1e-2."""
+    g = torch.Generator().manual_seed(3)
+    k, n, size = 256, 96, 2
+    w = torch.randn(n, k, generator=g) * 0.05
+    w[:, 200] *= 40.0
+    x = torch.randn(rows, k, generator=g)
+    x[:, 230] *= 60.0
+
+    def linear(weight: torch.Tensor) -> Linear:
+        layer = Linear(weight.shape[1], weight.shape[0])
+        layer.weight.data.copy_(weight)
+        layer.quant_method = W8A8()
+        return layer
+
+    full = linear(w)
+    full.quant_method.process_weights_after_loading(full)
+    want = full(x)
+    band = k // size
+
+    def rank(comm) -> torch.Tensor:
+        cols = slice(comm.rank * band, (comm.rank + 1) * band)
+        layer = linear(w[:, cols])
+        share_row_amax(torch.nn.ModuleDict({"o_proj": layer}), comm)
+        layer.quant_method.process_weights_after_loading(layer)
+        layer.quant_method = RowParallel(layer.quant_method, comm)
+        return layer(x[:, cols].contiguous())
+
+    outs = _run_ranks(size, rank)
+    assert torch.equal(outs[0], outs[1])
+    torch.testing.assert_close(outs[0], want, rtol=1e-5, atol=1e-4)

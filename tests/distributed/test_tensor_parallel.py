@@ -89,6 +89,57 @@ def test_tp2_gemma_replicated_kv_head_matches_one_process():
     assert (tp["logits"] - single["logits"]).abs().max().item() <= 5e-4 * scale
 
 
+LONG = "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n"
+"""40 tokens: rows enough for w8a8's int8 x int8 path (TEXT's few rows take int8 weights x fp32 activations)."""
+
+
+def _nudged(llm: LLM, seed: int) -> dict:
+    """`_run` (and LONG's logits) with the embedding scaled by 1 + 1e-6 * noise (seeded), then restored."""
+    w = llm.engine.model.embed_tokens.weight
+    kept = w.detach().clone()
+    w.data.mul_(1 + 1e-6 * torch.randn(w.shape, generator=torch.Generator().manual_seed(seed)))
+    try:
+        return {**_run(llm), "long": llm.engine.compute_logits(llm.tokenizer.encode(LONG))}
+    finally:
+        w.data.copy_(kept)
+
+
+@needs(GEMMA)
+def test_tp2_gemma_w8a8_matches_one_process():
+    """Row-parallel int8 weights and activations must be rounded on the whole row's scale (the group's
+    maximum), not on a scale per shard: per-shard weight scales moved TEXT's logits by 0.2-0.3 and changed
+    greedy tokens. What is left is float summation order, which int8 rounding amplifies just as it does a
+    1e-6 nudge of the embedding in one process: TP must stay within twice what four such nudges do. On
+    Gemma 3 that noise is small for int8 weights x fp32 activations (TEXT, ~1e-2) and large for int8 x int8
+    (LONG's 40 rows: ~7 logits, Gemma's activation outliers), and "import numpy as np\n" sits on a near tie
+    (nudges flip its third token), so tokens are compared on the prompts no nudge changes."""
+    one = _engine(GEMMA, 1, quantization="w8a8")
+    single = {**_run(one), "long": one.engine.compute_logits(one.tokenizer.encode(LONG))}
+    nudges = [_nudged(one, seed) for seed in range(4)]
+    del one
+    stable = [i for i in range(len(PROMPTS)) if all(n["tokens"][i] == single["tokens"][i] for n in nudges)]
+    assert len(stable) >= 2, stable
+
+    def diffs(a: dict, b: dict) -> tuple[float, float, float]:
+        logprobs = max(abs(x - y) for i in stable for x, y in zip(a["logprobs"][i], b["logprobs"][i]))
+        return ((a["logits"] - b["logits"]).abs().max().item(), (a["long"] - b["long"]).abs().max().item(),
+                logprobs)
+
+    noise = [max(d) for d in zip(*(diffs(single, n) for n in nudges))]
+    assert noise[0] > 1e-3, noise
+    llm = _engine(GEMMA, 2, quantization="w8a8")
+    try:
+        tp = {**_run(llm), "long": llm.engine.compute_logits(llm.tokenizer.encode(LONG))}
+        assert llm.engine.runner.model_config.num_heads == 2
+    finally:
+        llm.engine.shutdown()
+    assert [tp["tokens"][i] for i in stable] == [single["tokens"][i] for i in stable]
+    text, long, logprobs = diffs(single, tp)
+    assert text <= 2 * noise[0], f"TEXT's logits differ by {text}; 1e-6 nudges move them {noise[0]}"
+    assert long <= 2 * noise[1], f"LONG's logits differ by {long}; 1e-6 nudges move them {noise[1]}"
+    assert logprobs <= 2 * max(noise), (logprobs, noise)   # first tokens come from a many-row prefill
+
+
 @needs(QWEN)
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL tensor parallel needs two GPUs")
 def test_tp2_nccl_on_two_gpus_matches_one_gpu():

@@ -26,7 +26,7 @@ from torch import nn
 from scaleinfer.config import ModelConfig
 from scaleinfer.errors import ConfigError
 from scaleinfer.layers.linear import Linear
-from scaleinfer.layers.parallel import GatherLogits, RowParallel, VocabParallelEmbedding
+from scaleinfer.layers.parallel import GatherLogits, RowParallel, VocabParallelEmbedding, group_max
 
 GROUP = 32
 """Intermediate and head bands are cut at multiples of this many columns (int4 groups stay whole)."""
@@ -125,6 +125,16 @@ def shard_tensors(tensors: Iterable[tuple[str, object]], shard: TPShard, cfg: Mo
         elif name.endswith(("o_proj.bias", "down_proj.bias")) and shard.rank != 0:
             tensor = torch.zeros_like(tensor)   # a row-parallel bias is added once, after the sum
         yield raw, tensor
+
+
+def share_row_amax(model: nn.Module, comm) -> None:
+    """Before quantizing: each dense row-parallel linear (o, down) gets `row_amax`, its rows' largest |w| over
+    the whole row (every rank's columns), so per-channel int8 methods round each rank's columns on the
+    scale one process would use (quantization/int8.py), not on a scale of their own."""
+    for name, module in model.named_modules():
+        if isinstance(module, Linear) and name.rpartition(".")[2] in ("o_proj", "down_proj") \
+                and module.weight is not None and not module.packed_shards:
+            module.row_amax = group_max(comm, module.weight.detach().abs().amax(dim=1))
 
 
 def install_tensor_parallel(model: nn.Module, shard: TPShard, comm) -> None:

@@ -8,7 +8,8 @@ import torch
 
 from scaleinfer.attention.backend import get_backend
 from scaleinfer.config import EngineConfig
-from scaleinfer.distributed.sharding import TPShard, install_tensor_parallel, shard_config, shard_tensors
+from scaleinfer.distributed.sharding import (TPShard, install_tensor_parallel, shard_config, shard_tensors,
+                                             share_row_amax)
 from scaleinfer.distributed.stages import PPStage, finish_stage, prepare_stage, stage_tensors
 from scaleinfer.errors import ConfigError
 from scaleinfer.layers.linear import Linear
@@ -58,6 +59,8 @@ def build_model(ckpt: Checkpoint, config: EngineConfig, attention_backend: str |
     placed = load_into(model, family, tensors, ckpt.config.tie_word_embeddings, source=f"checkpoint {ckpt.path}")
     if windows is not None:
         _gptq(model, ckpt, mode, windows)
+    if shard is not None and mode != "none":
+        share_row_amax(model, comm)
     if mode == "auto":   # each linear by how the checkpoint stored it (quantization/auto.py)
         from scaleinfer.quantization.auto import apply_auto
 

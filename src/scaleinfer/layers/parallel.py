@@ -2,7 +2,10 @@
 (distributed/sharding.py), as quantization swaps methods:
 
 - RowParallel wraps the method of a row-parallel linear (o, down): its output is a partial sum over this
-  rank's input columns, all-reduced across the group (the decode program does the same in C++);
+  rank's input columns, all-reduced across the group (the decode program does the same in C++); a method
+  that rounds activations per row (w8a8) first gets each row's maximum over the group, so every rank
+  rounds on one process's scale (a scale per shard made Gemma 3's logits drift by 0.2-0.3; per-channel
+  int8 weights get their whole rows' scale the same way, distributed/sharding.py: share_row_amax);
 - VocabParallelEmbedding looks up the ids of this rank's vocabulary rows (zeros for the others) and
   all-reduces, so every rank gets the full embeddings;
 - GatherLogits wraps the LM head's method: each rank computes its vocabulary columns, rank 0 gets them
@@ -18,6 +21,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def group_max(comm, local: torch.Tensor) -> torch.Tensor:
+    """The element-wise maximum of `local` over the group, from the sum collective: each rank fills its own
+    row of a zeroed [world, n] buffer, the sum gives every rank every row (adding zeros is exact)."""
+    rows = torch.zeros(comm.world_size, local.numel(), dtype=local.dtype)
+    rows[comm.rank] = local.reshape(-1)
+    return comm.all_reduce_(rows).amax(dim=0).view_as(local)
+
+
 class RowParallel:
     """A linear method whose outputs are all-reduced across the tensor-parallel group."""
 
@@ -28,6 +39,9 @@ class RowParallel:
         self.inner.process_weights_after_loading(layer)
 
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
+        if getattr(self.inner, "name", None) == "w8a8":   # per-token int8 activations: round on the whole row's scale
+            y = self.inner.apply(layer, x, group_amax=lambda local: group_max(self.comm, local))
+            return self.comm.all_reduce_(y.contiguous())
         return self.comm.all_reduce_(self.inner.apply(layer, x).contiguous())
 
     def __getattr__(self, name: str):   # decode_spec, dequantize, reference, name ...: the inner method's

@@ -33,16 +33,23 @@ W8A8_MIN_ROWS = 16
 """Fewer rows than this: W8A8 uses the weight-only kernel (torch._int_mm is slow for tiny M on CPU)."""
 
 
-def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per output row: q in [-127, 127], w ~= q * scale[:, None]."""
-    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+def quantize_per_channel(w: torch.Tensor, amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output row: q in [-127, 127], w ~= q * scale[:, None]. `amax` [out], when given, is
+    each row's largest |w| over the whole row, of which w holds some columns (a row-parallel shard)."""
+    if amax is None:
+        amax = w.abs().amax(dim=1)
+    scale = (amax / 127.0).clamp(min=1e-12)
     q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
     return q, scale.float().contiguous()
 
 
-def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per row of x [M, K]: returns q [M, K] int8 and scale [M, 1]."""
-    scale = (x.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-12)
+def quantize_per_token(x: torch.Tensor, amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row of x [M, K]: returns q [M, K] int8 and scale [M, 1]. `amax` [M, 1], when given,
+    is each row's largest |value| over the whole row, of which x holds only some columns (a row-parallel
+    shard: every rank then rounds its columns on the scale one process would use)."""
+    if amax is None:
+        amax = x.abs().amax(dim=1, keepdim=True)
+    scale = (amax / 127.0).clamp(min=1e-12)
     q = torch.round(x / scale).clamp(-127, 127).to(torch.int8)
     return q, scale
 
@@ -51,7 +58,7 @@ class Int8WeightOnly:
     name = "int8"
 
     def process_weights_after_loading(self, layer: Linear) -> None:
-        q, scale = quantize_per_channel(dense_weight(layer))
+        q, scale = quantize_per_channel(dense_weight(layer), getattr(layer, "row_amax", None))
         drop_dense_weight(layer)
         layer.register_buffer("qweight", q)              # [out, in] int8
         layer.register_buffer("weight_scale", scale)     # [out] float32
@@ -84,11 +91,14 @@ class W8A8(Int8WeightOnly):
     def decode_spec(self, layer: Linear) -> DecodeSpec:
         return super().decode_spec(layer)._replace(max_rows=W8A8_MIN_ROWS - 1)  # the int8 kernel's rows
 
-    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+    def apply(self, layer: Linear, x: torch.Tensor, group_amax=None) -> torch.Tensor:
+        """`group_amax`, for a row-parallel shard of the input columns: a function from this shard's per-row
+        largest |x| [M, 1] to the whole row's (layers/parallel.py's RowParallel passes the group's maximum)."""
         x2 = x.reshape(-1, x.shape[-1])
         if x2.shape[0] < W8A8_MIN_ROWS or x.device.type != "cpu" or x2.dtype != torch.float32:
             return super().apply(layer, x)
-        xq, x_scale = quantize_per_token(x2)
+        amax = x2.abs().amax(dim=1, keepdim=True)
+        xq, x_scale = quantize_per_token(x2, amax if group_amax is None else group_amax(amax))
         acc = torch._int_mm(xq, layer.qweight.t())     # [M, out] int32; weight read column-major
         y = acc.float().mul_(x_scale).mul_(layer.weight_scale)
         if layer.bias is not None:
