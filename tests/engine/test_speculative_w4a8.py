@@ -1,6 +1,6 @@
 """Speculative decoding on w4a8 weights never changes a greedy output: the target verifies k + 1 draft rows
 per request in one decode step, so every w4a8 kernel of a decode step (csrc/int4_a8.cpp's multi-row GEMV,
-the block-32 int8 LM head) must give a row the same bits whatever rows run with it (tests/kernels/
+the block-32 int8 LM head) must give a row the same bits whatever rows run with it (tests/kernel_tests/
 test_w4a8_batch_invariance.py). n-gram and draft-model proposers, batch 1 and mixed batches of four
 requests, on real SmolLM2-135M weights.
 

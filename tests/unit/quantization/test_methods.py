@@ -1,5 +1,5 @@
 """Every quantization method as a layer: close to fp32, packing and GGUF layouts, apply_quantization.
-Each method against its own dequantized reference on every kernel code path: tests/kernels/test_lowbit_linear.py.
+Each method against its own dequantized reference on every kernel code path: tests/kernel_tests/test_lowbit_linear.py.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """w4a8 and its block-32 int8 LM head as quantization methods: the prefill path, activation and weight
 block quantization, GGUF Q4 / Q8_0 round trips, a real model. The kernels on every code path against
-their reference: tests/kernels/test_w4a8.py."""
+their reference: tests/kernel_tests/test_w4a8.py."""
 from __future__ import annotations
 
 import pytest
