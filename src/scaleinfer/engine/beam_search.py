@@ -81,7 +81,7 @@ class BeamGroup:
             self.max_output = min(self.max_output, params.max_tokens)
         root = Request(f"{request_id}#b0", self.prompt_ids, params, eos_token_ids, prompt=prompt,
                        beam_candidates=self.keep + len(self.stop_ids), encoder_input=encoder_input,
-                       num_encoder_tokens=num_encoder_tokens)
+                       num_encoder_tokens=num_encoder_tokens, encoder_group=request_id if num_encoder_tokens else None)
         self.beams = [_Beam(root)]
         self.finished: list[Hypothesis] = []
         self.improvable = True
