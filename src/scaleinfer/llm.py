@@ -207,11 +207,13 @@ class LLM:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def transcribe(self, audio, language: str | None = None, task: str = "transcribe", *,
-                   sample_rate: int | None = None, options=None):
+                   sample_rate: int | None = None, options=None, beam_size: int | None = None,
+                   patience: float | None = None, length_penalty: float | None = None):
         """Transcribe (or, task="translate", translate to English) speech with a Whisper model: `audio` is a
         file path, a file's bytes, or a float / int16 sample array (with its `sample_rate`); a list of them
         runs together, their windows batched. Returns a speech.transcribe.Transcription (text, language,
-        segments with timestamps), or a list for a list. `options`: a full TranscriptionOptions."""
+        segments with timestamps), or a list for a list. `options`: a full TranscriptionOptions; beam_size,
+        patience, length_penalty (when given) override its beam search at temperature 0 (default: greedy)."""
         from dataclasses import replace
 
         from scaleinfer.speech.drivers import prepare, run_offline
@@ -223,6 +225,9 @@ class LLM:
             raise ConfigError("transcribe() runs on one engine; use an LLM with data_parallel_size=1")
         opts = replace(options or TranscriptionOptions(), language=language or (options and options.language),
                        task=task if options is None else options.task)
+        beam = {k: v for k, v in (("beam_size", beam_size), ("patience", patience),
+                                  ("length_penalty", length_penalty)) if v is not None}
+        opts = replace(opts, **beam) if beam else opts
         many = isinstance(audio, list)
         gens = [prepare(a, opts, self.tokenizer, self.engine.model_config, self.engine.max_model_len, sample_rate)
                 for a in (audio if many else [audio])]

@@ -39,6 +39,9 @@ class Request:
     log-mel features, T5's source ids); None for decoder-only models. Kept for a recompute after preemption."""
     num_encoder_tokens: int = 0
     """Encoder states of the request (its cross-attention keys); 0 for decoder-only models."""
+    encoder_group: str | None = None
+    """Requests with the same group and the same encoder_input object (the children of one n > 1 request)
+    share one encoder run: the first admitted runs it, the others take its cross blocks by reference."""
 
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
@@ -97,7 +100,8 @@ class Request:
         """A new beam with this request's tokens and progress (no blocks: BlockManager.fork shares them)."""
         child = Request(request_id, self.prompt_token_ids, self.sampling_params, self.eos_token_ids,
                         arrival_time=self.arrival_time, prompt=self.prompt, encoder_input=self.encoder_input,
-                        num_encoder_tokens=self.num_encoder_tokens, output_token_ids=list(self.output_token_ids),
+                        num_encoder_tokens=self.num_encoder_tokens, encoder_group=self.encoder_group,
+                        output_token_ids=list(self.output_token_ids),
                         num_computed_tokens=self.num_computed_tokens, beam_candidates=self.beam_candidates)
         child._all_token_ids = list(self._all_token_ids)
         child.first_token_time = self.first_token_time

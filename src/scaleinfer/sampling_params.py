@@ -61,6 +61,9 @@ class SamplingParams:
     early_stopping: bool | str = False
     """Beam search stop rule, as HF: False (stop when no running beam can beat the n-th best finished one at
     its current length), True (stop once best_of sequences finished), "never" (the canonical bound)."""
+    patience: float = 1.0
+    """Beam search: the finished sequences kept and awaited are round(best_of * patience) instead of best_of
+    (openai-whisper / faster-whisper's patience; 1.0 = HF's rule)."""
     logits_processors: list[Callable] | None = None
     """vLLM's per-request hooks: each fn(output_token_ids: list[int], logits: Tensor [vocab]) -> logits,
     applied in order to the request's row before penalties and sampling (Whisper's token suppression and
@@ -140,9 +143,12 @@ class SamplingParams:
         if not self.use_beam_search:
             if self.best_of is not None and self.best_of != self.n:
                 raise bad("best_of", self.best_of, "is supported with use_beam_search=true only; use n")
-            if self.length_penalty != 1.0:
-                raise bad("length_penalty", self.length_penalty, "applies to beam search only; set use_beam_search")
+            for name in ("length_penalty", "patience"):
+                if getattr(self, name) != 1.0:
+                    raise bad(name, getattr(self, name), "applies to beam search only; set use_beam_search")
             return
+        if not 0.0 < self.patience <= 16.0:
+            raise bad("patience", self.patience, "must be in (0, 16]")
         if not -10.0 <= self.length_penalty <= 10.0:
             raise bad("length_penalty", self.length_penalty, "must be between -10 and 10")
         if self.temperature != 0.0:

@@ -18,7 +18,12 @@ Beam search (engine/beam_search.py): a beam (`beam_candidates` > 0) gets its top
 instead of a token, and waits with nothing to compute until its group picks the next tokens; a
 running request with nothing to compute is skipped. If only such waiting beams run and the head of
 the queue does not fit, the newest of them gives its blocks back (to the back of the queue: it keeps
-its candidates) so its siblings can catch up. Copy-on-write copies of shared beam blocks travel in
+its candidates) so its siblings can catch up.
+
+Encoder-decoder sampling with n > 1 (Whisper's best_of): the children carry one `encoder_group`. The
+first admitted runs the encoder; a sibling admitted later (or in the same step) while it runs takes its
+cross blocks by reference count (BlockManager.share_cross) and is not sent to the encoder. A child
+readmitted after a preemption shares again if a sibling still runs, else it runs the encoder again. Copy-on-write copies of shared beam blocks travel in
 the SchedulerOutput to the runner.
 """
 from __future__ import annotations
@@ -87,6 +92,10 @@ class ModelOutput:
 
 
 class Scheduler:
+    share_encoder = True
+    """Children of one n > 1 encoder-decoder request share the first one's encoder run and cross blocks;
+    False: each runs its own encoder (tests compare the two)."""
+
     def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int,
                  attention_patterns: Sequence[AttentionPattern] = ()) -> None:
         self.config = scheduler_config
@@ -169,6 +178,10 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not out.preempted:
             req = self.waiting[0]
             needs_encoder = req.num_encoder_tokens > 0 and not req.cross_block_ids
+            source = self._encoder_sibling(req) if needs_encoder else None
+            if source is not None:   # its sibling's encoder ran (or runs first this step): share its cross K/V
+                bm.share_cross(source, req)
+                needs_encoder = False
             if needs_encoder and out.encoder_requests and req.num_encoder_tokens > encoder_budget:
                 break
             if not req.block_ids:
@@ -191,6 +204,13 @@ class Scheduler:
             self._preempt(self.running[-1], out, to_back=True)   # only waiting beams run: make room
         out.blocks_to_copy = bm.take_copies()
         return out
+
+    def _encoder_sibling(self, req: Request) -> Request | None:
+        """A running request of req's encoder group, with the same encoder input, that holds cross blocks."""
+        if req.encoder_group is None or not self.share_encoder:
+            return None
+        return next((r for r in self.running if r.encoder_group == req.encoder_group
+                     and r.encoder_input is req.encoder_input and r.cross_block_ids), None)
 
     def _drafts(self, req: Request, n: int, budget: int) -> list[int]:
         """The drafts a decoding request checks this step: its proposal, cut to the budget, the context,

@@ -21,7 +21,8 @@ def cmd_transcribe(args) -> int:
     opts = TranscriptionOptions(language=language_code(args.language), task=args.task,
                                 without_timestamps=args.without_timestamps, initial_prompt=args.prompt,
                                 temperatures=tuple(args.temperature) if args.temperature else
-                                TranscriptionOptions.temperatures, seed=args.seed)
+                                TranscriptionOptions.temperatures, seed=args.seed, beam_size=args.beam_size,
+                                patience=args.patience, length_penalty=args.length_penalty)
     llm = make_llm(args)
     results = llm.transcribe(list(args.files), options=opts)
     for path, result in zip(args.files, results):
@@ -54,5 +55,11 @@ def register(sub) -> None:
     p.add_argument("--temperature", type=float, action="append", default=None,
                    help="decoding temperature, repeatable for the fallback ladder (default: 0 0.2 ... 1.0)")
     p.add_argument("--seed", type=int, default=None, help="seed of the fallback temperatures' sampling")
+    p.add_argument("--beam-size", type=int, default=None, metavar="N",
+                   help="beam search with N beams at temperature 0 (openai-whisper's choice: 5; default: greedy)")
+    p.add_argument("--patience", type=float, default=1.0,
+                   help="beam search: stop once round(N * patience) sequences finished (default: %(default)s)")
+    p.add_argument("--length-penalty", type=float, default=1.0,
+                   help="beam search: score = sum logprob / length ** length_penalty (default: %(default)s)")
     engine_args(p)
     p.set_defaults(fn=cmd_transcribe, model="whisper-base")

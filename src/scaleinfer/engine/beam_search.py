@@ -11,16 +11,19 @@ defaults) runs over them:
 2. a candidate that ends its sequence (EOS / stop id / stop string / max_tokens / the context) and
    ranks among the first `width` becomes a finished hypothesis scored sum / len(output) ** length_penalty
    (the n best are kept); the first `width` candidates that do not end continue as the next beams;
+   (candidates a logits processor banned, at -inf, are never taken);
 3. the search stops when no running beam can still beat the worst kept hypothesis (early_stopping
    False: the best running sum over the current length; "never" with length_penalty > 0: over the
    longest possible length), when `width` hypotheses finished (early_stopping True), or when no
-   candidate continues.
+   candidate continues. With a patience p (openai-whisper's), round(width * p) hypotheses are kept and
+   awaited instead of `width`.
 
 A parent chosen by one candidate is extended in place; chosen by several, it is forked (same blocks,
 reference counts up); chosen by none, it is dropped (its references released).
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -73,6 +76,8 @@ class BeamGroup:
         self.request_id, self.prompt, self.prompt_ids = request_id, prompt, list(prompt_ids)
         self.params, self.tokenizer, self.max_model_len = params, tokenizer, max_model_len
         self.width = params.beam_width
+        self.num_finished = max(1, round(self.width * params.patience))
+        """Finished hypotheses kept, and awaited under early_stopping True (width, times the patience)."""
         self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
         self.keep = max(2, 1 + len(self.stop_ids)) * self.width
         """Candidates kept per step (HF's beams_to_keep): enough that `width` of them continue."""
@@ -81,7 +86,7 @@ class BeamGroup:
             self.max_output = min(self.max_output, params.max_tokens)
         root = Request(f"{request_id}#b0", self.prompt_ids, params, eos_token_ids, prompt=prompt,
                        beam_candidates=self.keep + len(self.stop_ids), encoder_input=encoder_input,
-                       num_encoder_tokens=num_encoder_tokens)
+                       num_encoder_tokens=num_encoder_tokens, encoder_group=request_id if num_encoder_tokens else None)
         self.beams = [_Beam(root)]
         self.finished: list[Hypothesis] = []
         self.improvable = True
@@ -125,7 +130,8 @@ class BeamGroup:
             ids, lps = beam.request.candidates
             banned = beam.request.num_output_tokens + 1 <= self.params.min_tokens
             base = beam.sum_logprob
-            out.extend((base + lp, bi, t, lp) for t, lp in zip(ids, lps) if not (banned and t in self.stop_ids))
+            out.extend((base + lp, bi, t, lp) for t, lp in zip(ids, lps)
+                       if lp > -math.inf and not (banned and t in self.stop_ids))   # never a banned token
         out.sort(key=lambda c: (-c[0], c[1]))
         return out[:self.keep]
 
@@ -145,14 +151,14 @@ class BeamGroup:
 
     def _add_finished(self, beam: _Beam, token: int, lp: float, total: float,
                       ended: tuple[FinishReason, str | int | None]) -> None:
-        if not self.improvable or (self.params.early_stopping is True and len(self.finished) >= self.width):
+        if not self.improvable or (self.params.early_stopping is True and len(self.finished) >= self.num_finished):
             return
         length = beam.request.num_output_tokens + 1
         score = total / (length ** self.params.length_penalty)
         self.finished.append(Hypothesis(beam.request.output_token_ids + [token], beam.logprobs + [lp], score,
                                         *ended))
         self.finished.sort(key=lambda h: -h.score)   # stable: earlier hypotheses win ties, as HF's merge
-        del self.finished[self.width:]
+        del self.finished[self.num_finished:]
 
     def _update_beams(self, scheduler, next_beams: list[tuple[int, int, float]]) -> None:
         children: dict[int, list[tuple[int, float]]] = {}
@@ -182,14 +188,14 @@ class BeamGroup:
             self._first_token_time = time.monotonic()
 
     def _check_done(self, scheduler) -> None:
-        if self.improvable and len(self.finished) >= self.width and self.beams:
+        if self.improvable and len(self.finished) >= self.num_finished and self.beams:
             length = self.beams[0].request.num_output_tokens
             if self.params.early_stopping == "never" and self.params.length_penalty > 0.0:
                 length = self.max_output
             best_running = max(b.sum_logprob for b in self.beams) / (length ** self.params.length_penalty)
             self.improvable = best_running > self.finished[-1].score
         if not self.improvable or not self.beams or (
-                self.params.early_stopping is True and len(self.finished) >= self.width):
+                self.params.early_stopping is True and len(self.finished) >= self.num_finished):
             self.finish(scheduler)
 
     def finish(self, scheduler) -> None:

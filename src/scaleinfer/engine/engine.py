@@ -1,8 +1,9 @@
 """LLMEngine: add_request / abort_request / step. One step = schedule, run the model, update, detokenize.
 
 Fed by LLM (offline) and AsyncEngine (server). Not thread-safe: one thread drives it.
-A request with n > 1 is fanned out into n child requests that share the prompt; their outputs are
-gathered back under the parent id.
+A request with n > 1 is fanned out into n child requests that share the prompt (and, for an
+encoder-decoder, one encoder run and its cross blocks: scheduler.py); their outputs are gathered back
+under the parent id.
 """
 from __future__ import annotations
 
@@ -162,7 +163,8 @@ class LLMEngine:
                 child_params = replace(params, n=1, seed=seed)
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"
             req = Request(child_id, prompt_ids, child_params, eos_token_ids=self.tokenizer.eos_token_ids,
-                          prompt=prompt_text, encoder_input=encoder_input, num_encoder_tokens=num_encoder_tokens)
+                          prompt=prompt_text, encoder_input=encoder_input, num_encoder_tokens=num_encoder_tokens,
+                          encoder_group=request_id if params.n > 1 and num_encoder_tokens else None)
             if compiled is not None:
                 req.grammar = GrammarState(compiled, self._grammars.stop_token_ids, self._grammars.vocab_size)
             detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, child_params.skip_special_tokens,

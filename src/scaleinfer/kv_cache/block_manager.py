@@ -19,6 +19,9 @@ however long it runs:
 
     request.block_ids = [4, -1, -1, -1, 8, 3]     sink block, evicted middle, live window
 
+Sampling siblings (`share_cross`): the children of one n > 1 encoder-decoder request hold the first
+admitted child's cross blocks by reference count (one encoder run for all of them).
+
 Beam search (`fork`): a new beam shares every block of its parent by reference count. The first
 write into a shared block (the parent's partly filled last block) copies it first (copy-on-write):
 `allocate` gives the writer a fresh block and queues (src, dst) in `pending_copies`, which the
@@ -146,6 +149,14 @@ class BlockManager:
                 self.ref_counts[block_id] += 1
         child.block_ids.extend(parent.block_ids)
         child.cross_block_ids.extend(parent.cross_block_ids)
+
+    def share_cross(self, source: Request, request: Request) -> None:
+        """`request` (a sibling with the same encoder input) takes `source`'s cross blocks by reference: its
+        encoder does not run; the blocks go back when the last holder is freed."""
+        assert not request.cross_block_ids and source.cross_block_ids
+        for block_id in source.cross_block_ids:
+            self.ref_counts[block_id] += 1
+        request.cross_block_ids.extend(source.cross_block_ids)
 
     def take_copies(self) -> list[tuple[int, int]]:
         """The copy-on-write copies queued since the last call (for this step's runner)."""

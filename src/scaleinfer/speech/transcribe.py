@@ -6,7 +6,9 @@ context); the result is split into segments at its timestamp pairs and `seek` mo
 complete timestamp (or a whole window on), so speech cut at a window's end is decoded again in the
 next one. A window whose text is too repetitive (gzip compression ratio > 2.4) or too unlikely (average
 log-probability < -1) is decoded again at the next temperature (0.2, 0.4 ... 1.0), unless the model
-says it holds no speech. After a decode above temperature 0.5 the context is reset.
+says it holds no speech. At temperature 0 a window is decoded greedily, or with beam search when
+beam_size is set; above 0, best_of samples are drawn (sharing one encoder run) and the likeliest kept.
+After a decode above temperature 0.5 the context is reset.
 
 `transcription_steps` is written without any I/O: a generator that yields one DecodeJob at a time and
 is sent back the engine's RequestOutput for it. drivers.py runs many of them over one engine (their
@@ -45,6 +47,12 @@ class TranscriptionOptions:
     temperatures: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
     best_of: int = 5
     """Samples drawn at a temperature above 0; the most likely (by average log-probability) is kept."""
+    beam_size: int | None = None
+    """Beam search with this many beams at temperature 0 (openai-whisper / faster-whisper use 5); None: greedy."""
+    patience: float = 1.0
+    """Beam search: stop once round(beam_size * patience) sequences finished."""
+    length_penalty: float = 1.0
+    """Beam search: a finished sequence scores sum(logprobs) / length ** length_penalty (faster-whisper's)."""
     compression_ratio_threshold: float | None = 2.4
     log_prob_threshold: float | None = -1.0
     no_speech_threshold: float | None = 0.6
@@ -62,6 +70,13 @@ class TranscriptionOptions:
             raise RequestError(f"temperatures must be a non-empty list of values in [0, 2], got {self.temperatures}")
         if not 1 <= self.best_of <= 16:
             raise RequestError(f"best_of must be from 1 to 16, got {self.best_of}")
+        if self.beam_size is not None and (isinstance(self.beam_size, bool) or not isinstance(self.beam_size, int)
+                                           or not 1 <= self.beam_size <= 16):
+            raise RequestError(f"beam_size must be an integer from 1 to 16, got {self.beam_size!r}")
+        if not 0.0 < self.patience <= 16.0:
+            raise RequestError(f"patience must be in (0, 16], got {self.patience}")
+        if not -10.0 <= self.length_penalty <= 10.0:
+            raise RequestError(f"length_penalty must be between -10 and 10, got {self.length_penalty}")
         self.temperatures = tuple(self.temperatures)
 
 
@@ -167,9 +182,7 @@ def _decode_with_fallback(window, prompt, tokens: WhisperTokens, tokenizer, opts
         rules = WindowRules(tokens, language, opts.task, not opts.without_timestamps, opts.max_initial_timestamp)
         room = max_length - len(prompt)
         max_tokens = room if opts.max_new_tokens is None else min(room, opts.max_new_tokens + rules.num_forced)
-        params = SamplingParams(n=opts.best_of if temperature > 0 else 1, temperature=temperature,
-                                max_tokens=max_tokens, logprobs=0, seed=opts.seed, skip_special_tokens=False,
-                                logits_processors=[rules])
+        params = window_params(opts, temperature, max_tokens, rules)
         out = yield DecodeJob(list(prompt), window, params, rules)
         if language is None:
             language, detected_prob = rules.language, rules.language_prob
@@ -193,6 +206,25 @@ def _decode_with_fallback(window, prompt, tokens: WhisperTokens, tokenizer, opts
     best = max(below_ratio or tried, key=lambda a: a.avg_logprob)
     best.temperature = opts.temperatures[-1]   # for the context reset rule, as the references do
     return best, language, detected_prob
+
+
+def window_params(opts: TranscriptionOptions, temperature: float, max_tokens: int, rules: WindowRules
+                  ) -> SamplingParams:
+    """One window decode's SamplingParams: beam search at temperature 0 when opts.beam_size is set (its
+    best sequence), else greedy at 0 and best_of samples above (one encoder run for all: scheduler.py)."""
+    common = dict(max_tokens=max_tokens, logprobs=0, skip_special_tokens=False, logits_processors=[rules])
+    if temperature == 0 and opts.beam_size is not None:   # beams ranked on the rules' renormalized logprobs
+        common["logits_processors"] = [rules, _renormalize]
+        return SamplingParams(temperature=0, use_beam_search=True, best_of=opts.beam_size, early_stopping=True,
+                              patience=opts.patience, length_penalty=opts.length_penalty, **common)
+    return SamplingParams(n=opts.best_of if temperature > 0 else 1, temperature=temperature, seed=opts.seed,
+                          **common)
+
+
+def _renormalize(output_ids: list[int], logprobs: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities again after the window rules banned tokens, as openai-whisper / CTranslate2 rank
+    beams (the engine's beam search hands processors raw log-probabilities and does not renormalize)."""
+    return torch.log_softmax(logprobs.float(), dim=-1).to(logprobs.dtype)
 
 
 def _attempt(out: RequestOutput, rules: WindowRules, tokens: WhisperTokens, tokenizer,
