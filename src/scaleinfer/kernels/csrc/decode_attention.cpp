@@ -197,7 +197,7 @@ void attend_range(const AttnJob& J, int64_t b, int64_t h, int64_t j0, int64_t j1
   const float* q = J.q + b * J.qs + h * G * D;
   // This head's rows of the block (D * bytes at slot * Hkv rows): swept ahead of each pass as on AVX-512.
   const int64_t bytes = D * kv_bytes_of(J.type), row = J.Hkv * bytes;
-  const bool sweep = J.Hkv > 1 && G > 1 && J.isa >= AttnIsa::avx2 && sweep_on();
+  const bool sweep = J.type == KvType::i8 && J.Hkv > 1 && G > 1 && J.isa >= AttnIsa::avx2 && sweep_on();
   for (int64_t j = j0; j < j1; j += kBlock) {
     const int64_t n = std::min(kBlock, j1 - j);
     const int64_t* sl = J.slots + b * J.W + j;
