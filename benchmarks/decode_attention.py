@@ -8,7 +8,8 @@ engine's paged cache is), so the KV of a token is read from memory as in a real 
 per token (wall, and the process's CPU time: on a loaded machine the CPU time of a 1-thread run is the
 steadier measure), the KV bytes a token reads (data + int8 scales) and the GB/s that makes. `--baseline PATH`
 loads another build of the kernel module (e.g. a copy of an older `_C*.so`) and times it in the same run,
-interleaved, for a same-run ratio on a shared machine.
+interleaved, for a same-run ratio on a shared machine; `--sweep-ab` instead times this build with
+SI_NO_SWEEP=1 (no row sweep ahead of the K and V passes) as the baseline.
 """
 from __future__ import annotations
 
@@ -100,13 +101,14 @@ def _worker(a) -> None:
 
 
 class _Proc:
-    def __init__(self, a, context: int, kind: str, module: str | None):
+    def __init__(self, a, context: int, kind: str, module: str | None, env: dict | None = None):
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--context-one", str(context), "--kv", kind]
         cmd += ["--threads", str(a.threads), "--layers", str(a.layers), "--heads", str(a.heads),
                 "--kv-heads", str(a.kv_heads), "--head-dim", str(a.head_dim)]
         cmd += ["--module", module] if module else []
         cmd += ["--no-huge-pages"] if a.no_huge_pages else []
-        self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                  env={**os.environ, **(env or {})})
         self.bytes = json.loads(self.p.stdout.readline())["bytes"]
         self.times: list[float] = []
         self.cpu: list[float] = []
@@ -130,6 +132,8 @@ def run(a) -> list[dict]:
             procs = {"new": _Proc(a, context, kind, None)}
             if a.baseline:
                 procs["baseline"] = _Proc(a, context, kind, a.baseline)
+            elif a.sweep_ab:
+                procs["baseline"] = _Proc(a, context, kind, None, {"SI_NO_SWEEP": "1"})
             for r in range(a.rounds):
                 for p in (list(procs.values()) if r % 2 == 0 else list(procs.values())[::-1]):
                     p.round(5)
@@ -142,7 +146,7 @@ def run(a) -> list[dict]:
                 row[f"{name}_ms"] = t * 1e3
                 row[f"{name}_gb_s"] = nbytes / t / 1e9
                 row[f"{name}_cpu_ms"] = statistics.median(p.cpu) * 1e3
-            if a.baseline:
+            if "baseline" in procs:
                 row["speedup"] = statistics.median(b / n for b, n in zip(procs["baseline"].times, procs["new"].times))
             rows.append(row)
             print(_line(row), flush=True)
@@ -169,6 +173,7 @@ def main() -> int:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--rounds", type=int, default=10, help="interleaved rounds (each the median of 5 tokens)")
     p.add_argument("--baseline", default=None, help="path of another build of the kernel module to compare")
+    p.add_argument("--sweep-ab", action="store_true", help="baseline: this build with SI_NO_SWEEP=1")
     p.add_argument("--no-huge-pages", action="store_true", help="caches on 4 KiB pages (no MADV_HUGEPAGE)")
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

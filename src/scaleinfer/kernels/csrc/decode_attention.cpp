@@ -195,11 +195,16 @@ void attend_range(const AttnJob& J, int64_t b, int64_t h, int64_t j0, int64_t j1
   std::fill(l, l + G, 0.f);
   std::fill(o, o + G * D, 0.f);
   const float* q = J.q + b * J.qs + h * G * D;
+  // This head's rows of the block (D * bytes at slot * Hkv rows): swept ahead of each pass as on AVX-512.
+  const int64_t bytes = D * kv_bytes_of(J.type), row = J.Hkv * bytes;
+  const bool sweep = J.type == KvType::i8 && J.Hkv > 1 && G > 1 && J.isa >= AttnIsa::avx2 && sweep_on();
   for (int64_t j = j0; j < j1; j += kBlock) {
     const int64_t n = std::min(kBlock, j1 - j);
     const int64_t* sl = J.slots + b * J.W + j;
+    if (sweep) sweep_rows(static_cast<const char*>(J.k.data) + h * bytes, row, bytes, sl, n);
     block_rows(J, J.k, sl, n, h, buf.data(), kr);
     block_scores(q, G, D, J.sc, kr, n, m, l, o, p.data());
+    if (sweep) sweep_rows(static_cast<const char*>(J.v.data) + h * bytes, row, bytes, sl, n);
     block_rows(J, J.v, sl, n, h, buf.data(), vr);
     block_values(G, D, vr, n, p.data(), o);
   }

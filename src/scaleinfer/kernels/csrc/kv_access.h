@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 
@@ -148,5 +149,22 @@ struct AttnJob {
 // at st[h] the max m [G], sum l [G] and unnormalized output o [G, D] of its query heads; false (nothing
 // done) when the path does not cover J.
 bool attend_range_512(const AttnJob& J, int64_t b, int64_t j0, int64_t j1, float* const* st);
+
+// Touches the 64-byte lines of block slots sl[0..n) (rows of `bytes` at base + slot * row) ahead of the pass
+// that reads them, so their misses overlap instead of arriving one row at a time in the compute loop.
+// SI_NO_SWEEP=1 turns it off (A/B benchmark); the arithmetic is the same either way.
+inline int64_t kv_bytes_of(KvType t) { return t == KvType::f32 ? 4 : t == KvType::i8 ? 1 : 2; }
+
+inline void sweep_rows(const char* base, int64_t row, int64_t bytes, const int64_t* sl, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const char* src = base + sl[i] * row;
+    for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(src + o, _MM_HINT_T0);
+  }
+}
+
+inline bool sweep_on() {
+  const char* e = std::getenv("SI_NO_SWEEP");
+  return !(e && *e && *e != '0');
+}
 
 }  // namespace kv
