@@ -149,6 +149,28 @@ def test_invalid_constraints_are_400(client, model_name, body, stream):
         client.chat.completions.create(model=model_name, messages=ASK, max_tokens=4, stream=stream, **body)
 
 
+ENDLESS = {"chat": ("/chat/completions", {"messages": ASK, "response_format": {"type": "json_schema", "json_schema": {
+    "name": "tree", "schema": {"type": "object", "properties": {"child": {"$ref": "#"}}, "required": ["child"]}}}}),
+           "completions": ("/completions", {"prompt": "Say a.", "guided_grammar": 'root ::= "a" root'})}
+
+
+@pytest.mark.parametrize("endpoint", list(ENDLESS))
+@pytest.mark.parametrize("stream", [False, True])
+def test_grammars_with_no_finite_output_are_400_and_the_next_request_works(server, http, client, model_name,
+                                                                            endpoint, stream):
+    """A grammar / schema that can never finish is refused before generation (not written to max_tokens),
+    with a one-line message; a good request right after is served."""
+    path, body = ENDLESS[endpoint]
+    r = http.post(server.v1 + path, json={"model": model_name, "max_tokens": 64, "stream": stream, **body})
+    assert r.status_code == 400, r.text
+    message = r.json()["error"]["message"]
+    assert ("no finite instance" if endpoint == "chat" else "no finite output") in message and "\n" not in message
+    content, _, reason = _ask(client, model_name, ASK, stream, max_tokens=8,
+                              extra_body={"guided_grammar": 'root ::= "a" root | "b"'})
+    assert (reason, bool(re.fullmatch("a*b", content))) in (("stop", True), ("length", False))
+    assert re.fullmatch("a*b?", content)   # the recursive grammar with an exit is served
+
+
 @pytest.fixture(scope="module")
 def qwen(start_server):
     with start_server("--model", "qwen2.5-coder-0.5b-instruct", "--kv-cache-memory", "96MiB") as server:

@@ -110,3 +110,21 @@ def test_a_dead_end_mid_generation_finishes_with_error_not_a_fake_stop(llm):
     out = llm.generate("Say a.", SamplingParams(temperature=0, max_tokens=8, structured_outputs=spec))[0].outputs[0]
     assert (out.finish_reason, out.stop_reason, out.text) == ("error", "grammar_dead_end", "a")
     assert not llm.engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("spec, words", [
+    (dict(grammar='root ::= "a" root'), "grammar \\(EBNF\\) has no finite output"),
+    (dict(grammar='root ::= "x" | "a" b\nb ::= "c" b'), "can run forever: rule 'b'"),
+    (dict(json={"type": "object", "properties": {"child": {"$ref": "#"}}, "required": ["child"]}),
+     "JSON schema has no finite instance"),
+])
+def test_grammars_with_no_finite_output_are_refused_before_generation(llm, spec, words):
+    """Refused when added, with a one-line message, instead of generating until max_tokens; the engine is
+    left clean and the next (recursive but finite) grammar is served."""
+    params = SamplingParams(temperature=0, max_tokens=32, structured_outputs=StructuredOutputsParams(**spec))
+    with pytest.raises(RequestError, match=words) as err:
+        llm.generate("Say a.", params)
+    assert "\n" not in str(err.value) and not llm.engine.has_unfinished_requests()
+    finite = StructuredOutputsParams(grammar='root ::= "a" root | "b"')
+    out = llm.generate("Say b.", SamplingParams(temperature=0, max_tokens=8, structured_outputs=finite))[0].outputs[0]
+    assert re.fullmatch("a*b?", out.text) and (out.finish_reason == "stop") == out.text.endswith("b")

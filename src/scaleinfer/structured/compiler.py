@@ -4,8 +4,10 @@ The vocabulary is handed to xgrammar from our Tokenizer (HF `tokenizers` backend
 (byte-level BPE or SentencePiece byte fallback) read from the vocabulary itself. Compiled grammars are
 cached by their canonical spec, so a schema sent by every request is compiled once. Anything xgrammar
 refuses (malformed JSON, an unsupported or contradictory schema, a bad regex or EBNF) becomes a
-RequestError naming the field; so do contradictions xgrammar lets through (structured/schema_check.py)
-and a grammar whose first step allows no token at all.
+RequestError naming the field; so do contradictions xgrammar lets through (structured/schema_check.py),
+a grammar whose first step allows no token at all, and a grammar with a rule that can never finish
+(structured/grammar_check.py: no finite output, e.g. `root ::= "a" root`, or a trap the model could enter
+and then write until max_tokens).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from collections import OrderedDict
 
 from scaleinfer.errors import RequestError
 from scaleinfer.sampling_params import StructuredOutputsParams
+from scaleinfer.structured.grammar_check import unproductive_rules
 from scaleinfer.structured.schema_check import schema_problem
 
 logger = logging.getLogger(__name__)
@@ -126,7 +129,8 @@ class GrammarCompiler:
             raise RequestError(f"invalid structured output {_NAMES[kind]}: {_reason(exc)}") from None
 
     def _check_satisfiable(self, spec: StructuredOutputsParams, compiled) -> None:
-        """Refuse a grammar that allows no first token (e.g. an empty language)."""
+        """Refuse a grammar that allows no first token (e.g. an empty language) or has a rule that can
+        never finish (no finite derivation: the model would write until max_tokens)."""
         import xgrammar as xgr
 
         matcher = xgr.GrammarMatcher(compiled)
@@ -135,10 +139,26 @@ class GrammarCompiler:
         if not bool(bitmask.any()):
             raise RequestError(f"the structured output {_NAMES[spec.kind]} cannot be satisfied: no token can "
                                f"start it; check it for contradictions")
+        endless = unproductive_rules(str(compiled.grammar))
+        if endless:
+            raise RequestError(_endless_message(spec.kind, endless))
 
 
 _NAMES = {"json": "JSON schema", "json_object": "json_object", "regex": "regex", "choice": "choice",
           "grammar": "grammar (EBNF)"}
+
+
+def _endless_message(kind: str, rules: list[str]) -> str:
+    """One line for a grammar with rules that can never finish (root first when it is one of them)."""
+    if kind == "json":
+        what = ("has no finite instance" if rules[0] == "root" else "has a part with no finite instance")
+        return (f"the structured output JSON schema {what}: it requires a value of its own type recursively "
+                f"with no way to stop (make the recursive property optional, or allow an empty array / null)")
+    if rules[0] == "root":
+        return (f"the structured output {_NAMES[kind]} has no finite output: rule 'root' can never finish "
+                f"(every alternative recurses); give a rule a terminating alternative")
+    return (f"the structured output {_NAMES[kind]} can run forever: rule '{rules[0]}' (reachable from root) "
+            f"can never finish (every alternative recurses); give it a terminating alternative")
 
 
 def _reason(exc: Exception) -> str:
