@@ -8,8 +8,8 @@ Workloads (jfk.flac, 11 s of speech):
               (scaleinfer batches their windows; faster-whisper transcribes them one after another, its
               usual one-worker deployment; HF generates them as one padded batch)
 
-Each engine runs in a process of its own (spawned), so its peak RSS is its own. Greedy decoding with the
-references' default temperature fallback; word error rate against the known transcript (lowercased, no
+Each engine runs in a process of its own (spawned), so its peak RSS is its own. Greedy decoding (or
+--beam-size N beams in every engine) with the references' default temperature fallback; word error rate against the known transcript (lowercased, no
 punctuation). Results go to --output-dir as seq2seq-DATE.json.
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ import os
 import pathlib
 import re
 import resource
+import sys
 import time
 
 JFK_TEXT = "And so my fellow Americans, ask not what your country can do for you, ask what you can do for your country."
@@ -37,6 +38,9 @@ def add_arguments(p) -> None:
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--threads", type=int, default=2, help="CPU threads of every engine (default: %(default)s)")
     p.add_argument("--output-dir", default="benchmarks/results")
+    p.add_argument("--beam-size", type=int, default=1,
+                   help="beams of the temperature-0 decode in every engine; 1 = greedy (default: %(default)s; "
+                        "faster-whisper's own default is 5)")
     p.add_argument("--quick", action="store_true", help="60 s of long audio and 8 concurrent requests (smoke run)")
 
 
@@ -68,27 +72,27 @@ def _workload_audio(audio_path: str, name: str, long_seconds: float, concurrency
     return [clip] * concurrency, 1
 
 
-def _run_scaleinfer(model: str, quantization: str, threads: int, audios) -> list[str]:
+def _run_scaleinfer(model: str, quantization: str, threads: int, audios, beam_size: int) -> list[str]:
     from scaleinfer import LLM
 
     llm = LLM(model, threads=threads, quantization=quantization, kv_cache_memory="2GiB")
     llm.transcribe(audios[0][:16000 * 5], sample_rate=16000)   # warm-up
     start = time.perf_counter()
-    out = llm.transcribe(list(audios), sample_rate=16000)
+    out = llm.transcribe(list(audios), sample_rate=16000, beam_size=beam_size if beam_size > 1 else None)
     return [t.text for t in out], time.perf_counter() - start
 
 
-def _run_faster_whisper(model_dir: str, compute_type: str, threads: int, audios):
+def _run_faster_whisper(model_dir: str, compute_type: str, threads: int, audios, beam_size: int):
     from faster_whisper import WhisperModel
 
     fw = WhisperModel(model_dir, device="cpu", compute_type=compute_type, cpu_threads=threads)
     list(fw.transcribe(audios[0][:16000 * 5], beam_size=1)[0])
     start = time.perf_counter()
-    texts = ["".join(s.text for s in fw.transcribe(a, beam_size=1)[0]) for a in audios]
+    texts = ["".join(s.text for s in fw.transcribe(a, beam_size=beam_size)[0]) for a in audios]
     return texts, time.perf_counter() - start
 
 
-def _run_hf(model_dir: str, threads: int, audios):
+def _run_hf(model_dir: str, threads: int, audios, beam_size: int):
     """HF transformers generate() on the same weights: the clips as one padded batch (30 s windows; its
     long-form mode is not measured here)."""
     import torch
@@ -110,7 +114,7 @@ def _run_hf(model_dir: str, threads: int, audios):
         tokens = [ckpt.tokenizer.backend.token_to_id(t) for t in
                   ("<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimestamps|>")]
         ids = model.generate(input_features=feats, decoder_input_ids=torch.tensor([tokens] * len(audios)),
-                             max_new_tokens=200, do_sample=False, num_beams=1)
+                             max_new_tokens=200, do_sample=False, num_beams=beam_size)
     eot = ckpt.tokenizer.backend.token_to_id("<|endoftext|>")
     texts = [ckpt.tokenizer.decode([t for t in row.tolist() if t < eot]) for row in ids]
     return texts, time.perf_counter() - start
@@ -124,11 +128,13 @@ def _worker(engine: str, args: dict, workload: str, queue) -> None:
         model_dir = catalog.resolve(args["model"]) if catalog.is_catalog_name(args["model"]) else args["model"]
         kind, _, mode = engine.partition(":")
         if kind == "scaleinfer":
-            texts, seconds = _run_scaleinfer(args["model"], mode or "none", args["threads"], audios)
+            texts, seconds = _run_scaleinfer(args["model"], mode or "none", args["threads"], audios,
+                                             args["beam_size"])
         elif kind == "faster-whisper":
-            texts, seconds = _run_faster_whisper(model_dir, mode or "float32", args["threads"], audios)
+            texts, seconds = _run_faster_whisper(model_dir, mode or "float32", args["threads"], audios,
+                                                 args["beam_size"])
         elif kind == "hf":
-            texts, seconds = _run_hf(model_dir, args["threads"], audios)
+            texts, seconds = _run_hf(model_dir, args["threads"], audios, args["beam_size"])
         else:
             raise ValueError(f"unknown engine {engine!r}")
         audio_s = sum(a.size for a in audios) / 16000
@@ -143,11 +149,15 @@ def _worker(engine: str, args: dict, workload: str, queue) -> None:
 
 
 def main(args) -> int:
+    if not 1 <= args.beam_size <= 16:
+        print(f"error: --beam-size must be 1 to 16, got {args.beam_size}", file=sys.stderr)
+        return 2
     if args.quick:
         args.long_seconds, args.concurrency = 60.0, 8
     ctx = multiprocessing.get_context("spawn")
     shared = {"audio": args.audio, "model": args.model, "long_seconds": args.long_seconds,
-              "concurrency": args.concurrency, "threads": args.threads}
+              "concurrency": args.concurrency, "threads": args.threads,
+              "beam_size": args.beam_size}
     results = []
     for workload in args.workloads.split(","):
         for engine in args.engines.split(","):
@@ -160,7 +170,7 @@ def main(args) -> int:
             print(_line(row), flush=True)
     load = os.getloadavg()
     report = {"bench": "seq2seq", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "model": args.model,
-              "threads": args.threads, "loadavg_at_end": load, "cpu_count": os.cpu_count(), "results": results}
+              "threads": args.threads, "beam_size": args.beam_size, "loadavg_at_end": load, "cpu_count": os.cpu_count(), "results": results}
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, f"seq2seq-{time.strftime('%Y%m%d-%H%M%S')}.json")
     with open(path, "w") as f:
