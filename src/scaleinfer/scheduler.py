@@ -23,8 +23,9 @@ its candidates) so its siblings can catch up.
 Encoder-decoder sampling with n > 1 (Whisper's best_of): the children carry one `encoder_group`. The
 first admitted runs the encoder; a sibling admitted later (or in the same step) while it runs takes its
 cross blocks by reference count (BlockManager.share_cross) and is not sent to the encoder. A child
-readmitted after a preemption shares again if a sibling still runs, else it runs the encoder again. Copy-on-write copies of shared beam blocks travel in
-the SchedulerOutput to the runner.
+readmitted after a preemption shares again if a sibling still runs, else it runs the encoder again.
+
+Copy-on-write copies of shared beam blocks travel in the SchedulerOutput to the runner.
 """
 from __future__ import annotations
 

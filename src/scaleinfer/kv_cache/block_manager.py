@@ -144,9 +144,7 @@ class BlockManager:
     def fork(self, parent: Request, child: Request) -> None:
         """`child` (a new beam of `parent`) shares all of the parent's blocks, self and cross, by reference."""
         assert not child.block_ids and not child.cross_block_ids
-        for block_id in parent.block_ids + parent.cross_block_ids:
-            if block_id != NULL_BLOCK:
-                self.ref_counts[block_id] += 1
+        self._add_references(parent.block_ids + parent.cross_block_ids)
         child.block_ids.extend(parent.block_ids)
         child.cross_block_ids.extend(parent.cross_block_ids)
 
@@ -154,9 +152,13 @@ class BlockManager:
         """`request` (a sibling with the same encoder input) takes `source`'s cross blocks by reference: its
         encoder does not run; the blocks go back when the last holder is freed."""
         assert not request.cross_block_ids and source.cross_block_ids
-        for block_id in source.cross_block_ids:
-            self.ref_counts[block_id] += 1
+        self._add_references(source.cross_block_ids)
         request.cross_block_ids.extend(source.cross_block_ids)
+
+    def _add_references(self, block_ids: list[int]) -> None:
+        for block_id in block_ids:
+            if block_id != NULL_BLOCK:
+                self.ref_counts[block_id] += 1
 
     def take_copies(self) -> list[tuple[int, int]]:
         """The copy-on-write copies queued since the last call (for this step's runner)."""
