@@ -13,6 +13,7 @@ import os
 import platform
 import random
 import re
+import sys
 import time
 
 import torch
@@ -110,6 +111,9 @@ def run_model(model: str, texts: list[str], args, engines: list[str]) -> dict:
             secs, emb = _time(lambda: run(texts[i:i + args.chunk]))
             rows[name] += secs
             parts[name].append(emb)
+        done = min(i + args.chunk, len(texts))
+        print(f"  {done}/{len(texts)} sentences: " + ", ".join(f"{n} {done / s:.1f}/s" for n, s in rows.items()),
+              file=sys.stderr, flush=True)
     results = {name: torch.cat(p) for name, p in parts.items()}
     ref = results.get("sentence-transformers")
     report = {}
