@@ -1,7 +1,8 @@
 """One process x N threads vs pipeline parallel (PP ranks x 1 thread): batch-1 decode, a 512-token prefill and
 a mixed load, with each stage's compute / wait time on the mixed load (the bubble). Not a test.
 
-    python benchmarks/pipeline_parallel.py --model qwen2.5-coder-1.5b-instruct --pp 2 [--micro 1 2]
+    python benchmarks/pipeline_parallel.py --model qwen2.5-coder-1.5b-instruct --pp 2 [--micro 1 2] \
+        [--partitions default 16,12 17,11]
 
 Every configuration runs in this one process, one after another (ratios within one run only: the machine
 may be shared). Prints one JSON line per configuration.
@@ -57,8 +58,10 @@ def _mixed(llm: LLM, rng: random.Random, n: int, max_out: int) -> dict:
     return result
 
 
-def run(model: str, threads: int, pp: int, micro: int | None, requests: int, concurrent: int, max_out: int) -> dict:
-    parallel = ParallelConfig(pipeline_parallel_size=pp, pipeline_micro_batches=micro, distributed_timeout=600)
+def run(model: str, threads: int, pp: int, micro: int | None, requests: int, concurrent: int, max_out: int,
+        partition: tuple[int, ...] | None = None) -> dict:
+    parallel = ParallelConfig(pipeline_parallel_size=pp, pipeline_micro_batches=micro, distributed_timeout=600,
+                              pipeline_layer_partition=partition)
     start = time.perf_counter()
     llm = LLM(model, threads=threads, kv_cache_memory="1GiB", max_model_len=1024, max_num_seqs=concurrent,
               parallel=parallel)
@@ -67,6 +70,7 @@ def run(model: str, threads: int, pp: int, micro: int | None, requests: int, con
         llm.generate("warm up", SamplingParams(max_tokens=4, temperature=0))
         rng = random.Random(0)
         return {"pp": pp, "threads_per_rank": threads, "micro_batches": micro or pp, "load_s": round(load, 1),
+                "partition": "default" if partition is None else ",".join(map(str, partition)),
                 "decode_tok_s": round(_decode(llm), 2), "prefill512_tok_s": round(_prefill(llm, rng), 1),
                 "mixed": _mixed(llm, rng, requests, max_out)}
     finally:
@@ -78,13 +82,18 @@ def main() -> None:
     ap.add_argument("--model", default="qwen2.5-coder-1.5b-instruct")
     ap.add_argument("--pp", type=int, default=2)
     ap.add_argument("--micro", type=int, nargs="*", default=[2], help="micro-batch counts to run under PP")
+    ap.add_argument("--partitions", nargs="*", default=["default"],
+                    help="layer partitions to run under PP (default: the byte-balanced split), e.g. 16,12")
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--concurrent", type=int, default=32)
     ap.add_argument("--max-output", type=int, default=96, help="mixed load: outputs of max/3 .. max tokens")
     args = ap.parse_args()
     print(json.dumps(run(args.model, args.pp, 1, None, args.requests, args.concurrent, args.max_output)), flush=True)
-    for micro in args.micro:
-        print(json.dumps(run(args.model, 1, args.pp, micro, args.requests, args.concurrent, args.max_output)), flush=True)
+    for partition in args.partitions:
+        split = None if partition == "default" else tuple(int(n) for n in partition.split(","))
+        for micro in args.micro:
+            print(json.dumps(run(args.model, 1, args.pp, micro, args.requests, args.concurrent, args.max_output,
+                                 split)), flush=True)
 
 
 if __name__ == "__main__":
