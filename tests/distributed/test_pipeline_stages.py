@@ -12,7 +12,7 @@ import torch
 
 from scaleinfer import LLM, SamplingParams
 from scaleinfer.config import ModelConfig, ParallelConfig
-from scaleinfer.distributed.stages import decode_costs, head_layers, plan_stage, stage_bounds, stage_tensors
+from scaleinfer.distributed.stages import head_layers, plan_stage, stage_bounds, stage_tensors
 from scaleinfer.errors import ConfigError, DistributedError, EngineDeadError
 
 TIMEOUT = 20
@@ -37,35 +37,6 @@ def test_a_heavy_head_moves_layers_to_the_first_stages():
     cfg = replace(_cfg(28), vocab_size=1430)
     assert stage_bounds(cfg, 2) == [0, 16, 28]
     assert stage_bounds(replace(cfg, vocab_size=10 ** 6), 3) == [0, 26, 27, 28]
-
-
-QWEN_1_5B = ModelConfig(architecture="Qwen2ForCausalLM", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
-                        num_layers=28, num_heads=12, num_kv_heads=2, head_dim=128, max_position_embeddings=32768)
-
-
-def test_stages_balance_the_bytes_a_decode_step_reads():
-    """Decode streams the weights: Qwen2.5-1.5B's head read at 8 bits against 4-bit layers is 8.4 layers' bytes,
-    not the 5 its parameters say, so PP=2 splits 18 + (10 + head) in w4a8 / auto and 16 + (12 + head) in fp32."""
-    cfg = QWEN_1_5B
-    layers, head = decode_costs(cfg, "w4a8", {})
-    assert len(layers) == 28 and 8.3 < head / layers[0] < 8.5
-    assert stage_bounds(cfg, 2, costs=(layers, head)) == [0, 18, 28]
-    assert stage_bounds(cfg, 2, costs=decode_costs(cfg, "none", {})) == stage_bounds(cfg, 2) == [0, 16, 28]
-    # auto: each tensor by its stored type; Q6_K down projections make those layers heavier
-    stored = {f"model.layers.{i}.{n}.weight": "Q4_K" for i in range(28)
-              for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
-    stored["lm_head.weight"] = "Q6_K"
-    uniform, head_auto = decode_costs(cfg, "auto", stored)
-    assert head_auto == head and uniform[0] < layers[0]   # v at int4 as stored (w4a8 keeps v at int8)
-    for i in range(0, 28, 3):
-        stored[f"model.layers.{i}.mlp.down_proj.weight"] = "Q6_K"
-    mixed, _ = decode_costs(cfg, "auto", stored)
-    assert mixed[0] > mixed[1] == uniform[1]
-    assert stage_bounds(cfg, 2, costs=(mixed, head)) == [0, 18, 28]
-    assert stage_bounds(cfg, 2, (14, 14), costs=(layers, head)) == [0, 14, 28]   # a given partition wins
-    tied = replace(cfg, tie_word_embeddings=True)
-    assert decode_costs(tied, "auto", {"model.embed_tokens.weight": "Q8_0"})[1] == head
 
 
 def test_an_explicit_partition_is_followed_or_refused_in_one_line():

@@ -6,13 +6,11 @@ checkpoint tensors it loads, and the model cut down to them.
     last stage   its layers, the final norm and the LM head (a tied head keeps the embedding's weight)
 
 The split balances each stage's work, not its layer count: the last stage also runs the LM head, which
-costs as much as several layers. Decode streams the weights, so a stage's cost is the bytes its weights
-occupy in the layouts the quantization mode gives them (`decode_costs`: int4 + fp16 scale and min per 32 =
-0.625 bytes a weight, int8 block-32 = 1.0625, float its dtype; under auto each GGUF tensor by its stored
-type). Qwen2.5-1.5B's head is 233M weights, 5 layers' worth, but at 8 bits against 4-bit layers it reads
-8.4 layers' bytes: PP=2 splits 18 + 10 in w4a8 / auto (16 + 12 in fp32). The boundaries fall where the
-running cost is nearest to s/size of the total, each stage holding at least one layer.
-`--pipeline-layer-partition 16,12` (vLLM's VLLM_PP_LAYER_PARTITION) sets the
+costs as much as several layers (Qwen2.5-1.5B: vocab x hidden = 233M weights, 5 layers' worth; measured
+~5x one layer's matmuls on a decode step), so counting layers alone leaves the first stage idle about a
+quarter of every step. A stage's cost is its weights read per decode token (the layers' projections, the
+head's vocab x hidden); the boundaries fall where the running cost crosses s/size of the total, each stage
+holding at least one layer. `--pipeline-layer-partition 16,12` (vLLM's VLLM_PP_LAYER_PARTITION) sets the
 split by hand.
 Before loading, `prepare_stage` swaps every module another stage holds for a `PPMissingLayer` (no
 parameters: the loader expects nothing of it) and `stage_tensors` drops their checkpoint tensors, so a
@@ -68,53 +66,8 @@ def head_layers(cfg: ModelConfig) -> float:
     return cfg.vocab_size * h / layer
 
 
-LAYOUT_BYTES = {"int4": 0.625, "int8": 1.0625}
-"""Bytes a decode step reads per weight: int4 + an fp16 scale and min per 32; int8 + an fp16 scale per 32."""
-
-
-def decode_costs(cfg: ModelConfig, mode: str, stored_types: dict[str, str], float_bytes: int = 4
-                 ) -> tuple[list[float], float]:
-    """(bytes of each decoder layer, bytes of the LM head) a decode step reads under `mode`: the weights in
-    the layouts `mode` gives them (auto: by each GGUF tensor's stored type, quantization/auto.py). Decode
-    streams the weights, so this is the work a stage does per step; counting parameters instead misses
-    that the head is 8-bit where the layers are 4-bit (Qwen2.5-1.5B Q4_K_M: 8.3 layers' bytes, not 5)."""
-    from scaleinfer.quantization.auto import layout
-    from scaleinfer.quantization.table import MODES
-
-    h, q, kv, inter = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, \
-        cfg.intermediate_size
-    shapes = {"self_attn.q_proj": q * h, "self_attn.k_proj": kv * h, "self_attn.v_proj": kv * h,
-              "self_attn.o_proj": h * q, "mlp.gate_proj": inter * h, "mlp.up_proj": inter * h,
-              "mlp.down_proj": h * inter}
-    m = MODES.get(mode)
-
-    def per_weight(kind: str) -> float:
-        return LAYOUT_BYTES.get(kind, float_bytes)
-
-    def fixed(name: str) -> str:   # a mode's own layout for a decoder linear
-        if m is None or m.bits is None:
-            return "float"
-        return "int8" if m.bits == 8 or name == "self_attn.v_proj" else "int4"
-
-    layers = []
-    for i in range(cfg.num_layers):
-        if mode == "auto":
-            kinds = {n: layout(stored_types.get(f"model.layers.{i}.{n}.weight")) for n in shapes}
-        else:
-            kinds = {n: fixed(n) for n in shapes}
-        layers.append(sum(numel * per_weight(kinds[n]) for n, numel in shapes.items()))
-    if mode == "auto":
-        head_type = stored_types.get("model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight")
-        head_kind = layout(head_type)
-    else:
-        head_kind = "float" if m is None or m.head is None else "int8"
-    return layers, cfg.vocab_size * h * per_weight(head_kind)
-
-
-def stage_bounds(cfg: ModelConfig, size: int, partition: tuple[int, ...] | None = None,
-                 costs: tuple[list[float], float] | None = None) -> list[int]:
-    """The layer index where each stage starts, and the layer count last: [0, b1, ..., num_layers].
-    `costs` (decode_costs): balance the bytes each stage reads; without, count the head as head_layers."""
+def stage_bounds(cfg: ModelConfig, size: int, partition: tuple[int, ...] | None = None) -> list[int]:
+    """The layer index where each stage starts, and the layer count last: [0, b1, ..., num_layers]."""
     n = cfg.num_layers
     if size > n:
         raise ConfigError(f"--pipeline-parallel-size {size} exceeds the model's {n} layers; use at most {n}")
@@ -123,23 +76,17 @@ def stage_bounds(cfg: ModelConfig, size: int, partition: tuple[int, ...] | None 
             raise ConfigError(f"--pipeline-layer-partition {','.join(map(str, partition))}: give {size} layer "
                               f"counts, each at least 1, that sum to the model's {n} layers")
         return [sum(partition[:s]) for s in range(size + 1)]
-    layer_costs, head = costs if costs is not None else ([1.0] * n, head_layers(cfg))
-    total = sum(layer_costs) + head
-    running = [0.0]
-    for c in layer_costs:
-        running.append(running[-1] + c)
+    total = n + head_layers(cfg)
     bounds = [0]
     for s in range(1, size):
-        target = s * total / size   # the layer boundary whose running cost is nearest to s/size of the total
-        b = min(range(n + 1), key=lambda i: abs(running[i] - target))
+        b = int(s * total / size + 0.5)
         bounds.append(min(max(b, bounds[-1] + 1), n - (size - s)))
     return bounds + [n]
 
 
-def plan_stage(cfg: ModelConfig, rank: int, size: int, partition: tuple[int, ...] | None = None,
-               costs: tuple[list[float], float] | None = None) -> PPStage:
+def plan_stage(cfg: ModelConfig, rank: int, size: int, partition: tuple[int, ...] | None = None) -> PPStage:
     """Stage `rank` of `size` over the model's layers, or a one-line ConfigError."""
-    bounds = stage_bounds(cfg, size, partition, costs)
+    bounds = stage_bounds(cfg, size, partition)
     return PPStage(rank, size, bounds[rank], bounds[rank + 1], cfg.num_layers)
 
 

@@ -28,10 +28,9 @@ from scaleinfer.distributed.executor import Executor, MultiprocExecutor, UniProc
 from scaleinfer.distributed.parallel_state import destroy_distributed, init_distributed
 from scaleinfer.distributed.pipeline import LocalComm, PipelineExecutor, StageWorker, pipeline_links
 from scaleinfer.distributed.sharding import plan_shard, shard_config
-from scaleinfer.distributed.stages import decode_costs, plan_stage, stage_config
+from scaleinfer.distributed.stages import plan_stage, stage_config
 from scaleinfer.distributed.worker import Worker
 from scaleinfer.engine.loading import DTYPES, build_model
-from scaleinfer.quantization.base import resolve_mode
 from scaleinfer.errors import ConfigError, DistributedError, ScaleInferError
 from scaleinfer.kv_cache.cache_tensors import num_blocks_for_budget
 from scaleinfer.runner.model_runner import ModelRunner
@@ -141,13 +140,6 @@ def _runner(config: EngineConfig, model, model_config, num_blocks: int | None) -
     return ModelRunner(model, model_config, config.cache, num_blocks, dtype, config.device, seed=config.seed)
 
 
-def _decode_costs(ckpt: Checkpoint, config: EngineConfig):
-    """The bytes each layer and the LM head read per decode step, as this config quantizes them (the
-    pipeline stages balance them: distributed/stages.py)."""
-    mode = resolve_mode(config.quantization, config.device, stored=bool(ckpt.stored_types))
-    return decode_costs(ckpt.config, mode, ckpt.stored_types, DTYPES[config.dtype].itemsize)
-
-
 def _build_rank(config: EngineConfig, ckpt: Checkpoint, role: Role):
     """Join, make the communicator, load this rank's shard (of its pipeline stage), agree on the KV block
     count, build the runner: (state, communicator, runner, pipeline links or None)."""
@@ -157,8 +149,8 @@ def _build_rank(config: EngineConfig, ckpt: Checkpoint, role: Role):
     if config.device == "cuda":   # one GPU per rank of this host
         config = replace(config, device=f"cuda:{role.rank % torch.cuda.device_count()}")
     try:
-        stage = (plan_stage(ckpt.config, state.pp_rank, state.pp_size, pc.pipeline_layer_partition,
-                            _decode_costs(ckpt, config)) if state.pp_size > 1 else None)
+        stage = (plan_stage(ckpt.config, state.pp_rank, state.pp_size, pc.pipeline_layer_partition)
+                 if state.pp_size > 1 else None)
         links, comm_state = pipeline_links(state, stage) if stage is not None else (None, state)
         if state.tp_size > 1 or stage is None:
             comm = make_communicator(comm_state, pc.communicator, pc.distributed_timeout, config.device)
