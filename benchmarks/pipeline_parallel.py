@@ -83,7 +83,7 @@ def main() -> None:
     ap.add_argument("--pp", type=int, default=2)
     ap.add_argument("--micro", type=int, nargs="*", default=[2], help="micro-batch counts to run under PP")
     ap.add_argument("--partitions", nargs="*", default=["default"],
-                    help="layer partitions to run under PP (default: the byte-balanced split), e.g. 16,12")
+                    help="layer partitions to run under PP: default (the engine's own split) or counts, e.g. 16,12")
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--concurrent", type=int, default=32)
     ap.add_argument("--max-output", type=int, default=96, help="mixed load: outputs of max/3 .. max tokens")

@@ -43,7 +43,10 @@ def add_arguments(p) -> None:
     p.add_argument("--beam-size", type=int, default=1,
                    help="beams of the temperature-0 decode in every engine; 1 = greedy (default: %(default)s; "
                         "faster-whisper's own default is 5)")
-    p.add_argument("--compression-ratio-threshold", type=_ratio, default=2.4,
+    from scaleinfer.speech.transcribe import TranscriptionOptions
+
+    p.add_argument("--compression-ratio-threshold", type=_ratio,
+                   default=TranscriptionOptions.compression_ratio_threshold,
                    help="temperature fallback when a window's text compresses more than this, in every engine "
                         "(default: %(default)s, both references' own; 'none' turns the check off: the long "
                         "workload repeats one sentence, which trips it by construction)")
@@ -88,7 +91,7 @@ def _workload_audio(audio_path: str, name: str, long_seconds: float, concurrency
 
 
 def _run_scaleinfer(model: str, quantization: str, threads: int, audios, beam_size: int,
-                    ratio: float | None = 2.4) -> list[str]:
+                    ratio: float | None) -> list[str]:
     from scaleinfer import LLM
     from scaleinfer.speech.transcribe import TranscriptionOptions
 
@@ -101,7 +104,7 @@ def _run_scaleinfer(model: str, quantization: str, threads: int, audios, beam_si
 
 
 def _run_faster_whisper(model_dir: str, compute_type: str, threads: int, audios, beam_size: int,
-                        ratio: float | None = 2.4):
+                        ratio: float | None):
     from faster_whisper import WhisperModel
 
     fw = WhisperModel(model_dir, device="cpu", compute_type=compute_type, cpu_threads=threads)
@@ -149,10 +152,10 @@ def _worker(engine: str, args: dict, workload: str, queue) -> None:
         kind, _, mode = engine.partition(":")
         if kind == "scaleinfer":
             texts, seconds = _run_scaleinfer(args["model"], mode or "none", args["threads"], audios,
-                                             args["beam_size"], args.get("compression_ratio_threshold", 2.4))
+                                             args["beam_size"], args["compression_ratio_threshold"])
         elif kind == "faster-whisper":
             texts, seconds = _run_faster_whisper(model_dir, mode or "float32", args["threads"], audios,
-                                                 args["beam_size"], args.get("compression_ratio_threshold", 2.4))
+                                                 args["beam_size"], args["compression_ratio_threshold"])
         elif kind == "hf":
             texts, seconds = _run_hf(model_dir, args["threads"], audios, args["beam_size"])
         else:

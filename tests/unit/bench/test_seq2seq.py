@@ -1,5 +1,9 @@
-"""bench seq2seq's word error rate (the number its table compares engines by)."""
-from scaleinfer.bench.seq2seq import JFK_TEXT, word_error_rate
+"""bench seq2seq's word error rate (the number its table compares engines by) and its options."""
+import argparse
+
+import pytest
+
+from scaleinfer.bench.seq2seq import JFK_TEXT, add_arguments, word_error_rate
 
 
 def test_word_error_rate():
@@ -12,12 +16,6 @@ def test_word_error_rate():
 
 def test_compression_ratio_threshold_option():
     """--compression-ratio-threshold: a positive number, or none (the check off in every engine)."""
-    import argparse
-
-    import pytest
-
-    from scaleinfer.bench.seq2seq import add_arguments
-
     p = argparse.ArgumentParser()
     add_arguments(p)
     assert p.parse_args([]).compression_ratio_threshold == 2.4
