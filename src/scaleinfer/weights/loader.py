@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 
 from scaleinfer.errors import WeightLoadError
 from scaleinfer.tokenizer import Tokenizer
@@ -43,8 +44,15 @@ def open_checkpoint(model: str) -> Checkpoint:
         return _open_hf_dir(model)
     if _looks_like_hub_id(model):
         return _open_hf_dir(_download(model))
-    raise WeightLoadError(f"model not found: {model!r}; pass a catalog name ({', '.join(catalog.names())}), "
-                          f"a .gguf file, an HF model directory or a hub id like org/name")
+    raise WeightLoadError(_not_found(model))
+
+
+def _not_found(model: str, hub: str | None = None) -> str:
+    from scaleinfer import catalog
+
+    tried = f" (as a hub repo: {hub})" if hub else ""
+    return (f"model not found: {model!r}{tried}; pass a catalog name ({', '.join(catalog.names())}), a .gguf "
+            f"file, an HF model directory or a hub id like org/name")
 
 
 def _open_gguf(path: str) -> Checkpoint:
@@ -71,8 +79,15 @@ def _open_hf_dir(path: str) -> Checkpoint:
     return Checkpoint(config, tokenizer, path, "safetensors", st.count_tensors(files), lambda: st.iter_tensors(files))
 
 
+_LEGACY_HUB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
 def _looks_like_hub_id(model: str) -> bool:
+    """org/name, or a name without an organisation: the hub's legacy repos (bert-base-uncased,
+    distilbert-base-uncased-finetuned-sst-2-english), cached under that name and redirected online."""
     parts = model.split("/")
+    if len(parts) == 1:
+        return bool(_LEGACY_HUB_NAME.match(model)) and not model.endswith(".gguf")
     return len(parts) == 2 and all(parts) and not model.startswith((".", "~")) and "\\" not in model
 
 
@@ -93,9 +108,13 @@ def _download(repo_id: str) -> str:
             [*_HUB_PATTERNS, "pytorch_model*.bin"]   # older repos (opus-mt) hold only a PyTorch state dict
         return snapshot_download(repo_id, allow_patterns=patterns, etag_timeout=HUB_TIMEOUT_S)
     except (RepositoryNotFoundError, GatedRepoError):
+        if "/" not in repo_id:   # a bare name is more often a mistyped catalog name than a legacy repo
+            raise WeightLoadError(_not_found(repo_id, "the hub has no public model by that name")) from None
         raise WeightLoadError(f"{repo_id!r} is not a local path, and the Hugging Face hub has no public model "
                               f"by that name (or it is gated); check the spelling or pass a local file") from None
     except Exception as exc:  # offline mode, DNS failure, timeout, proxy ...
+        if "/" not in repo_id:
+            raise WeightLoadError(_not_found(repo_id, f"the hub is unreachable, {type(exc).__name__}")) from None
         raise WeightLoadError(f"{repo_id!r} is not a local path, and the Hugging Face hub is unreachable "
                               f"({type(exc).__name__}); pass a catalog name, a .gguf file or a downloaded "
                               f"model directory") from None
