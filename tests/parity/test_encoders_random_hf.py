@@ -175,25 +175,16 @@ def test_matryoshka_dimensions(tmp_path):
         engine.embed([[1, 2, 3]], dimensions=8)
 
 
-def test_legacy_hub_name_from_the_offline_cache(tmp_path):
+def test_legacy_hub_name_from_the_offline_cache(tmp_path, offline_hf_cache):
     """`LLM("distilbert-base-uncased-finetuned-sst-2-english")`: a hub name without an organisation (the hub's
     legacy repos) is looked up in the HF cache (then the hub); here a tiny DistilBERT classifier cached under
     that name classifies as its directory does. A name in neither is a one-line not-found error listing the
     catalog. A subprocess: huggingface_hub reads HF_HOME when imported."""
-    import os
-    import shutil
     import subprocess
     import sys
 
     _, path = _save(tmp_path, "distilbert", "classify")
-    home = tmp_path / "hf"
-    repo = home / "hub" / "models--distilbert-base-uncased-finetuned-sst-2-english"
-    rev = "0123456789abcdef0123456789abcdef01234567"
-    shutil.copytree(path, repo / "snapshots" / rev)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(rev)
-    env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
-    env.pop("HF_HUB_CACHE", None)
+    env = offline_hf_cache("distilbert-base-uncased-finetuned-sst-2-english", path)
     code = ("import json, sys; from scaleinfer import LLM; "
             "o = LLM(sys.argv[1]).classify(['w7 w8 w9', 'w10'])\n"
             "print(json.dumps([[r.outputs.label, r.outputs.probs] for r in o]))")

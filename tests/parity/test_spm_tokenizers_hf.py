@@ -151,20 +151,13 @@ def test_missing_tokenizer_is_one_line_error(marian, tmp_path):
         Tokenizer.from_hf_dir(str(bare))
 
 
-def test_hub_id_from_offline_cache(marian, tmp_path):
+def test_hub_id_from_offline_cache(marian, offline_hf_cache):
     """`--model org/name` with HF_HUB_OFFLINE: the snapshot in the HF cache is used; a repo not in the cache
     is a one-line error (exit 2). A subprocess, since huggingface_hub reads HF_HOME when imported."""
     import subprocess
     import sys
 
-    home = tmp_path / "hf"
-    repo = home / "hub" / "models--Helsinki-NLP--opus-mt-tiny-en-zh"
-    rev = "0123456789abcdef0123456789abcdef01234567"
-    shutil.copytree(marian, repo / "snapshots" / rev)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(rev)
-    env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
-    env.pop("HF_HUB_CACHE", None)
+    env = offline_hf_cache("Helsinki-NLP/opus-mt-tiny-en-zh", marian)
     args = [sys.executable, "-m", "scaleinfer", "translate", "Hello world", "--num-beams", "1", *ENGINE]
     got = subprocess.run([*args, "--model", "Helsinki-NLP/opus-mt-tiny-en-zh"], env=env, capture_output=True,
                          text=True, timeout=300)
