@@ -14,6 +14,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -173,15 +174,17 @@ SI_VNNI512 void rows_block(const uint8_t* q, const uint16_t* scale, const uint16
   int64_t n = n0;
   const int64_t rb = groups * 16;
   for (; n + R <= n1; n += R) {
-    // The rows' bytes kPrefetch ahead (scales and minimums: a quarter as far, they are 4x denser).
+    // The rows' bytes from kPrefetch on (scales and minimums from a quarter as far: they are 4x denser).
     // Prefetches past the end of the tensor are harmless: they never fault.
-    const char* p = reinterpret_cast<const char*>(q + n * rb) + kPrefetch;
-    for (int64_t o = 0; o < R * rb; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
-    const char* ps = reinterpret_cast<const char*>(scale + n * groups) + kPrefetch / 4;
-    const char* pm = reinterpret_cast<const char*>(mn + n * groups) + kPrefetch / 4;
-    for (int64_t o = 0; o < 2 * R * groups; o += 64) {
-      _mm_prefetch(ps + o, _MM_HINT_T0);
-      _mm_prefetch(pm + o, _MM_HINT_T0);
+    if (kPrefetch >= 0) {
+      const char* p = reinterpret_cast<const char*>(q + n * rb) + kPrefetch;
+      for (int64_t o = 0; o < R * rb; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
+      const char* ps = reinterpret_cast<const char*>(scale + n * groups) + kPrefetch / 4;
+      const char* pm = reinterpret_cast<const char*>(mn + n * groups) + kPrefetch / 4;
+      for (int64_t o = 0; o < 2 * R * groups; o += 64) {
+        _mm_prefetch(ps + o, _MM_HINT_T0);
+        _mm_prefetch(pm + o, _MM_HINT_T0);
+      }
     }
     block_vnni512<R, MR>(q + n * rb, scale + n * groups, mn + n * groups, xq, dx, sx, groups, y + n, ldy);
   }
@@ -203,7 +206,7 @@ SI_VNNI512 void rows_vnni512(const uint8_t* q, const uint16_t* scale, const uint
     if (left >= 8) rows_block<1, 8>(q, scale, mn, x, d, s, groups, n0, n1, ym, ldy), m += 8;
     else if (left >= 4) rows_block<2, 4>(q, scale, mn, x, d, s, groups, n0, n1, ym, ldy), m += 4;
     else if (left >= 2) rows_block<2, 2>(q, scale, mn, x, d, s, groups, n0, n1, ym, ldy), m += 2;
-    else rows_block<4, 1>(q, scale, mn, x, d, s, groups, n0, n1, ym, ldy), m += 1;
+    else rows_block<1, 1>(q, scale, mn, x, d, s, groups, n0, n1, ym, ldy), m += 1;  // one stream (a8_common.h)
   }
 }
 
@@ -229,6 +232,11 @@ void quantize_blocks(const float* x, int64_t K, int8_t* xq, float* dx, float* sx
 }
 
 bool a8_vnni512() { return si::isa() >= si::Isa::avx512_vnni; }
+
+int64_t env_int(const char* name, int64_t fallback) {
+  const char* v = std::getenv(name);
+  return v != nullptr && *v != '\0' ? std::atoll(v) : fallback;
+}
 
 A8Rows& quantize_rows(const float* x, int64_t M, int64_t K) {
   const int64_t groups = K / 32;
@@ -265,8 +273,11 @@ torch::Tensor int4_a8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor sca
   const uint16_t* mp = reinterpret_cast<const uint16_t*>(mn.data_ptr<at::Half>());
   float* yp = y.data_ptr<float>();
   if (vnni512) {
-    parallel_row_chunks(N, 32, [&](int64_t n0, int64_t n1) {
-      rows_vnni512(qp, sp, mp, xq.data(), dx.data(), sx.data(), groups, M, n0, n1, yp, N);
+    // Contiguous ranges per thread (a8_common.h), walked 32 rows at a time so that with several input
+    // rows a block's weights stay in L1 / L2 across them.
+    parallel_row_chunks(N, stream_chunk(N), [&](int64_t n0, int64_t n1) {
+      for (int64_t b = n0; b < n1; b += 32)
+        rows_vnni512(qp, sp, mp, xq.data(), dx.data(), sx.data(), groups, M, b, std::min(n1, b + 32), yp, N);
     });
     return y;
   }

@@ -59,13 +59,14 @@ SI_VNNI512 inline __attribute__((always_inline)) void block_q8_vnni512(
 SI_VNNI512 void rows_q8_vnni512(const int8_t* q, const uint16_t* scale, const int8_t* xq, const float* dx,
                                 const float* sx, int64_t K, int64_t n0, int64_t n1, float* y) {
   const int64_t groups = K / 32;
-  int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) {
-    const char* p = reinterpret_cast<const char*>(q + n * K) + kPrefetch;
-    for (int64_t o = 0; o < 4 * K; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
-    block_q8_vnni512<4>(q + n * K, scale + n * groups, xq, dx, sx, K, y + n);
+  // One row at a time: one ascending stream per thread, its lines prefetched first (a8_common.h).
+  for (int64_t n = n0; n < n1; ++n) {
+    if (kPrefetch >= 0) {
+      const char* p = reinterpret_cast<const char*>(q + n * K) + kPrefetch;
+      for (int64_t o = 0; o < K; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
+    }
+    block_q8_vnni512<1>(q + n * K, scale + n * groups, xq, dx, sx, K, y + n);
   }
-  for (; n < n1; ++n) block_q8_vnni512<1>(q + n * K, scale + n * groups, xq, dx, sx, K, y + n);
 }
 
 float row_q8_scalar(const int8_t* q, const uint16_t* scale, const int8_t* xq, const float* dx, int64_t K) {
@@ -97,8 +98,12 @@ torch::Tensor int8_a8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor sca
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
   float* yp = y.data_ptr<float>();
   const bool vnni = a8_vnni512();
-  parallel_row_chunks(N, 64, [&](int64_t n0, int64_t n1) {
-    for (int64_t m = 0; m < M; ++m) {  // a chunk's rows stay in L2 across the input rows
+  // Contiguous ranges per thread (a8_common.h), walked 64 rows at a time: a block's rows stay in L2
+  // across the input rows.
+  parallel_row_chunks(N, stream_chunk(N), [&](int64_t c0, int64_t c1) {
+   for (int64_t n0 = c0; n0 < c1; n0 += 64) {
+    const int64_t n1 = std::min(c1, n0 + 64);
+    for (int64_t m = 0; m < M; ++m) {
       const int8_t* xr = a.xq.data() + m * K;
       const float* d = a.dx.data() + m * groups;
       if (vnni) {
@@ -107,6 +112,7 @@ torch::Tensor int8_a8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor sca
         for (int64_t n = n0; n < n1; ++n) yp[m * N + n] = row_q8_scalar(qp + n * K, sp + n * groups, xr, d, K);
       }
     }
+   }
   });
   return y;
 }
