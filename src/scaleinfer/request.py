@@ -42,6 +42,9 @@ class Request:
     encoder_group: str | None = None
     """Requests with the same group and the same encoder_input object (the children of one n > 1 request)
     share one encoder run: the first admitted runs it, the others take its cross blocks by reference."""
+    keep_encoder_output: bool = False
+    """Keep the cross blocks after the request finishes, for a later request with the same encoder_input
+    object (Whisper's temperature fallback decodes a window again): scheduler.py, KeptEncoderOutputs."""
 
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
@@ -101,7 +104,7 @@ class Request:
         child = Request(request_id, self.prompt_token_ids, self.sampling_params, self.eos_token_ids,
                         arrival_time=self.arrival_time, prompt=self.prompt, encoder_input=self.encoder_input,
                         num_encoder_tokens=self.num_encoder_tokens, encoder_group=self.encoder_group,
-                        output_token_ids=list(self.output_token_ids),
+                        keep_encoder_output=self.keep_encoder_output, output_token_ids=list(self.output_token_ids),
                         num_computed_tokens=self.num_computed_tokens, beam_candidates=self.beam_candidates)
         child._all_token_ids = list(self._all_token_ids)
         child.first_token_time = self.first_token_time

@@ -24,6 +24,9 @@ Encoder-decoder sampling with n > 1 (Whisper's best_of): the children carry one 
 first admitted runs the encoder; a sibling admitted later (or in the same step) while it runs takes its
 cross blocks by reference count (BlockManager.share_cross) and is not sent to the encoder. A child
 readmitted after a preemption shares again if a sibling still runs, else it runs the encoder again.
+A request made with keep_encoder_output leaves its cross blocks behind when it finishes, for a later
+request with the same encoder input (Whisper's temperature fallback): kv_cache/kept_encoder.py. Kept
+blocks are given back first when running work needs blocks.
 
 Copy-on-write copies of shared beam blocks travel in the SchedulerOutput to the runner.
 """
@@ -37,6 +40,7 @@ from dataclasses import dataclass, field
 from scaleinfer.attention.patterns import AttentionPattern, union_live_ranges
 from scaleinfer.config import CacheConfig, SchedulerConfig
 from scaleinfer.kv_cache.block_manager import BlockManager
+from scaleinfer.kv_cache.kept_encoder import KeptEncoderOutputs
 from scaleinfer.request import FinishReason, Request, RequestStatus
 
 DEAD_END = "grammar_dead_end"
@@ -96,11 +100,15 @@ class Scheduler:
     share_encoder = True
     """Children of one n > 1 encoder-decoder request share the first one's encoder run and cross blocks;
     False: each runs its own encoder (tests compare the two)."""
+    keep_encoder = True
+    """Requests made with keep_encoder_output leave their cross blocks for a later request with the same
+    encoder input; False: each runs its encoder (tests compare the two)."""
 
     def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int,
                  attention_patterns: Sequence[AttentionPattern] = ()) -> None:
         self.config = scheduler_config
         self.block_manager = BlockManager(num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
+        self.kept_encoder = KeptEncoderOutputs(self.block_manager, scheduler_config.max_num_seqs)
         patterns = list(dict.fromkeys(attention_patterns))
         self.kv_patterns = patterns if patterns and not any(p.is_causal for p in patterns) else None
         """The layers' patterns when all of them bound their keys (KV blocks can then be dropped)."""
@@ -162,6 +170,7 @@ class Scheduler:
             if drafts:
                 n += len(drafts)
             target = req.num_computed_tokens + n
+            self._make_room(req, target)
             while not bm.can_allocate(req, target):
                 victim = self.running[-1]
                 self._preempt(victim, out)
@@ -183,6 +192,8 @@ class Scheduler:
             if source is not None:   # its sibling's encoder ran (or runs first this step): share its cross K/V
                 bm.share_cross(source, req)
                 needs_encoder = False
+            elif needs_encoder and self.keep_encoder and self.kept_encoder.take(req):
+                needs_encoder = False   # an earlier request's encoder output for this very input
             if needs_encoder and out.encoder_requests and req.num_encoder_tokens > encoder_budget:
                 break
             if not req.block_ids:
@@ -190,6 +201,7 @@ class Scheduler:
                 req.num_cached_tokens = req.num_computed_tokens
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             target = req.num_computed_tokens + n
+            self._make_room(req, target)
             if not bm.can_allocate(req, target):
                 break
             bm.allocate(req, target)
@@ -205,6 +217,15 @@ class Scheduler:
             self._preempt(self.running[-1], out, to_back=True)   # only waiting beams run: make room
         out.blocks_to_copy = bm.take_copies()
         return out
+
+    def _make_room(self, req: Request, target: int) -> None:
+        """Give back kept encoder outputs (oldest first) until req's next `target` tokens fit, or none is left."""
+        while not self.block_manager.can_allocate(req, target) and self.kept_encoder.release_oldest():
+            pass
+
+    def release_encoder_output(self, encoder_input: object) -> None:
+        """The owner of `encoder_input` will not decode it again: give back its kept cross blocks."""
+        self.kept_encoder.release(encoder_input)
 
     def _encoder_sibling(self, req: Request) -> Request | None:
         """A running request of req's encoder group, with the same encoder input, that holds cross blocks."""
@@ -327,5 +348,7 @@ class Scheduler:
         req.finish_reason = reason
         req.stop_reason = stop_reason
         req.finish_time = time.monotonic()
+        if req.keep_encoder_output and self.keep_encoder and req.cross_block_ids and reason != FinishReason.ABORT:
+            self.kept_encoder.keep(req)
         self.block_manager.free(req)
         self.requests.pop(req.request_id, None)

@@ -97,3 +97,13 @@ def test_bad_parameters_are_400(oclient, model):
         oclient.audio.transcriptions.create(file=f, model=model, language="xx")
     with open(JFK, "rb") as f, pytest.raises(openai.NotFoundError):
         oclient.audio.transcriptions.create(file=f, model="no-such-model")
+
+
+def test_every_kv_block_back_after_transcriptions(whisper_server, oclient, model):
+    # A window's first decode keeps its encoder output for a temperature fallback (kv_cache/kept_encoder.py);
+    # once the transcription moves on (here: ends), plain and streamed, nothing stays behind.
+    with open(JFK, "rb") as f:
+        assert oclient.audio.transcriptions.create(file=f, model=model).text == TEXT
+    with open(JFK, "rb") as f:
+        list(oclient.audio.transcriptions.create(file=f, model=model, stream=True))
+    assert whisper_server.metric("scaleinfer_kv_cache_free_blocks") == whisper_server.metric("scaleinfer_kv_cache_blocks")

@@ -6,7 +6,9 @@
 - beam_size=5 at temperature 0 gives the known transcript (data/README.md; without timestamps) and runs
   the encoder once; with timestamps it finds a likelier sequence than greedy (sum of the renormalized
   log-probabilities beams rank on) and equals faster-whisper's beam-5 transcript token for token;
-- the CLI's --beam-size prints the API's beam transcript (not the greedy one)."""
+- the CLI's --beam-size prints the API's beam transcript (not the greedy one);
+- a window decoded again by the temperature fallback reuses its encoder output (one run for all
+  temperatures, the same segments as an encoder run per temperature, every block back after)."""
 from __future__ import annotations
 
 import math
@@ -98,6 +100,23 @@ def test_best_of_transcription_same_with_one_encoder_run(llm, encoder_inputs, mo
     assert runs_shared == 1 and sum(encoder_inputs) == 5
     assert [s.tokens for s in shared.segments] == [s.tokens for s in alone.segments]
     assert shared.text == alone.text
+
+
+def test_temperature_fallback_reuses_the_window_encoder_output(llm, encoder_inputs, monkeypatch):
+    # A compression-ratio threshold no text passes: every temperature is tried on the (one) window.
+    opts = TranscriptionOptions(temperatures=(0.0, 0.5, 1.0), best_of=2, seed=5, compression_ratio_threshold=0.01)
+    llm.transcribe(JFK)   # passes at temperature 0: what it kept for a fallback goes back when it ends
+    assert llm.engine.num_free_blocks == llm.engine.num_kv_blocks
+    encoder_inputs.clear()
+    kept = llm.transcribe(JFK, options=opts)
+    runs_kept = sum(encoder_inputs)
+    assert llm.engine.num_free_blocks == llm.engine.num_kv_blocks   # released once the window was done
+    monkeypatch.setattr(Scheduler, "keep_encoder", False)
+    encoder_inputs.clear()
+    alone = llm.transcribe(JFK, options=opts)
+    assert runs_kept == 1 and sum(encoder_inputs) == 3
+    assert [s.tokens for s in kept.segments] == [s.tokens for s in alone.segments]
+    assert kept.segments[0].temperature == 1.0   # the fallback did run to the last temperature
 
 
 def renormalized_sum_logprob(llm, opts: TranscriptionOptions, token_ids: list[int]) -> float:

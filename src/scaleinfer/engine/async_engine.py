@@ -39,15 +39,17 @@ class AsyncEngine:
 
     # ---- caller side ---------------------------------------------------------------------------
     async def generate(self, prompt: str | list[int], params: SamplingParams,
-                       request_id: str | None = None, encoder_input=None) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, encoder_input=None,
+                       keep_encoder_output: bool = False) -> AsyncIterator[RequestOutput]:
         """Stream cumulative RequestOutputs; leaving the iterator early (or cancellation) aborts.
-        `encoder_input`: an encoder-decoder model's (LLMEngine.add_request)."""
+        `encoder_input`, `keep_encoder_output`: an encoder-decoder model's (LLMEngine.add_request)."""
         request_id = request_id or await self._call(lambda e: e.new_request_id())
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
         finished = False
         try:
-            await self._call(lambda e: e.add_request(request_id, prompt, params, encoder_input=encoder_input))
+            await self._call(lambda e: e.add_request(request_id, prompt, params, encoder_input=encoder_input,
+                                                     keep_encoder_output=keep_encoder_output))
             while True:
                 item = await stream.get()
                 if isinstance(item, BaseException):
@@ -67,6 +69,10 @@ class AsyncEngine:
     async def call(self, fn: _Command):
         """Run fn(engine) on the engine thread (for stats and introspection)."""
         return await self._call(fn)
+
+    def call_soon(self, fn: _Command) -> None:
+        """Queue fn(engine) on the engine thread without waiting for it (from a cancelled task, say)."""
+        self._submit(fn)
 
     async def _call(self, fn: _Command):
         return await asyncio.wrap_future(self._submit(fn))

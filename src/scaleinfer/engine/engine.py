@@ -141,9 +141,11 @@ class LLMEngine:
         return str(self._next_id - 1)
 
     def add_request(self, request_id: str, prompt: str | list[int] | None, params: SamplingParams,
-                    encoder_input: "torch.Tensor | None" = None) -> None:
+                    encoder_input: "torch.Tensor | None" = None, keep_encoder_output: bool = False) -> None:
         """`encoder_input`: an encoder-decoder model's encoder input (engine/encoder_inputs.py; `prompt` is
-        then the decoder prompt, None for the model's default)."""
+        then the decoder prompt, None for the model's default). `keep_encoder_output`: keep its encoder
+        output (cross blocks) after the request for a later one with this very `encoder_input` object,
+        until `release_encoder_output(encoder_input)` or the blocks are needed (kv_cache/kept_encoder.py)."""
         if request_id in self._parents or request_id in self._beams:
             raise RequestError(f"request id {request_id!r} is already in use")
         prompt_text, prompt_ids, encoder_input, num_encoder_tokens = request_inputs(
@@ -152,6 +154,7 @@ class LLMEngine:
         compiled = self.compile_structured(params)
         if params.use_beam_search:
             self._add_beam_request(request_id, prompt_text, prompt_ids, params, encoder_input, num_encoder_tokens)
+            self._beams[request_id].beams[0].request.keep_encoder_output = keep_encoder_output
             return
         parent = Parent(request_id, prompt_text, prompt_ids)
         for i in range(params.n):
@@ -164,7 +167,8 @@ class LLMEngine:
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"
             req = Request(child_id, prompt_ids, child_params, eos_token_ids=self.tokenizer.eos_token_ids,
                           prompt=prompt_text, encoder_input=encoder_input, num_encoder_tokens=num_encoder_tokens,
-                          encoder_group=request_id if params.n > 1 and num_encoder_tokens else None)
+                          encoder_group=request_id if params.n > 1 and num_encoder_tokens else None,
+                          keep_encoder_output=keep_encoder_output and num_encoder_tokens > 0)
             if compiled is not None:
                 req.grammar = GrammarState(compiled, self._grammars.stop_token_ids, self._grammars.vocab_size)
             detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, child_params.skip_special_tokens,
@@ -173,6 +177,10 @@ class LLMEngine:
             self._parent_of[child_id] = request_id
             self.scheduler.add_request(req)
         self._parents[request_id] = parent
+
+    def release_encoder_output(self, encoder_input) -> None:
+        """Give back the encoder output kept for `encoder_input` (add_request's keep_encoder_output)."""
+        self.scheduler.release_encoder_output(encoder_input)
 
     def compile_structured(self, params: SamplingParams):
         """The compiled grammar of params.structured_outputs (cached), None without one; RequestError if it

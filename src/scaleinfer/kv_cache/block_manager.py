@@ -155,6 +155,20 @@ class BlockManager:
         self._add_references(source.cross_block_ids)
         request.cross_block_ids.extend(source.cross_block_ids)
 
+    def hold(self, block_ids: list[int]) -> None:
+        """One more reference to each block, held by no request (kept_encoder.py); `release` drops it."""
+        self._add_references(block_ids)
+
+    def release(self, block_ids: list[int]) -> None:
+        """Drop one reference to each block (taken by `hold`); blocks nobody holds go back to the free queue."""
+        for block_id in reversed(block_ids):
+            if block_id == NULL_BLOCK:
+                continue
+            self.ref_counts[block_id] -= 1
+            assert self.ref_counts[block_id] >= 0
+            if self.ref_counts[block_id] == 0:
+                self.free_queue[block_id] = None
+
     def _add_references(self, block_ids: list[int]) -> None:
         for block_id in block_ids:
             if block_id != NULL_BLOCK:
@@ -207,13 +221,7 @@ class BlockManager:
 
         Blocks are released tail first so the head of a prompt (most shareable) is evicted last.
         """
-        for block_id in reversed(request.cross_block_ids + request.block_ids):
-            if block_id == NULL_BLOCK:
-                continue
-            self.ref_counts[block_id] -= 1
-            assert self.ref_counts[block_id] >= 0
-            if self.ref_counts[block_id] == 0:
-                self.free_queue[block_id] = None
+        self.release(request.cross_block_ids + request.block_ids)
         request.block_ids.clear()
         request.cross_block_ids.clear()
         if self.prefix_cache is not None:

@@ -41,31 +41,42 @@ def prepare(audio: AudioInput, opts: TranscriptionOptions, tokenizer, model_conf
 
 def _submit(engine, job) -> str:
     request_id = f"whisper-{engine.new_request_id()}"
-    engine.add_request(request_id, job.prompt_ids, job.params, encoder_input=job.encoder_input)
+    engine.add_request(request_id, job.prompt_ids, job.params, encoder_input=job.encoder_input,
+                       keep_encoder_output=job.may_retry)
     return request_id
 
 
+def _moved_on(job, next_job) -> bool:
+    """Whether the engine may drop what it kept of `job`'s window: the next decode reads another window."""
+    return job.may_retry and (next_job is None or next_job.encoder_input is not job.encoder_input)
+
+
 def run_offline(engine, generators: list[Generator]) -> list[Transcription]:
-    """Run the transcriptions to completion on an LLMEngine, their windows batched together."""
+    """Run the transcriptions to completion on an LLMEngine, their windows batched together. A window
+    decoded again at a higher temperature reuses its encoder output (DecodeJob.may_retry)."""
     results: list[Transcription | None] = [None] * len(generators)
-    active: dict[str, tuple[int, Generator]] = {}
+    active: dict[str, tuple[int, Generator, object]] = {}
     try:
         for i, gen in enumerate(generators):
-            active[_submit(engine, next(gen))] = (i, gen)
+            job = next(gen)
+            active[_submit(engine, job)] = (i, gen, job)
         while active:
             for out in engine.step():
                 if not out.finished or out.request_id not in active:
                     continue
-                i, gen = active.pop(out.request_id)
+                i, gen, job = active.pop(out.request_id)
                 try:
-                    job = gen.send(out)
+                    next_job = gen.send(out)
                 except StopIteration as stop:
-                    results[i] = stop.value
-                    continue
-                active[_submit(engine, job)] = (i, gen)
+                    next_job, results[i] = None, stop.value
+                if _moved_on(job, next_job):
+                    engine.release_encoder_output(job.encoder_input)
+                if next_job is not None:
+                    active[_submit(engine, next_job)] = (i, gen, next_job)
     except BaseException:
-        for request_id in active:
+        for request_id, (_, _, job) in active.items():
             engine.abort_request(request_id)
+            engine.release_encoder_output(job.encoder_input)
         raise
     return results   # type: ignore[return-value]
 
@@ -76,17 +87,27 @@ async def run_async(async_engine, gen: Generator, segments: list[Segment]):
     Transcription."""
     job = next(gen)
     sent = 0
-    while True:
-        last = None
-        async for out in async_engine.generate(job.prompt_ids, job.params, encoder_input=job.encoder_input):
-            last = out
-        try:
-            job = gen.send(last)
-        except StopIteration as stop:
-            result = stop.value
-            break
-        finally:
-            while sent < len(segments):
-                sent += 1
-                yield segments[sent - 1]
+    try:
+        while True:
+            last = None
+            async for out in async_engine.generate(job.prompt_ids, job.params, encoder_input=job.encoder_input,
+                                                   keep_encoder_output=job.may_retry):
+                last = out
+            try:
+                next_job = gen.send(last)
+            except StopIteration as stop:
+                next_job, result = None, stop.value
+            finally:
+                while sent < len(segments):
+                    sent += 1
+                    yield segments[sent - 1]
+            if _moved_on(job, next_job):
+                await async_engine.call(lambda e, x=job.encoder_input: e.release_encoder_output(x))
+            if next_job is None:
+                break
+            job = next_job
+    except BaseException:
+        if job.may_retry:   # a client gone mid-window: nothing will decode it again
+            async_engine.call_soon(lambda e, x=job.encoder_input: e.release_encoder_output(x))
+        raise
     yield result

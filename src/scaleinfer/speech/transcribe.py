@@ -111,6 +111,9 @@ class DecodeJob:
     encoder_input: torch.Tensor
     params: SamplingParams
     rules: WindowRules
+    may_retry: bool = False
+    """A fallback may decode this window again (a higher temperature is left and a threshold is set): the
+    engine keeps its encoder output until the driver releases it (drivers.py)."""
 
 
 @dataclass
@@ -178,12 +181,13 @@ def _decode_with_fallback(window, prompt, tokens: WhisperTokens, tokenizer, opts
     tried: list[_Attempt] = []
     below_ratio: list[_Attempt] = []
     detected_prob = None
-    for temperature in opts.temperatures:
+    checks = opts.compression_ratio_threshold is not None or opts.log_prob_threshold is not None
+    for i, temperature in enumerate(opts.temperatures):
         rules = WindowRules(tokens, language, opts.task, not opts.without_timestamps, opts.max_initial_timestamp)
         room = max_length - len(prompt)
         max_tokens = room if opts.max_new_tokens is None else min(room, opts.max_new_tokens + rules.num_forced)
         params = window_params(opts, temperature, max_tokens, rules)
-        out = yield DecodeJob(list(prompt), window, params, rules)
+        out = yield DecodeJob(list(prompt), window, params, rules, checks and i + 1 < len(opts.temperatures))
         if language is None:
             language, detected_prob = rules.language, rules.language_prob
         attempt = _attempt(out, rules, tokens, tokenizer, temperature)
