@@ -47,7 +47,8 @@ def test_a_big_tensor_becomes_eligible_and_keeps_its_values():
     # 24 huge pages = 48 MiB: above glibc's largest dynamic mmap threshold (32 MiB), so the tensor is always a
     # fresh mapping; a smaller one can come from heap memory an earlier test in this process already advised
     t = torch.empty(24 * HUGE_PAGE, dtype=torch.uint8)
-    assert not _thp_eligible(_first_huge(t))
+    if _thp_eligible(_first_huge(t)):   # seen once in a full-suite run on a VM running kdamond (DAMON)
+        pytest.skip("the fresh mapping is THP-eligible before any advice here: the advice's effect cannot show")
     assert advise_huge_pages(t)
     assert _thp_eligible(_first_huge(t))
     t.copy_(torch.arange(t.numel()) % 251)
