@@ -1,5 +1,7 @@
 // What the a8 kernels (int4_a8.cpp, int8_a8.cpp) share: activations quantized per block of 32 to int8.
 #pragma once
+#include "kernels.h"
+
 #include <torch/extension.h>
 #include <immintrin.h>
 #include <algorithm>
@@ -21,15 +23,8 @@
 //   SCALEINFER_PREFETCH_BYTES  where a row's prefetch starts relative to it (default 0; -1: none)
 //   SCALEINFER_RANGES_PER_THREAD  contiguous row ranges per thread (default 2: a thread slowed by a
 //                                 neighbour on a shared VM leaves part of its share to the other)
-int64_t env_int(const char* name, int64_t fallback);
+//                               (kernels.h: stream_chunk; f32_linear walks its rows the same way)
 inline const int64_t kPrefetch = env_int("SCALEINFER_PREFETCH_BYTES", 0);
-inline const int64_t kRangesPerThread = std::max<int64_t>(1, env_int("SCALEINFER_RANGES_PER_THREAD", 2));
-
-// Rows per range for a weight of N rows: kRangesPerThread contiguous ranges per thread, multiples of 32.
-inline int64_t stream_chunk(int64_t N) {
-  const int64_t parts = at::get_num_threads() * kRangesPerThread;
-  return std::max<int64_t>(32, ((N + parts - 1) / parts + 31) / 32 * 32);
-}
 
 inline float h2f(uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); }
 

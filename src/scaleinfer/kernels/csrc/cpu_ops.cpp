@@ -249,7 +249,11 @@ torch::Tensor f32_linear(torch::Tensor x, torch::Tensor w, OptTensor bias, OptTe
   const float* xp = x.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  parallel_row_chunks(N, 64, [&](int64_t n0, int64_t n1) { f32_rows(wp, xp, M, N, K, n0, n1, yp); });
+  // Contiguous ranges per thread (kernels.h: stream_chunk), walked 64 rows at a time so that with several
+  // input rows a block's weights stay in L2 across them.
+  parallel_row_chunks(N, stream_chunk(N), [&](int64_t c0, int64_t c1) {
+    for (int64_t n0 = c0; n0 < c1; n0 += 64) f32_rows(wp, xp, M, N, K, n0, std::min(c1, n0 + 64), yp);
+  });
   if (bias.has_value() && bias->defined()) y += *bias;
   return y;
 }

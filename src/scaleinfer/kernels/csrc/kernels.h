@@ -15,6 +15,21 @@ void parallel_row_chunks(int64_t N, int64_t chunk, const F& fn) {
   for (int64_t c = 0; c < chunks; ++c) fn(c * chunk, std::min(N, c * chunk + chunk));
 }
 
+// An integer from the environment (read where a knob is defined: once per process), or `fallback`.
+int64_t env_int(const char* name, int64_t fallback);
+
+// Batch-1 decode streams every weight once from DRAM; the hardware prefetcher keeps up with one ascending
+// run per thread and not with short chunks handed out dynamically (measured: a8_common.h). The rows of a
+// weight go in contiguous ranges, SCALEINFER_RANGES_PER_THREAD (default 2) per thread, so a thread slowed
+// by a neighbour on a shared VM still leaves part of its share to the other.
+inline const int64_t kRangesPerThread = std::max<int64_t>(1, env_int("SCALEINFER_RANGES_PER_THREAD", 2));
+
+// Rows per range for a weight of N rows: kRangesPerThread ranges per thread, multiples of 32.
+inline int64_t stream_chunk(int64_t N) {
+  const int64_t parts = (at::in_parallel_region() ? 1 : at::get_num_threads()) * kRangesPerThread;
+  return std::max<int64_t>(32, ((N + parts - 1) / parts + 31) / 32 * 32);
+}
+
 // `out` when one is given (checked: contiguous [M, N] of `like`'s dtype), else a new [M, N] tensor:
 // the kernels below write into a caller's buffer when asked (decode_step.cpp keeps one per tensor of a step).
 inline torch::Tensor out_or_new(const c10::optional<torch::Tensor>& out, int64_t M, int64_t N,
