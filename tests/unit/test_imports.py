@@ -20,7 +20,7 @@ ROOT = SRC.parents[1]
 
 LAYERS: list[tuple[str, tuple[str, ...]]] = [   # bottom to top
     ("L0", ("errors", "config", "sampling_params")),
-    ("L1", ("request", "tokenizer", "catalog", "kv_cache.block_manager", "kv_cache.prefix_cache",
+    ("L1", ("request", "tokenizer", "catalog", "kv_cache.block_manager", "kv_cache.prefix_cache", "kv_cache.kept_encoder",
             "attention.patterns")),      # patterns: pure data the scheduler reads (no torch, see (c))
     ("L2", ("scheduler", "plan")),       # plan: the planner's arithmetic (pure Python)
     ("D0", ("kernels", "distributed.parallel_state", "distributed.communicators")),
