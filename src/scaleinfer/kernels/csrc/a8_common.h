@@ -23,8 +23,7 @@
 //   SCALEINFER_PREFETCH_BYTES  where a row's prefetch starts relative to it (default 0; -1: none)
 //   SCALEINFER_RANGES_PER_THREAD  contiguous row ranges per thread (default 2: a thread slowed by a
 //                                 neighbour on a shared VM leaves part of its share to the other)
-//                               (kernels.h: stream_chunk; f32_linear walks its rows the same way)
-inline const int64_t kPrefetch = env_int("SCALEINFER_PREFETCH_BYTES", 0);
+//                               (kernels.h: kPrefetch, stream_chunk; f32_linear walks its rows the same way)
 
 inline float h2f(uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); }
 

@@ -51,37 +51,20 @@ SI_BODY void silu_mul_row_body(const float* g, float* o, int64_t I) {
 }
 SI_ISA_VERSIONS(silu_mul_row, (const float* g, float* o, int64_t I), (g, o, I))
 
-// Rows n0..n1 of y[M, N] = x[M, K] W[N, K]^T, four weight rows at a time: four dot products share each
-// load of x, and the block's weights are read once from memory for all M input rows (then from L1).
-// The weights ~2 KiB ahead are prefetched: the hardware prefetcher stops at 4 KiB page boundaries.
+// Rows n0..n1 of y[M, N] = x[M, K] W[N, K]^T, one weight row at a time (one ascending stream per thread,
+// the row's lines prefetched first: kernels.h), its dot with each of the M input rows while it is in L1.
+// Every output takes the same dot whatever M is (batch invariance). Measured on whisper-base's decoder
+// (AMD EPYC, 2 threads): four rows side by side with a 2 KiB prefetch streamed 16-23 GB/s in place.
 SI_BODY void f32_rows_body(const float* w, const float* x, int64_t M, int64_t N, int64_t K, int64_t n0,
                            int64_t n1, float* y) {
-  int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) {
-    const float* w0 = w + n * K;
-    const char* ahead = reinterpret_cast<const char*>(w0) + 2048;
-    for (int64_t o = 0; o < 16 * K; o += 64) __builtin_prefetch(ahead + o, 0, 3);
-    const float *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
-    for (int64_t m = 0; m < M; ++m) {
-      const float* xm = x + m * K;
-      float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-      for (int64_t k = 0; k < K; ++k) {
-        const float xv = xm[k];
-        a0 += w0[k] * xv;
-        a1 += w1[k] * xv;
-        a2 += w2[k] * xv;
-        a3 += w3[k] * xv;
-      }
-      float* ym = y + m * N + n;
-      ym[0] = a0;
-      ym[1] = a1;
-      ym[2] = a2;
-      ym[3] = a3;
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* wr = w + n * K;
+    if (kPrefetch >= 0) {
+      const char* ahead = reinterpret_cast<const char*>(wr) + kPrefetch;
+      for (int64_t o = 0; o < K * static_cast<int64_t>(sizeof(float)); o += 64) __builtin_prefetch(ahead + o, 0, 3);
     }
+    for (int64_t m = 0; m < M; ++m) y[m * N + n] = dot(wr, x + m * K, K);
   }
-  for (; n < n1; ++n)
-    for (int64_t m = 0; m < M; ++m) y[m * N + n] = dot(w + n * K, x + m * K, K);
 }
 SI_ISA_VERSIONS(f32_rows, (const float* w, const float* x, int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1,
                 float* y), (w, x, M, N, K, n0, n1, y))

@@ -22,6 +22,7 @@ int64_t env_int(const char* name, int64_t fallback);
 // run per thread and not with short chunks handed out dynamically (measured: a8_common.h). The rows of a
 // weight go in contiguous ranges, SCALEINFER_RANGES_PER_THREAD (default 2) per thread, so a thread slowed
 // by a neighbour on a shared VM still leaves part of its share to the other.
+inline const int64_t kPrefetch = env_int("SCALEINFER_PREFETCH_BYTES", 0);  // from a row's start (-1: none)
 inline const int64_t kRangesPerThread = std::max<int64_t>(1, env_int("SCALEINFER_RANGES_PER_THREAD", 2));
 
 // Rows per range for a weight of N rows: kRangesPerThread ranges per thread, multiples of 32.
