@@ -17,8 +17,8 @@
 //   two contiguous ranges per thread, same inner loop                                      21-25 GB/s
 //   + one row at a time (a single ascending stream per thread), its lines prefetched first  29-33 GB/s
 // The hardware prefetcher follows one ascending stream per thread well and several interleaved ones (rows
-// 1.5 KB apart) or short chunks poorly. End to end, Qwen2.5-1.5B w4a8 decode went from 12.5 to 21-27 tok/s
-// and SmolLM2 from 125 to 180-213. An Intel VM measured a 2 KiB distance best with the old chunks of 32;
+// 1.5 KB apart) or short chunks poorly. End to end, Qwen2.5-1.5B w4a8 decode went from 12.5 to 21-29 tok/s
+// and SmolLM2 from 125 to 149-213 (runs differ). An Intel VM measured 2 KiB best with the old chunks of 32;
 // both knobs are read once from the environment for re-measuring elsewhere:
 //   SCALEINFER_PREFETCH_BYTES  where a row's prefetch starts relative to it (default 0; -1: none)
 //   SCALEINFER_RANGES_PER_THREAD  contiguous row ranges per thread (default 2: a thread slowed by a
