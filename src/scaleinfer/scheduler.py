@@ -220,8 +220,8 @@ class Scheduler:
 
     def _make_room(self, req: Request, target: int) -> None:
         """Give back kept encoder outputs (oldest first) until req's next `target` tokens fit, or none is left."""
-        while not self.block_manager.can_allocate(req, target) and self.kept_encoder.release_oldest():
-            pass
+        while self.kept_encoder and not self.block_manager.can_allocate(req, target):
+            self.kept_encoder.release_oldest()
 
     def release_encoder_output(self, encoder_input: object) -> None:
         """The owner of `encoder_input` will not decode it again: give back its kept cross blocks."""

@@ -153,8 +153,8 @@ class LLMEngine:
         self._validate(prompt_ids, params, num_encoder_tokens)
         compiled = self.compile_structured(params)
         if params.use_beam_search:
-            self._add_beam_request(request_id, prompt_text, prompt_ids, params, encoder_input, num_encoder_tokens)
-            self._beams[request_id].beams[0].request.keep_encoder_output = keep_encoder_output
+            self._add_beam_request(request_id, prompt_text, prompt_ids, params, encoder_input, num_encoder_tokens,
+                                   keep_encoder_output)
             return
         parent = Parent(request_id, prompt_text, prompt_ids)
         for i in range(params.n):
@@ -192,13 +192,15 @@ class LLMEngine:
         return self._grammars.compile(params.structured_outputs)
 
     def _add_beam_request(self, request_id: str, prompt_text: str | None, prompt_ids: list[int],
-                          params: SamplingParams, encoder_input=None, num_encoder_tokens: int = 0) -> None:
+                          params: SamplingParams, encoder_input=None, num_encoder_tokens: int = 0,
+                          keep_encoder_output: bool = False) -> None:
         if not isinstance(self.executor, UniProcExecutor):
             raise RequestError("beam search runs on a one-process engine (tensor / pipeline parallel ranks do not "
                                "copy KV blocks yet); drop use_beam_search or serve without parallelism")
         check_beam_fits(params, len(prompt_ids), num_encoder_tokens, self.config.cache.block_size, self.num_kv_blocks)
         group = BeamGroup(request_id, prompt_text, prompt_ids, params, self.tokenizer.eos_token_ids,
                           self.tokenizer, self.max_model_len, encoder_input, num_encoder_tokens)
+        group.beams[0].request.keep_encoder_output = keep_encoder_output   # its forks copy it (Request.fork)
         self._beams[request_id] = group
         self.scheduler.add_request(group.beams[0].request)
 

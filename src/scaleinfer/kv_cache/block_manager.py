@@ -144,7 +144,7 @@ class BlockManager:
     def fork(self, parent: Request, child: Request) -> None:
         """`child` (a new beam of `parent`) shares all of the parent's blocks, self and cross, by reference."""
         assert not child.block_ids and not child.cross_block_ids
-        self._add_references(parent.block_ids + parent.cross_block_ids)
+        self.hold(parent.block_ids + parent.cross_block_ids)
         child.block_ids.extend(parent.block_ids)
         child.cross_block_ids.extend(parent.cross_block_ids)
 
@@ -152,12 +152,8 @@ class BlockManager:
         """`request` (a sibling with the same encoder input) takes `source`'s cross blocks by reference: its
         encoder does not run; the blocks go back when the last holder is freed."""
         assert not request.cross_block_ids and source.cross_block_ids
-        self._add_references(source.cross_block_ids)
+        self.hold(source.cross_block_ids)
         request.cross_block_ids.extend(source.cross_block_ids)
-
-    def hold(self, block_ids: list[int]) -> None:
-        """One more reference to each block, held by no request (kept_encoder.py); `release` drops it."""
-        self._add_references(block_ids)
 
     def release(self, block_ids: list[int]) -> None:
         """Drop one reference to each block (taken by `hold`); blocks nobody holds go back to the free queue."""
@@ -169,7 +165,8 @@ class BlockManager:
             if self.ref_counts[block_id] == 0:
                 self.free_queue[block_id] = None
 
-    def _add_references(self, block_ids: list[int]) -> None:
+    def hold(self, block_ids: list[int]) -> None:
+        """One more reference to each block (a fork, a sibling, kept_encoder.py); `release` drops it."""
         for block_id in block_ids:
             if block_id != NULL_BLOCK:
                 self.ref_counts[block_id] += 1
