@@ -6,10 +6,11 @@
 //
 // Activations stay fp32: the weights are widened to fp32 in registers and multiplied with FMA, so
 // the result equals x @ dequantize(W)^T up to summation order. One fused pass per output row at
-// M = 1 (batch-1 decode reads each weight byte once); for M > 1 pairs of rows are dequantized into a
-// small fp32 buffer and multiplied with 4 input rows at a time (2x4 register tiles), which beats
-// fp32 BLAS up to M ~ 128-256 on small layers (callers switch to dequantized slices + BLAS above). Code paths: AVX-512, AVX2+FMA, scalar; chosen at run
-// time from the CPU's features (isa.h; `isa()` says which).
+// M = 1 (batch-1 decode reads each weight byte once; int8 does the same for every row up to 16 rows, so
+// its results are batch invariant there); for more rows (int4: M > 1) pairs of rows are dequantized into
+// a small fp32 buffer and multiplied with 4 input rows at a time (2x4 register tiles), which beats fp32
+// BLAS up to M ~ 128-256 on small layers (callers switch to dequantized slices + BLAS above). Code paths:
+// AVX-512, AVX2+FMA, scalar; chosen at run time from the CPU's features (isa.h; `isa()` says which).
 #include "isa.h"
 #include "kernels.h"
 
@@ -43,6 +44,7 @@ inline void dequant_row_int4(const uint8_t* q, const float* scale, const float* 
 }
 
 constexpr int64_t kGrain = 16;  // output rows per parallel task (at least)
+constexpr int64_t kInvariantRows = 16;  // int8_linear: up to this many input rows, each row as at M = 1
 
 // ---------------- horizontal sum (AVX2) -----------------------------------------------------
 __attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
@@ -148,10 +150,10 @@ void multi_row_linear(const float* xp, int64_t M, int64_t N, int64_t K, float* y
 __attribute__((target("avx512f,avx512bw"))) float row_int8_avx512(const int8_t* q, const float* x, int64_t K) {
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
   int64_t k = 0;
-  for (; k + 32 <= K; k += 32) {
-    __m512i v = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + k)));
-    __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(v)));
-    __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(v, 1)));
+  for (; k + 32 <= K; k += 32) {  // bytes widened straight to int32 (vpmovsxbd from memory), then fp32
+    const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k))));
+    const __m512 w1 =
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k + 16))));
     acc0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + k), acc0);
     acc1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + k + 16), acc1);
   }
@@ -258,24 +260,33 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
   const int8_t* qp = q.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  if (M > 1) {
+  if (M > kInvariantRows) {
     multi_row_linear(xp, M, N, K, yp, [&](int64_t n, float* out) { dequant_row_int8(qp + n * K, sp[n], K, out); });
     return y;
   }
+  // Up to kInvariantRows input rows: every output is the M = 1 row dot product, so an input row's result
+  // does not depend on what else is in the batch (a decode step and a speculative verification of the same
+  // token agree bit for bit). Rows go in contiguous ranges per thread (kernels.h: stream_chunk), walked in
+  // blocks of ~64 KiB of weights that stay in L2 across the input rows; each row's lines prefetched first.
   const Isa isa = si::isa();
-  at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
-    {
-      for (int64_t n = n0; n < n1; ++n) {
-        // ~2 KiB ahead: the hardware prefetcher stops at each 4 KiB page (see a8_common.h: kPrefetch).
-        const char* ahead = reinterpret_cast<const char*>(qp + n * K) + 2048;
-        for (int64_t o = 0; o < K; o += 64) _mm_prefetch(ahead + o, _MM_HINT_T0);
-        float s;
-        if (isa >= Isa::avx512) s = row_int8_avx512(qp + n * K, xp, K);
-        else if (isa >= Isa::avx2) s = row_int8_avx2(qp + n * K, xp, K);
-        else { s = 0.f; for (int64_t k = 0; k < K; ++k) s += qp[n * K + k] * xp[k]; }
-        yp[n] = s * sp[n];
+  const int64_t block = std::max<int64_t>(1, (64 << 10) / K);
+  parallel_row_chunks(N, stream_chunk(N), [&](int64_t c0, int64_t c1) {
+    for (int64_t b0 = c0; b0 < c1; b0 += block) {
+      const int64_t b1 = std::min(c1, b0 + block);
+      for (int64_t m = 0; m < M; ++m) {
+        const float* xr = xp + m * K;
+        for (int64_t n = b0; n < b1; ++n) {
+          if (m == 0 && kPrefetch >= 0) {
+            const char* p = reinterpret_cast<const char*>(qp + n * K) + kPrefetch;
+            for (int64_t o = 0; o < K; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
+          }
+          float s;
+          if (isa >= Isa::avx512) s = row_int8_avx512(qp + n * K, xr, K);
+          else if (isa >= Isa::avx2) s = row_int8_avx2(qp + n * K, xr, K);
+          else { s = 0.f; for (int64_t k = 0; k < K; ++k) s += qp[n * K + k] * xr[k]; }
+          yp[m * N + n] = s * sp[n];
+        }
       }
-      return;
     }
   });
   return y;
