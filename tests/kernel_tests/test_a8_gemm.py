@@ -2,7 +2,8 @@
 quantized per block of 32 times the dequantized int4 weights, int4.py: a8_reference) for row counts from 1
 to 600 and odd shapes, on every GEMM path this CPU has (AMX-INT8 tiles, 512-bit VNNI); the AMX path equal
 to the VNNI path bit for bit (both compute each group's integer dot exactly and apply the same float
-steps); and CPUs without 512-bit VNNI keeping the int4 weight-only prefill."""
+steps); and CPUs without 512-bit VNNI keeping the int4 weight-only prefill. The same GEMM for block-32 int8
+weights (int8_a8_gemm) against W8A8Block32's reference."""
 from __future__ import annotations
 
 import contextlib
@@ -12,6 +13,7 @@ import torch
 
 from scaleinfer.layers.linear import Linear
 from scaleinfer.quantization.int4 import W4A8, W4A8_MAX_ROWS, Int4WeightOnly, w4a8_kernel_paths
+from scaleinfer.quantization.int8 import A8_BLOCK_GEMV_ROWS, W8A8Block32
 from scaleinfer.kernels import cpu_kernels
 
 from .kernel_paths import forced_isa
@@ -147,3 +149,47 @@ def test_kernel_paths_name_what_runs():
     if ops is not None:
         assert paths["decode"] == ops.isa()
         assert ops.amx_status() == "on" or ops.amx_status().startswith("off: ")
+
+
+def _block32_layer(out_f: int, in_f: int, bias: bool = True) -> Linear:
+    g = torch.Generator().manual_seed(0)
+    layer = Linear(in_f, out_f, bias=bias)
+    layer.weight.data.copy_(torch.randn(out_f, in_f, generator=g) * 0.05)
+    if bias:
+        layer.bias.data.copy_(torch.randn(out_f, generator=g))
+    m = W8A8Block32()
+    m.process_weights_after_loading(layer)
+    layer.quant_method = m
+    return layer
+
+
+# Block-32 int8 weights (auto's 6- and 8-bit tensors, w4a8's LM head) through the same GEMM: bytes q + 128
+# and a minimum of -128 * scale per group (csrc/a8_gemm.cpp: pack_block_int8).
+@pytest.mark.parametrize("shape", [(64, 96), (33, 576), (70, 1536)])
+@pytest.mark.parametrize("rows", [A8_BLOCK_GEMV_ROWS + 1, 33, 130])
+def test_int8_block32_gemm_matches_its_reference(gemm_path, shape, rows):
+    layer = _block32_layer(*shape)
+    x = _x(rows, shape[1])
+    ref = layer.quant_method.reference(layer, x)
+    y = layer(x)
+    assert y.shape == (rows, shape[0])
+    assert float((y - ref).abs().max() / ref.abs().max()) < 1e-5
+    y_rows = torch.cat([layer(x[i:i + 1]) for i in range(rows)])   # the decode GEMV, row by row
+    assert float((y - y_rows).abs().max() / y_rows.abs().max()) < 1e-5
+
+
+def test_int8_block32_amx_equals_vnni_and_writes_into_out():
+    paths = _gemm_paths()
+    if paths == ["absent"]:
+        pytest.skip("no a8 GEMM path on this CPU")
+    layer = _block32_layer(70, 1536, bias=False)
+    x = _x(100, 1536)
+    out = torch.empty(100, 70)
+    with gemm_path_forced("vnni512"):
+        y_vnni = ops.int8_a8_gemm(x, layer.qweight, layer.weight_scale, out=out)
+    assert y_vnni.data_ptr() == out.data_ptr()
+    if "amx-int8" in paths:
+        with gemm_path_forced("amx-int8"):
+            assert torch.equal(ops.int8_a8_gemm(x, layer.qweight, layer.weight_scale), y_vnni)
+    with pytest.raises(RuntimeError, match="features"):
+        ops.int8_a8_gemm(_x(50, 256), layer.qweight, layer.weight_scale)

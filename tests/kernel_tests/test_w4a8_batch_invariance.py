@@ -2,9 +2,9 @@
 alone or with other rows (speculative verification runs k + 1 draft rows, continuous batching mixes
 requests; greedy outputs must not depend on either). Checked on every ISA level this CPU has, for every
 row count up to W4A8_MAX_ROWS (the multi-row GEMV of csrc/int4_a8.cpp takes input rows in blocks of 8,
-4, 2 and 1, so each remainder occurs), for the block-32 int8 LM head up to A8_BLOCK_MAX_ROWS, and for the
-per-channel int8 layers auto gives 6- and 8-bit GGUF tensors (W8A8: the weight-only kernel below 16 rows;
-Qwen2.5-1.5B Q4_K_M's Q6_K down and V projections) up to 15 rows."""
+4, 2 and 1, so each remainder occurs), for block-32 int8 weights (the LM head; auto's 6- and 8-bit GGUF
+tensors) up to the rows their GEMV takes, and for per-channel int8 (W8A8: the weight-only kernel below 16
+rows) up to 15 rows."""
 from __future__ import annotations
 
 import pytest
@@ -12,7 +12,7 @@ import torch
 
 from scaleinfer.layers.linear import Linear
 from scaleinfer.quantization.int4 import W4A8, W4A8_MAX_ROWS
-from scaleinfer.quantization.int8 import A8_BLOCK_MAX_ROWS, W8A8, W8A8_MIN_ROWS, W8A8Block32
+from scaleinfer.quantization.int8 import A8_BLOCK_GEMV_ROWS, A8_BLOCK_MAX_ROWS, W8A8, W8A8_MIN_ROWS, W8A8Block32
 from scaleinfer.kernels import cpu_kernels
 
 ops = cpu_kernels()
@@ -64,7 +64,8 @@ def test_w4a8_kernel_rows_equal_each_row_alone_without_bias(isa):
 @pytest.mark.parametrize("shape", [(64, 96), (200, 576)])
 def test_w8a8_block32_rows_equal_each_row_alone(isa, shape):
     layer = _layer(W8A8Block32(), *shape)
-    for m in (2, 5, 9, A8_BLOCK_MAX_ROWS):
+    gemv_rows = A8_BLOCK_GEMV_ROWS if ops.a8_gemm_path() != "none" else A8_BLOCK_MAX_ROWS   # the GEMM beyond
+    for m in (2, 5, 9, gemv_rows):
         _assert_each_row_alone(layer, _rows(m, shape[1]))
 
 

@@ -112,8 +112,12 @@ class W8A8(Int8WeightOnly):
 
 
 A8_BLOCK_MAX_ROWS = 64
-"""Inputs of at most this many rows (decode batches: the LM head only sees sampled rows) take the integer
-kernel; its 64-row weight chunks stay in L2 across the input rows. Longer ones dequantize slices + BLAS."""
+"""Without the a8 GEMM (no AVX512-VNNI), inputs of at most this many rows (decode batches: the LM head only
+sees sampled rows) take the integer GEMV kernel; its 64-row weight chunks stay in L2 across the input rows.
+Longer ones dequantize slices + BLAS. With the GEMM, the GEMV takes up to A8_BLOCK_GEMV_ROWS rows."""
+A8_BLOCK_GEMV_ROWS = 16
+"""With the a8 GEMM (csrc/a8_gemm.cpp: int8_a8_gemm), inputs of more rows than this take it, as w4a8's do
+(int4.py: W4A8_MAX_ROWS): a decode batch or a speculative verification stays on the batch-invariant GEMV."""
 
 
 def quantize_blocks32(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,9 +134,15 @@ def quantize_blocks32(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class W8A8Block32:
     """int8 weights with a float16 scale per block of 32 inputs (GGUF Q8_0's layout) times activations
-    quantized per block of 32, multiplied as integers (csrc/int8_a8.cpp: int8_a8_linear, AVX512-VNNI):
-    llama.cpp's Q8_0 x Q8_0. The LM head of `w4a8` mode, so that a whole w4a8 decode step runs on
-    integer dot products and a Q8_0 embedding is used as stored (the per-channel int8 head re-rounds it)."""
+    quantized per block of 32, multiplied as integers: llama.cpp's Q8_0 x Q8_0. Up to A8_BLOCK_GEMV_ROWS
+    rows (decode) csrc/int8_a8.cpp's GEMV (AVX512-VNNI; a scalar loop elsewhere), more rows the GEMM of
+    csrc/a8_gemm.cpp (AMX-INT8 or VNNI; without either, dequantized slices + BLAS above A8_BLOCK_MAX_ROWS).
+
+    The LM head of `w4a8` mode, so that a whole w4a8 decode step runs on integer dot products and a Q8_0
+    embedding is used as stored (the per-channel int8 head re-rounds it); and, under `auto`, every decoder
+    linear stored at 5-8 bits (Q5_*, Q6_K, Q8_0: quantization/auto.py). Measured against the per-channel
+    int8 weight-only kernel it replaced there, 14 of Qwen2.5-1.5B's down projections at batch 1: 6.0 vs
+    11.1 ms (the fp32 widening made that kernel compute-bound at ~18 GB/s)."""
 
     name = "w8a8-g32"
 
@@ -149,13 +159,20 @@ class W8A8Block32:
         n, k = layer.qweight.shape
         return (layer.qweight.float().view(n, k // 32, 32) * layer.weight_scale.float()[..., None]).view(n, k)
 
+    def decode_spec(self, layer: Linear) -> DecodeSpec:
+        ops = cpu_kernels()
+        gemv_rows = A8_BLOCK_GEMV_ROWS if ops is not None and ops.a8_gemm_path() != "none" else A8_BLOCK_MAX_ROWS
+        return DecodeSpec("w8a8-g32", [layer.qweight, layer.weight_scale], layer.bias, max_rows=gemv_rows)
+
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         ops = cpu_kernels() if x.device.type == "cpu" else None
-        if ops is not None and x2.dtype == torch.float32 and x2.shape[0] <= A8_BLOCK_MAX_ROWS:
+        gemm = ops is not None and ops.a8_gemm_path() != "none"
+        if ops is not None and x2.dtype == torch.float32 and \
+                x2.shape[0] <= (A8_BLOCK_GEMV_ROWS if gemm else A8_BLOCK_MAX_ROWS):
             y = ops.int8_a8_linear(x2.contiguous(), layer.qweight, layer.weight_scale)
-            if layer.bias is not None:
-                y += layer.bias
+        elif gemm and x2.dtype == torch.float32:
+            y = ops.int8_a8_gemm(x2.contiguous(), layer.qweight, layer.weight_scale)
         else:
             q, scale = layer.qweight, layer.weight_scale
 
@@ -165,6 +182,9 @@ class W8A8Block32:
                           out=out.view(n1 - n0, k // 32, 32))
 
             y = sliced_linear(x2.float(), q.shape[0], layer.bias, rows).to(x.dtype)
+            return y.view(*x.shape[:-1], y.shape[-1])
+        if layer.bias is not None:
+            y += layer.bias
         return y.view(*x.shape[:-1], y.shape[-1])
 
     def reference(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-// w4a8 for many input rows (prefill): the same numbers as int4_a8.cpp's decode kernel, as a GEMM.
+// w4a8 for many input rows (prefill): the same numbers as int4_a8.cpp's decode kernel, as a GEMM; and the
+// same GEMM for block-32 int8 weights (int8_a8.cpp's layout: pack_block_int8).
 //   y[m,n] = sum_g  scale[n,g] * dx[m,g] * sum_i q[n,g,i] xq[m,g,i]   +   min[n,g] * sx[m,g]
 // (int4 group-32 weights, activations quantized per block of 32; a8_common.h). The decode kernel reads
 // each weight byte once per input row, which is right for a few rows; for hundreds the work is the
@@ -100,6 +101,31 @@ SI_VNNI512 void pack_block(const uint8_t* q, const uint16_t* scale, const uint16
       for (int k = 0; k < 8; ++k) dst[g * 256 + k * 16] = e[k];
       w.s[g * kBlock + r] = h2f(scale[(n0 + r) * G + g]);
       w.mn[g * kBlock + r] = h2f(mn[(n0 + r) * G + g]);
+    }
+  }
+}
+
+// The same for int8 weights with a float16 scale per block of 32 (int8_a8.cpp's layout, GGUF Q8_0's): the
+// bytes enter as q + 128 (unsigned, as vpdpbusd / tdpbsud take B) and the minimum is -128 * scale, so
+//   scale * dx * dot(q + 128, xq) - 128 * scale * sx  =  scale * dx * dot(q, xq)    (sx = dx * sum xq).
+SI_VNNI512 void pack_block_int8(const int8_t* q, const uint16_t* scale, int64_t K, int64_t n0, int64_t rows,
+                                WeightBlock& w) {
+  const int64_t G = K / 32;
+  w.wp.assign(G * 256, 0u);
+  w.s.assign(G * kBlock, 0.f);
+  w.mn.assign(G * kBlock, 0.f);
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  for (int64_t r = 0; r < rows; ++r) {
+    const int8_t* src = q + (n0 + r) * K;
+    uint32_t* dst = w.wp.data() + (r / 16) * 128 + r % 16;
+    for (int64_t g = 0; g < G; ++g) {
+      alignas(32) uint32_t e[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(e),
+                         _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + g * 32)), flip));
+      for (int k = 0; k < 8; ++k) dst[g * 256 + k * 16] = e[k];
+      const float sv = h2f(scale[(n0 + r) * G + g]);
+      w.s[g * kBlock + r] = sv;
+      w.mn[g * kBlock + r] = -128.f * sv;
     }
   }
 }
@@ -218,29 +244,24 @@ SI_AMX void amx_release() { _tile_release(); }
 
 }  // namespace
 
-// x [M, K] float32; q [N, K/2] uint8; scale, mn [N, K/32] float16 -> y [M, N] (no bias).
-torch::Tensor int4_a8_gemm(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor mn, OptTensor out) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
-              "x must be a contiguous float32 [M, K] tensor");
-  TORCH_CHECK(q.scalar_type() == torch::kUInt8 && q.dim() == 2 && q.is_contiguous(), "q must be uint8 [N, K/2]");
-  const int64_t N = q.size(0), K = q.size(1) * 2, M = x.size(0), G = K / 32;
-  TORCH_CHECK(x.size(1) == K && K % 32 == 0, "x has ", x.size(1), " features, the weight expects ", K);
-  TORCH_CHECK(scale.is_contiguous() && mn.is_contiguous() && scale.numel() == N * G && mn.numel() == N * G &&
-                  scale.scalar_type() == torch::kHalf && mn.scalar_type() == torch::kHalf,
-              "scale and min must be contiguous float16 [N, K / 32] (group 32)");
+namespace {
+
+// y [M, N] = the GEMM of x against weight blocks that pack(n0, rows, w) fills (pack_block or
+// pack_block_int8), 32 output rows per block.
+template <class Pack>
+torch::Tensor a8_gemm(const torch::Tensor& x, int64_t N, int64_t K, const OptTensor& out, const char* name,
+                      const Pack& pack) {
+  const int64_t M = x.size(0);
   const GemmPath path = current_path();
-  TORCH_CHECK(path != GemmPath::none, "int4_a8_gemm needs AVX512-VNNI (a8_gemm_path() is 'none' on this CPU)");
+  TORCH_CHECK(path != GemmPath::none, name, " needs AVX512-VNNI (a8_gemm_path() is 'none' on this CPU)");
   auto y = out_or_new(out, M, N, x);
   if (M == 0 || N == 0) return y;
   const Activations& a = quantize_padded(x.data_ptr<float>(), M, K);
-  const uint8_t* qp = q.data_ptr<uint8_t>();
-  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
-  const uint16_t* mp = reinterpret_cast<const uint16_t*>(mn.data_ptr<at::Half>());
   float* yp = y.data_ptr<float>();
   parallel_row_chunks(N, kBlock, [&](int64_t n0, int64_t n1) {
     thread_local WeightBlock w;
-    pack_block(qp, sp, mp, K, n0, n1 - n0, w);
-    // Configured once per chunk, after pack_block's library calls (the library is linked with -z now,
+    pack(n0, n1 - n0, w);
+    // Configured once per chunk, after the packing's library calls (the library is linked with -z now,
     // so no lazy-binding trampoline runs XSAVE/XRSTOR over the tile state in between).
     if (path == GemmPath::amx) amx_configure();
     for (int64_t m0 = 0; m0 < a.Mp; m0 += kBlock) {
@@ -250,6 +271,42 @@ torch::Tensor int4_a8_gemm(torch::Tensor x, torch::Tensor q, torch::Tensor scale
     if (path == GemmPath::amx) amx_release();
   });
   return y;
+}
+
+void check_x(const torch::Tensor& x, int64_t K) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
+              "x must be a contiguous float32 [M, K] tensor");
+  TORCH_CHECK(x.size(1) == K && K % 32 == 0, "x has ", x.size(1), " features, the weight expects ", K);
+}
+
+}  // namespace
+
+// x [M, K] float32; q [N, K/2] uint8; scale, mn [N, K/32] float16 -> y [M, N] (no bias).
+torch::Tensor int4_a8_gemm(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor mn, OptTensor out) {
+  TORCH_CHECK(q.scalar_type() == torch::kUInt8 && q.dim() == 2 && q.is_contiguous(), "q must be uint8 [N, K/2]");
+  const int64_t N = q.size(0), K = q.size(1) * 2, G = K / 32;
+  check_x(x, K);
+  TORCH_CHECK(scale.is_contiguous() && mn.is_contiguous() && scale.numel() == N * G && mn.numel() == N * G &&
+                  scale.scalar_type() == torch::kHalf && mn.scalar_type() == torch::kHalf,
+              "scale and min must be contiguous float16 [N, K / 32] (group 32)");
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
+  const uint16_t* mp = reinterpret_cast<const uint16_t*>(mn.data_ptr<at::Half>());
+  return a8_gemm(x, N, K, out, "int4_a8_gemm",
+                 [&](int64_t n0, int64_t rows, WeightBlock& w) { pack_block(qp, sp, mp, K, n0, rows, w); });
+}
+
+// x [M, K] float32; q [N, K] int8; scale [N, K/32] float16 -> y [M, N] (no bias).
+torch::Tensor int8_a8_gemm(torch::Tensor x, torch::Tensor q, torch::Tensor scale, OptTensor out) {
+  TORCH_CHECK(q.scalar_type() == torch::kInt8 && q.dim() == 2 && q.is_contiguous(), "q must be int8 [N, K]");
+  const int64_t N = q.size(0), K = q.size(1);
+  check_x(x, K);
+  TORCH_CHECK(scale.is_contiguous() && scale.numel() == N * (K / 32) && scale.scalar_type() == torch::kHalf,
+              "scale must be contiguous float16 [N, K / 32]");
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
+  return a8_gemm(x, N, K, out, "int8_a8_gemm",
+                 [&](int64_t n0, int64_t rows, WeightBlock& w) { pack_block_int8(qp, sp, K, n0, rows, w); });
 }
 
 std::string a8_gemm_path() { return path_name(current_path()); }
@@ -273,6 +330,8 @@ void register_a8_gemm(pybind11::module& m) {
   namespace py = pybind11;
   m.def("int4_a8_gemm", &int4_a8_gemm, "w4a8 for many input rows: int4 group-32 weights x per-32 int8 activations",
         py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("mn"), py::arg("out") = py::none());
+  m.def("int8_a8_gemm", &int8_a8_gemm, "w8a8 block-32 for many input rows: int8 weights with fp16 scales per 32 "
+        "inputs x per-32 int8 activations", py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("out") = py::none());
   m.def("a8_gemm_path", &a8_gemm_path, "the w4a8 prefill GEMM in use: amx-int8, vnni512 or none");
   m.def("set_a8_gemm_path", &set_a8_gemm_path, "force the w4a8 prefill GEMM path (amx-int8, vnni512, auto)");
   m.def("amx_status", &amx_status, "whether AMX-INT8 tiles work in this process: 'on' or 'off: <why>'");

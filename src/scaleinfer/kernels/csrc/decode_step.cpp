@@ -11,6 +11,7 @@
 //   int8   int8_linear(x, q, scale)
 //   int4   int4_linear(x, q, scale, min, group)
 //   w4a8   int4_a8_linear(x, q, scale, min)
+//   w8a8-g32  int8_a8_linear(x, q, scale)      (block-32 int8 weights x int8 activations: auto's 6/8-bit tensors)
 // A linear of several parts (quantization/mixed.py: RowSplit, e.g. int4 q/k and int8 v of a fused QKV)
 // runs each part into a workspace buffer and copies it into its columns. A linear of one dense / f32 part
 // passes its bias to the kernel, as F.linear does (so the results stay bit-identical to the modules').
@@ -32,11 +33,11 @@
 
 namespace {
 
-enum class Kind { dense, f32, int8, int4, w4a8 };
+enum class Kind { dense, f32, int8, int4, w4a8, a8int8 };
 
 struct Part {
   Kind kind;
-  torch::Tensor a, b, c;  // dense: weight; int8: q, scale; int4 / w4a8: q, scale, min
+  torch::Tensor a, b, c;  // dense: weight; int8 / w8a8-g32: q, scale; int4 / w4a8: q, scale, min
   int64_t group;
 };
 
@@ -62,8 +63,9 @@ Part make_part(const PartArg& arg) {
   Part p;
   p.kind = kind == "dense" ? Kind::dense : kind == "f32" ? Kind::f32 : kind == "int8" ? Kind::int8
            : kind == "int4" ? Kind::int4
-           : kind == "w4a8" ? Kind::w4a8 : throw std::invalid_argument("unknown linear kind " + kind);
-  const size_t need = p.kind == Kind::dense || p.kind == Kind::f32 ? 1 : p.kind == Kind::int8 ? 2 : 3;
+           : kind == "w4a8" ? Kind::w4a8 : kind == "w8a8-g32" ? Kind::a8int8 : throw std::invalid_argument("unknown linear kind " + kind);
+  const size_t need = p.kind == Kind::dense || p.kind == Kind::f32 ? 1
+                      : p.kind == Kind::int8 || p.kind == Kind::a8int8 ? 2 : 3;
   TORCH_CHECK(t.size() == need, kind, " takes ", need, " tensors, got ", t.size());
   p.a = t[0];
   if (need > 1) p.b = t[1];
@@ -109,6 +111,9 @@ void apply_part(const Part& p, const torch::Tensor& x, torch::Tensor& out, const
       break;
     case Kind::w4a8:
       int4_a8_linear(x.contiguous(), p.a, p.b, p.c, out);
+      break;
+    case Kind::a8int8:
+      int8_a8_linear(x.contiguous(), p.a, p.b, out);
       break;
   }
   if (bias.has_value() && bias->defined()) out += *bias;

@@ -83,7 +83,7 @@ float row_q8_scalar(const int8_t* q, const uint16_t* scale, const int8_t* xq, co
 
 // x [M, K] float32 contiguous; q [N, K] int8; scale [N, K/32] float16 -> y [M, N]. The 512-bit VNNI
 // path or a scalar one (every other CPU; the method keeps M small, see quantization/int8.py).
-torch::Tensor int8_a8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale) {
+torch::Tensor int8_a8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, OptTensor out) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
               "x must be a contiguous float32 [M, K] tensor");
   TORCH_CHECK(q.scalar_type() == torch::kInt8 && q.dim() == 2 && q.is_contiguous(), "q must be int8 [N, K]");
@@ -93,7 +93,7 @@ torch::Tensor int8_a8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor sca
   TORCH_CHECK(scale.is_contiguous() && scale.numel() == N * groups && scale.scalar_type() == torch::kHalf,
               "scale must be contiguous float16 [N, K / 32]");
   const A8Rows& a = quantize_rows(x.data_ptr<float>(), M, K);
-  auto y = torch::empty({M, N}, x.options());
+  auto y = out_or_new(out, M, N, x);
   const int8_t* qp = q.data_ptr<int8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
   float* yp = y.data_ptr<float>();
@@ -119,5 +119,7 @@ torch::Tensor int8_a8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor sca
 
 
 void register_int8_a8(pybind11::module& m) {
-  m.def("int8_a8_linear", &int8_a8_linear, "int8 weights with fp16 scales per 32 inputs x per-32-block int8 activations");
+  namespace py = pybind11;
+  m.def("int8_a8_linear", &int8_a8_linear, "int8 weights with fp16 scales per 32 inputs x per-32-block int8 activations",
+        py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("out") = py::none());
 }

@@ -50,6 +50,8 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
 // int4_a8.cpp
 torch::Tensor int4_a8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor mn,
                              OptTensor out = c10::nullopt);
+// int8_a8.cpp
+torch::Tensor int8_a8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, OptTensor out = c10::nullopt);
 // cpu_ops.cpp
 torch::Tensor f32_linear(torch::Tensor x, torch::Tensor w, OptTensor bias, OptTensor out = c10::nullopt);
 std::vector<torch::Tensor> add_rms_norm(torch::Tensor x, OptTensor residual, torch::Tensor weight, double eps,
