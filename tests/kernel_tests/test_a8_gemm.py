@@ -51,13 +51,13 @@ def gemm_path(request):
         yield name
 
 
-def _w4a8_layer(out_f: int, in_f: int, bias: bool = True) -> Linear:
+def _w4a8_layer(out_f: int, in_f: int, bias: bool = True, method=W4A8) -> Linear:
     g = torch.Generator().manual_seed(0)
     layer = Linear(in_f, out_f, bias=bias)
     layer.weight.data.copy_(torch.randn(out_f, in_f, generator=g) * 0.05)
     if bias:
         layer.bias.data.copy_(torch.randn(out_f, generator=g))
-    m = W4A8()
+    m = method()
     m.process_weights_after_loading(layer)
     layer.quant_method = m
     return layer
@@ -152,15 +152,7 @@ def test_kernel_paths_name_what_runs():
 
 
 def _block32_layer(out_f: int, in_f: int, bias: bool = True) -> Linear:
-    g = torch.Generator().manual_seed(0)
-    layer = Linear(in_f, out_f, bias=bias)
-    layer.weight.data.copy_(torch.randn(out_f, in_f, generator=g) * 0.05)
-    if bias:
-        layer.bias.data.copy_(torch.randn(out_f, generator=g))
-    m = W8A8Block32()
-    m.process_weights_after_loading(layer)
-    layer.quant_method = m
-    return layer
+    return _w4a8_layer(out_f, in_f, bias, method=W8A8Block32)
 
 
 # Block-32 int8 weights (auto's 6- and 8-bit tensors, w4a8's LM head) through the same GEMM: bytes q + 128
