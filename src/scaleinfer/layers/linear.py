@@ -27,7 +27,7 @@ class LinearMethod(Protocol):
 
 class DecodeSpec(NamedTuple):
     """How the C++ decode step (kernels/csrc/decode_step.cpp) runs a linear exactly as `apply` does
-    on CPU float32 inputs of up to `max_rows` rows: the kernel kind (dense, f32, int8, int4, w4a8), its
+    on CPU float32 inputs of up to `max_rows` rows: the kernel kind (dense, f32, int8, int4, w4a8, w8a8-g32), its
     tensors, the bias and the int4 group size (f32: the rows up to which f32_linear is used). A method without `decode_spec` keeps the Python path.
     Kind "split" (quantization/mixed.py: RowSplit) has no tensors of its own: its `parts` are the specs of
     bands of output rows, side by side, and its bias is added after them."""
