@@ -6,9 +6,10 @@ import torch
 from torch import nn
 
 from scaleinfer.layers.linear import DenseLinearMethod, Linear, MergedLinear
-from scaleinfer.quantization.auto import AUTO_INT8, apply_auto, layout
+from scaleinfer.quantization.auto import apply_auto, auto_int8, layout
 from scaleinfer.quantization.int4 import W4A8, PackedInt4, quantize_groupwise
-from scaleinfer.quantization.int8 import W8A8Block32
+from scaleinfer.quantization.int8 import W8A8, W8A8Block32
+from scaleinfer.kernels import cpu_kernels
 from scaleinfer.quantization.mixed import RowSplit
 
 
@@ -39,12 +40,27 @@ def test_layers_follow_their_stored_types():
                                 "up_proj": {0: "F16"}, "lm_head": {0: "Q8_0"}})
     qkv = model.qkv_proj.quant_method
     assert isinstance(qkv, RowSplit) and qkv.bands == [[0, 1], [2]]
-    assert [type(p.quant_method) for p in model.qkv_proj.parts] == [W4A8, AUTO_INT8]
+    int8 = auto_int8()
+    assert [type(p.quant_method) for p in model.qkv_proj.parts] == [W4A8, int8]
     assert torch.equal(model.qkv_proj.parts[0].qweight[:32], packed_q)   # the stored int4, not re-rounded
-    assert isinstance(model.o_proj.quant_method, AUTO_INT8)
+    assert isinstance(model.o_proj.quant_method, int8)
     assert isinstance(model.up_proj.quant_method, DenseLinearMethod)
     assert isinstance(model.lm_head.quant_method, W8A8Block32)
-    assert AUTO_INT8 is W8A8Block32 and counts == {"rows": 1, "w8a8-g32": 2}   # o_proj and the head
+    assert counts == {"rows": 1, "w8a8-g32": 2} if int8 is W8A8Block32 else \
+        counts == {"rows": 1, "w8a8": 1, "w8a8-g32": 1}   # o_proj, and the head (always block-32)
+
+
+def test_the_8_bit_layout_follows_the_cpu():
+    """Block-32 int8 x int8 where the a8 kernels run (512-bit VNNI); per-channel W8A8 (AVX2 kernels) elsewhere."""
+    from tests.kernel_tests.kernel_paths import forced_isa
+
+    ops = cpu_kernels()
+    if ops is None:
+        assert auto_int8() is W8A8
+        return
+    assert auto_int8() is (W8A8Block32 if ops.a8_gemm_path() != "none" else W8A8)
+    with forced_isa("avx2"):   # skips where the CPU has no AVX2
+        assert ops.a8_gemm_path() == "none" and auto_int8() is W8A8
 
 
 @pytest.mark.slow
