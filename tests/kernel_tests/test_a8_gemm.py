@@ -75,12 +75,16 @@ def _x(rows: int, k: int, seed: int = 1) -> torch.Tensor:
 @pytest.mark.parametrize("shape", [(64, 96), (40, 224), (33, 576), (37, 736), (70, 1536)])
 @pytest.mark.parametrize("rows", [1, W4A8_MAX_ROWS, W4A8_MAX_ROWS + 1, 32, 33, 130, 600])
 def test_w4a8_matches_its_reference_at_every_row_count(gemm_path, shape, rows):
-    layer = _w4a8_layer(*shape)
-    x = _x(rows, shape[1])
+    _assert_matches_reference(_w4a8_layer(*shape), _x(rows, shape[1]))
+
+
+def _assert_matches_reference(layer: Linear, x: torch.Tensor) -> torch.Tensor:
+    """The layer's output for x within 1e-5 (relative to its largest value) of its method's reference."""
     ref = layer.quant_method.reference(layer, x)
     y = layer(x)
-    assert y.shape == (rows, shape[0])
+    assert y.shape == (x.shape[0], layer.out_features)
     assert float((y - ref).abs().max() / ref.abs().max()) < 1e-5
+    return y
 
 
 @pytest.mark.parametrize("shape", [(33, 576), (70, 1536), (576, 576)])
@@ -162,10 +166,7 @@ def _block32_layer(out_f: int, in_f: int, bias: bool = True) -> Linear:
 def test_int8_block32_gemm_matches_its_reference(gemm_path, shape, rows):
     layer = _block32_layer(*shape)
     x = _x(rows, shape[1])
-    ref = layer.quant_method.reference(layer, x)
-    y = layer(x)
-    assert y.shape == (rows, shape[0])
-    assert float((y - ref).abs().max() / ref.abs().max()) < 1e-5
+    y = _assert_matches_reference(layer, x)
     y_rows = torch.cat([layer(x[i:i + 1]) for i in range(rows)])   # the decode GEMV, row by row
     assert float((y - y_rows).abs().max() / y_rows.abs().max()) < 1e-5
 
