@@ -97,3 +97,23 @@ def test_killed_driver_takes_its_workers_along():
     finally:
         if driver.poll() is None:
             driver.kill()
+
+
+@needs(GEMMA)
+def test_more_gpu_ranks_than_gpus_is_one_line_error():
+    """NCCL runs one rank per GPU: asking a host for more ranks than it has GPUs is refused before any rank
+    starts (a CPU-only machine: no GPU at all; a one-GPU machine: 2 ranks ask for 2)."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    ranks = max(2, gpus + 1)
+    proc, elapsed = _cli("--device", "cuda", "--tensor-parallel-size", str(ranks))
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and "build_lock" not in line]
+    assert "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr
+    expected = f"{ranks} ranks on this host need {ranks} GPUs" if gpus else "use --device cpu"
+    assert expected in lines[0] and "--device" in lines[0], lines[0]
+    if not gpus:
+        proc, _ = _cli("--device", "cuda")   # one process asking for a GPU the machine lacks
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert "--device cuda: " in proc.stderr and "use --device cpu" in proc.stderr, proc.stderr

@@ -1,5 +1,10 @@
-"""The engine on CUDA equals HF transformers on the same weights (skipped without a GPU)."""
+"""The engine on CUDA equals HF transformers on the same weights (skipped without a GPU).
+
+Self-contained (a random-weight model and a made-up tokenizer written here), so it runs on a GPU machine
+that holds none of the catalog's models."""
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -11,20 +16,35 @@ transformers = pytest.importorskip("transformers")
 
 from scaleinfer import LLM, SamplingParams  # noqa: E402
 
+VOCAB = 2048
 
-def test_cuda_fp32_matches_hf(tmp_path, smollm2_gguf_path):
-    import os
 
-    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+def _model_dir(path) -> "transformers.LlamaForCausalLM":
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                   bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(cfg).eval()
-    hf.save_pretrained(tmp_path)
-    transformers.AutoTokenizer.from_pretrained(os.path.dirname(smollm2_gguf_path),
-                                               gguf_file=os.path.basename(smollm2_gguf_path)).save_pretrained(tmp_path)
-    hf = hf.cuda()
+    hf.save_pretrained(path)
+    vocab = {f"t{i}": i for i in range(VOCAB)}
+    tok = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+           "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None, "decoder": None,
+           "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"}}
+    (path / "tokenizer.json").write_text(json.dumps(tok))
+    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "t1", "eos_token": "t2"}))
+    return hf
+
+
+def test_cuda_fp32_matches_hf(tmp_path, monkeypatch):
+    import scaleinfer.kernels.loader as loader
+
+    def no_cpu_kernels(*args, **kwargs):
+        raise AssertionError("a model on the GPU asked for the CPU kernels (a compile on a GPU machine)")
+
+    monkeypatch.setattr(loader, "jit_kernels", no_cpu_kernels)
+    hf = _model_dir(tmp_path).cuda()
     llm = LLM(str(tmp_path), device="cuda", kv_cache_memory="256MiB", max_model_len=512)
-    ids = list(range(1000, 1200))
+    ids = list(range(100, 300))
     with torch.inference_mode():
         ref = hf(torch.tensor([ids], device="cuda")).logits[0].float()
     assert (llm.engine.compute_logits(ids) - ref).abs().max().item() < 1e-3
@@ -33,3 +53,14 @@ def test_cuda_fp32_matches_hf(tmp_path, smollm2_gguf_path):
         ref_ids = hf.generate(torch.tensor([ids[:16]], device="cuda"), max_new_tokens=16, min_new_tokens=16,
                               do_sample=False)[0, 16:].tolist()
     assert out.outputs[0].token_ids == ref_ids
+
+
+def test_more_ranks_than_gpus_is_a_config_error(tmp_path):
+    from scaleinfer.errors import ConfigError
+
+    _model_dir(tmp_path)
+    ranks = torch.cuda.device_count() + 1
+    with pytest.raises(ConfigError, match=f"{ranks} ranks on this host need {ranks} GPUs"):
+        LLM(str(tmp_path), device="cuda", tensor_parallel_size=ranks, kv_cache_memory="64MiB", max_model_len=128)
+    with pytest.raises(ConfigError, match="this host has"):
+        LLM(str(tmp_path), device=f"cuda:{torch.cuda.device_count()}", kv_cache_memory="64MiB", max_model_len=128)

@@ -72,6 +72,34 @@ def resolve_role(pc: ParallelConfig) -> Role | None:
     return Role(init, rank, world)
 
 
+def _local_ranks(role: Role) -> tuple[int, int]:
+    """(this rank's index among the ranks of its host, how many ranks its host runs)."""
+    if role.spawn or role.world_size == 1:
+        return role.rank, role.world_size
+    return int(os.environ.get("LOCAL_RANK", role.rank)), int(os.environ.get("LOCAL_WORLD_SIZE", role.world_size))
+
+
+def check_device(device: str, role: Role | None) -> None:
+    """A one-line error before anything starts when the GPUs asked for are not there: none visible, an
+    index past the last, or fewer GPUs on this host than its ranks (NCCL runs one rank per GPU; two ranks
+    of one communicator on one GPU hang or fail inside NCCL)."""
+    if not device.startswith("cuda"):
+        return
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if have == 0:
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+        raise ConfigError(f"--device {device}: {why} (torch {torch.__version__}); use --device cpu")
+    index = int(device.partition(":")[2] or 0)
+    if index >= have:
+        raise ConfigError(f"--device {device}: this host has {have} GPU{'s' if have > 1 else ''} "
+                          f"(cuda:0..cuda:{have - 1})")
+    local = _local_ranks(role)[1] if role is not None else 1
+    if local > have:
+        raise ConfigError(f"{local} ranks on this host need {local} GPUs (NCCL runs one rank per GPU) but "
+                          f"{have} {'is' if have == 1 else 'are'} visible: lower --tensor-parallel-size x "
+                          f"--pipeline-parallel-size, or use --device cpu")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -83,6 +111,7 @@ def create_executor(config: EngineConfig, ckpt: Checkpoint) -> Executor:
     torchrun or by hand with the same command line) this serves as a worker until rank 0 stops, then
     exits the process (SystemExit with the worker's status)."""
     role = resolve_role(config.parallel)
+    check_device(config.device, role)
     if role is None:
         model = build_model(ckpt, config)
         return UniProcExecutor(_runner(config, model, ckpt.config, num_blocks=None))
@@ -147,7 +176,7 @@ def _build_rank(config: EngineConfig, ckpt: Checkpoint, role: Role):
     state = init_distributed(role.init_method, role.rank, role.world_size, pc.tensor_parallel_size,
                              pc.pipeline_parallel_size, pc.distributed_timeout, config.device)
     if config.device == "cuda":   # one GPU per rank of this host
-        config = replace(config, device=f"cuda:{role.rank % torch.cuda.device_count()}")
+        config = replace(config, device=f"cuda:{_local_ranks(role)[0]}")
     try:
         stage = (plan_stage(ckpt.config, state.pp_rank, state.pp_size, pc.pipeline_layer_partition)
                  if state.pp_size > 1 else None)
@@ -214,6 +243,7 @@ def run_worker(config: EngineConfig, role: Role | None = None) -> int:
     if role is None or role.rank == 0:
         raise ConfigError("run_worker is for ranks other than 0")
     try:
+        check_device(config.device, role)
         ckpt = open_checkpoint(config.model)
         state, comm, runner, links = _build_rank(config, ckpt, role)
         try:

@@ -69,11 +69,11 @@ def build_model(ckpt: Checkpoint, config: EngineConfig, attention_backend: str |
         from scaleinfer.quantization import apply_quantization
 
         apply_quantization(model, mode, device=config.device)
+    model.to(config.device).eval()   # first: a dense layer's layout depends on where it runs (layers/linear.py)
     for module in model.modules():
         if isinstance(module, Linear) and module.weight is not None:  # the layers left dense
             module.materialize_packed()
             module.quant_method.process_weights_after_loading(module)
-    model.to(config.device).eval()
     if shard is not None:
         install_tensor_parallel(model, shard, comm)
     if stage is not None:
