@@ -142,6 +142,11 @@ class ParallelConfig:
         return self.tensor_parallel_size * self.pipeline_parallel_size
 
     @property
+    def steps_in_flight(self) -> int:
+        """Steps a pipeline keeps in flight: pipeline_micro_batches, or one per stage."""
+        return self.pipeline_micro_batches or self.pipeline_parallel_size
+
+    @property
     def distributed(self) -> bool:
         """Whether this engine runs over several processes (or was asked to join a process group)."""
         return self.num_ranks > 1 or self.distributed_init_method is not None

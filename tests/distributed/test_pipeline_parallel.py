@@ -10,6 +10,7 @@ import torch
 
 from scaleinfer import LLM, SamplingParams
 from scaleinfer.config import ParallelConfig
+from scaleinfer.distributed.pipeline import SENDS_PER_STEP
 from scaleinfer.distributed.stages import PPMissingLayer, stage_bounds
 from tests.distributed.models import QWEN, needs
 from tests.distributed.test_tensor_parallel import _compare, _run
@@ -52,6 +53,8 @@ def test_pp2_fp32_matches_one_process_and_holds_only_its_layers(fp32_reference):
         got = _run(llm)
         got["mixed"] = _mixed(llm)
         assert llm.engine.scheduler.max_in_flight == 2   # two micro-batches filled the pipeline
+        # every step's sends were not kept alive (gloo sends report completion only when waited on)
+        assert len(llm.engine.executor.links.pending) <= SENDS_PER_STEP * (2 + 2)
         runner = llm.engine.runner
         assert runner.decode_plan is not None and runner.decode_plan.program is not None  # stage 0's program
         model = runner.model

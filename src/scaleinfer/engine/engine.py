@@ -133,7 +133,7 @@ class LLMEngine:
         pc = self.config.parallel
         if not isinstance(self.executor, PipelineExecutor):
             return 1
-        return pc.pipeline_micro_batches or pc.pipeline_parallel_size
+        return pc.steps_in_flight
 
     # ---- requests ----------------------------------------------------------------------------
     def new_request_id(self) -> str:

@@ -180,7 +180,7 @@ def _build_rank(config: EngineConfig, ckpt: Checkpoint, role: Role):
     try:
         stage = (plan_stage(ckpt.config, state.pp_rank, state.pp_size, pc.pipeline_layer_partition)
                  if state.pp_size > 1 else None)
-        links, comm_state = pipeline_links(state, stage) if stage is not None else (None, state)
+        links, comm_state = pipeline_links(state, stage, pc.steps_in_flight) if stage is not None else (None, state)
         if state.tp_size > 1 or stage is None:
             comm = make_communicator(comm_state, pc.communicator, pc.distributed_timeout, config.device)
         else:
