@@ -158,7 +158,7 @@ class ParallelConfig:
             if value < 1:
                 raise ConfigError(f"{flag} must be >= 1, got {value}")
         if self.pipeline_micro_batches is not None and self.pipeline_micro_batches < 1:
-            raise ConfigError(f"pipeline_micro_batches must be >= 1, got {self.pipeline_micro_batches}")
+            raise ConfigError(f"--pipeline-micro-batches must be >= 1, got {self.pipeline_micro_batches}")
         if self.pipeline_layer_partition is not None and len(self.pipeline_layer_partition) != \
                 self.pipeline_parallel_size:
             raise ConfigError(f"--pipeline-layer-partition gives {len(self.pipeline_layer_partition)} stages, "

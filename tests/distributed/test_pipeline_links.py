@@ -2,11 +2,16 @@
 waited on, so sends older than the steps in flight are waited on (oldest first) instead of piling up."""
 from __future__ import annotations
 
+import argparse
+
+import pytest
 import torch
 
+from scaleinfer.cli.common import parallel_args, parallel_config
 from scaleinfer.distributed import pipeline
 from scaleinfer.distributed.pipeline import SENDS_PER_STEP, PipeLinks
 from scaleinfer.distributed.stages import PPStage
+from scaleinfer.errors import ConfigError
 
 
 class GlooLikeWork:
@@ -46,3 +51,13 @@ def test_sends_older_than_the_steps_in_flight_are_waited_on(monkeypatch):
     assert [x for _, x in links.pending] == sent[-keep:]   # the newest still alive until received
     links.drain()
     assert links.pending == [] and GlooLikeWork.waited == list(range(300))
+
+
+def test_micro_batches_flag_reaches_the_config():
+    p = argparse.ArgumentParser()
+    parallel_args(p)
+    pc = parallel_config(p.parse_args(["-pp", "2", "--pipeline-micro-batches", "3"]))
+    assert pc.pipeline_micro_batches == 3 and pc.steps_in_flight == 3
+    assert parallel_config(p.parse_args(["-pp", "2"])).steps_in_flight == 2   # default: one per stage
+    with pytest.raises(ConfigError, match="--pipeline-micro-batches must be >= 1"):
+        parallel_config(p.parse_args(["-pp", "2", "--pipeline-micro-batches", "0"]))

@@ -75,6 +75,9 @@ def parallel_args(p: argparse.ArgumentParser) -> None:
                    help="ranks that hold contiguous layer stages (default: %(default)s)")
     g.add_argument("--pipeline-layer-partition", type=_partition, default=None, metavar="N,N,...",
                    help="layers per pipeline stage, e.g. 16,12 (default: balanced by cost, the LM head counted)")
+    g.add_argument("--pipeline-micro-batches", type=int, default=None, metavar="N",
+                   help="steps in flight through the pipeline, each with its own requests and share of the KV "
+                        "cache (default: one per stage)")
     g.add_argument("--data-parallel-size", "-dp", type=int, default=ParallelConfig.data_parallel_size,
                    help="engine replicas behind one endpoint (default: %(default)s)")
     g.add_argument("--distributed-init-method", default=None, metavar="tcp://HOST:PORT",
@@ -105,6 +108,7 @@ def parallel_config(args) -> ParallelConfig:
     return ParallelConfig(tensor_parallel_size=args.tensor_parallel_size,
                           pipeline_parallel_size=args.pipeline_parallel_size,
                           pipeline_layer_partition=args.pipeline_layer_partition,
+                          pipeline_micro_batches=args.pipeline_micro_batches,
                           data_parallel_size=args.data_parallel_size,
                           distributed_init_method=args.distributed_init_method, rank=args.rank,
                           world_size=args.world_size, distributed_timeout=args.distributed_timeout,
