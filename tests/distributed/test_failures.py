@@ -12,7 +12,8 @@ import time
 import pytest
 
 from scaleinfer import LLM, SamplingParams
-from scaleinfer.errors import DistributedError, EngineDeadError
+from scaleinfer.engine.launch import Role, check_device
+from scaleinfer.errors import ConfigError, DistributedError, EngineDeadError
 from tests.distributed.models import GEMMA, needs
 from tests.distributed.ranks import free_port
 
@@ -117,3 +118,11 @@ def test_more_gpu_ranks_than_gpus_is_one_line_error():
         proc, _ = _cli("--device", "cuda")   # one process asking for a GPU the machine lacks
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert "--device cuda: " in proc.stderr and "use --device cpu" in proc.stderr, proc.stderr
+
+
+def test_a_gpu_device_is_checked_before_any_rank_starts():
+    check_device("cpu", Role("tcp://127.0.0.1:1", 0, 2, spawn=True))   # nothing to check
+    with pytest.raises(ConfigError, match="write cuda or cuda:N"):
+        check_device("cuda:x", None)
+    with pytest.raises(ConfigError, match="names one GPU but the engine runs 2 ranks"):
+        check_device("cuda:0", Role("tcp://127.0.0.1:1", 0, 2, spawn=True))

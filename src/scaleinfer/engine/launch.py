@@ -85,11 +85,17 @@ def check_device(device: str, role: Role | None) -> None:
     of one communicator on one GPU hang or fail inside NCCL)."""
     if not device.startswith("cuda"):
         return
+    suffix = device.partition(":")[2]
+    if device != "cuda" and (not device.startswith("cuda:") or not suffix.isdigit()):
+        raise ConfigError(f"--device {device}: write cuda or cuda:N (N a GPU index)")
+    if role is not None and role.world_size > 1 and device != "cuda":
+        raise ConfigError(f"--device {device} names one GPU but the engine runs {role.world_size} ranks (one GPU "
+                          f"each): use --device cuda")
     have = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if have == 0:
         why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
         raise ConfigError(f"--device {device}: {why} (torch {torch.__version__}); use --device cpu")
-    index = int(device.partition(":")[2] or 0)
+    index = int(suffix or 0)
     if index >= have:
         raise ConfigError(f"--device {device}: this host has {have} GPU{'s' if have > 1 else ''} "
                           f"(cuda:0..cuda:{have - 1})")
