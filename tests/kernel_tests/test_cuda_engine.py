@@ -35,15 +35,27 @@ def _model_dir(path) -> "transformers.LlamaForCausalLM":
     return hf
 
 
-def test_cuda_fp32_matches_hf(tmp_path, monkeypatch):
+@pytest.fixture
+def cpu_kernel_requests(monkeypatch):
+    """Every request for the CPU kernels while the test runs (cpu_kernels() swallows errors into a warning,
+    so a raise would not fail the test; the caches are emptied so an earlier load cannot hide one)."""
     import scaleinfer.kernels.loader as loader
+    from scaleinfer.layers import fused
 
-    def no_cpu_kernels(*args, **kwargs):
-        raise AssertionError("a model on the GPU asked for the CPU kernels (a compile on a GPU machine)")
+    asked: list[str] = []
+    monkeypatch.setattr(loader, "prebuilt_kernels", lambda *a, **k: asked.append("prebuilt"))
+    monkeypatch.setattr(loader, "jit_kernels", lambda *a, **k: asked.append("jit"))
+    loader.cpu_kernels.cache_clear()
+    fused._ops.cache_clear()
+    yield asked
+    loader.cpu_kernels.cache_clear()
+    fused._ops.cache_clear()
 
-    monkeypatch.setattr(loader, "jit_kernels", no_cpu_kernels)
+
+def test_cuda_fp32_matches_hf(tmp_path, cpu_kernel_requests):
     hf = _model_dir(tmp_path).cuda()
     llm = LLM(str(tmp_path), device="cuda", kv_cache_memory="256MiB", max_model_len=512)
+    assert cpu_kernel_requests == [], "a model on the GPU asked for the CPU kernels (a compile on a GPU machine)"
     ids = list(range(100, 300))
     with torch.inference_mode():
         ref = hf(torch.tensor([ids], device="cuda")).logits[0].float()
