@@ -2,13 +2,14 @@
 bench's three kinds (story/explanation chat, passage summaries, code edits) with prompts and passages the bench
 does not use, answered by the teacher at temperature 0.7.
 
-    python benchmarks/draft_teacher_text.py MODEL OUT.txt N_PER_KIND
+    python benchmarks/draft_teacher_text.py MODEL OUT.txt N_PER_KIND [THREADS]
 """
 import os
 import sys
 from scaleinfer import LLM, SamplingParams
 
 model, out_path, n_per = sys.argv[1], sys.argv[2], int(sys.argv[3])
+threads = int(sys.argv[4]) if len(sys.argv) > 4 else 1
 shakes = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data", "shakespeare-en.txt"), encoding="utf-8").read()
 topics = ["a robot learning to paint", "a village that loses its river", "two friends lost in a desert",
           "a baker who can taste memories", "a dragon afraid of fire", "the first day at a new school",
@@ -32,7 +33,7 @@ for i in range(n_per):
     s = snippets[i % len(snippets)]
     prompts.append("Add type hints and a docstring to every function in this file. Reply with the whole "
                    "updated file only.\n\n```python\n" + s + "```")
-llm = LLM(model, threads=1)
+llm = LLM(model, threads=threads)
 texts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
 rendered = [llm.tokenizer.encode(t, add_special_tokens=False) for t in texts]
 outs = llm.generate(rendered, SamplingParams(temperature=0.7, top_p=0.95, max_tokens=256, seed=1))

@@ -69,7 +69,8 @@ def cmd_distill(args) -> int:
     cfg = DistillConfig(steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
                         warmup=args.warmup, weight_decay=args.weight_decay, temperature=args.temperature,
                         top_k=args.top_k, alpha=args.alpha, clip=args.clip, holdout=args.holdout, seed=args.seed,
-                        save_every=args.save_every, bf16=args.bf16)
+                        save_every=args.save_every, bf16=args.bf16, freeze_embeddings=args.freeze_embeddings,
+                        device=args.device)
     cfg.check()
     done = 0
     log = os.path.join(args.output, LOG_FILE)
@@ -145,6 +146,11 @@ def register(sub) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--save-every", type=int, default=50, help="steps between checkpoints (default: %(default)s)")
     g.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward passes")
+    g.add_argument("--freeze-embeddings", action="store_true",
+                   help="train the decoder layers only; keep the token embedding and LM head (less memory and time "
+                        "for large-vocabulary students)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where teacher and student run "
+                                                   "(default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--json", action="store_true", help="also print the run's summary as one JSON line")
     p.set_defaults(fn=cmd_distill)

@@ -1,5 +1,6 @@
 """`scaleinfer distill`: train a student (a pruned checkpoint, or any smaller model with the teacher's
-tokenizer) on a teacher's logits, on the CPU, resumable; the output is an HF directory `--model` loads.
+tokenizer) on a teacher's logits, on the CPU or a CUDA GPU, resumable; the output is an HF directory `--model`
+loads.
 
 Loss per token (Hinton et al.; MiniLLM / DistillSpec use the same ingredients):
     alpha * T^2 * KL(p_teacher^T || q_student^T) over the teacher's top-k tokens  +  (1 - alpha) * CE(next token)
@@ -51,6 +52,13 @@ class DistillConfig:
     seed: int = 0
     save_every: int = 50
     bf16: bool = False
+    freeze_embeddings: bool = False
+    """Train the decoder layers and final norm only: the token embedding and LM head stay as they are (for a
+    large-vocabulary student such as Qwen2.5-0.5B's 151,936 x 896 that is a quarter of its parameters, their
+    gradients and AdamW moments)."""
+    device: str = "cpu"
+    """Where the teacher and student run: cpu, cuda or cuda:N. Not part of a run's identity: a run saved on
+    one device resumes on another."""
 
     def check(self) -> None:
         rules = [(self.steps >= 1, "--steps must be >= 1"), (self.seq_len >= 8, "--seq-len must be >= 8"),
@@ -61,6 +69,23 @@ class DistillConfig:
         for ok, message in rules:
             if not ok:
                 raise ConfigError(message)
+        self.torch_device()
+
+    def torch_device(self) -> torch.device:
+        """The run's torch device; a one-line error for a bad name or a GPU that is not there."""
+        try:
+            dev = torch.device(self.device)
+        except RuntimeError:
+            raise ConfigError(f"--device {self.device!r}: give cpu, cuda or cuda:N") from None
+        if dev.type not in ("cpu", "cuda"):
+            raise ConfigError(f"--device {self.device!r}: give cpu, cuda or cuda:N")
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ConfigError(f"--device {self.device}: no CUDA GPU is visible to torch here; use --device cpu")
+            if (dev.index or 0) >= torch.cuda.device_count():
+                raise ConfigError(f"--device {self.device}: this machine has {torch.cuda.device_count()} CUDA "
+                                  f"GPU(s), numbered from 0")
+        return dev
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup:
@@ -84,15 +109,16 @@ def distill_loss(student_logits: torch.Tensor, teacher_values: torch.Tensor, tea
 
 @torch.no_grad()
 def held_out_perplexity(model, windows: list[list[int]], batch_size: int = 4, bf16: bool = False) -> float | None:
-    """exp(mean next-token NLL) of `model` over `windows` (None when there are none)."""
+    """exp(mean next-token NLL) of `model` over `windows` (None when there are none), on the model's device."""
     if not windows:
         return None
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     nll, n = 0.0, 0
     for i in range(0, len(windows), batch_size):
-        ids = torch.tensor(windows[i:i + batch_size])
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        ids = torch.tensor(windows[i:i + batch_size], device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(input_ids=ids, use_cache=False).logits
         nll += float(F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
                                      reduction="sum"))
@@ -114,7 +140,8 @@ def _check_pair(teacher: Source, student: Source) -> None:
 
 
 def _save(output: str, student, source: Source, state: dict, meta: dict) -> None:
-    write_hf_dir(output, source.hf_config, state_of(student), source, "float32", extra={"distill": meta})
+    weights = {k: v.cpu() for k, v in state_of(student).items()}
+    write_hf_dir(output, source.hf_config, weights, source, "float32", extra={"distill": meta})
     tmp = os.path.join(output, STATE_FILE + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, os.path.join(output, STATE_FILE))
@@ -126,8 +153,8 @@ def _load_state(output: str, cfg: DistillConfig) -> dict:
         raise ConfigError(f"--resume: {output!r} has no {STATE_FILE}; start without --resume")
     state = torch.load(path, weights_only=False)
     saved = state["config"]
-    differs = [k for k in ("seq_len", "batch_size", "top_k", "temperature", "alpha", "seed", "holdout")
-               if saved.get(k) != getattr(cfg, k)]
+    differs = [k for k in ("seq_len", "batch_size", "top_k", "temperature", "alpha", "seed", "holdout",
+                           "freeze_embeddings") if saved.get(k, False) != getattr(cfg, k)]
     if differs:
         raise ConfigError(f"--resume with different {', '.join('--' + k.replace('_', '-') for k in differs)} than "
                           f"the saved run ({', '.join(f'{k}={saved[k]}' for k in differs)}); pass the same values")
@@ -138,11 +165,22 @@ def _load_state(output: str, cfg: DistillConfig) -> dict:
 def _teacher_logits(model, ids: torch.Tensor, bf16: bool) -> torch.Tensor:
     """One window at a time, so a window's logits never depend on which others shared its batch (a resumed
     run recomputes the cache in a different grouping and must see the same numbers)."""
+    device = next(model.parameters()).device
     out = []
-    for row in ids:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    for row in ids.to(device):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out.append(model(input_ids=row[None], use_cache=False).logits[0].float())
     return torch.stack(out)
+
+
+def _trainable(model, freeze_embeddings: bool) -> list[torch.nn.Parameter]:
+    """The parameters the optimizer updates: all, or all but the token embedding and LM head."""
+    if freeze_embeddings:
+        frozen = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+        for p in model.parameters():
+            if id(p) in frozen:
+                p.requires_grad_(False)
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def _write_log(output: str, history: list[dict]) -> None:
@@ -162,11 +200,13 @@ def distill_to_dir(teacher: str, student: str, texts: list[str], output: str, cf
     teacher_src = open_source(teacher)
     _check_pair(teacher_src, student_src)
     split = split_windows(teacher_src.ckpt.tokenizer, read_texts(texts), cfg.seq_len, cfg.holdout)
-    teacher_model = build_hf_model(teacher_src.hf_config, teacher_src.state)
+    device = cfg.torch_device()
+    teacher_model = build_hf_model(teacher_src.hf_config, teacher_src.state).to(device)
     teacher_src.state.clear()
-    model = build_hf_model(student_src.hf_config, student_src.state).train()
+    model = build_hf_model(student_src.hf_config, student_src.state).to(device).train()
     student_src.state.clear()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params = _trainable(model, cfg.freeze_embeddings)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if saved is not None:
         opt.load_state_dict(saved["optimizer"])
         torch.set_rng_state(saved["rng"])
@@ -174,7 +214,7 @@ def distill_to_dir(teacher: str, student: str, texts: list[str], output: str, cf
     else:
         torch.manual_seed(cfg.seed)
         meta = {"teacher": teacher, "student": student, "texts": list(texts), "config": dataclasses.asdict(cfg),
-                "train_tokens": sum(map(len, split.train)), "held_out_tokens": sum(map(len, split.held_out)),
+                "trainable_params": sum(p.numel() for p in params), "train_tokens": sum(map(len, split.train)), "held_out_tokens": sum(map(len, split.held_out)),
                 "held_out_ppl_teacher": held_out_perplexity(teacher_model, split.held_out, bf16=cfg.bf16),
                 "held_out_ppl_start": held_out_perplexity(model, split.held_out, bf16=cfg.bf16), "seconds": 0.0}
     history = saved["history"] if saved is not None else []
@@ -182,7 +222,7 @@ def distill_to_dir(teacher: str, student: str, texts: list[str], output: str, cf
     cache = TeacherCache(lambda ids: _teacher_logits(teacher_model, ids, cfg.bf16), split.train, cfg.top_k)
     start = time.perf_counter()
     for step in range(len(history), cfg.steps):
-        record = _train_step(model, opt, cache, split.train, step, cfg)
+        record = _train_step(model, params, opt, cache, split.train, step, cfg)
         history.append(record)
         with open(os.path.join(output, LOG_FILE), "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
@@ -199,20 +239,22 @@ def distill_to_dir(teacher: str, student: str, texts: list[str], output: str, cf
     return {**meta, "final_loss": history[-1]["loss"] if history else None}
 
 
-def _train_step(model, opt, cache: TeacherCache, windows: list[list[int]], step: int, cfg: DistillConfig) -> dict:
+def _train_step(model, params, opt, cache: TeacherCache, windows: list[list[int]], step: int,
+                cfg: DistillConfig) -> dict:
     t0 = time.perf_counter()
+    device = next(model.parameters()).device
     idx = batch_indices(step, cfg.batch_size, len(windows), cfg.seed)
-    values, indices = cache.get(idx)
-    ids = torch.tensor([windows[i] for i in idx])
+    values, indices = (t.to(device) for t in cache.get(idx))
+    ids = torch.tensor([windows[i] for i in idx], device=device)
     lr = cfg.lr_at(step)
     for group in opt.param_groups:
         group["lr"] = lr
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
         logits = model(input_ids=ids, use_cache=False).logits
     loss, parts = distill_loss(logits, values, indices, ids[:, 1:], cfg.temperature, cfg.alpha)
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip))
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip))
     opt.step()
     return {"step": step + 1, "loss": loss.item(), **parts, "lr": lr, "grad_norm": grad_norm,
             "seconds": round(time.perf_counter() - t0, 3)}

@@ -66,7 +66,8 @@ def batch_indices(step: int, batch_size: int, num_windows: int, seed: int) -> li
 
 
 class TeacherCache:
-    """The teacher's top-k logits (values float32, indices int32) of each window, computed on first use."""
+    """The teacher's top-k logits (values float32, indices int32) of each window, computed on first use and
+    kept in CPU memory (k x 8 bytes a token) whatever device the teacher runs on."""
 
     def __init__(self, teacher_logits: Callable[[torch.Tensor], torch.Tensor], windows: list[list[int]], top_k: int):
         self._logits = teacher_logits
@@ -81,6 +82,6 @@ class TeacherCache:
             logits = self._logits(torch.tensor([self._windows[i] for i in missing]))
             values, idx = torch.topk(logits.float(), self.top_k, dim=-1)
             for j, i in enumerate(missing):
-                self._cache[i] = (values[j].clone(), idx[j].to(torch.int32).clone())
+                self._cache[i] = (values[j].cpu().clone(), idx[j].to(torch.int32).cpu().clone())
         return (torch.stack([self._cache[i][0] for i in indices]),
                 torch.stack([self._cache[i][1] for i in indices]).long())

@@ -17,6 +17,7 @@ from scaleinfer.cli import main  # noqa: E402
 from scaleinfer.compress.distill import LOG_FILE, DistillConfig, distill_to_dir  # noqa: E402
 from scaleinfer.compress.distill_data import batch_indices, split_windows  # noqa: E402
 from scaleinfer.compress.prune import PruneTarget, prune_to_dir  # noqa: E402
+from scaleinfer.errors import ConfigError  # noqa: E402
 from tests.unit.compress.tiny import hf_logits, make_tiny  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "..", "data", "shakespeare-en.txt")
@@ -120,3 +121,30 @@ def test_a_student_with_another_vocabulary_is_refused(pair, tmp_path, capsys):
     code = _run(["distill", "--teacher", pair[0], "--student", str(other), "--text", pair[2], "--steps", "1",
                  "--output", str(tmp_path / "o")])
     assert code == 2 and "vocabularies differ" in capsys.readouterr().err
+
+
+def test_freeze_embeddings_trains_the_layers_only(pair, tmp_path):
+    from safetensors.torch import load_file
+
+    teacher, student, text = pair
+    out = str(tmp_path / "frozen")
+    meta = distill_to_dir(teacher, student, [text], out, dataclasses.replace(CFG, freeze_embeddings=True))
+    before, after = load_file(os.path.join(student, "model.safetensors")), load_file(os.path.join(out, "model.safetensors"))
+    assert torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed and all(k.startswith("model.layers.") or k == "model.norm.weight" for k in changed)
+    embedding = before["model.embed_tokens.weight"].numel()
+    assert meta["trainable_params"] == sum(v.numel() for v in before.values()) - embedding
+    with pytest.raises(ConfigError, match="--freeze-embeddings"):   # the optimizer's parameters would not match
+        distill_to_dir(teacher, student, [text], out, dataclasses.replace(CFG, steps=6), resume=True)
+
+
+@pytest.mark.parametrize("device, message", [("tpu", "give cpu, cuda or cuda:N"), ("cuda:x", "give cpu, cuda")]
+                         + ([] if torch.cuda.is_available() else [("cuda", "no CUDA GPU is visible")]))
+def test_bad_device_is_one_line_exit_2(pair, tmp_path, capsys, device, message):
+    teacher, student, text = pair
+    code = _run(["distill", "--teacher", teacher, "--student", student, "--text", text, "--output",
+                 str(tmp_path / "o"), "--steps", "1", "--device", device])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and message in err[-1] and "Traceback" not in "\n".join(err)
+    assert not os.path.exists(tmp_path / "o")   # refused before anything was written
