@@ -214,7 +214,8 @@ def distill_to_dir(teacher: str, student: str, texts: list[str], output: str, cf
     else:
         torch.manual_seed(cfg.seed)
         meta = {"teacher": teacher, "student": student, "texts": list(texts), "config": dataclasses.asdict(cfg),
-                "trainable_params": sum(p.numel() for p in params), "train_tokens": sum(map(len, split.train)), "held_out_tokens": sum(map(len, split.held_out)),
+                "trainable_params": sum(p.numel() for p in params), "train_tokens": sum(map(len, split.train)),
+                "held_out_tokens": sum(map(len, split.held_out)),
                 "held_out_ppl_teacher": held_out_perplexity(teacher_model, split.held_out, bf16=cfg.bf16),
                 "held_out_ppl_start": held_out_perplexity(model, split.held_out, bf16=cfg.bf16), "seconds": 0.0}
     history = saved["history"] if saved is not None else []

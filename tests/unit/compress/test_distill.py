@@ -129,7 +129,8 @@ def test_freeze_embeddings_trains_the_layers_only(pair, tmp_path):
     teacher, student, text = pair
     out = str(tmp_path / "frozen")
     meta = distill_to_dir(teacher, student, [text], out, dataclasses.replace(CFG, freeze_embeddings=True))
-    before, after = load_file(os.path.join(student, "model.safetensors")), load_file(os.path.join(out, "model.safetensors"))
+    before = load_file(os.path.join(student, "model.safetensors"))
+    after = load_file(os.path.join(out, "model.safetensors"))
     assert torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert changed and all(k.startswith("model.layers.") or k == "model.norm.weight" for k in changed)
