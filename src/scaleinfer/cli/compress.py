@@ -147,8 +147,8 @@ def register(sub) -> None:
     g.add_argument("--save-every", type=int, default=50, help="steps between checkpoints (default: %(default)s)")
     g.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward passes")
     g.add_argument("--freeze-embeddings", action="store_true",
-                   help="train the decoder layers only; keep the token embedding and LM head (less memory and time "
-                        "for large-vocabulary students)")
+                   help="train the decoder layers and final norm only; keep the token embedding and LM head (less "
+                        "memory and time for large-vocabulary students)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where teacher and student run "
                                                    "(default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
