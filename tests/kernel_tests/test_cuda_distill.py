@@ -16,6 +16,7 @@ if not torch.cuda.is_available():
 transformers = pytest.importorskip("transformers")
 
 from scaleinfer.compress.distill import LOG_FILE, DistillConfig, distill_to_dir  # noqa: E402
+from tests.kernel_tests.cuda_models import write_wordlevel_tokenizer  # noqa: E402
 
 VOCAB = 512
 
@@ -26,11 +27,7 @@ def _model_dir(path, layers: int, seed: int) -> str:
                                    tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(seed)
     transformers.LlamaForCausalLM(cfg).save_pretrained(path)
-    tok = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
-           "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None, "decoder": None,
-           "model": {"type": "WordLevel", "vocab": {f"t{i}": i for i in range(VOCAB)}, "unk_token": "t0"}}
-    (path / "tokenizer.json").write_text(json.dumps(tok))
-    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "t1", "eos_token": "t2"}))
+    write_wordlevel_tokenizer(path, VOCAB)
     return str(path)
 
 

@@ -4,7 +4,6 @@ Self-contained (a random-weight model and a made-up tokenizer written here), so 
 that holds none of the catalog's models."""
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ if not torch.cuda.is_available():
 transformers = pytest.importorskip("transformers")
 
 from scaleinfer import LLM, SamplingParams  # noqa: E402
+from tests.kernel_tests.cuda_models import write_wordlevel_tokenizer  # noqa: E402
 
 VOCAB = 2048
 
@@ -26,12 +26,7 @@ def _model_dir(path) -> "transformers.LlamaForCausalLM":
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(cfg).eval()
     hf.save_pretrained(path)
-    vocab = {f"t{i}": i for i in range(VOCAB)}
-    tok = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
-           "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None, "decoder": None,
-           "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"}}
-    (path / "tokenizer.json").write_text(json.dumps(tok))
-    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "t1", "eos_token": "t2"}))
+    write_wordlevel_tokenizer(path, VOCAB)
     return hf
 
 
