@@ -4,8 +4,14 @@ A block holds the K/V of `block_size` consecutive tokens of one sequence. Blocks
 a free queue and carry reference counts so that identical prompt prefixes can share them (prefix
 caching, see prefix_cache.py). Data-structure choices:
 
-- The free queue is an OrderedDict used as an LRU: allocation pops the oldest freed block, and a
-  freed block that still holds a cached prefix can be revived from the middle in O(1).
+- The free queue is an OrderedDict: allocation pops from its front. A freed block that holds a cached
+  prefix goes to the back (an LRU: the oldest cached prefix is evicted first) and can be revived from
+  the middle in O(1). A freed block that holds nothing reusable (no prefix hash: a partial last block,
+  cross-attention K/V, or any block with prefix caching off) goes to the front, so it is the next one
+  handed out: the blocks in use stay few and warm. The cache tensors are reserved lazily (torch.empty),
+  and the first write into a page costs a page fault plus zeroing (a whole 2 MiB page where the kernel
+  backs them with transparent huge pages); cycling through every free block instead made each new
+  request touch cold pages (whisper-base's cross K/V writes: ~10 ms a layer on long audio).
 - A freed block keeps its prefix hash until it is reallocated ("lazy eviction", as in vLLM v1), so
   a prompt that arrives after its twin finished still hits the cache.
 
@@ -141,6 +147,12 @@ class BlockManager:
         self.ref_counts[block_id] = 1
         return block_id
 
+    def _to_free_queue(self, block_id: int) -> None:
+        """A block nobody holds: to the back if it keeps a cached prefix (LRU), else to the front (reused next)."""
+        self.free_queue[block_id] = None
+        if self.prefix_cache is None or not self.prefix_cache.holds(block_id):
+            self.free_queue.move_to_end(block_id, last=False)
+
     def fork(self, parent: Request, child: Request) -> None:
         """`child` (a new beam of `parent`) shares all of the parent's blocks, self and cross, by reference."""
         assert not child.block_ids and not child.cross_block_ids
@@ -163,7 +175,7 @@ class BlockManager:
             self.ref_counts[block_id] -= 1
             assert self.ref_counts[block_id] >= 0
             if self.ref_counts[block_id] == 0:
-                self.free_queue[block_id] = None
+                self._to_free_queue(block_id)
 
     def hold(self, block_ids: list[int]) -> None:
         """One more reference to each block (a fork, a sibling, kept_encoder.py); `release` drops it."""
@@ -187,7 +199,7 @@ class BlockManager:
                 continue
             self.ref_counts[block_id] -= 1
             if self.ref_counts[block_id] == 0:
-                self.free_queue[block_id] = None
+                self._to_free_queue(block_id)
             dropped += 1
         return dropped
 
@@ -209,7 +221,7 @@ class BlockManager:
             table[i] = NULL_BLOCK
             self.ref_counts[block_id] -= 1
             if self.ref_counts[block_id] == 0:
-                self.free_queue[block_id] = None
+                self._to_free_queue(block_id)
             freed += 1
         return freed
 

@@ -49,6 +49,10 @@ class PrefixCache:
         if key is not None:
             del self._block_of_key[key]
 
+    def holds(self, block_id: int) -> bool:
+        """Whether the block is registered as holding a cached prefix."""
+        return block_id in self._key_of_block
+
     def forget_request(self, request_id: str) -> None:
         self._hashes.pop(request_id, None)
 

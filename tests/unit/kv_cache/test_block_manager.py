@@ -53,3 +53,34 @@ def test_freed_cached_blocks_are_revived_until_reused():
     bm.allocate(c, 16)
     bm.free(c)
     assert bm.match_prefix(req("d", range(9))) == 0
+
+
+def test_blocks_without_a_cached_prefix_are_reused_first():
+    """A freed block that holds no cached prefix is the next one handed out (its pages are warm); one that
+    holds a cached prefix waits at the back, so the cache keeps it as long as there is other room."""
+    bm = BlockManager(64, 4)   # prefix caching off: nothing is worth keeping
+    a = req("a", range(9))
+    bm.allocate(a, 9)
+    used = set(a.block_ids)
+    bm.free(a)
+    for i in range(5):         # one request after another: the same three blocks every time
+        r = req(f"r{i}", range(10))
+        bm.allocate(r, 10)
+        assert set(r.block_ids) == used
+        bm.free(r)
+
+    bm = BlockManager(8, 4, enable_prefix_caching=True)
+    a = req("a", range(10))    # two full blocks (cached) and a partial one
+    bm.allocate(a, 10)
+    a.num_computed_tokens = 10
+    bm.cache_full_blocks(a)
+    cached, partial = a.block_ids[:2], a.block_ids[2]
+    bm.free(a)
+    b = req("b", [50] * 3)
+    bm.allocate(b, 3)
+    assert b.block_ids == [partial]            # the uncached block first
+    c = req("c", [60] * 20)
+    bm.allocate(c, 20)                         # five more: the never-used blocks before the cached ones
+    assert not set(c.block_ids) & set(cached)
+    d = req("d", list(range(8)) + [7])
+    assert bm.match_prefix(d) == 8 and d.block_ids == cached
