@@ -45,10 +45,11 @@ def _scaleinfer_worker(job: dict) -> None:
                 first = time.perf_counter()
         return (job["decode_tokens"] - 1) / (time.perf_counter() - first), list(out.outputs[0].token_ids)
 
-    _serve(job, decode, {"engine": "scaleinfer", "mode": f"{job['quantization']}+kv-{job['kv']}",
-                         "kv_tokens": llm.engine.kv_capacity_tokens,
-                         "decode_program": bool(getattr(llm.engine.model, "_decode_plan", None)
-                                                and llm.engine.model._decode_plan.program is not None)})
+    _serve(job, decode, lambda: {   # after the warm-up, which builds the decode program
+        "engine": "scaleinfer", "mode": f"{job['quantization']}+kv-{job['kv']}",
+        "kv_tokens": llm.engine.kv_capacity_tokens,
+        "decode_program": bool(llm.engine.runner.decode_plan is not None
+                               and llm.engine.runner.decode_plan.program is not None)})
 
 
 def _llamacpp_worker(job: dict) -> None:
@@ -80,11 +81,11 @@ def _llamacpp_worker(job: dict) -> None:
     _serve(job, decode, {"engine": "llama.cpp", "mode": "gguf, f16 KV", "llama_cpp_python": llama_cpp.__version__})
 
 
-def _serve(job: dict, decode, ready: dict) -> None:
+def _serve(job: dict, decode, ready) -> None:
     prompts = {int(c): ids for c, ids in job["prompts"].items()}
     for ids in prompts.values():   # warm-up (and the decode program built)
         decode(ids)
-    print(json.dumps(ready), flush=True)
+    print(json.dumps(ready() if callable(ready) else ready), flush=True)
     for line in sys.stdin:
         cmd, _, arg = line.strip().partition(" ")
         if cmd != "decode" or not arg.isdigit() or int(arg) not in prompts:
