@@ -40,7 +40,19 @@ class DecodeSpec(NamedTuple):
 
 
 F32_KERNEL_MAX_ROWS = 4
-"""Inputs of at most this many rows (decode) take our fp32 GEMV kernel on CPU; more rows go to BLAS."""
+"""Inputs of at most this many rows (decode) take our fp32 kernel on CPU; more rows go to BLAS. With AVX-512
+the kernel takes up to F32_KERNEL_MAX_ROWS_AVX512 (f32_kernel_max_rows)."""
+F32_KERNEL_MAX_ROWS_AVX512 = 16
+"""The same with AVX-512 (decode batches, verification rows, beams): there the kernel reads each weight
+vector once for four input rows with four FMA chains each, and BLAS on a row-major weight is slow at few rows
+(whisper-base's [51865, 512] head, 2 threads: 17-20 ms at 4-16 rows against 3.9-11.5 ms in the kernel, which
+beat BLAS on every shape measured up to 16 rows). The AVX2 kernel keeps one chain per dot and loses to
+BLAS past ~4 rows on weights that fit in the cache."""
+
+
+def f32_kernel_max_rows(ops) -> int:
+    """The most input rows the fp32 kernel of `ops` (kernels module) takes at its current ISA level."""
+    return F32_KERNEL_MAX_ROWS_AVX512 if ops.isa().startswith("avx512") else F32_KERNEL_MAX_ROWS
 
 
 def _f32_ops(w: torch.Tensor):
@@ -53,8 +65,8 @@ class DenseLinearMethod:
     """y = x W^T + b with the dense weight (the reference every quantized method is checked against).
 
     On CPU in fp32 with the kernels built, W [out, in] stays row-major and decode-sized inputs (up to
-    F32_KERNEL_MAX_ROWS rows) take our GEMV (kernels/csrc/cpu_ops.cpp: f32_linear: four rows per
-    block, x shared, software prefetch), larger ones BLAS. Elsewhere (GPU, bf16, no compiler) W is
+    F32_KERNEL_MAX_ROWS rows) take our GEMV (kernels/csrc/cpu_ops.cpp: f32_linear: up to four input rows
+    per weight read, software prefetch), larger ones BLAS. Elsewhere (GPU, bf16, no compiler) W is
     stored column-major (a transposed view of a contiguous [in, out] tensor), which BLAS's GEMV reads
     ~1.35x faster than a row-major one at M = 1 (30 layers of SmolLM2-135M, 2 threads: 18.5 -> 13.8 ms).
     Row-major also lets a tied LM head share the embedding's storage instead of a transposed copy.
@@ -70,18 +82,19 @@ class DenseLinearMethod:
 
     def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
         w = layer.weight
-        if x.dim() >= 2 and x.numel() <= F32_KERNEL_MAX_ROWS * x.shape[-1] and w.is_contiguous() \
+        if x.dim() >= 2 and x.numel() <= F32_KERNEL_MAX_ROWS_AVX512 * x.shape[-1] and w.is_contiguous() \
                 and x.dtype == w.dtype:
             ops = _f32_ops(w)
-            if ops is not None:
+            if ops is not None and x.numel() <= f32_kernel_max_rows(ops) * x.shape[-1]:
                 y = ops.f32_linear(x.reshape(-1, x.shape[-1]).contiguous(), w, layer.bias)
                 return y.view(*x.shape[:-1], y.shape[-1])
         return F.linear(x, w, layer.bias)
 
     def decode_spec(self, layer: "Linear") -> DecodeSpec:
         w = layer.weight
-        if w.is_contiguous() and _f32_ops(w) is not None:  # f32_linear up to `group` rows, then at::linear
-            return DecodeSpec("f32", [w], layer.bias, F32_KERNEL_MAX_ROWS)
+        ops = _f32_ops(w) if w.is_contiguous() else None
+        if ops is not None:  # f32_linear up to `group` rows, then at::linear
+            return DecodeSpec("f32", [w], layer.bias, f32_kernel_max_rows(ops))
         return DecodeSpec("dense", [w], layer.bias)
 
 
