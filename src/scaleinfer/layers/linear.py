@@ -65,7 +65,7 @@ class DenseLinearMethod:
     """y = x W^T + b with the dense weight (the reference every quantized method is checked against).
 
     On CPU in fp32 with the kernels built, W [out, in] stays row-major and decode-sized inputs (up to
-    F32_KERNEL_MAX_ROWS rows) take our GEMV (kernels/csrc/cpu_ops.cpp: f32_linear: up to four input rows
+    f32_kernel_max_rows: 16 rows with AVX-512, else 4) take our kernel (kernels/csrc/cpu_ops.cpp: f32_linear: up to four input rows
     per weight read, software prefetch), larger ones BLAS. Elsewhere (GPU, bf16, no compiler) W is
     stored column-major (a transposed view of a contiguous [in, out] tensor), which BLAS's GEMV reads
     ~1.35x faster than a row-major one at M = 1 (30 layers of SmolLM2-135M, 2 threads: 18.5 -> 13.8 ms).
