@@ -100,7 +100,7 @@ def test_paged_decode_attention_rejects_bad_lengths():
                                    torch.tensor([4]), 0.5)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 4, 7, 16])
+@pytest.mark.parametrize("rows", [1, 2, 4, 7, 8, 13, 32])
 @pytest.mark.parametrize("shape", [(64, 576), (37, 100), (3, 1536), (5, 200)])   # N % 4, K % 64 and K % 16 tails
 @pytest.mark.parametrize("bias", [False, True])
 def test_f32_linear_equals_f_linear(isa, rows, shape, bias):
@@ -115,8 +115,9 @@ def test_f32_linear_equals_f_linear(isa, rows, shape, bias):
 
 @pytest.mark.parametrize("shape", [(300, 512), (37, 100), (70, 1000)])
 def test_f32_linear_rows_do_not_depend_on_the_batch(isa, shape):
-    """Each input row's outputs are bit-identical whether it runs alone or among up to 16 rows (the AVX-512
-    kernel blocks rows by four: every row's sums take the same order in any block)."""
+    """Each input row's outputs are bit-identical whether it runs alone or among up to 32 rows (the AVX-512
+    kernel blocks input rows by four and weight rows by two from 8 rows on: every pair's sums take the same
+    order in any block)."""
     from scaleinfer.layers.linear import f32_kernel_max_rows
 
     g = torch.Generator().manual_seed(shape[1])
@@ -130,7 +131,7 @@ def test_f32_linear_rows_do_not_depend_on_the_batch(isa, shape):
 def test_dense_linear_takes_the_gemv_for_decode_rows_and_blas_beyond():
     from scaleinfer.layers.linear import Linear, f32_kernel_max_rows
 
-    F32_KERNEL_MAX_ROWS = f32_kernel_max_rows(ops)   # 16 with AVX-512, else 4
+    F32_KERNEL_MAX_ROWS = f32_kernel_max_rows(ops)   # 32 with AVX-512, else 4
 
     layer = Linear(96, 40, bias=True)
     layer.weight.data.copy_(torch.randn(40, 96))

@@ -42,12 +42,13 @@ class DecodeSpec(NamedTuple):
 F32_KERNEL_MAX_ROWS = 4
 """Inputs of at most this many rows (decode) take our fp32 kernel on CPU; more rows go to BLAS. With AVX-512
 the kernel takes up to F32_KERNEL_MAX_ROWS_AVX512 (f32_kernel_max_rows)."""
-F32_KERNEL_MAX_ROWS_AVX512 = 16
+F32_KERNEL_MAX_ROWS_AVX512 = 32
 """The same with AVX-512 (decode batches, verification rows, beams): there the kernel reads each weight
-vector once for four input rows with four FMA chains each, and BLAS on a row-major weight is slow at few rows
-(whisper-base's [51865, 512] head, 2 threads: 17-20 ms at 4-16 rows against 3.9-11.5 ms in the kernel, which
-beat BLAS on every shape measured up to 16 rows). The AVX2 kernel keeps one chain per dot and loses to
-BLAS past ~4 rows on weights that fit in the cache."""
+vector once for four input rows (and each input vector for two weight rows from 8 rows on), four FMA chains
+per pair, and BLAS on a row-major weight is slow at few rows. Measured (2 threads, AMD EPYC): whisper-base's
+[51865, 512] head at 4 / 16 / 32 rows 3.8 / 10.7 / 16.7 ms against BLAS 17.7 / 20.2 / 26.8; on 3-4 MB weights
+(896x896 ... 2048x512) the kernel was ahead of BLAS at every row count up to 32 (0.37-0.49 vs 0.42-0.64 ms at
+32). The AVX2 kernel keeps one chain per dot and loses to BLAS past ~4 rows on weights that fit in the cache."""
 
 
 def f32_kernel_max_rows(ops) -> int:
@@ -65,7 +66,7 @@ class DenseLinearMethod:
     """y = x W^T + b with the dense weight (the reference every quantized method is checked against).
 
     On CPU in fp32 with the kernels built, W [out, in] stays row-major and decode-sized inputs (up to
-    f32_kernel_max_rows: 16 rows with AVX-512, else 4) take our kernel (kernels/csrc/cpu_ops.cpp: f32_linear: up to four input rows
+    f32_kernel_max_rows: 32 rows with AVX-512, else 4) take our kernel (kernels/csrc/cpu_ops.cpp: f32_linear: up to four input rows
     per weight read, software prefetch), larger ones BLAS. Elsewhere (GPU, bf16, no compiler) W is
     stored column-major (a transposed view of a contiguous [in, out] tensor), which BLAS's GEMV reads
     ~1.35x faster than a row-major one at M = 1 (30 layers of SmolLM2-135M, 2 threads: 18.5 -> 13.8 ms).

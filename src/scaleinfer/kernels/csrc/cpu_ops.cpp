@@ -69,15 +69,15 @@ SI_BODY void f32_rows_body(const float* w, const float* x, int64_t M, int64_t N,
 SI_ISA_VERSIONS(f32_rows, (const float* w, const float* x, int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1,
                 float* y), (w, x, M, N, K, n0, n1, y))
 
-// The AVX-512 path of the same rows, register-blocked: R weight rows x MR input rows at once (R = 1: two
-// weight rows at a time read 1.5x slower at M = 1 on whisper's head), one 16-lane accumulator per (weight
-// row, input row) pair and four partial sums each, so each weight vector is loaded once for MR input rows
-// and 4 MR independent FMA chains hide the FMA latency (the loop above keeps one chain per dot and is
-// latency-bound once M > 1: on whisper-base's [51865, 512] head it took 15.7 ms at M = 16, 2 threads,
-// where the weight stream alone takes ~3.5). Every pair's accumulator takes the same operations in the
-// same order (k ascending, 64 at a time over four partial sums, the rest into the first, then
-// (s0 + s1) + (s2 + s3) and one reduce) whatever R, MR and M are, so an
-// input row's outputs do not depend on the batch around it (batch invariance, tested).
+// The AVX-512 path of the same rows, register-blocked: R weight rows x MR input rows at once (R = 2 from 8
+// input rows on; at M = 1 two weight rows at a time read 1.5x slower on whisper's head), one accumulator
+// per (weight row, input row) pair with four partial sums, so each weight vector is loaded once for MR
+// input rows and 4 MR independent FMA chains hide the FMA latency (the loop above keeps one chain per dot
+// and is latency-bound once M > 1: whisper-base's [51865, 512] head took 15.7 ms at M = 16, 2 threads,
+// where the weight stream alone takes ~3.5). Every pair takes the same operations in the same order (k
+// ascending, 64 at a time over the four partial sums, the rest into the first, then (s0 + s1) + (s2 + s3)
+// and one reduce) whatever R, MR and M are, so an input row's outputs do not depend on the batch around
+// it (batch invariance, tested).
 template <int R, int MR>
 SI_AVX512 inline __attribute__((always_inline)) void f32_block_512(const float* w, const float* x, int64_t N,
                                                                   int64_t K, int64_t n, int64_t m, float* y) {
@@ -123,13 +123,19 @@ SI_AVX512 inline void f32_rows_all_m_512(const float* w, const float* x, int64_t
 
 SI_AVX512 void f32_rows_512(const float* w, const float* x, int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1,
                             float* y) {
-  for (int64_t n = n0; n < n1; ++n) {
-    if (kPrefetch >= 0) {   // the row's lines from kPrefetch on, as f32_rows_body does
+  // Two weight rows at a time from 8 input rows on (each x vector then serves two rows: fewer loads per
+  // FMA where the product, not the weight stream, bounds the time); one at a time below.
+  const int64_t R = M >= 8 ? 2 : 1;
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) {
+    if (kPrefetch >= 0) {   // the rows' lines from kPrefetch on, as f32_rows_body does
       const char* ahead = reinterpret_cast<const char*>(w + n * K) + kPrefetch;
-      for (int64_t o = 0; o < K * static_cast<int64_t>(sizeof(float)); o += 64) _mm_prefetch(ahead + o, _MM_HINT_T0);
+      for (int64_t o = 0; o < R * K * static_cast<int64_t>(sizeof(float)); o += 64) _mm_prefetch(ahead + o, _MM_HINT_T0);
     }
-    f32_rows_all_m_512<1>(w, x, M, N, K, n, y);
+    if (R == 2) f32_rows_all_m_512<2>(w, x, M, N, K, n, y);
+    else f32_rows_all_m_512<1>(w, x, M, N, K, n, y);
   }
+  for (; n < n1; ++n) f32_rows_all_m_512<1>(w, x, M, N, K, n, y);
 }
 
 void check_f32(const torch::Tensor& t, const char* name) {
