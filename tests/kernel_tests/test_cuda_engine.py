@@ -1,9 +1,8 @@
 """The engine on CUDA equals HF transformers on the same weights (skipped without a GPU).
 
-Self-contained (a random-weight model and a made-up tokenizer written here), so it runs on a GPU machine
-that holds none of the catalog's models."""
+Self-contained (a random-weight model written here, a made-up tokenizer from cuda_models.py), so it runs on a
+GPU machine that holds none of the catalog's models."""
 from __future__ import annotations
-
 
 import pytest
 import torch

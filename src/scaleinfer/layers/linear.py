@@ -6,6 +6,7 @@ default keeps a dense weight and calls F.linear. A quantization method replaces 
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Protocol
 
 import torch
@@ -51,9 +52,11 @@ per pair, and BLAS on a row-major weight is slow at few rows. Measured (2 thread
 32). The AVX2 kernel keeps one chain per dot and loses to BLAS past ~4 rows on weights that fit in the cache."""
 
 
+@functools.lru_cache(maxsize=None)
 def f32_kernel_max_rows(ops) -> int:
-    """The most input rows the fp32 kernel of `ops` (kernels module) takes at its current ISA level."""
-    return F32_KERNEL_MAX_ROWS_AVX512 if ops.isa().startswith("avx512") else F32_KERNEL_MAX_ROWS
+    """The most input rows the fp32 kernel of `ops` (kernels module) takes: by the best ISA level the CPU runs,
+    read once (not a call into the module per linear per step)."""
+    return F32_KERNEL_MAX_ROWS_AVX512 if ops.isas()[-1].startswith("avx512") else F32_KERNEL_MAX_ROWS
 
 
 def _f32_ops(w: torch.Tensor):
@@ -83,12 +86,10 @@ class DenseLinearMethod:
 
     def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
         w = layer.weight
-        if x.dim() >= 2 and x.numel() <= F32_KERNEL_MAX_ROWS_AVX512 * x.shape[-1] and w.is_contiguous() \
-                and x.dtype == w.dtype:
-            ops = _f32_ops(w)
-            if ops is not None and x.numel() <= f32_kernel_max_rows(ops) * x.shape[-1]:
-                y = ops.f32_linear(x.reshape(-1, x.shape[-1]).contiguous(), w, layer.bias)
-                return y.view(*x.shape[:-1], y.shape[-1])
+        ops = _f32_ops(w) if x.dim() >= 2 and w.is_contiguous() and x.dtype == w.dtype else None
+        if ops is not None and x.numel() <= f32_kernel_max_rows(ops) * x.shape[-1]:
+            y = ops.f32_linear(x.reshape(-1, x.shape[-1]).contiguous(), w, layer.bias)
+            return y.view(*x.shape[:-1], y.shape[-1])
         return F.linear(x, w, layer.bias)
 
     def decode_spec(self, layer: "Linear") -> DecodeSpec:
