@@ -8,8 +8,8 @@ engine's paged cache is), so the KV of a token is read from memory as in a real 
 per token (wall, and the process's CPU time: on a loaded machine the CPU time of a 1-thread run is the
 steadier measure), the KV bytes a token reads (data + int8 scales) and the GB/s that makes. `--baseline PATH`
 loads another build of the kernel module (e.g. a copy of an older `_C*.so`) and times it in the same run,
-interleaved, for a same-run ratio on a shared machine; `--sweep-ab` instead times this build with
-SI_NO_SWEEP=1 (no row sweep ahead of the K and V passes) as the baseline.
+interleaved, for a same-run ratio on a shared machine; `--prefetch-ab` instead times this build with
+SI_ATTN_PREFETCH=0 (no prefetch of the next block's K and V lines during a block's passes) as the baseline.
 """
 from __future__ import annotations
 
@@ -132,8 +132,8 @@ def run(a) -> list[dict]:
             procs = {"new": _Proc(a, context, kind, None)}
             if a.baseline:
                 procs["baseline"] = _Proc(a, context, kind, a.baseline)
-            elif a.sweep_ab:
-                procs["baseline"] = _Proc(a, context, kind, None, {"SI_NO_SWEEP": "1"})
+            elif a.prefetch_ab:
+                procs["baseline"] = _Proc(a, context, kind, None, {"SI_ATTN_PREFETCH": "0"})
             for r in range(a.rounds):
                 for p in (list(procs.values()) if r % 2 == 0 else list(procs.values())[::-1]):
                     p.round(5)
@@ -173,7 +173,7 @@ def main() -> int:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--rounds", type=int, default=10, help="interleaved rounds (each the median of 5 tokens)")
     p.add_argument("--baseline", default=None, help="path of another build of the kernel module to compare")
-    p.add_argument("--sweep-ab", action="store_true", help="baseline: this build with SI_NO_SWEEP=1")
+    p.add_argument("--prefetch-ab", action="store_true", help="baseline: this build with SI_ATTN_PREFETCH=0")
     p.add_argument("--no-huge-pages", action="store_true", help="caches on 4 KiB pages (no MADV_HUGEPAGE)")
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -181,11 +181,12 @@ def test_cpu_backend_equals_sdpa_on_every_kv_dtype(kind, pattern):
         assert (a is None and b is None) or torch.equal(a, b)
 
 
-@pytest.mark.parametrize("kind", ["float16", "int8-chan", "bfloat16"])
-@pytest.mark.parametrize("heads,kv_heads,d", [(12, 2, 128), (9, 3, 64)])
-def test_row_sweep_leaves_outputs_bit_identical(kind, heads, kv_heads, d, isa, monkeypatch):
-    """The sweep of a block's K and V rows ahead of each pass (AVX-512 and AVX2 paths; GQA, several KV heads)
-    only touches memory: outputs equal, bit for bit, those with it off (SI_NO_SWEEP=1)."""
+@pytest.mark.parametrize("kind", ["float16", "int8-chan", "bfloat16", "float32"])
+@pytest.mark.parametrize("heads,kv_heads,d", [(12, 2, 128), (9, 3, 64), (4, 2, 48)])
+def test_prefetch_ahead_leaves_outputs_bit_identical(kind, heads, kv_heads, d, isa, monkeypatch):
+    """The prefetch of the next blocks' K and V lines during each block's passes (kv::Ahead; the AVX-512 path
+    and, for head sizes it does not cover, the portable one) only touches memory: outputs equal, bit for bit,
+    those with it off (SI_ATTN_PREFETCH=0) or further ahead, split over threads or not."""
     torch.manual_seed(heads)
     lens = torch.tensor([17, 700, 2049])
     num_slots = 16 * 140
@@ -193,10 +194,12 @@ def test_row_sweep_leaves_outputs_bit_identical(kind, heads, kv_heads, d, isa, m
     k_cache, v_cache = _cache(kind, num_slots, kv_heads, d, seed=d)
     q = torch.randn(len(lens), heads, d)
     kv = kernel_kv_args(k_cache, v_cache)
-    outs = []
-    for off in ("1", "0"):
-        monkeypatch.setenv("SI_NO_SWEEP", off)
-        out = torch.full((len(lens), heads, d), float("nan"))
-        ops.paged_decode_attention(out, q, kv[0], kv[1], slots, lens, d ** -0.5, *kv[2:], splits=1)
-        outs.append(out)
-    assert torch.equal(outs[0], outs[1])
+    for splits in (1, 0):
+        outs = []
+        for ahead in ("0", "1", "3"):
+            monkeypatch.setenv("SI_ATTN_PREFETCH", ahead)
+            out = torch.full((len(lens), heads, d), float("nan"))
+            ops.paged_decode_attention(out, q, kv[0], kv[1], slots, lens, d ** -0.5, *kv[2:], splits=splits)
+            outs.append(out)
+        assert not outs[0].isnan().any()
+        assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])

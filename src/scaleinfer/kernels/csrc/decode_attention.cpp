@@ -51,12 +51,14 @@ struct V256 {
 // in that order, as attention/kv_int8.py's read computes them (so the values are bit-identical to it).
 // One body for both vector widths (D a multiple of V::W), compiled per width by rows_512 / rows_256.
 template <class V, KvType T>
-SI_BODY void rows_vec(const KvSide& s, const int64_t* slots, int64_t n, int64_t Hkv, int64_t h, int64_t D, float* out) {
+SI_BODY void rows_vec(const KvSide& s, const int64_t* slots, int64_t n, int64_t Hkv, int64_t h, int64_t D, float* out,
+                      Ahead& pf) {
   const char* base = static_cast<const char*>(s.data);
   const float* ch = s.chan ? s.chan + h * D : nullptr;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t r = slots[i] * Hkv + h;
     const char* src = base + r * D * kv_bytes<T>();
+    pf.step();
     const auto sc = V::set1(T == KvType::i8 ? s.scale[r] : 1.f);
     for (int64_t c = 0; c < D; c += V::W) {
       auto x = V::template load<T>(src + c * kv_bytes<T>());
@@ -68,19 +70,23 @@ SI_BODY void rows_vec(const KvSide& s, const int64_t* slots, int64_t n, int64_t 
 }
 
 template <KvType T>
-SI_AVX512 void rows_512(const KvSide& s, const int64_t* slots, int64_t n, int64_t Hkv, int64_t h, int64_t D, float* out) {
-  rows_vec<V512, T>(s, slots, n, Hkv, h, D, out);
+SI_AVX512 void rows_512(const KvSide& s, const int64_t* slots, int64_t n, int64_t Hkv, int64_t h, int64_t D, float* out,
+                       Ahead& pf) {
+  rows_vec<V512, T>(s, slots, n, Hkv, h, D, out, pf);
 }
 
 template <KvType T>
-SI_AVX2 void rows_256(const KvSide& s, const int64_t* slots, int64_t n, int64_t Hkv, int64_t h, int64_t D, float* out) {
-  rows_vec<V256, T>(s, slots, n, Hkv, h, D, out);
+SI_AVX2 void rows_256(const KvSide& s, const int64_t* slots, int64_t n, int64_t Hkv, int64_t h, int64_t D, float* out,
+                       Ahead& pf) {
+  rows_vec<V256, T>(s, slots, n, Hkv, h, D, out, pf);
 }
 
 template <KvType T>
-void rows_scalar(const KvSide& s, const int64_t* slots, int64_t n, int64_t Hkv, int64_t h, int64_t D, float* out) {
+void rows_scalar(const KvSide& s, const int64_t* slots, int64_t n, int64_t Hkv, int64_t h, int64_t D, float* out,
+                 Ahead& pf) {
   const float* ch = s.chan ? s.chan + h * D : nullptr;
   for (int64_t i = 0; i < n; ++i) {
+    pf.step();
     const int64_t r = slots[i] * Hkv + h;
     const float sc = T == KvType::i8 ? s.scale[r] : 1.f;
     for (int64_t c = 0; c < D; ++c) {
@@ -93,10 +99,11 @@ void rows_scalar(const KvSide& s, const int64_t* slots, int64_t n, int64_t Hkv, 
 }
 
 template <KvType T>
-void rows_f32(AttnIsa isa, const KvSide& s, const int64_t* slots, int64_t n, int64_t Hkv, int64_t h, int64_t D, float* out) {
-  if (isa == AttnIsa::avx512 && D % 16 == 0) return rows_512<T>(s, slots, n, Hkv, h, D, out);
-  if (isa >= AttnIsa::avx2 && D % 8 == 0) return rows_256<T>(s, slots, n, Hkv, h, D, out);
-  rows_scalar<T>(s, slots, n, Hkv, h, D, out);
+void rows_f32(AttnIsa isa, const KvSide& s, const int64_t* slots, int64_t n, int64_t Hkv, int64_t h, int64_t D, float* out,
+              Ahead& pf) {
+  if (isa == AttnIsa::avx512 && D % 16 == 0) return rows_512<T>(s, slots, n, Hkv, h, D, out, pf);
+  if (isa >= AttnIsa::avx2 && D % 8 == 0) return rows_256<T>(s, slots, n, Hkv, h, D, out, pf);
+  rows_scalar<T>(s, slots, n, Hkv, h, D, out, pf);
 }
 
 constexpr int64_t kBlock = 32;  // keys per block: their fp32 rows (8 KiB at D = 64) stay in L1
@@ -169,16 +176,16 @@ SI_ISA_VERSIONS(block_values, (int64_t G, int64_t D, const float* const* vr, int
 
 // The fp32 rows of a block: pointers into a float32 cache, else into `buf` after converting.
 void block_rows(const AttnJob& J, const KvSide& s, const int64_t* slots, int64_t n, int64_t h, float* buf,
-                const float** rows) {
+                const float** rows, Ahead& pf) {
   const int64_t D = J.D;
   if (J.type == KvType::f32) {
     for (int64_t j = 0; j < n; ++j) rows[j] = static_cast<const float*>(s.data) + (slots[j] * J.Hkv + h) * D;
     return;
   }
   switch (J.type) {
-    case KvType::f16: rows_f32<KvType::f16>(J.isa, s, slots, n, J.Hkv, h, D, buf); break;
-    case KvType::bf16: rows_f32<KvType::bf16>(J.isa, s, slots, n, J.Hkv, h, D, buf); break;
-    default: rows_f32<KvType::i8>(J.isa, s, slots, n, J.Hkv, h, D, buf); break;
+    case KvType::f16: rows_f32<KvType::f16>(J.isa, s, slots, n, J.Hkv, h, D, buf, pf); break;
+    case KvType::bf16: rows_f32<KvType::bf16>(J.isa, s, slots, n, J.Hkv, h, D, buf, pf); break;
+    default: rows_f32<KvType::i8>(J.isa, s, slots, n, J.Hkv, h, D, buf, pf); break;
   }
   for (int64_t j = 0; j < n; ++j) rows[j] = buf + j * D;
 }
@@ -195,17 +202,20 @@ void attend_range(const AttnJob& J, int64_t b, int64_t h, int64_t j0, int64_t j1
   std::fill(l, l + G, 0.f);
   std::fill(o, o + G * D, 0.f);
   const float* q = J.q + b * J.qs + h * G * D;
-  // This head's rows of the block (D * bytes at slot * Hkv rows): swept ahead of each pass as on AVX-512.
-  const int64_t bytes = D * kv_bytes_of(J.type), row = J.Hkv * bytes;
-  const bool sweep = J.type == KvType::i8 && J.Hkv > 1 && G > 1 && J.isa >= AttnIsa::avx2 && sweep_on();
+  // This head's rows of the next block (D * bytes at slot * Hkv rows) prefetched while converting this one's.
+  const int64_t bytes = D * kv_bytes_of(J.type), ahead = J.type == KvType::f32 ? 0 : attn_prefetch_blocks() * kBlock;
+  const char* kd = static_cast<const char*>(J.k.data) + h * bytes;
+  Ahead pf{kd, static_cast<const char*>(J.v.data) + h * bytes, J.Hkv * bytes, bytes};
+  const int64_t* sl0 = J.slots + b * J.W;
+  for (int64_t i = j0; ahead && i < std::min(j0 + ahead, j1); i += kBlock) pf.start(sl0 + i, std::min(kBlock, j1 - i), 0);
   for (int64_t j = j0; j < j1; j += kBlock) {
     const int64_t n = std::min(kBlock, j1 - j);
-    const int64_t* sl = J.slots + b * J.W + j;
-    if (sweep) sweep_rows(static_cast<const char*>(J.k.data) + h * bytes, row, bytes, sl, n);
-    block_rows(J, J.k, sl, n, h, buf.data(), kr);
+    const int64_t* sl = sl0 + j;
+    if (ahead && j + ahead < j1) pf.start(sl + ahead, std::min(kBlock, j1 - j - ahead), 2 * n);
+    else pf.start(sl, 0, 0);
+    block_rows(J, J.k, sl, n, h, buf.data(), kr, pf);
     block_scores(q, G, D, J.sc, kr, n, m, l, o, p.data());
-    if (sweep) sweep_rows(static_cast<const char*>(J.v.data) + h * bytes, row, bytes, sl, n);
-    block_rows(J, J.v, sl, n, h, buf.data(), vr);
+    block_rows(J, J.v, sl, n, h, buf.data(), vr, pf);
     block_values(G, D, vr, n, p.data(), o);
   }
 }

@@ -150,21 +150,40 @@ struct AttnJob {
 // done) when the path does not cover J.
 bool attend_range_512(const AttnJob& J, int64_t b, int64_t j0, int64_t j1, float* const* st);
 
-// Touches the 64-byte lines of block slots sl[0..n) (rows of `bytes` at base + slot * row) ahead of the pass
-// that reads them, so their misses overlap instead of arriving one row at a time in the compute loop.
-// SI_NO_SWEEP=1 turns it off (A/B benchmark); the arithmetic is the same either way.
+// The K and V lines of the block after the one being computed, prefetched to L2 a few at a time from inside
+// the passes over the current block (one call of step() per key row read), so a cold cache's misses overlap
+// the arithmetic. Reading the keys as they come measured 10 GB/s where a plain read of the same rows streams
+// 22-34: the passes compute between misses and keep few in flight; a whole block's prefetches issued at once
+// (tried first) fill the miss buffers and stall the passes instead, no faster than none. Per row of a slot:
+// `len` bytes at base + slot * stride (K rows of the slots first, then V rows). SI_ATTN_PREFETCH=N blocks ahead
+// (default 1; 0 off, for A/B runs). Memory hints only: the arithmetic is the same either way.
+struct Ahead {
+  const char* kd;
+  const char* vd;
+  int64_t stride, len;
+  const int64_t* sl = nullptr;
+  int64_t n = 0, r = 0, o = 0, per = 0;  // the block's slots, the next row (K 0..n-1, then V) and offset
+
+  inline void one() {
+    _mm_prefetch((r < n ? kd + sl[r] * stride : vd + sl[r - n] * stride) + o, _MM_HINT_T1);  // T0 measured slower
+    if ((o += 64) >= len) o = 0, ++r;
+  }
+  inline void step() {
+    for (int64_t k = 0; k < per && r < 2 * n; ++k) one();
+  }
+  // Issues what is left of the last block, then plans the block of slots s[0..cnt) over `iters` step() calls.
+  void start(const int64_t* s, int64_t cnt, int64_t iters) {
+    while (r < 2 * n) one();
+    sl = s, n = cnt, r = 0, o = 0;
+    per = iters > 0 ? (2 * n * ((len + 63) / 64) + iters - 1) / iters : 0;
+  }
+};
+
 inline int64_t kv_bytes_of(KvType t) { return t == KvType::f32 ? 4 : t == KvType::i8 ? 1 : 2; }
 
-inline void sweep_rows(const char* base, int64_t row, int64_t bytes, const int64_t* sl, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const char* src = base + sl[i] * row;
-    for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(src + o, _MM_HINT_T0);
-  }
-}
-
-inline bool sweep_on() {
-  const char* e = std::getenv("SI_NO_SWEEP");
-  return !(e && *e && *e != '0');
+inline int64_t attn_prefetch_blocks() {
+  const char* e = std::getenv("SI_ATTN_PREFETCH");
+  return e && *e ? std::max<int64_t>(0, std::atoll(e)) : 1;
 }
 
 }  // namespace kv
