@@ -1,7 +1,7 @@
 """The CPU decode attention (kernels/csrc/decode_attention*.cpp) and K/V write (cpu_ops.cpp) kernels on
 every KV cache dtype (float32, float16, bfloat16, int8 with and without per-channel key scales), split and
-unsplit, on each code path the CPU has (the AVX-512 path for head_dim 64 / 128 / 256 in 32-key blocks of two
-16-key score vectors, the portable one for the rest and below AVX-512), against torch on the same values.
+unsplit, on each code path the CPU has (the AVX-512 and AVX2 paths for head_dim 64 / 128 / 256 in 32-key blocks
+of 16- / 8-key score vectors, the portable one for the rest and below AVX2), against torch on the same values.
 
 Tolerance: the kernel reads exactly the values the reference reads (f16 / bf16 widened, int8 times its
 scales, as attention/kv_int8.py: Int8KV.read computes them), so only the fp32 arithmetic differs (online
@@ -58,7 +58,7 @@ def _reference(q, k_cache, v_cache, slots, lens, scale):
 
 
 @pytest.mark.parametrize("kind", KV_DTYPES)
-@pytest.mark.parametrize("d", [64, 128, 256, 40, 36])   # the AVX-512 path's sizes, 8 | D (AVX2 rows), neither
+@pytest.mark.parametrize("d", [64, 128, 256, 40, 36])   # the AVX-512 / AVX2 paths' sizes, 8 | D (AVX2 rows), neither
 @pytest.mark.parametrize("splits", [1, 3, 0])       # unsplit, three parts per sequence, chosen by the kernel
 def test_decode_attention_on_every_kv_dtype(kind, d, splits, isa):
     torch.manual_seed(d + splits)

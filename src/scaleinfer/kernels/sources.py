@@ -11,7 +11,7 @@ import os
 
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 SOURCES = ("lowbit_linear.cpp", "int4_a8.cpp", "cpu_ops.cpp", "decode_attention.cpp", "decode_attention_512.cpp",
-           "decode_step.cpp", "int8_a8.cpp", "a8_gemm.cpp", "amx.cpp", "shm_comm.cpp")
+           "decode_attention_256.cpp", "decode_step.cpp", "int8_a8.cpp", "a8_gemm.cpp", "amx.cpp", "shm_comm.cpp")
 CFLAGS = ("-O3", "-fopenmp")
 LDFLAGS = ("-fopenmp", "-Wl,-z,now")
 """-z now: bind every symbol at load, so no lazy binding runs between the AMX tile set-up and its use

@@ -5,12 +5,13 @@
 // (flash-decoding): each part leaves its max, sum and unnormalized output, and one combine weighs them.
 //
 // An item is one key range of one sequence over all its KV heads (a slot holds its heads' rows side by
-// side, so the range's K and V are read as runs through memory). Two code paths, the same arithmetic up
+// side, so the range's K and V are read as runs through memory). Three code paths, the same arithmetic up
 // to fp32 rounding:
 //   AVX-512 (decode_attention_512.cpp, head_dim 64 / 128 / 256): K and V widened in registers only,
 //     queries and outputs held in registers, a block's 16 scores per transpose-and-add tree instead of a
 //     horizontal sum per key, e^x on 16 lanes.
-//   portable (here; AVX2, scalar, other head sizes), head by head: the keys in blocks of kBlock, each
+//   AVX2 (decode_attention_256.cpp, the same head sizes): the same passes on 8 lanes, queries read from L1.
+//   portable (here; scalar, other head sizes), head by head: the keys in blocks of kBlock, each
 //     block's K rows (then its V rows) converted to fp32 once into a small buffer (F16C / shifts / int8 x
 //     per-token scale) that every query head of the group reads; a float32 cache is read in place.
 // Reference: attention/sdpa.py (SdpaBackend), tested against it on every KV dtype and ISA level.
@@ -250,10 +251,11 @@ int64_t parts_for(int64_t splits, int64_t len, int64_t seqs, int64_t threads) {
 }
 
 // Keys [j0, j1) of sequence b for every KV head h, its (m [G], l [G], o [G, D]) at st[h]: all heads in one
-// pass over each slot's K and V rows on the AVX-512 path (a slot holds its heads' rows side by side and a
-// cache block its slots one after another, so the reads run through memory in order), else head by head.
+// pass over each slot's K and V rows on the AVX-512 and AVX2 paths (a slot holds its heads' rows side by side
+// and a cache block its slots one after another, so the reads run through memory in order), else head by head.
 void attend_heads(const AttnJob& J, int64_t b, int64_t j0, int64_t j1, float* const* st) {
   if (J.isa == AttnIsa::avx512 && attend_range_512(J, b, j0, j1, st)) return;
+  if (J.isa == AttnIsa::avx2 && attend_range_256(J, b, j0, j1, st)) return;
   for (int64_t h = 0; h < J.Hkv; ++h) attend_range(J, b, h, j0, j1, st[h], st[h] + J.G, st[h] + 2 * J.G);
 }
 

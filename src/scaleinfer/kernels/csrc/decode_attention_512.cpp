@@ -1,8 +1,9 @@
 // The AVX-512 path of the paged decode attention (decode_attention.cpp holds the driver, the split over
-// threads and the portable path): keys [j0, j1) of one sequence for every KV head and the G query heads of
-// its group, head_dim D = 16 NV (64, 128 or 256), in blocks of kKeys keys. Per KV head and block:
+// threads and the portable path; attend_blocks.h the block loop this and the AVX2 path share): keys [j0, j1)
+// of one sequence for every KV head and the G query heads of its group, head_dim D = 16 NV (64, 128 or 256),
+// in blocks of kKeys keys. Per KV head and block:
 //   scores  the queries (times the softmax scale and the int8 key channel scales) held in registers, up to
-//           kMaxGroup heads at a time; each key row widened once into NV registers (F16C, a bf16 shift, an
+//           group<NV>() heads at a time; each key row widened once into NV registers (F16C, a bf16 shift, an
 //           int8 sign-extend) and multiplied with every head's query into one vector of partial sums per
 //           (head, key); 16 such vectors reduce to the 16 keys' scores in one transpose-and-add tree (about
 //           2 shuffles per score, where a horizontal sum per key costs 4 dependent ones); an int8 key's
@@ -14,7 +15,7 @@
 // No fp32 copy of K or V is written anywhere. The passes read each KV head's rows of the block's slots (a
 // slot holds its heads' rows side by side, a cache block its slots one after another) while the next
 // block's lines are prefetched a few per key read (kv::Ahead): 1.6-1.8x on a DRAM-cold 4k context.
-#include "kv_access.h"
+#include "attend_blocks.h"
 
 #include <immintrin.h>
 #include <algorithm>
@@ -25,7 +26,6 @@
 namespace kv {
 namespace {
 
-constexpr int64_t kKeys = 32;  // keys per block: two vectors of scores per head
 
 // e^x on 16 lanes, the same range reduction and polynomial as exp_f32 (kv_access.h), 2^n by scalef.
 SI_AVX512 inline __m512 exp512(__m512 x) {
@@ -65,200 +65,108 @@ SI_AVX512 inline __m512 hsum16(const float* v) {
 
 inline __mmask16 lanes(int64_t n) { return n >= 16 ? 0xFFFF : n <= 0 ? 0 : static_cast<__mmask16>((1u << n) - 1); }
 
-// The per-token scales of keys sl[0..n) of head h (int8), as two vectors of 16 (1 beyond n).
-inline void token_scales(const float* scale, const int64_t* sl, int64_t n, int64_t Hkv, int64_t h, float* out) {
-  for (int64_t i = 0; i < kKeys; ++i) out[i] = i < n ? scale[sl[i] * Hkv + h] : 1.f;
-}
+// The path attend_blocks.h drives: 16 lanes a vector, kKeys keys a block, group<NV>() query heads a pass.
+struct Path512 {
+  static constexpr int64_t kLanes = 16, kKeys = 32;
+  template <int NV>
+  // the queries (scores) or outputs (values) that fit in registers beside a key row
+  static constexpr int64_t group() { return NV == 4 ? 6 : NV == 8 ? 3 : 1; }
 
-struct Scratch {
-  std::vector<float> q, part, s, p;
-};
-
-// Scores of block keys sl[0..n) (rows at kd + slot * row) for GB query heads q [GB][D] of one KV head into
-// s [GB][kKeys] (lanes beyond n: 0): the queries stay in registers, each key row is widened once into NV
-// registers and used by every head, a vector of partial sums per (head, key) goes to part [GB][16][16].
-template <KvType T, int NV, int GB>
-SI_AVX512 void scores_gb(const char* kd, int64_t row, const int64_t* sl, int64_t n, const float* q, float* part,
-                         float* s, Ahead& pf) {
-  constexpr int64_t D = 16 * NV;
-  __m512 qr[GB][NV];
-  for (int g = 0; g < GB; ++g)
-    for (int v = 0; v < NV; ++v) qr[g][v] = _mm512_loadu_ps(q + g * D + 16 * v);
-  for (int64_t i0 = 0; i0 < n; i0 += 16) {
-    for (int64_t i = 0; i < 16; ++i) {
-      if (i0 + i >= n) {
-        for (int g = 0; g < GB; ++g) _mm512_storeu_ps(part + (g * 16 + i) * 16, _mm512_setzero_ps());
-        continue;
+  // Scores of block keys sl[0..n) (rows at kd + slot * row) for GB query heads q [GB][D] of one KV head into
+  // s [GB][kKeys] (lanes beyond n: 0): the queries stay in registers, each key row is widened once into NV
+  // registers and used by every head, a vector of partial sums per (head, key) goes to part [GB][16][16].
+  template <KvType T, int NV, int GB>
+  SI_AVX512 static void scores(const char* kd, int64_t row, const int64_t* sl, int64_t n, const float* q, float* part,
+                               float* s, Ahead& pf) {
+    constexpr int64_t D = 16 * NV;
+    __m512 qr[GB][NV];
+    for (int g = 0; g < GB; ++g)
+      for (int v = 0; v < NV; ++v) qr[g][v] = _mm512_loadu_ps(q + g * D + 16 * v);
+    for (int64_t i0 = 0; i0 < n; i0 += 16) {
+      for (int64_t i = 0; i < 16; ++i) {
+        if (i0 + i >= n) {
+          for (int g = 0; g < GB; ++g) _mm512_storeu_ps(part + (g * 16 + i) * 16, _mm512_setzero_ps());
+          continue;
+        }
+        const char* src = kd + sl[i0 + i] * row;
+        pf.step();
+        __m512 x[NV];
+        for (int v = 0; v < NV; ++v) x[v] = load16<T>(src + v * 16 * kv_bytes<T>());
+        for (int g = 0; g < GB; ++g) {
+          __m512 a0 = _mm512_mul_ps(qr[g][0], x[0]), a1 = _mm512_setzero_ps();
+          for (int v = 1; v < NV; ++v) {
+            if (v % 2) a1 = _mm512_fmadd_ps(qr[g][v], x[v], a1);
+            else a0 = _mm512_fmadd_ps(qr[g][v], x[v], a0);
+          }
+          _mm512_storeu_ps(part + (g * 16 + i) * 16, _mm512_add_ps(a0, a1));
+        }
       }
-      const char* src = kd + sl[i0 + i] * row;
+      for (int g = 0; g < GB; ++g) _mm512_storeu_ps(s + g * kKeys + i0, hsum16(part + g * 256));
+    }
+  }
+
+  // o [GB][D] += p [GB][kKeys] times the value rows of block keys sl[0..n) (at vd + slot * row): the outputs
+  // stay in registers, each value row is widened once into NV registers and used by every head.
+  template <KvType T, int NV, int GB>
+  SI_AVX512 static void values(const char* vd, int64_t row, const int64_t* sl, int64_t n, const float* p, float* o,
+                               Ahead& pf) {
+    constexpr int64_t D = 16 * NV;
+    __m512 acc[GB][NV];
+    for (int g = 0; g < GB; ++g)
+      for (int v = 0; v < NV; ++v) acc[g][v] = _mm512_loadu_ps(o + g * D + 16 * v);
+    for (int64_t i = 0; i < n; ++i) {
+      const char* src = vd + sl[i] * row;
       pf.step();
       __m512 x[NV];
       for (int v = 0; v < NV; ++v) x[v] = load16<T>(src + v * 16 * kv_bytes<T>());
       for (int g = 0; g < GB; ++g) {
-        __m512 a0 = _mm512_mul_ps(qr[g][0], x[0]), a1 = _mm512_setzero_ps();
-        for (int v = 1; v < NV; ++v) {
-          if (v % 2) a1 = _mm512_fmadd_ps(qr[g][v], x[v], a1);
-          else a0 = _mm512_fmadd_ps(qr[g][v], x[v], a0);
-        }
-        _mm512_storeu_ps(part + (g * 16 + i) * 16, _mm512_add_ps(a0, a1));
+        const __m512 pv = _mm512_set1_ps(p[g * kKeys + i]);
+        for (int v = 0; v < NV; ++v) acc[g][v] = _mm512_fmadd_ps(pv, x[v], acc[g][v]);
       }
     }
-    for (int g = 0; g < GB; ++g) _mm512_storeu_ps(s + g * kKeys + i0, hsum16(part + g * 256));
+    for (int g = 0; g < GB; ++g)
+      for (int v = 0; v < NV; ++v) _mm512_storeu_ps(o + g * D + 16 * v, acc[g][v]);
   }
-}
 
-// o [GB][D] += p [GB][kKeys] times the value rows of block keys sl[0..n) (at vd + slot * row): the outputs
-// stay in registers, each value row is widened once into NV registers and used by every head.
-template <KvType T, int NV, int GB>
-SI_AVX512 void values_gb(const char* vd, int64_t row, const int64_t* sl, int64_t n, const float* p, float* o, Ahead& pf) {
-  constexpr int64_t D = 16 * NV;
-  __m512 acc[GB][NV];
-  for (int g = 0; g < GB; ++g)
-    for (int v = 0; v < NV; ++v) acc[g][v] = _mm512_loadu_ps(o + g * D + 16 * v);
-  for (int64_t i = 0; i < n; ++i) {
-    const char* src = vd + sl[i] * row;
-    pf.step();
-    __m512 x[NV];
-    for (int v = 0; v < NV; ++v) x[v] = load16<T>(src + v * 16 * kv_bytes<T>());
-    for (int g = 0; g < GB; ++g) {
-      const __m512 pv = _mm512_set1_ps(p[g * kKeys + i]);
-      for (int v = 0; v < NV; ++v) acc[g][v] = _mm512_fmadd_ps(pv, x[v], acc[g][v]);
+  // The online-softmax update of head g for the block's scores s [kKeys] (n of them): new max m, sum l, output
+  // o [D] rescaled; leaves the probabilities (times the int8 value scales vs when given) in p [kKeys].
+  SI_AVX512 static void softmax(const float* s, int64_t n, const float* ks, const float* vs, float& m, float& l,
+                                float* o,
+                                   int64_t D, float* p) {
+    const __mmask16 m0 = lanes(n), m1 = lanes(n - 16);
+    __m512 s0 = _mm512_loadu_ps(s), s1 = _mm512_loadu_ps(s + 16);
+    if (ks) {
+      s0 = _mm512_mul_ps(s0, _mm512_loadu_ps(ks));
+      s1 = _mm512_mul_ps(s1, _mm512_loadu_ps(ks + 16));
     }
-  }
-  for (int g = 0; g < GB; ++g)
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(o + g * D + 16 * v, acc[g][v]);
-}
-
-// The most query heads whose queries (scores) or outputs (values) fit in registers beside a key row.
-template <int NV>
-constexpr int kMaxGroup = NV == 4 ? 6 : NV == 8 ? 3 : 1;
-
-// Scores (values: false) of one KV head's G query heads, in chunks of at most kMaxGroup<NV> heads.
-template <KvType T, int NV>
-SI_AVX512 void group_pass(bool scores, const char* base, int64_t row, const int64_t* sl, int64_t n, int64_t G, const float* q,
-                float* part, float* s, const float* p, float* o, Ahead& pf) {
-  constexpr int64_t D = 16 * NV;
-  const int64_t chunks = (G + kMaxGroup<NV> - 1) / kMaxGroup<NV>;
-  for (int64_t c = 0, g0 = 0; c < chunks; ++c) {
-    const int64_t g1 = G * (c + 1) / chunks, gb = g1 - g0;
-#define SI_GB_CASE(GB)                                                                               \
-  case GB:                                                                                           \
-    if constexpr (GB <= kMaxGroup<NV>) {                                                             \
-      if (scores) scores_gb<T, NV, GB>(base, row, sl, n, q + g0 * D, part, s + g0 * kKeys, pf);      \
-      else values_gb<T, NV, GB>(base, row, sl, n, p + g0 * kKeys, o + g0 * D, pf);                   \
-    }                                                                                                \
-    break;
-    switch (gb) {
-      SI_GB_CASE(1) SI_GB_CASE(2) SI_GB_CASE(3) SI_GB_CASE(4) SI_GB_CASE(5) SI_GB_CASE(6)
+    float bm = _mm512_mask_reduce_max_ps(m0, s0);
+    if (m1) bm = std::max(bm, _mm512_mask_reduce_max_ps(m1, s1));
+    const float mn = std::max(m, bm);
+    const __m512 vm = _mm512_set1_ps(mn);
+    __m512 p0 = _mm512_maskz_mov_ps(m0, exp512(_mm512_sub_ps(s0, vm)));
+    __m512 p1 = m1 ? _mm512_maskz_mov_ps(m1, exp512(_mm512_sub_ps(s1, vm))) : _mm512_setzero_ps();
+    const float sum = _mm512_reduce_add_ps(_mm512_add_ps(p0, p1));
+    if (mn != m && m != -std::numeric_limits<float>::infinity()) {
+      const float alpha = exp_f32(m - mn);
+      l *= alpha;
+      const __m512 va = _mm512_set1_ps(alpha);
+      for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(o + d, _mm512_mul_ps(_mm512_loadu_ps(o + d), va));
     }
-#undef SI_GB_CASE
-    g0 = g1;
-  }
-}
-
-// The online-softmax update of head g for the block's scores s [kKeys] (n of them): new max m, sum l, output
-// o [D] rescaled; leaves the probabilities (times the int8 value scales vs when given) in p [kKeys].
-SI_AVX512 void block_softmax_512(float* s, int64_t n, const float* ks, const float* vs, float& m, float& l, float* o,
-                                 int64_t D, float* p) {
-  const __mmask16 m0 = lanes(n), m1 = lanes(n - 16);
-  __m512 s0 = _mm512_loadu_ps(s), s1 = _mm512_loadu_ps(s + 16);
-  if (ks) {
-    s0 = _mm512_mul_ps(s0, _mm512_loadu_ps(ks));
-    s1 = _mm512_mul_ps(s1, _mm512_loadu_ps(ks + 16));
-  }
-  float bm = _mm512_mask_reduce_max_ps(m0, s0);
-  if (m1) bm = std::max(bm, _mm512_mask_reduce_max_ps(m1, s1));
-  const float mn = std::max(m, bm);
-  const __m512 vm = _mm512_set1_ps(mn);
-  __m512 p0 = _mm512_maskz_mov_ps(m0, exp512(_mm512_sub_ps(s0, vm)));
-  __m512 p1 = m1 ? _mm512_maskz_mov_ps(m1, exp512(_mm512_sub_ps(s1, vm))) : _mm512_setzero_ps();
-  const float sum = _mm512_reduce_add_ps(_mm512_add_ps(p0, p1));
-  if (mn != m && m != -std::numeric_limits<float>::infinity()) {
-    const float alpha = exp_f32(m - mn);
-    l *= alpha;
-    const __m512 va = _mm512_set1_ps(alpha);
-    for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(o + d, _mm512_mul_ps(_mm512_loadu_ps(o + d), va));
-  }
-  l += sum;
-  m = mn;
-  if (vs) {
-    p0 = _mm512_mul_ps(p0, _mm512_loadu_ps(vs));
-    p1 = _mm512_mul_ps(p1, _mm512_loadu_ps(vs + 16));
-  }
-  _mm512_storeu_ps(p, p0);
-  _mm512_storeu_ps(p + 16, p1);
-}
-
-template <KvType T, int NV>
-SI_AVX512 void attend_512(const AttnJob& J, int64_t b, int64_t j0, int64_t j1, float* const* st) {
-  constexpr int64_t D = 16 * NV, bytes = D * kv_bytes<T>();
-  const int64_t G = J.G, Hkv = J.Hkv, row = Hkv * bytes;  // a slot's rows: its heads' side by side
-  thread_local Scratch w;
-  const int64_t HG = Hkv * G;
-  w.q.resize(HG * D);
-  w.part.resize(kMaxGroup<NV> * 256);
-  w.s.resize(HG * kKeys);
-  w.p.resize(HG * kKeys);
-  const float* q = J.q + b * J.qs;
-  for (int64_t h = 0; h < Hkv; ++h) {
-    const float* kch = J.k.chan ? J.k.chan + h * D : nullptr;
-    for (int64_t i = h * G * D; i < (h + 1) * G * D; ++i) w.q[i] = q[i] * J.sc * (kch ? kch[i % D] : 1.f);
-    std::fill(st[h], st[h] + G, -std::numeric_limits<float>::infinity());
-    std::fill(st[h] + G, st[h] + G * (D + 2), 0.f);
-  }
-  const char* kd = static_cast<const char*>(J.k.data);
-  const char* vd = static_cast<const char*>(J.v.data);
-  const int64_t* sl = J.slots + b * J.W;
-  alignas(64) float ks[kKeys], vs[kKeys];
-  const int64_t ahead = attn_prefetch_blocks() * kKeys, chunks = (G + kMaxGroup<NV> - 1) / kMaxGroup<NV>;
-  Ahead pf{kd, vd, row, row};
-  for (int64_t i = j0; ahead && i < std::min(j0 + ahead, j1); i += kKeys) pf.start(sl + i, std::min(kKeys, j1 - i), 0);
-  for (int64_t j = j0; j < j1; j += kKeys) {
-    const int64_t n = std::min(kKeys, j1 - j);
-    if (ahead && j + ahead < j1) pf.start(sl + j + ahead, std::min(kKeys, j1 - j - ahead), 2 * Hkv * chunks * n);
-    else pf.start(sl, 0, 0);
-    for (int64_t h = 0; h < Hkv; ++h)
-      group_pass<T, NV>(true, kd + h * bytes, row, sl + j, n, G, w.q.data() + h * G * D, w.part.data(),
-                        w.s.data() + h * G * kKeys, nullptr, nullptr, pf);
-    for (int64_t h = 0; h < Hkv; ++h) {
-      if (T == KvType::i8) {
-        token_scales(J.k.scale, sl + j, n, Hkv, h, ks);
-        token_scales(J.v.scale, sl + j, n, Hkv, h, vs);
-      }
-      float *m = st[h], *l = m + G, *o = l + G;
-      for (int64_t g = 0; g < G; ++g)
-        block_softmax_512(w.s.data() + (h * G + g) * kKeys, n, T == KvType::i8 ? ks : nullptr,
-                          T == KvType::i8 ? vs : nullptr, m[g], l[g], o + g * D, D, w.p.data() + (h * G + g) * kKeys);
+    l += sum;
+    m = mn;
+    if (vs) {
+      p0 = _mm512_mul_ps(p0, _mm512_loadu_ps(vs));
+      p1 = _mm512_mul_ps(p1, _mm512_loadu_ps(vs + 16));
     }
-    for (int64_t h = 0; h < Hkv; ++h)
-      group_pass<T, NV>(false, vd + h * bytes, row, sl + j, n, G, nullptr, nullptr, nullptr,
-                        w.p.data() + h * G * kKeys, st[h] + 2 * G, pf);
+    _mm512_storeu_ps(p, p0);
+    _mm512_storeu_ps(p + 16, p1);
   }
-  if (J.v.chan)
-    for (int64_t h = 0; h < Hkv; ++h)
-      for (int64_t i = 0; i < G * D; ++i) st[h][2 * G + i] *= J.v.chan[h * D + i % D];
-}
-
-template <KvType T>
-bool attend_by_dim(const AttnJob& J, int64_t b, int64_t j0, int64_t j1, float* const* st) {
-  switch (J.D) {
-    case 64: attend_512<T, 4>(J, b, j0, j1, st); return true;
-    case 128: attend_512<T, 8>(J, b, j0, j1, st); return true;
-    case 256: attend_512<T, 16>(J, b, j0, j1, st); return true;
-    default: return false;
-  }
-}
+};
 
 }  // namespace
 
 bool attend_range_512(const AttnJob& J, int64_t b, int64_t j0, int64_t j1, float* const* st) {
-  switch (J.type) {
-    case KvType::f32: return attend_by_dim<KvType::f32>(J, b, j0, j1, st);
-    case KvType::f16: return attend_by_dim<KvType::f16>(J, b, j0, j1, st);
-    case KvType::bf16: return attend_by_dim<KvType::bf16>(J, b, j0, j1, st);
-    case KvType::i8: return attend_by_dim<KvType::i8>(J, b, j0, j1, st);
-  }
-  return false;
+  return attend_range_with<Path512>(J, b, j0, j1, st);
 }
 
 }  // namespace kv

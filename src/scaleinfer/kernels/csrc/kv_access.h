@@ -149,6 +149,8 @@ struct AttnJob {
 // at st[h] the max m [G], sum l [G] and unnormalized output o [G, D] of its query heads; false (nothing
 // done) when the path does not cover J.
 bool attend_range_512(const AttnJob& J, int64_t b, int64_t j0, int64_t j1, float* const* st);
+// decode_attention_256.cpp: the same on the AVX2 path (F16C and FMA), the same arithmetic up to fp32 rounding.
+bool attend_range_256(const AttnJob& J, int64_t b, int64_t j0, int64_t j1, float* const* st);
 
 // The K and V lines of the block after the one being computed, prefetched to L2 a few at a time from inside
 // the passes over the current block (one call of step() per key row read), so a cold cache's misses overlap
