@@ -9,7 +9,8 @@ per token (wall, and the process's CPU time: on a loaded machine the CPU time of
 steadier measure), the KV bytes a token reads (data + int8 scales) and the GB/s that makes. `--baseline PATH`
 loads another build of the kernel module (e.g. a copy of an older `_C*.so`) and times it in the same run,
 interleaved, for a same-run ratio on a shared machine; `--prefetch-ab` instead times this build with
-SI_ATTN_PREFETCH=0 (no prefetch of the next block's K and V lines during a block's passes) as the baseline.
+SI_ATTN_PREFETCH=0 (no prefetch of the next block's K and V lines during a block's passes) as the baseline;
+`--isa avx2` runs a lower ISA level's path (the AVX2 path on an AVX-512 CPU).
 """
 from __future__ import annotations
 
@@ -83,6 +84,10 @@ def _worker(a) -> None:
     classes once per process): prepares the caches of one (context, kv), answers `round` with seconds."""
     torch.set_num_threads(a.threads)
     ops = _load_module(a.module) if a.module else cpu_kernels()
+    if a.isa:
+        if a.isa not in ops.isas():
+            raise SystemExit(f"this CPU has no {a.isa} (it has {', '.join(ops.isas())})")
+        ops.set_isa(a.isa)
     context, kind, block = a.contexts_one, a.kv, 16
     num_blocks = (context + block - 1) // block
     table = torch.randperm(num_blocks + 8, generator=torch.Generator().manual_seed(1))[:num_blocks]
@@ -103,6 +108,7 @@ def _worker(a) -> None:
 class _Proc:
     def __init__(self, a, context: int, kind: str, module: str | None, env: dict | None = None):
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--context-one", str(context), "--kv", kind]
+        cmd += ["--isa", a.isa] if a.isa else []
         cmd += ["--threads", str(a.threads), "--layers", str(a.layers), "--heads", str(a.heads),
                 "--kv-heads", str(a.kv_heads), "--head-dim", str(a.head_dim)]
         cmd += ["--module", module] if module else []
@@ -174,6 +180,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=10, help="interleaved rounds (each the median of 5 tokens)")
     p.add_argument("--baseline", default=None, help="path of another build of the kernel module to compare")
     p.add_argument("--prefetch-ab", action="store_true", help="baseline: this build with SI_ATTN_PREFETCH=0")
+    p.add_argument("--isa", default=None, help="run the kernels at this ISA level (e.g. avx2 on an AVX-512 CPU)")
     p.add_argument("--no-huge-pages", action="store_true", help="caches on 4 KiB pages (no MADV_HUGEPAGE)")
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

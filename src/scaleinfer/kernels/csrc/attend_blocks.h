@@ -73,7 +73,7 @@ void attend_blocks(const AttnJob& J, int64_t b, int64_t j0, int64_t j1, float* c
   alignas(64) float ks[K], vs[K];
   // step() calls per block: one per key row read by the passes of each chunk of heads
   const int64_t ahead = attn_prefetch_blocks() * K, chunks = (G + GP - 1) / GP;
-  Ahead pf{kd, vd, row, row};
+  Ahead pf{kd, vd, row, row, J.k.scale, J.v.scale, Hkv};
   for (int64_t i = j0; ahead && i < std::min(j0 + ahead, j1); i += K) pf.start(sl + i, std::min(K, j1 - i), 0);
   for (int64_t j = j0; j < j1; j += K) {
     const int64_t n = std::min(K, j1 - j);

@@ -206,7 +206,8 @@ void attend_range(const AttnJob& J, int64_t b, int64_t h, int64_t j0, int64_t j1
   // This head's rows of the next block (D * bytes at slot * Hkv rows) prefetched while converting this one's.
   const int64_t bytes = D * kv_bytes_of(J.type), ahead = J.type == KvType::f32 ? 0 : attn_prefetch_blocks() * kBlock;
   const char* kd = static_cast<const char*>(J.k.data) + h * bytes;
-  Ahead pf{kd, static_cast<const char*>(J.v.data) + h * bytes, J.Hkv * bytes, bytes};
+  Ahead pf{kd, static_cast<const char*>(J.v.data) + h * bytes, J.Hkv * bytes, bytes,
+           J.k.scale ? J.k.scale + h : nullptr, J.v.scale ? J.v.scale + h : nullptr, J.Hkv};
   const int64_t* sl0 = J.slots + b * J.W;
   for (int64_t i = j0; ahead && i < std::min(j0 + ahead, j1); i += kBlock) pf.start(sl0 + i, std::min(kBlock, j1 - i), 0);
   for (int64_t j = j0; j < j1; j += kBlock) {

@@ -163,6 +163,9 @@ struct Ahead {
   const char* kd;
   const char* vd;
   int64_t stride, len;
+  const float* kscale = nullptr;  // int8: the per-token scales [S, Hkv], prefetched with start()
+  const float* vscale = nullptr;
+  int64_t hkv = 0;
   const int64_t* sl = nullptr;
   int64_t n = 0, r = 0, o = 0, per = 0;  // the block's slots, the next row (K 0..n-1, then V) and offset
 
@@ -178,6 +181,15 @@ struct Ahead {
     while (r < 2 * n) one();
     sl = s, n = cnt, r = 0, o = 0;
     per = iters > 0 ? (2 * n * ((len + 63) / 64) + iters - 1) / iters : 0;
+    for (const float* sc : {kscale, vscale}) {  // a few lines: a cache block's slots hold their scales in a run
+      if (!sc) continue;
+      uintptr_t last = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        const float* p = sc + s[i] * hkv;
+        if ((reinterpret_cast<uintptr_t>(p) >> 6) != last) _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1);
+        last = reinterpret_cast<uintptr_t>(p) >> 6;
+      }
+    }
   }
 };
 
