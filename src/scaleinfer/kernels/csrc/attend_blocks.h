@@ -71,14 +71,13 @@ void attend_blocks(const AttnJob& J, int64_t b, int64_t j0, int64_t j1, float* c
   const char* vd = static_cast<const char*>(J.v.data);
   const int64_t* sl = J.slots + b * J.W;
   alignas(64) float ks[K], vs[K];
-  // step() calls per block: one per key row read by the passes of each chunk of heads
-  const int64_t ahead = attn_prefetch_blocks() * K, chunks = (G + GP - 1) / GP;
+  // step() calls per block (pf.at): one per key row read by the passes of each chunk of heads
+  const int64_t chunks = (G + GP - 1) / GP;
   Ahead pf{kd, vd, row, row, J.k.scale, J.v.scale, Hkv};
-  for (int64_t i = j0; ahead && i < std::min(j0 + ahead, j1); i += K) pf.start(sl + i, std::min(K, j1 - i), 0);
+  pf.begin(sl, j0, j1, K, J.ahead);
   for (int64_t j = j0; j < j1; j += K) {
     const int64_t n = std::min(K, j1 - j);
-    if (ahead && j + ahead < j1) pf.start(sl + j + ahead, std::min(K, j1 - j - ahead), 2 * Hkv * chunks * n);
-    else pf.start(sl, 0, 0);
+    pf.at(j, 2 * Hkv * chunks * n);
     for (int64_t h = 0; h < Hkv; ++h)
       group_pass<P, T, NV>(true, kd + h * bytes, row, sl + j, n, G, w.q.data() + h * G * D, w.part.data(),
                            w.s.data() + h * G * K, nullptr, nullptr, pf);

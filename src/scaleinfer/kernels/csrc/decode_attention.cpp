@@ -204,17 +204,15 @@ void attend_range(const AttnJob& J, int64_t b, int64_t h, int64_t j0, int64_t j1
   std::fill(o, o + G * D, 0.f);
   const float* q = J.q + b * J.qs + h * G * D;
   // This head's rows of the next block (D * bytes at slot * Hkv rows) prefetched while converting this one's.
-  const int64_t bytes = D * kv_bytes_of(J.type), ahead = J.type == KvType::f32 ? 0 : attn_prefetch_blocks() * kBlock;
-  const char* kd = static_cast<const char*>(J.k.data) + h * bytes;
-  Ahead pf{kd, static_cast<const char*>(J.v.data) + h * bytes, J.Hkv * bytes, bytes,
-           J.k.scale ? J.k.scale + h : nullptr, J.v.scale ? J.v.scale + h : nullptr, J.Hkv};
-  const int64_t* sl0 = J.slots + b * J.W;
-  for (int64_t i = j0; ahead && i < std::min(j0 + ahead, j1); i += kBlock) pf.start(sl0 + i, std::min(kBlock, j1 - i), 0);
+  // (a float32 cache is read in place, where no per-key loop of ours could spread the prefetches)
+  const int64_t bytes = D * kv_bytes_of(J.type);
+  Ahead pf{static_cast<const char*>(J.k.data) + h * bytes, static_cast<const char*>(J.v.data) + h * bytes,
+           J.Hkv * bytes, bytes, J.k.scale ? J.k.scale + h : nullptr, J.v.scale ? J.v.scale + h : nullptr, J.Hkv};
+  pf.begin(J.slots + b * J.W, j0, j1, kBlock, J.type == KvType::f32 ? 0 : J.ahead);
   for (int64_t j = j0; j < j1; j += kBlock) {
     const int64_t n = std::min(kBlock, j1 - j);
-    const int64_t* sl = sl0 + j;
-    if (ahead && j + ahead < j1) pf.start(sl + ahead, std::min(kBlock, j1 - j - ahead), 2 * n);
-    else pf.start(sl, 0, 0);
+    const int64_t* sl = J.slots + b * J.W + j;
+    pf.at(j, 2 * n);
     block_rows(J, J.k, sl, n, h, buf.data(), kr, pf);
     block_scores(q, G, D, J.sc, kr, n, m, l, o, p.data());
     block_rows(J, J.v, sl, n, h, buf.data(), vr, pf);
@@ -291,7 +289,8 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
     for (int64_t j = 0; j < lp[b]; ++j) TORCH_CHECK(sp[b * W + j] >= 0 && sp[b * W + j] < S, "slot outside the cache");
   }
   const int64_t G = H / Hkv;
-  const AttnJob J{q.data_ptr<float>(), q.stride(0), W, Hkv, G, D, static_cast<float>(scale), t, ks, vs, sp, attn_isa()};
+  const AttnJob J{q.data_ptr<float>(), q.stride(0), W, Hkv, G, D, static_cast<float>(scale), t, ks, vs, sp, attn_isa(),
+                  attn_prefetch_blocks()};
   float* op = out.data_ptr<float>();
   // Items: (sequence, key range) over all KV heads; a sequence split in parts leaves each head's part
   // (max, sum, output) at parts[first_part[b] + h * num_parts[b] + s], combined after.

@@ -143,6 +143,7 @@ struct AttnJob {
   KvSide k, v;
   const int64_t* slots;
   AttnIsa isa;
+  int64_t ahead;  // blocks whose K/V lines are prefetched ahead (attn_prefetch_blocks(), read once per call)
 };
 
 // decode_attention_512.cpp: keys [j0, j1) of sequence b for every KV head h on the AVX-512 path, leaving
@@ -168,6 +169,8 @@ struct Ahead {
   int64_t hkv = 0;
   const int64_t* sl = nullptr;
   int64_t n = 0, r = 0, o = 0, per = 0;  // the block's slots, the next row (K 0..n-1, then V) and offset
+  const int64_t* keys = nullptr;  // the range's slot table, its end, keys per block, keys prefetched ahead
+  int64_t end = 0, block = 0, ahead = 0;
 
   inline void one() {
     _mm_prefetch((r < n ? kd + sl[r] * stride : vd + sl[r - n] * stride) + o, _MM_HINT_T1);  // T0 measured slower
@@ -175,6 +178,17 @@ struct Ahead {
   }
   inline void step() {
     for (int64_t k = 0; k < per && r < 2 * n; ++k) one();
+  }
+  // A range of keys [j0, j1) of slot table `slots`, read in blocks of `blk` keys, `blocks` blocks ahead: the
+  // first blocks are prefetched at once (nothing to overlap them with yet).
+  void begin(const int64_t* slots, int64_t j0, int64_t j1, int64_t blk, int64_t blocks) {
+    keys = slots, end = j1, block = blk, ahead = blocks * blk;
+    for (int64_t i = j0; i < std::min(j0 + ahead, j1); i += blk) start(slots + i, std::min(blk, j1 - i), 0);
+  }
+  // Before computing the block at key j: plans the block `ahead` keys later over `iters` step() calls.
+  void at(int64_t j, int64_t iters) {
+    if (ahead && j + ahead < end) start(keys + j + ahead, std::min(block, end - j - ahead), iters);
+    else start(keys, 0, 0);
   }
   // Issues what is left of the last block, then plans the block of slots s[0..cnt) over `iters` step() calls.
   void start(const int64_t* s, int64_t cnt, int64_t iters) {
