@@ -27,8 +27,8 @@ def _layer(out_f: int, in_f: int, bias: bool) -> Linear:
     return layer
 
 
-# in_features with an odd number of groups (3, 7, 23) exercise the 512-bit path's odd last group, 18 and 23
-# groups its masked 16-group tail, 33, 37 and 70 rows the rows left over from blocks of four.
+# in_features of 3, 7, 8, 18, 23 and 48 groups exercise the 512-bit paths' last block of fewer than 16 groups
+# (masked loads); 33, 37 and 70 output rows split unevenly over the threads.
 @pytest.mark.parametrize("shape", [(64, 96), (40, 224), (96, 256), (33, 576), (37, 736), (70, 1536)])
 @pytest.mark.parametrize("rows", [1, 2, 5, W4A8_MAX_ROWS])
 def test_w4a8_matches_its_reference(isa, shape, rows):

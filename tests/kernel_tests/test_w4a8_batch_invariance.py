@@ -1,8 +1,8 @@
 """Batch invariance of the w4a8 decode kernels: an input row's outputs are bit-identical whether it runs
 alone or with other rows (speculative verification runs k + 1 draft rows, continuous batching mixes
 requests; greedy outputs must not depend on either). Checked on every ISA level this CPU has, for every
-row count up to W4A8_MAX_ROWS (the multi-row GEMV of csrc/int4_a8.cpp takes input rows in blocks of 8,
-4, 2 and 1, so each remainder occurs), for block-32 int8 weights (the LM head; auto's 6- and 8-bit GGUF
+row count up to W4A8_MAX_ROWS (the multi-row GEMVs of csrc/int4_a8.cpp and int8_a8.cpp take input rows in
+passes of up to 8, each row count its own instance), for block-32 int8 weights (the LM head; auto's 6- and 8-bit GGUF
 tensors) up to the rows their GEMV takes, and for per-channel int8 (W8A8: the weight-only kernel below 16
 rows) up to 15 rows."""
 from __future__ import annotations
@@ -43,7 +43,7 @@ def _assert_each_row_alone(layer: Linear, x: torch.Tensor) -> None:
     assert not bad, f"rows {bad} of {x.shape[0]} differ from the row alone (max {(together - alone).abs().max()})"
 
 
-# 3, 7 and 23 groups: the odd last group and the masked 16-group tail; 37 and 70 outputs: weight rows
+# 3, 7 and 23 groups: a last block of fewer than 16 groups (masked loads, odd and even); 37 and 70 outputs: weight rows
 # left over from blocks of 2 and 4 (and 37 > 32: two parallel chunks).
 @pytest.mark.parametrize("shape", [(64, 96), (37, 736), (70, 1536)])
 def test_w4a8_rows_equal_each_row_alone(isa, shape):
@@ -65,7 +65,7 @@ def test_w4a8_kernel_rows_equal_each_row_alone_without_bias(isa):
 def test_w8a8_block32_rows_equal_each_row_alone(isa, shape):
     layer = _layer(W8A8Block32(), *shape)
     gemv_rows = A8_BLOCK_GEMV_ROWS if ops.a8_gemm_path() != "none" else A8_BLOCK_MAX_ROWS   # the GEMM beyond
-    for m in (2, 5, 9, gemv_rows):
+    for m in (2, 3, 5, 7, 9, gemv_rows):
         _assert_each_row_alone(layer, _rows(m, shape[1]))
 
 

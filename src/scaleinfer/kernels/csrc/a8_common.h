@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 #include <immintrin.h>
 #include <algorithm>
+#include <type_traits>
 #include <cstdint>
 #include <vector>
 
@@ -49,3 +50,50 @@ struct A8Rows {
 // Every row of x [M, K] through quantize_blocks.
 // The calling thread's buffers, valid until its next call (kernels are called from one thread at a time).
 A8Rows& quantize_rows(const float* x, int64_t M, int64_t K);
+
+// The 512-bit VNNI GEMVs' activation layout (int4_a8.cpp: row_lanes; int8_a8.cpp: row_q8_lanes): one
+// group of 32 per 32-bit lane, per block of 16 groups 8 vectors of 64 bytes, vector i lane l = elements
+// 4i..4i+3 of group l (zero-padded past the last group), so 8 vpdpbusd give 16 groups' whole dots.
+constexpr int64_t kLaneBlock = 512;  // bytes per block of 16 groups
+inline int64_t lane_stride(int64_t groups) { return (groups + 15) / 16 * kLaneBlock; }
+
+// Rows xq [M, K] (quantize_rows's) in lane order, lane_stride(K / 32) bytes apart; the calling thread's
+// buffer, valid until its next call.
+const int8_t* lane_rows(const int8_t* xq, int64_t M, int64_t K);
+
+// One block of 16 groups for MR input rows (the step int4_a8.cpp's row_lanes and int8_a8.cpp's
+// row_q8_lanes share): u[i] holds the weight bytes of elements 4i..4i+3 of every group (unsigned), s16
+// the groups' scales and n16 what multiplies sx (int4: the minimums; int8: -128 * scale). Per input row,
+// 8 vpdpbusd in two chains (their integer sum is exact), then
+//   acc = fma(dot, scale * dx, acc);  acc = fma(n16, sx, acc)
+// in this order whatever MR is. xb: block b of the first input row in lane order; dx, sx at group g.
+template <int MR>
+SI_VNNI512 inline __attribute__((always_inline)) void lanes_block(
+    const __m512i (&u)[8], __m512 s16, __m512 n16, __mmask16 lm, const int8_t* xb, int64_t xstride,
+    const float* dx, const float* sx, int64_t groups, __m512 (&acc)[MR]) {
+  for (int m = 0; m < MR; ++m) {
+    const int8_t* x = xb + m * xstride;
+    __m512i d0 = _mm512_setzero_si512(), d1 = _mm512_setzero_si512();
+    for (int i = 0; i < 4; ++i) {
+      d0 = _mm512_dpbusd_epi32(d0, u[i], _mm512_loadu_si512(x + 64 * i));
+      d1 = _mm512_dpbusd_epi32(d1, u[i + 4], _mm512_loadu_si512(x + 64 * (i + 4)));
+    }
+    const __m512 c16 = _mm512_mul_ps(s16, _mm512_maskz_loadu_ps(lm, dx + m * groups));
+    acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(d0, d1)), c16, acc[m]);
+    acc[m] = _mm512_fmadd_ps(n16, _mm512_maskz_loadu_ps(lm, sx + m * groups), acc[m]);
+  }
+}
+
+// M input rows in passes of up to 8 (8 unpacked weight vectors and 2 per input row stay in the 32 vector
+// registers), as even as the passes can be: run(std::integral_constant<int, R>{}, m) for rows m..m+R-1.
+template <class F>
+inline void lane_passes(int64_t M, F&& run) {
+  const int64_t passes = (M + 7) / 8, per = (M + passes - 1) / passes;
+  for (int64_t m = 0; m < M; m += per) {
+    switch (std::min(per, M - m)) {
+#define SI_ROWS(R) case R: run(std::integral_constant<int, R>{}, m); break;
+      SI_ROWS(1) SI_ROWS(2) SI_ROWS(3) SI_ROWS(4) SI_ROWS(5) SI_ROWS(6) SI_ROWS(7) SI_ROWS(8)
+#undef SI_ROWS
+    }
+  }
+}

@@ -97,131 +97,90 @@ __attribute__((target("avx2,fma"))) float row_avx2(const uint8_t* q, const float
   return hsum(acc) + macc;
 }
 
-// 512-bit VNNI, two groups per step. The weight bytes of groups g, g+1 (32 bytes) split into low
-// nibbles [g 0..15 | g+1 0..15] and high nibbles [g 16..31 | g+1 16..31]; `pair_order` arranged the
-// activations the same way, so one vpdpbusd gives lanes 0-3 and 8-11 for group g, 4-7 and 12-15 for
-// g+1, and one permute spreads the two groups' combined scales over those lanes. The nibbles of a pair:
-// its 32 bytes broadcast to both halves, shifted by 0 (low half) or 4 (high half) per 16-bit lane and
-// masked, 3 instructions for 64 weights.
-// R output rows x MR input rows at once: each weight byte is loaded and unpacked once for all MR input
-// rows (a multi-row GEMV: verification of k + 1 draft rows, a decode batch), the activation loads, the
-// combined-scale vectors' set-up and the index arithmetic are shared. Every (output, input) pair has an
-// accumulator of its own that takes the same operations in the same order whatever R and MR are, so an
-// input row's outputs are bit-identical to running it alone (batch invariance; tested). Per 16 groups:
-// c16[r][m] = scale[r][g..g+15] * dx[m][g..g+15] and acc[r][m] += min[r][g..g+15] * sx[m][g..g+15] (the
-// min term folds into the same accumulator: every lane ends in the row's sum), then 8 pairs of groups.
-// The last (groups % 16) groups take masked loads. x rows are K bytes apart, dx / sx rows `groups` floats;
-// y rows ldy floats.
-template <int R, int MR>
-SI_VNNI512 inline __attribute__((always_inline)) void block_vnni512(
-    const uint8_t* q, const uint16_t* scale, const uint16_t* mn, const int8_t* xq, const float* dx,
-    const float* sx, int64_t groups, float* y, int64_t ldy) {
-  const int64_t K = groups * 32;
-  const __m512i idx = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
-  const __m512i shifts = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
-  const __m512i mask512 = _mm512_set1_epi8(0x0F);
-  __m512 acc[R][MR];
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_setzero_ps();
-  const int64_t even = groups & ~int64_t(1);
-  for (int64_t g = 0; g < even; g += 16) {
-    const int64_t left = even - g;
-    const int pairs = left >= 16 ? 8 : static_cast<int>(left / 2);
+// 512-bit VNNI, 16 groups per step with one group per 32-bit lane: per block of 16 groups (512 weights
+// of a row), vector i (0..7) holds elements 4i..4i+3 of each of the 16 groups, so 8 vpdpbusd accumulate
+// each group's whole integer dot in its own lane and one float step per block applies the 16 groups'
+// scales (acc = fma(dot, scale * dx, acc); acc = fma(min, sx, acc)). Per input row that is 8 integer and
+// 4 float instructions per 512 weights, where a layout of two groups per vector needs a conversion, a
+// permute of the scales and an fma per 64 weights (32 + 2): input rows cost a third as much, which is
+// what speculative verification (k + 1 rows) and batched decode pay per row.
+// The weights stay in their natural order (lowbit_linear.cpp's layout, which every other reader of
+// `q` uses): the block's 256 bytes load as 4 vectors of 4 groups x 4 dwords and a 16 x 4 dword
+// transpose (4 two-source permutes, 4 128-bit shuffles) gives dword d of every group in one vector;
+// its low nibbles are elements 4d..4d+3, its high ones 16 + 4d..16 + 4d + 3. That work is shared by all
+// input rows; the activations are laid out to match once per call (lane_order).
+// MR input rows at once: each weight byte is loaded and unpacked once for all of them. Every (output,
+// input) pair has an accumulator of its own that takes the same operations in the same order whatever
+// MR is, so an input row's outputs are bit-identical to running it alone (batch invariance; tested).
+// A last block of fewer than 16 groups takes masked loads (its activations are zero-padded).
+// xt rows are `xstride` bytes apart (lane_order's layout), dx / sx rows `groups` floats, y rows ldy floats.
+template <int MR>
+SI_VNNI512 inline __attribute__((always_inline)) void row_lanes(
+    const uint8_t* q, const uint16_t* scale, const uint16_t* mn, const int8_t* xt, int64_t xstride,
+    const float* dx, const float* sx, int64_t groups, float* y, int64_t ldy) {
+  // Two-source permutes: dwords 0 and 1 (ia), 2 and 3 (ib) of groups 0..7 from [4 groups | 4 groups].
+  const __m512i ia = _mm512_set_epi32(29, 25, 21, 17, 13, 9, 5, 1, 28, 24, 20, 16, 12, 8, 4, 0);
+  const __m512i ib = _mm512_set_epi32(31, 27, 23, 19, 15, 11, 7, 3, 30, 26, 22, 18, 14, 10, 6, 2);
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  __m512 acc[MR];
+  for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t g = 0, b = 0; g < groups; g += 16, ++b) {
+    const int64_t left = groups - g;
     const __mmask16 lm = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
-    __m512 c16[R][MR];
-    for (int r = 0; r < R; ++r) {
-      const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lm, scale + r * groups + g));
-      const __m512 n = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lm, mn + r * groups + g));
-      for (int m = 0; m < MR; ++m) {
-        c16[r][m] = _mm512_mul_ps(s, _mm512_maskz_loadu_ps(lm, dx + m * groups + g));
-        acc[r][m] = _mm512_fmadd_ps(n, _mm512_maskz_loadu_ps(lm, sx + m * groups + g), acc[r][m]);
-      }
+    __m512i z[4];
+    for (int k = 0; k < 4; ++k) {
+      const int64_t valid = std::min<int64_t>(std::max<int64_t>(left - 4 * k, 0), 4);
+      const __mmask16 zm = valid == 4 ? __mmask16(0xFFFF) : __mmask16((1u << (4 * valid)) - 1);
+      z[k] = _mm512_maskz_loadu_epi32(zm, q + (g + 4 * k) * 16);
     }
-    for (int j = 0; j < pairs; ++j) {
-      __m512i x[MR];
-      for (int m = 0; m < MR; ++m) x[m] = _mm512_loadu_si512(xq + m * K + (g + 2 * j) * 32);
-      const __m512i i0 = _mm512_add_epi32(idx, _mm512_set1_epi32(2 * j));
-      for (int r = 0; r < R; ++r) {
-        const __m512i w = _mm512_and_si512(_mm512_srlv_epi16(_mm512_broadcast_i64x4(_mm256_loadu_si256(
-            reinterpret_cast<const __m256i*>(q + (r * groups + g + 2 * j) * 16))), shifts), mask512);
-        for (int m = 0; m < MR; ++m) {
-          const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, x[m]);
-          acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(i0, c16[r][m]), acc[r][m]);
-        }
-      }
+    const __m512i a01 = _mm512_permutex2var_epi32(z[0], ia, z[1]), a23 = _mm512_permutex2var_epi32(z[0], ib, z[1]);
+    const __m512i b01 = _mm512_permutex2var_epi32(z[2], ia, z[3]), b23 = _mm512_permutex2var_epi32(z[2], ib, z[3]);
+    const __m512i w[4] = {_mm512_shuffle_i64x2(a01, b01, 0x44), _mm512_shuffle_i64x2(a01, b01, 0xEE),
+                          _mm512_shuffle_i64x2(a23, b23, 0x44), _mm512_shuffle_i64x2(a23, b23, 0xEE)};
+    __m512i u[8];
+    for (int d = 0; d < 4; ++d) {
+      u[d] = _mm512_and_si512(w[d], low);
+      u[d + 4] = _mm512_and_si512(_mm512_srli_epi16(w[d], 4), low);
     }
+    const __m512 s16 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lm, scale + g));
+    const __m512 n16 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lm, mn + g));
+    lanes_block<MR>(u, s16, n16, lm, xt + b * kLaneBlock, xstride, dx + g, sx + g, groups, acc);
   }
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MR; ++m) {
-      float total = _mm512_reduce_add_ps(acc[r][m]);
-      if (even < groups) {  // an odd last group, in natural order
-        const int64_t g = even;
-        const __m256i p = _mm256_dpbusd_epi32(
-            _mm256_setzero_si256(), nibbles(q + (r * groups + g) * 16),
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + g * 32)));
-        total += hsum(_mm256_cvtepi32_ps(p)) * h2f(scale[r * groups + g]) * dx[m * groups + g] +
-                 h2f(mn[r * groups + g]) * sx[m * groups + g];
-      }
-      y[m * ldy + r] = total;
-    }
+  for (int m = 0; m < MR; ++m) y[m * ldy] = _mm512_reduce_add_ps(acc[m]);
 }
 
-// Weight rows n0..n1 (R at a time) for MR input rows.
-template <int R, int MR>
-SI_VNNI512 void rows_block(const uint8_t* q, const uint16_t* scale, const uint16_t* mn, const int8_t* xq,
-                           const float* dx, const float* sx, int64_t groups, int64_t n0, int64_t n1, float* y,
-                           int64_t ldy) {
-  int64_t n = n0;
+// Weight rows n0..n1, one at a time (a single ascending stream per thread, its lines prefetched first:
+// a8_common.h), for MR input rows.
+template <int MR>
+SI_VNNI512 void rows_block(const uint8_t* q, const uint16_t* scale, const uint16_t* mn, const int8_t* xt,
+                           int64_t xstride, const float* dx, const float* sx, int64_t groups, int64_t n0,
+                           int64_t n1, float* y, int64_t ldy) {
   const int64_t rb = groups * 16;
-  for (; n + R <= n1; n += R) {
-    // The rows' bytes from kPrefetch on (scales and minimums from a quarter as far: they are 4x denser).
+  for (int64_t n = n0; n < n1; ++n) {
+    // The row's bytes from kPrefetch on (scales and minimums from a quarter as far: they are 4x denser).
     // Prefetches past the end of the tensor are harmless: they never fault.
     if (kPrefetch >= 0) {
       const char* p = reinterpret_cast<const char*>(q + n * rb) + kPrefetch;
-      for (int64_t o = 0; o < R * rb; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
+      for (int64_t o = 0; o < rb; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
       const char* ps = reinterpret_cast<const char*>(scale + n * groups) + kPrefetch / 4;
       const char* pm = reinterpret_cast<const char*>(mn + n * groups) + kPrefetch / 4;
-      for (int64_t o = 0; o < 2 * R * groups; o += 64) {
+      for (int64_t o = 0; o < 2 * groups; o += 64) {
         _mm_prefetch(ps + o, _MM_HINT_T0);
         _mm_prefetch(pm + o, _MM_HINT_T0);
       }
     }
-    block_vnni512<R, MR>(q + n * rb, scale + n * groups, mn + n * groups, xq, dx, sx, groups, y + n, ldy);
-  }
-  for (; n < n1; ++n)
-    block_vnni512<1, MR>(q + n * rb, scale + n * groups, mn + n * groups, xq, dx, sx, groups, y + n, ldy);
-}
-
-// Rows n0..n1 of y for all M input rows: input rows in blocks of up to 8 (R * MR <= 8 accumulators,
-// plus as many combined-scale vectors, stay in the 32 vector registers).
-SI_VNNI512 void rows_vnni512(const uint8_t* q, const uint16_t* scale, const uint16_t* mn, const int8_t* xq,
-                             const float* dx, const float* sx, int64_t groups, int64_t M, int64_t n0, int64_t n1,
-                             float* y, int64_t ldy) {
-  const int64_t K = groups * 32;
-  for (int64_t m = 0; m < M;) {
-    const int64_t left = M - m;
-    const int8_t* x = xq + m * K;
-    const float *d = dx + m * groups, *s = sx + m * groups;
-    float* ym = y + m * ldy;
-    if (left >= 8) rows_block<1, 8>(q, scale, mn, x, d, s, groups, n0, n1, ym, ldy), m += 8;
-    else if (left >= 4) rows_block<2, 4>(q, scale, mn, x, d, s, groups, n0, n1, ym, ldy), m += 4;
-    else if (left >= 2) rows_block<2, 2>(q, scale, mn, x, d, s, groups, n0, n1, ym, ldy), m += 2;
-    else rows_block<1, 1>(q, scale, mn, x, d, s, groups, n0, n1, ym, ldy), m += 1;  // one stream (a8_common.h)
+    row_lanes<MR>(q + n * rb, scale + n * groups, mn + n * groups, xt, xstride, dx, sx, groups, y + n, ldy);
   }
 }
 
-// Re-order one row of quantized activations for block_vnni512: per pair of groups,
-// [g 0..15, g+1 0..15, g 16..31, g+1 16..31] (an odd last group stays as it is).
-void pair_order(int8_t* xq, int64_t groups) {
-  int8_t tmp[64];
-  for (int64_t g = 0; g + 1 < groups; g += 2) {
-    int8_t* b = xq + g * 32;
-    std::memcpy(tmp, b, 16);
-    std::memcpy(tmp + 16, b + 32, 16);
-    std::memcpy(tmp + 32, b + 16, 16);
-    std::memcpy(tmp + 48, b + 48, 16);
-    std::memcpy(b, tmp, 64);
-  }
+// Rows n0..n1 of y for all M input rows, in passes of up to 8 (a8_common.h: lane_passes).
+void rows_vnni512(const uint8_t* q, const uint16_t* scale, const uint16_t* mn, const int8_t* xt, int64_t xstride,
+                  const float* dx, const float* sx, int64_t groups, int64_t M, int64_t n0, int64_t n1, float* y,
+                  int64_t ldy) {
+  lane_passes(M, [&](auto rows, int64_t m) {
+    rows_block<decltype(rows)::value>(q, scale, mn, xt + m * xstride, xstride, dx + m * groups, sx + m * groups,
+                                      groups, n0, n1, y + m * ldy, ldy);
+  });
 }
 
 }  // namespace
@@ -236,6 +195,24 @@ bool a8_vnni512() { return si::isa() >= si::Isa::avx512_vnni; }
 int64_t env_int(const char* name, int64_t fallback) {
   const char* v = std::getenv(name);
   return v != nullptr && *v != '\0' ? std::atoll(v) : fallback;
+}
+
+// One row of quantized activations in lane order: per block of 16 groups, 8 vectors of 64 bytes, vector i
+// lane l = elements 4i..4i+3 of group l (zero past the last group).
+void lane_order(const int8_t* xq, int64_t groups, int8_t* out) {
+  std::memset(out, 0, lane_stride(groups));
+  for (int64_t g = 0; g < groups; ++g) {
+    int8_t* block = out + (g / 16) * kLaneBlock + (g % 16) * 4;
+    for (int i = 0; i < 8; ++i) std::memcpy(block + 64 * i, xq + g * 32 + 4 * i, 4);
+  }
+}
+
+const int8_t* lane_rows(const int8_t* xq, int64_t M, int64_t K) {
+  thread_local std::vector<int8_t> lanes;  // reused, like quantize_rows's buffers
+  const int64_t groups = K / 32, stride = lane_stride(groups);
+  lanes.resize(M * stride);
+  for (int64_t m = 0; m < M; ++m) lane_order(xq + m * K, groups, lanes.data() + m * stride);
+  return lanes.data();
 }
 
 A8Rows& quantize_rows(const float* x, int64_t M, int64_t K) {
@@ -265,19 +242,19 @@ torch::Tensor int4_a8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor sca
   A8Rows& a = quantize_rows(x.data_ptr<float>(), M, K);
   const std::vector<int8_t>& xq = a.xq;
   const std::vector<float>&dx = a.dx, &sx = a.sx;
-  if (vnni512)
-    for (int64_t m = 0; m < M; ++m) pair_order(a.xq.data() + m * K, groups);
   auto y = out_or_new(out, M, N, x);
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
   const uint16_t* mp = reinterpret_cast<const uint16_t*>(mn.data_ptr<at::Half>());
   float* yp = y.data_ptr<float>();
   if (vnni512) {
-    // Contiguous ranges per thread (a8_common.h), walked 32 rows at a time so that with several input
-    // rows a block's weights stay in L1 / L2 across them.
+    const int8_t* xt = lane_rows(xq.data(), M, K);
+    const int64_t xstride = lane_stride(groups);
+    // Contiguous ranges per thread (a8_common.h), walked 32 rows at a time so that with more than one
+    // pass of input rows a block's weights stay in L1 / L2 across them.
     parallel_row_chunks(N, stream_chunk(N), [&](int64_t n0, int64_t n1) {
       for (int64_t b = n0; b < n1; b += 32)
-        rows_vnni512(qp, sp, mp, xq.data(), dx.data(), sx.data(), groups, M, b, std::min(n1, b + 32), yp, N);
+        rows_vnni512(qp, sp, mp, xt, xstride, dx.data(), sx.data(), groups, M, b, std::min(n1, b + 32), yp, N);
     });
     return y;
   }
