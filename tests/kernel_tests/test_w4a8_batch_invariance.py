@@ -75,3 +75,12 @@ def test_w8a8_decode_rows_equal_each_row_alone(isa, shape):
     layer = _layer(W8A8(), *shape)
     for m in (2, 3, 5, 8, W8A8_MIN_ROWS - 1):
         _assert_each_row_alone(layer, _rows(m, shape[1]))
+
+
+def test_zero_input_rows_give_an_empty_output(isa):
+    """A step can hand a linear no rows (e.g. the LM head when no row samples); the multi-row GEMVs then
+    return [0, N] (they once divided by the number of passes, zero here, and the process died of SIGFPE)."""
+    for method, shape in ((W4A8(), (70, 1536)), (W8A8Block32(), (64, 96))):
+        layer = _layer(method, *shape)
+        y = layer(torch.zeros(0, shape[1]))
+        assert y.shape == (0, shape[0])

@@ -88,6 +88,7 @@ SI_VNNI512 inline __attribute__((always_inline)) void lanes_block(
 // registers), as even as the passes can be: run(std::integral_constant<int, R>{}, m) for rows m..m+R-1.
 template <class F>
 inline void lane_passes(int64_t M, F&& run) {
+  if (M <= 0) return;  // no input rows (a step whose rows all went elsewhere)
   const int64_t passes = (M + 7) / 8, per = (M + passes - 1) / passes;
   for (int64_t m = 0; m < M; m += per) {
     switch (std::min(per, M - m)) {
