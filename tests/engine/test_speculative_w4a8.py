@@ -90,3 +90,22 @@ def test_auto_q4_k_m_ngram_equals_plain_batch_1(qwen_auto):
         want = plain.generate([p], greedy(n))[0].outputs[0].token_ids
         assert qwen_auto.generate([p], greedy(n))[0].outputs[0].token_ids == want
     assert qwen_auto.engine.speculator.stats.num_accepted_tokens > 10
+
+
+def test_verify_rows_equal_the_decode_step_at_a_long_context():
+    """At 1,100 tokens (decode attention splits a row's keys over the threads) a token verified with 1, 2
+    or 4 draft rows after it has the decode step's logits, bit for bit: the split depends on the row's own
+    length, not on the step's other rows (it once did, and greedy tokens with speculation drifted on a
+    long summarization prompt)."""
+    from scaleinfer.runner.forward_batch import StepInputs
+
+    llm = LLM("smollm2-135m-instruct", quantization="w4a8", max_model_len=2048, kv_cache_memory="160MiB")
+    runner = llm.engine.runner
+    prompt = torch.randint(100, 40000, (1100,), generator=torch.Generator().manual_seed(0)).tolist()
+    n, table, drafts = len(prompt), list(range(2048 // runner.block_size)), [220, 262, 3553, 11, 13]
+    runner.forward_inputs(StepInputs([n], [n], [table], prompt, [n - 1], list(range(n))))
+    alone = runner.forward_inputs(StepInputs([1], [n + 1], [table], drafts[:1], [0], [n]))
+    for rows in (2, 3, 5):
+        verify = runner.forward_inputs(StepInputs([1] * rows, [n + 1 + i for i in range(rows)], [table] * rows,
+                                                  drafts[:rows], list(range(rows)), [n + i for i in range(rows)]))
+        assert torch.equal(verify[0], alone[0]), (rows, (verify[0] - alone[0]).abs().max())

@@ -241,14 +241,16 @@ void combine_parts(const float* parts, int64_t ns, int64_t G, int64_t D, float* 
   }
 }
 
-// Parts each sequence's keys are split into: `splits` when given (> 0), else items of about equal keys,
-// kRangesPerThread of them per thread over all the step's keys (two by default, as the weight streams: a thread
-// slowed by a neighbour leaves part of its share to the other) and at least 256 keys each. Fewer, longer
-// items than the 8 per thread this took before: each item's first block is read without a prefetch ahead of
-// it (kv::Ahead), and 4 items measured 5-8% faster than 16 at 4k keys on 2 threads.
-int64_t parts_for(int64_t splits, int64_t len, int64_t total, int64_t threads) {
+// Parts a sequence's keys are split into: `splits` when given (> 0), else items of about equal keys,
+// kRangesPerThread of them per thread (two by default, as the weight streams: a thread slowed by a
+// neighbour leaves part of its share to the other) and at least 256 keys each. Fewer, longer items than
+// the 8 per thread this took before: each item's first block is read without a prefetch ahead of it
+// (kv::Ahead), and 4 items measured 5-8% faster than 16 at 4k keys on 2 threads. From the row's own
+// length only, never the step's other rows: the split sets the order of the float sums, and a row must
+// give the same bits alone and in any batch (speculative verification, continuous batching; tested).
+int64_t parts_for(int64_t splits, int64_t len, int64_t threads) {
   if (splits > 0) return std::min(splits, len);
-  const int64_t items = kRangesPerThread * threads, target = std::max<int64_t>(256, (total + items - 1) / items);
+  const int64_t items = kRangesPerThread * threads, target = std::max<int64_t>(256, (len + items - 1) / items);
   return std::max<int64_t>(1, (len + target - 1) / target);
 }
 
@@ -299,10 +301,8 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
   std::vector<int64_t> first_part(d, -1), num_parts(d, 1);
   int64_t nparts = 0;
   const int64_t nt = at::get_num_threads();
-  int64_t total = 0;
-  for (int64_t b = 0; b < d; ++b) total += lp[b];
   for (int64_t b = 0; b < d; ++b) {
-    const int64_t ns = parts_for(splits, lp[b], total, nt);
+    const int64_t ns = parts_for(splits, lp[b], nt);
     num_parts[b] = ns;
     if (ns > 1) first_part[b] = nparts, nparts += ns * Hkv;
     for (int64_t s = 0; s < ns; ++s) items.push_back({b, lp[b] * s / ns, lp[b] * (s + 1) / ns, ns > 1 ? s : -1});
