@@ -1,15 +1,18 @@
 """Speculative decoding on w4a8 weights never changes a greedy output: the target verifies k + 1 draft rows
 per request in one decode step, so every w4a8 kernel of a decode step (csrc/int4_a8.cpp's multi-row GEMV,
 the block-32 int8 LM head) must give a row the same bits whatever rows run with it (tests/kernel_tests/
-test_w4a8_batch_invariance.py). n-gram and draft-model proposers, batch 1 and mixed batches of four
-requests, on real SmolLM2-135M weights; and Qwen2.5-Coder-0.5B Q4_K_M under `auto`, whose Q6_K tensors run
+test_w4a8_batch_invariance.py). n-gram and draft-model proposers at batch 1 (mixed batches: the known gap
+below), on real SmolLM2-135M weights; and Qwen2.5-Coder-0.5B Q4_K_M under `auto`, whose Q6_K tensors run
 the per-channel int8 kernel (before it computed every row as at M = 1, a verified token's logits differed
 from its decode step's by up to 0.2 on Qwen2.5-1.5B, and greedy outputs with speculation drifted).
 
-Known gap (strict xfail below): in a mixed batch, a prompt of at most W4A8_MAX_ROWS tokens prefilled in
-the same step as other requests' rows runs the GEMM of csrc/a8_gemm.cpp (more than 16 rows in the step)
-instead of the decode kernel it runs alone, and the two sum a group's float terms in a different order,
-so its KV (and then its greedy tokens) can differ from the request run alone."""
+Known gap: in a mixed batch, a prompt of at most W4A8_MAX_ROWS tokens prefilled in the same step as other
+requests' rows runs the GEMM of csrc/a8_gemm.cpp (more than 16 rows in the step) instead of the decode
+kernel it runs alone, and the two sum a group's float terms in a different order (tests/kernel_tests/
+test_a8_gemm.py compares them within 1e-5, not bit for bit), so its KV (and then its greedy tokens) can
+differ from the request run alone. A strict xfail of the mixed batch of PROMPTS stood here until the
+GEMV's lane order (2026-12-05) happened to round these prompts' near-ties the GEMM's way: it passes by
+luck, on this CPU's paths, so it is no longer a test of anything; the gap stands."""
 from __future__ import annotations
 
 import pytest
@@ -46,13 +49,6 @@ def test_w4a8_draft_model_equals_plain_batch_1(plain):
         assert llm.generate([PROMPTS[i]], greedy(MAX_TOKENS[i]))[0].outputs[0].token_ids == plain[i]
     stats = llm.engine.speculator.stats
     assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
-
-
-@pytest.mark.xfail(strict=True, reason="a short prompt prefilled with other rows runs the a8 GEMM, not the "
-                                       "decode kernel (module docstring)")
-def test_w4a8_ngram_mixed_batch_equals_plain(plain):
-    llm = make(NGRAM)
-    assert ids(llm.generate(PROMPTS, [greedy(n) for n in MAX_TOKENS])) == plain
 
 
 @pytest.fixture(scope="module")
