@@ -64,19 +64,12 @@ def qwen_auto():
 def test_auto_q4_k_m_verify_rows_equal_the_decode_step(qwen_auto):
     """The logits of a token verified with 1, 2 or 4 draft rows after it are the decode step's, bit for bit."""
     from scaleinfer.quantization.auto import auto_int8
-    from scaleinfer.runner.forward_batch import StepInputs
 
     runner = qwen_auto.engine.runner
     methods = {type(layer.down.quant_method).__name__ for layer in runner.model.decode_layers().layers}
     assert methods == {"W4A8", auto_int8().__name__}, methods
     prompt = qwen_auto.tokenizer.encode(PROMPTS[0])
-    n, table, drafts = len(prompt), list(range(512 // runner.block_size)), [220, 262, 3553, 11, 13]
-    runner.forward_inputs(StepInputs([n], [n], [table], prompt, [n - 1], list(range(n))))
-    alone = runner.forward_inputs(StepInputs([1], [n + 1], [table], drafts[:1], [0], [n]))
-    for rows in (2, 3, 5):
-        verify = runner.forward_inputs(StepInputs([1] * rows, [n + 1 + i for i in range(rows)], [table] * rows,
-                                                  drafts[:rows], list(range(rows)), [n + i for i in range(rows)]))
-        assert torch.equal(verify[0], alone[0]), (rows, (verify[0] - alone[0]).abs().max())
+    _assert_verified_logits_equal_the_decode_step(runner, prompt, 512)
 
 
 @pytest.mark.slow
@@ -93,12 +86,18 @@ def test_verify_rows_equal_the_decode_step_at_a_long_context():
     or 4 draft rows after it has the decode step's logits, bit for bit: the split depends on the row's own
     length, not on the step's other rows (it once did, and greedy tokens with speculation drifted on a
     long summarization prompt)."""
-    from scaleinfer.runner.forward_batch import StepInputs
-
     llm = LLM("smollm2-135m-instruct", quantization="w4a8", max_model_len=2048, kv_cache_memory="160MiB")
     runner = llm.engine.runner
     prompt = torch.randint(100, 40000, (1100,), generator=torch.Generator().manual_seed(0)).tolist()
-    n, table, drafts = len(prompt), list(range(2048 // runner.block_size)), [220, 262, 3553, 11, 13]
+    _assert_verified_logits_equal_the_decode_step(runner, prompt, 2048)
+
+
+def _assert_verified_logits_equal_the_decode_step(runner, prompt: list[int], max_len: int) -> None:
+    """Prefill `prompt`, then the logits of its next token with 1, 2 and 4 draft rows after it equal the
+    plain decode step's, bit for bit."""
+    from scaleinfer.runner.forward_batch import StepInputs
+
+    n, table, drafts = len(prompt), list(range(max_len // runner.block_size)), [220, 262, 3553, 11, 13]
     runner.forward_inputs(StepInputs([n], [n], [table], prompt, [n - 1], list(range(n))))
     alone = runner.forward_inputs(StepInputs([1], [n + 1], [table], drafts[:1], [0], [n]))
     for rows in (2, 3, 5):
